@@ -173,6 +173,20 @@ def redact(options: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def split_secrets(options: dict[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
+    """Move s3 key/secret out of storage options into AWS_* environment variables.
+
+    Flow parameters are stored by the Prefect API, so credentials travel through the environment
+    (which s3fs/botocore read) and never through parameters, logs or artifacts.
+    """
+    public = dict(options)
+    env = {}
+    for opt, var in (("key", "AWS_ACCESS_KEY_ID"), ("secret", "AWS_SECRET_ACCESS_KEY"), ("token", "AWS_SESSION_TOKEN")):
+        if opt in public:
+            env[var] = str(public.pop(opt))
+    return public, env
+
+
 def _format_errors(err: ValidationError) -> str:
     lines = []
     for e in err.errors():

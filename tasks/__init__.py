@@ -1,0 +1,1 @@
+"""Prefect tasks: thin wrappers over lens_core stages (naming, tags, retries)."""

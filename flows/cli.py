@@ -1,0 +1,178 @@
+"""The `lens` command: `lens run`, `lens status`, `lens serve`."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import threading
+import time
+from typing import Any
+
+from lens_core.config import ConfigError, load_config, split_secrets
+from lens_core.store import RunStore, filesystem, join_url, normalize_url
+
+log = logging.getLogger("lens")
+
+
+def _config(args: argparse.Namespace):
+    classes = [c for c in (args.classes or "").split(",") if c] or None
+    return load_config(args.config, classes=classes, store=getattr(args, "store", None),
+                       publish=getattr(args, "publish", None))
+
+
+def _watch_progress(store: RunStore, slugs: list[str], stop: threading.Event) -> None:
+    """A progress bar fed by the store's completion markers while the flow runs."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(TextColumn("[bold]classes"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  transient=False) as bar:
+        task = bar.add_task("classes", total=len(slugs))
+        while not stop.is_set():
+            done = 0
+            for s in slugs:
+                st = store.read_json(f"status/{s}/crops.json") or {}
+                failed = any((store.read_json(f"status/{s}/{x}.json") or {}).get("state") == "failed"
+                             for x in ("activations", "factorize", "importance"))
+                done += st.get("state") in ("completed", "skipped", "failed") or failed
+            bar.update(task, completed=done)
+            stop.wait(1.0)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from flows.atlas import build_atlas, make_task_runner
+    from lens_core.pipeline import prepare_run
+
+    cfg = _config(args)
+    if args.checkpoint:
+        cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"checkpoint": args.checkpoint})})
+    public_options, secret_env = split_secrets(cfg.storage_options)
+    os.environ.update(secret_env)  # Dask workers started below inherit them; parameters never see them
+    cfg = cfg.model_copy(update={"storage_options": public_options})
+    info = prepare_run(cfg)
+    print(f"LENS run {info.run_id}: {len(info.classes)} classes, model {cfg.model.arch}, store {normalize_url(cfg.store)}")
+    stop = threading.Event()
+    watcher = threading.Thread(target=_watch_progress, args=(info.store(), info.slugs, stop), daemon=True)
+    if not args.no_progress:
+        watcher.start()
+    runner = make_task_runner(workers=args.workers, dask_address=args.dask_address)
+    try:
+        state = build_atlas.with_options(task_runner=runner)(
+            config=cfg.model_dump(mode="json", exclude={"classes"}), classes=cfg.classes, return_state=True
+        )
+    finally:
+        stop.set()
+        if watcher.is_alive():
+            watcher.join(timeout=5)
+    result: dict[str, Any] = state.result(raise_on_failure=False) if not state.is_failed() else {}
+    print(f"{state.name}: {state.message}")
+    site = normalize_url(cfg.publish)
+    if site.startswith("file://"):
+        print(f"site: {site[len('file://'):]}/index.html  (serve it with: lens serve --publish {site})")
+    else:
+        print(f"site: {site}/index.html")
+    if state.is_failed():
+        return 1
+    return 2 if isinstance(result, dict) and result.get("failed") else 0
+
+
+def _latest_run(store_url: str, storage_options: dict[str, Any]) -> str | None:
+    fs, path = filesystem(join_url(store_url, "runs"), storage_options)
+    try:
+        entries = fs.ls(path, detail=False)
+    except FileNotFoundError:
+        return None
+    runs = []
+    for entry in entries:
+        try:
+            meta = fs.cat_file(entry.rstrip("/") + "/run.json")
+        except FileNotFoundError:
+            continue
+        import json
+
+        runs.append((json.loads(meta).get("created", ""), entry.rstrip("/").rsplit("/", 1)[-1]))
+    return max(runs)[1] if runs else None
+
+
+def status_table(store: RunStore) -> list[dict[str, Any]]:
+    """Rows of (class, state, per-stage state, seconds, error) for every class of a run."""
+    from lens_core.status import STAGES, class_state, read_status
+
+    meta = store.read_json("run.json", {})
+    slugs = [c["slug"] for c in meta.get("classes", [])] or store.list("status")
+    rows = []
+    for slug, stages in read_status(store, slugs).items():
+        errors = [f"{s}: {r['error']}" for s, r in stages.items() if r.get("error")]
+        rows.append({"class": slug, "state": class_state(stages),
+                     **{s: stages.get(s, {}).get("state", "-") for s in STAGES},
+                     "seconds": round(sum(r.get("seconds") or 0 for r in stages.values()), 2),
+                     "error": "; ".join(errors)})
+    return rows
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    cfg = load_config(args.config, store=args.store)
+    run_id = args.run or _latest_run(normalize_url(cfg.store), cfg.storage_options)
+    if not run_id:
+        print(f"no run found under {normalize_url(cfg.store)}/runs", file=sys.stderr)
+        return 1
+    store = RunStore(cfg.store, run_id, cfg.storage_options)
+    rows = status_table(store)
+    table = Table(title=f"LENS run {run_id}")
+    for col in ("class", "state", "activations", "factorize", "importance", "crops", "render", "seconds", "error"):
+        table.add_column(col, overflow="fold")
+    for r in rows:
+        table.add_row(*(str(r[c]) for c in ("class", "state", "activations", "factorize", "importance",
+                                             "crops", "render", "seconds", "error")))
+    Console(width=max(120, Console().width)).print(table)
+    failed = sum(r["state"] == "failed" for r in rows)
+    print(f"{len(rows)} classes, {failed} failed")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from flows.serve import serve
+
+    cfg = load_config(args.config, publish=args.publish)
+    serve(normalize_url(cfg.publish), cfg.storage_options, port=args.port)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="lens", description="LENS: explain a classifier class by class.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="build the atlas (embedded toy default with no arguments)")
+    run.add_argument("--config", help="AtlasConfig TOML file")
+    run.add_argument("--classes", help="comma-separated class ids/names/slugs")
+    run.add_argument("--store", help="run store URL (file://, s3://...)")
+    run.add_argument("--publish", help="site URL (file://, s3://...)")
+    run.add_argument("--checkpoint", help="checkpoint URL overriding the config")
+    run.add_argument("--workers", type=int, help="Dask workers of the local cluster")
+    run.add_argument("--dask-address", help="address of an existing Dask scheduler")
+    run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    run.set_defaults(fn=cmd_run)
+    status = sub.add_parser("status", help="per-class, per-stage state of a run")
+    status.add_argument("--config")
+    status.add_argument("--store")
+    status.add_argument("--run", help="run id (default: the latest run in the store)")
+    status.set_defaults(fn=cmd_status)
+    serve = sub.add_parser("serve", help="serve the published site on 127.0.0.1")
+    serve.add_argument("--config")
+    serve.add_argument("--publish")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.set_defaults(fn=cmd_serve)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=os.environ.get("LENS_LOG", "WARNING"))
+    try:
+        return args.fn(args)
+    except ConfigError as err:
+        print(f"lens: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,298 @@
+"""NMF concept extraction A ~= U W with U, W >= 0: a torch HALS solver and the scikit-learn reference.
+
+The torch solver is accelerated HALS (Gillis & Glineur 2012) from an NNDSVDa start computed with
+torch, with a stop on the relative change of the reconstruction error. Components that die (an
+all-zero column of U or row of W, the known failure of plain HALS) are re-seeded from the residual.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+NEG_TOL = 1e-6  # negatives down to -NEG_TOL * max|A| are float noise and clipped to 0
+_BLOCK = 8192  # rows per block when a full residual is formed
+
+
+@dataclass
+class NMFResult:
+    """A ~= U W with rel_error = ||A - UW||_F / ||A||_F; dead = components with all-zero U or W."""
+
+    U: np.ndarray  # (n, k) float32
+    W: np.ndarray  # (k, C) float32
+    rel_error: float
+    n_iter: int
+    dead: int
+    seconds: float
+
+
+def _resolve_device(device: str | torch.device | None, *arrays: object) -> torch.device:
+    if device is not None:
+        return torch.device(device)
+    for a in arrays:
+        if isinstance(a, torch.Tensor):
+            return a.device
+    return torch.device("cpu")
+
+
+def as_nonneg_matrix(A: np.ndarray | torch.Tensor, device: torch.device, name: str = "A") -> torch.Tensor:
+    """A as a float32 2-D non-negative tensor on device; ValueError names what is wrong."""
+    t = torch.as_tensor(A)
+    if t.ndim != 2:
+        raise ValueError(f"{name} must be 2-D (points x channels), got shape {tuple(t.shape)}")
+    if t.numel() == 0:
+        raise ValueError(f"{name} is empty (shape {tuple(t.shape)})")
+    t = t.to(device=device, dtype=torch.float32)
+    if not bool(torch.isfinite(t).all()):
+        raise ValueError(f"{name} contains NaN or infinite values")
+    lo = float(t.min())
+    if lo < 0:
+        if lo < -NEG_TOL * float(t.abs().max()):
+            raise ValueError(f"{name} must be non-negative (NMF); its minimum is {lo:.4g}")
+        t = t.clamp(min=0)
+    return t
+
+
+def _check_k(k: int, n: int, c: int) -> None:
+    if not isinstance(k, (int, np.integer)) or isinstance(k, bool) or k < 1:
+        raise ValueError(f"k (number of concepts) must be a positive integer, got {k!r}")
+    if k > min(n, c):
+        raise ValueError(
+            f"k={k} concepts exceed min(n_points={n}, channels={c}) = {min(n, c)}; "
+            "use fewer concepts or more points"
+        )
+
+
+def nmf(
+    A: np.ndarray | torch.Tensor,
+    k: int,
+    solver: str = "torch",
+    max_iter: int = 500,
+    tol: float = 1e-4,
+    seed: int = 0,
+    device: str | torch.device | None = None,
+    *,
+    target_error: float | None = None,
+) -> NMFResult:
+    """Factorize A (n, C) >= 0 as U (n, k) @ W (k, C) with U, W >= 0.
+
+    solver "torch" (HALS; on `device`, default A's device or CPU; deterministic, `seed` unused) or
+    "sklearn" (scikit-learn NMF, nndsvda + coordinate descent, the reference). `tol` stops on the
+    relative decrease of the error per iteration; `target_error` also stops once rel_error <= it.
+    """
+    if solver not in ("torch", "sklearn"):
+        raise ValueError(f"unknown NMF solver {solver!r}; use 'torch' or 'sklearn'")
+    start = time.perf_counter()
+    dev = _resolve_device(device, A) if solver == "torch" else torch.device("cpu")
+    At = as_nonneg_matrix(A, dev)
+    n, c = At.shape
+    _check_k(k, n, c)
+    if float(At.max()) == 0.0:
+        raise ValueError("A is all zeros: there is nothing to factorize")
+    if solver == "sklearn":
+        U, W, n_iter = _sklearn_nmf(At.numpy(), int(k), max_iter, tol, seed)
+        Ut, Wt = torch.from_numpy(U), torch.from_numpy(W)
+    else:
+        Ut, Wt, n_iter = _hals_nmf(At, int(k), max_iter, tol, target_error)
+    rel = relative_error(At, Ut, Wt)
+    dead = int(((Ut.amax(0) <= 0) | (Wt.amax(1) <= 0)).sum())
+    return NMFResult(
+        U=Ut.cpu().numpy().astype(np.float32, copy=False),
+        W=Wt.cpu().numpy().astype(np.float32, copy=False),
+        rel_error=rel,
+        n_iter=n_iter,
+        dead=dead,
+        seconds=time.perf_counter() - start,
+    )
+
+
+def relative_error(A: torch.Tensor, U: torch.Tensor, W: torch.Tensor) -> float:
+    """||A - U W||_F / ||A||_F, accumulated in float64 over row blocks."""
+    num = den = 0.0
+    U = U.to(A.device, A.dtype)
+    W = W.to(A.device, A.dtype)
+    for s in range(0, A.shape[0], _BLOCK):
+        blk = A[s : s + _BLOCK]
+        r = (blk - U[s : s + _BLOCK] @ W).double()
+        num += float((r * r).sum())
+        den += float((blk.double() ** 2).sum())
+    return math.sqrt(num / den) if den > 0 else 0.0
+
+
+def _sklearn_nmf(A: np.ndarray, k: int, max_iter: int, tol: float, seed: int) -> tuple[np.ndarray, np.ndarray, int]:
+    from sklearn.decomposition import NMF
+    from sklearn.exceptions import ConvergenceWarning
+
+    model = NMF(n_components=k, init="nndsvda", solver="cd", max_iter=max_iter, tol=tol, random_state=seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        U = model.fit_transform(A)
+    W = model.components_
+    return U.astype(np.float32), W.astype(np.float32), int(model.n_iter_)
+
+
+def _top_singular(A: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Top-k singular triplets (u (n,k), s (k,), v (k,C)) from the smaller Gram matrix."""
+    transpose = A.shape[0] < A.shape[1]
+    M = A.T if transpose else A
+    gram = (M.T @ M).double()
+    evals, evecs = torch.linalg.eigh(gram)
+    idx = torch.argsort(evals, descending=True)[:k]
+    s = evals[idx].clamp(min=0).sqrt()
+    v = evecs[:, idx].to(A.dtype)  # right vectors of M
+    safe = torch.where(s > 0, s, torch.ones_like(s)).to(A.dtype)
+    u = (M @ v) / safe  # left vectors of M
+    u = torch.where(s.to(A.dtype) > 0, u, torch.zeros_like(u))
+    if transpose:
+        u, v = v, u
+    return u, s.to(A.dtype), v.T.contiguous()
+
+
+def nndsvda_init(A: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """NNDSVD start (Boutsidis & Gallopoulos 2008) with zeros filled by mean(A): (U (n,k), W (k,C))."""
+    u, s, v = _top_singular(A, k)
+
+    def split(x: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        p, m = x.clamp(min=0), (-x).clamp(min=0)
+        return p, m, torch.linalg.vector_norm(p, dim=dim), torch.linalg.vector_norm(m, dim=dim)
+
+    up, um, nup, num = split(u, 0)
+    vp, vm, nvp, nvm = split(v, 1)
+    use_pos = nup * nvp >= num * nvm
+    sigma = torch.where(use_pos, nup * nvp, num * nvm)
+    uu = torch.where(use_pos, up / nup.clamp(min=1e-30), um / num.clamp(min=1e-30))
+    vv = torch.where(use_pos[:, None], vp / nvp.clamp(min=1e-30)[:, None], vm / nvm.clamp(min=1e-30)[:, None])
+    scale = (s * sigma).sqrt()
+    U = uu * scale
+    W = vv * scale[:, None]
+    avg = A.mean()
+    U = torch.where(U > 0, U, avg)
+    W = torch.where(W > 0, W, avg)
+    return U, W
+
+
+def _hals_sweep(X: torch.Tensor, P: torch.Tensor, G: torch.Tensor, diag: list[float]) -> None:
+    """One exact coordinate pass over the rows of X for min ||.||: gradient = G X - P (in place)."""
+    for j, g in enumerate(diag):
+        if g <= 0:
+            continue
+        X[j] += (P[j] - G[j] @ X) / g
+        X[j].clamp_(min=0)
+
+
+def _hals_inner(X: torch.Tensor, P: torch.Tensor, G: torch.Tensor, max_inner: int, delta: float = 0.1) -> None:
+    """Repeat HALS passes while they still move X (stop when a pass moves < delta * the first)."""
+    diag = G.diagonal().tolist()
+    first = None
+    for _ in range(max_inner):
+        old = X.clone()
+        _hals_sweep(X, P, G, diag)
+        moved = float(torch.linalg.vector_norm(X - old))
+        if first is None:
+            first = moved
+        elif moved <= delta * first:
+            break
+
+
+def _reseed(A: torch.Tensor, Ut: torch.Tensor, W: torch.Tensor, dead: list[int]) -> None:
+    """Re-seed dead components in place from the data row with the largest positive residual."""
+    for j in dead:
+        Ut[j] = 0
+        W[j] = 0
+        best, best_i = 0.0, -1
+        for s in range(0, A.shape[0], _BLOCK):
+            r = (A[s : s + _BLOCK] - Ut[:, s : s + _BLOCK].T @ W).clamp(min=0)
+            score = (r * r).sum(1)
+            i = int(score.argmax())
+            if float(score[i]) > best:
+                best, best_i = float(score[i]), s + i
+        if best_i < 0 or best <= 1e-20 * float((A * A).sum()):
+            # Exact fit already: split the strongest component in two (same error, both alive).
+            strength = torch.linalg.vector_norm(Ut, dim=1) * torch.linalg.vector_norm(W, dim=1)
+            m = int(strength.argmax())
+            Ut[m] *= 0.5
+            Ut[j] = Ut[m]
+            W[j] = W[m]
+            continue
+        w = (A[best_i] - Ut[:, best_i] @ W).clamp(min=0)
+        W[j] = w
+        # exact HALS update of column j given the others (U[:, j] = 0 now): never raises the error
+        Ut[j] = ((A @ w - Ut.T @ (W @ w)) / (w @ w)).clamp(min=0)
+
+
+def _dead(Ut: torch.Tensor, W: torch.Tensor) -> list[int]:
+    return torch.nonzero((Ut.amax(1) <= 0) | (W.amax(1) <= 0)).flatten().tolist()
+
+
+def _hals_nmf(
+    A: torch.Tensor, k: int, max_iter: int, tol: float, target: float | None
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    n, c = A.shape
+    U, W = nndsvda_init(A, k)
+    Ut = U.T.contiguous()  # (k, n): rows are contiguous for the column updates
+    norm2 = float((A.double() ** 2).sum())
+    inner_u = int(min(30, 1 + 0.5 * (1 + c / (k + 1))))
+    inner_w = int(min(30, 1 + 0.5 * (1 + n / (k + 1))))
+    prev = math.inf
+    it = 0
+    for it in range(1, max_iter + 1):
+        P = W @ A.T
+        _hals_inner(Ut, P, W @ W.T, inner_u)
+        P = Ut @ A
+        G = Ut @ Ut.T
+        _hals_inner(W, P, G, inner_w)
+        err2 = norm2 - 2 * float((W.double() * P.double()).sum()) + float((G.double() * (W @ W.T).double()).sum())
+        rel = math.sqrt(max(err2, 0.0) / norm2)
+        dead = _dead(Ut, W)
+        if dead:
+            _reseed(A, Ut, W, dead)
+            prev = math.inf
+            continue
+        if (target is not None and rel <= target) or prev - rel < tol * max(rel, 1e-12):
+            break
+        prev = rel
+    dead = _dead(Ut, W)
+    if dead:  # only reachable when the last iteration re-seeded; one more pass settles them
+        _reseed(A, Ut, W, dead)
+    return Ut.T.contiguous(), W, it
+
+
+def project_nnls(
+    A: np.ndarray | torch.Tensor,
+    W: np.ndarray | torch.Tensor,
+    max_iter: int = 500,
+    tol: float = 1e-6,
+    device: str | torch.device | None = None,
+) -> np.ndarray | torch.Tensor:
+    """U >= 0 minimizing ||A - U W||_F with W (k, C) fixed, all rows of A (n, C) at once.
+
+    Batched exact coordinate descent (HALS) from the clipped least-squares solution; stops when a
+    pass moves U by < tol relative to its size. Returns a tensor on the compute device if A is a
+    tensor, else a float32 numpy array.
+    """
+    dev = _resolve_device(device, A, W)
+    At = torch.as_tensor(A).to(dev, torch.float32)
+    Wt = torch.as_tensor(W).to(dev, torch.float32)
+    if At.ndim != 2 or Wt.ndim != 2 or At.shape[1] != Wt.shape[1]:
+        raise ValueError(f"need A (n, C) and W (k, C); got A {tuple(At.shape)} and W {tuple(Wt.shape)}")
+    if not bool(torch.isfinite(At).all()) or not bool(torch.isfinite(Wt).all()):
+        raise ValueError("A and W must be finite")
+    G = Wt @ Wt.T
+    P = Wt @ At.T  # (k, n)
+    Gd = G.double()
+    ridge = 1e-10 * float(Gd.diagonal().mean()) + 1e-30
+    X = torch.linalg.solve(Gd + ridge * torch.eye(G.shape[0], dtype=Gd.dtype, device=dev), P.double())
+    X = X.to(torch.float32).clamp(min=0).contiguous()
+    diag = G.diagonal().tolist()
+    for _ in range(max_iter):
+        old = X.clone()
+        _hals_sweep(X, P, G, diag)
+        if float((X - old).abs().max()) <= tol * max(float(X.abs().max()), 1e-30):
+            break
+    U = X.T.contiguous()
+    return U if isinstance(A, torch.Tensor) else U.cpu().numpy()

@@ -1,0 +1,393 @@
+"""Classifiers and their split at a layer: g (image -> activations) and h (activations -> logits).
+
+Models come from a torchvision name, the embedded toy CNN, or "package.module:factory"; weights from
+a local path or any fsspec URL, loaded safely (weights_only / safetensors) and checked against the
+architecture before any work. A split is verified by construction: h(g(x)) must equal the logits.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import importlib
+import inspect
+import io
+import logging
+import pickle
+import re
+import zipfile
+from collections import OrderedDict
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from lens_core.config import ModelConfig
+from lens_core.store import filesystem
+
+log = logging.getLogger(__name__)
+
+_PREFIXES = ("module.", "_orig_mod.")  # DataParallel / DistributedDataParallel, torch.compile
+_NESTED_KEYS = ("state_dict", "model", "model_state_dict", "net")
+_SHOW = 10
+
+
+class ModelError(ValueError):
+    """The model cannot be built or split as configured; the message says why."""
+
+
+class CheckpointError(ModelError):
+    """A checkpoint is unreadable, unsafe, or does not match the architecture."""
+
+
+@dataclass
+class SplitModel:
+    """A classifier cut at `layer`: logits = h(g(images)); `head` is set when h = avg-pool + linear."""
+
+    g: nn.Module
+    h: nn.Module
+    layer: str
+    input_size: int
+    num_classes: int
+    spatial: bool
+    head: tuple[torch.Tensor, torch.Tensor] | None = None
+    digest: str = ""
+
+    def to(self, device: str | torch.device) -> SplitModel:
+        """Move g, h (in place, channels_last conv weights) and the head to `device`."""
+        g = self.g.to(device=device, memory_format=torch.channels_last)
+        h = self.h.to(device=device, memory_format=torch.channels_last)
+        head = None if self.head is None else (self.head[0].to(device), self.head[1].to(device))
+        return dataclasses.replace(self, g=g, h=h, head=head)
+
+
+class Normalize(nn.Module):
+    """(x - mean) / std per channel, so g takes images in [0, 1]."""
+
+    def __init__(self, mean: tuple[float, ...], std: tuple[float, ...]):
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean.to(x.dtype)) / self.std.to(x.dtype)
+
+
+# ---- building ------------------------------------------------------------------------------
+
+def build_model(arch: str, num_classes: int) -> nn.Module:
+    """A randomly initialised (deterministic, seed 0) classifier for an architecture name."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        if arch == "toy":
+            from lens_core.toy.model import ToyCNN
+
+            return ToyCNN(num_classes=num_classes)
+        if ":" in arch:
+            return _from_factory(arch, num_classes)
+        import torchvision
+
+        try:
+            return torchvision.models.get_model(arch, weights=None, num_classes=num_classes)
+        except ValueError as err:
+            raise ModelError(f"unknown architecture {arch!r}: {err}") from None
+
+
+def _from_factory(arch: str, num_classes: int) -> nn.Module:
+    module_name, _, attr = arch.partition(":")
+    try:
+        factory = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as err:
+        raise ModelError(f"cannot import model factory {arch!r}: {err}") from None
+    params = inspect.signature(factory).parameters
+    takes_k = "num_classes" in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
+    model = factory(num_classes=num_classes) if takes_k else factory()
+    if not isinstance(model, nn.Module):
+        raise ModelError(f"model factory {arch!r} returned {type(model).__name__}, not an nn.Module")
+    return model
+
+
+# ---- checkpoints ---------------------------------------------------------------------------
+
+def _read_bytes(url: str, storage_options: dict[str, Any] | None) -> bytes:
+    try:
+        fs, path = filesystem(url, storage_options)
+        return fs.cat_file(path)
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint not found: {url}") from None
+    except PermissionError as err:
+        raise CheckpointError(f"access denied reading checkpoint {url} (check credentials): {err}") from None
+    except OSError as err:
+        raise CheckpointError(f"cannot read checkpoint {url}: {type(err).__name__}: {err}") from None
+
+
+def checkpoint_digest(url: str, storage_options: dict[str, Any] | None = None) -> str:
+    """sha256 hex of the checkpoint's bytes (the run id depends on it)."""
+    return hashlib.sha256(_read_bytes(url, storage_options)).hexdigest()
+
+
+def _is_safetensors(data: bytes, url: str) -> bool:
+    return url.lower().endswith(".safetensors") or (len(data) > 9 and data[8:9] == b"{")
+
+
+def _unpickle(data: bytes, url: str) -> Any:
+    """torch.load with weights_only=True; every failure becomes a one-line CheckpointError."""
+    try:
+        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        text = str(err)
+        if "Weights only load failed" in text:
+            found = re.search(r"GLOBAL ([\w.]+)", text)
+            what = f" ({found.group(1)})" if found else ""
+            raise CheckpointError(
+                f"refusing checkpoint {url}: it contains pickled code or objects{what}, not only "
+                "tensors; re-save it as a plain state dict or .safetensors"
+            ) from None
+        raise CheckpointError(f"corrupt checkpoint {url}: {text[:200]}") from None
+    except (EOFError, RuntimeError, zipfile.BadZipFile, ValueError, KeyError, OSError) as err:
+        raise CheckpointError(
+            f"truncated or corrupt checkpoint {url} ({len(data)} bytes): {type(err).__name__}: "
+            f"{str(err).split('.')[0][:200]}"
+        ) from None
+
+
+def parse_state_dict(data: bytes, url: str = "<bytes>") -> dict[str, torch.Tensor]:
+    """Tensors by parameter name from checkpoint bytes (.pt/.pth or .safetensors, nested or not)."""
+    if _is_safetensors(data, url):
+        from safetensors.torch import load as load_safetensors
+
+        try:
+            obj: Any = load_safetensors(data)
+        except Exception as err:  # safetensors raises its own SafetensorError
+            raise CheckpointError(f"truncated or corrupt safetensors checkpoint {url}: {err}") from None
+    else:
+        obj = _unpickle(data, url)
+    for _ in range(3):
+        if not isinstance(obj, Mapping):
+            break
+        nested = next((obj[k] for k in _NESTED_KEYS if isinstance(obj.get(k), Mapping)), None)
+        if nested is None:
+            break
+        obj = nested
+    if not isinstance(obj, Mapping):
+        raise CheckpointError(f"checkpoint {url} holds a {type(obj).__name__}, not a state dict")
+    bad = [k for k, v in obj.items() if not isinstance(v, torch.Tensor)]
+    if bad:
+        raise CheckpointError(f"checkpoint {url} has non-tensor entries: {_listing(bad)}")
+    return {_strip(str(k)): v for k, v in obj.items()}
+
+
+def _strip(key: str) -> str:
+    changed = True
+    while changed:
+        changed = False
+        for p in _PREFIXES:
+            if key.startswith(p):
+                key, changed = key[len(p):], True
+    return key
+
+
+def _listing(items: list[str]) -> str:
+    shown = ", ".join(items[:_SHOW])
+    return f"{len(items)} ({shown}{', ...' if len(items) > _SHOW else ''})"
+
+
+def check_state_dict(model: nn.Module, state: Mapping[str, torch.Tensor], url: str, arch: str) -> None:
+    """Raise CheckpointError naming missing/unexpected keys and shape mismatches (a few of each)."""
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state and not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in state if k not in expected]
+    shapes = [
+        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in state and tuple(state[k].shape) != tuple(v.shape)
+    ]
+    if not (missing or unexpected or shapes):
+        return
+    parts = [f"checkpoint {url} does not match architecture {arch!r}"]
+    if missing:
+        parts.append(f"missing keys: {_listing(missing)}")
+    if unexpected:
+        parts.append(f"unexpected keys: {_listing(unexpected)}")
+    if shapes:
+        parts.append(f"shape mismatches: {_listing(shapes)}")
+    raise CheckpointError("; ".join(parts))
+
+
+def load_model(
+    model_cfg: ModelConfig, num_classes: int | None = None, storage_options: dict[str, Any] | None = None
+) -> tuple[nn.Module, str]:
+    """(model in eval mode, digest): weights from model_cfg.checkpoint, the shipped toy weights, or random."""
+    k = model_cfg.num_classes or num_classes
+    if not k:
+        raise ModelError("num_classes is unknown: set model.num_classes or pass the data set's class count")
+    model = build_model(model_cfg.arch, k)
+    url = model_cfg.checkpoint
+    if url is None and model_cfg.arch == "toy":
+        from lens_core.toy import TOY_CHECKPOINT
+
+        url = str(TOY_CHECKPOINT)
+    if url is None:
+        log.warning("no checkpoint for %s: using random (seeded) weights", model_cfg.arch)
+        digest = f"random-init:{model_cfg.arch}"
+    else:
+        data = _read_bytes(url, storage_options)
+        digest = hashlib.sha256(data).hexdigest()
+        state = parse_state_dict(data, url)
+        check_state_dict(model, state, url, model_cfg.arch)
+        model.load_state_dict(state, strict=False)  # only num_batches_tracked may be absent
+    return _freeze(model), digest
+
+
+def _freeze(model: nn.Module) -> nn.Module:
+    """Eval mode, no parameter grads (MACO needs input grads only), no in-place ops (g's output is kept)."""
+    model.eval()
+    model.requires_grad_(False)
+    for m in model.modules():
+        if isinstance(getattr(m, "inplace", None), bool):
+            m.inplace = False
+    return model
+
+
+# ---- splitting -----------------------------------------------------------------------------
+
+_POOLS = (nn.AdaptiveAvgPool2d, nn.AvgPool2d, nn.AdaptiveMaxPool2d, nn.MaxPool2d)
+
+
+def _starts_with_linear(m: nn.Module) -> bool:
+    """True for a Linear, or a Sequential whose first non-dropout module is Linear."""
+    if isinstance(m, nn.Linear):
+        return True
+    if isinstance(m, nn.Sequential):
+        for sub in m:
+            if isinstance(sub, nn.Dropout | nn.Identity):
+                continue
+            return isinstance(sub, nn.Linear)
+    return False
+
+
+def _stages(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Top-level children in order, with the flatten torchvision's forward does before a linear head."""
+    children = list(model.named_children())
+    out: list[tuple[str, nn.Module]] = []
+    for i, (name, child) in enumerate(children):
+        out.append((name, child))
+        nxt = children[i + 1][1] if i + 1 < len(children) else None
+        if isinstance(child, _POOLS) and nxt is not None and _starts_with_linear(nxt):
+            out.append(("_flatten", nn.Flatten(1)))
+    return out
+
+
+def _cut(stages: list[tuple[str, nn.Module]], path: list[str], full: str):
+    """Split a stage list after the module at a dotted path, descending into Sequentials."""
+    names = [n for n, _ in stages]
+    if path[0] not in names:
+        shown = ", ".join(n for n in names if not n.startswith("_"))
+        raise ModelError(f"layer {full!r} not found: {path[0]!r} is not one of [{shown}]")
+    i = names.index(path[0])
+    if len(path) == 1:
+        return stages[: i + 1], stages[i + 1 :]
+    inner = stages[i][1]
+    if not isinstance(inner, nn.Sequential):
+        raise ModelError(f"cannot split inside {path[0]!r} for layer {full!r}: it is a {type(inner).__name__}, not a Sequential")
+    g_in, h_in = _cut(list(inner.named_children()), path[1:], full)
+    g = stages[:i] + ([(path[0], _seq(g_in))] if g_in else [])
+    h = ([(path[0], _seq(h_in))] if h_in else []) + stages[i + 1 :]
+    return g, h
+
+
+def _seq(stages: list[tuple[str, nn.Module]]) -> nn.Module:
+    return nn.Sequential(OrderedDict(stages)) if stages else nn.Identity()
+
+
+def _sequential_split(model: nn.Module, layer: str) -> tuple[nn.Module, nn.Module]:
+    g, h = _cut(_stages(model), layer.split("."), layer)
+    while h and isinstance(h[0][1], nn.Flatten):  # the pooled layer: g returns (N, C)
+        g, h = g + [h[0]], h[1:]
+    return _seq(g), _seq(h)
+
+
+def _leaves(m: nn.Module) -> list[nn.Module]:
+    if isinstance(m, nn.Sequential):
+        return [leaf for sub in m for leaf in _leaves(sub)]
+    return [] if isinstance(m, nn.Identity | nn.Dropout) else [m]
+
+
+def _head_candidate(h: nn.Module, spatial: bool) -> nn.Linear | None:
+    """The Linear of h when h is (global avg-pool, flatten,) Linear; verified numerically later."""
+    ops = _leaves(h)
+    if spatial:
+        if len(ops) != 3 or not isinstance(ops[0], nn.AdaptiveAvgPool2d) or not isinstance(ops[1], nn.Flatten):
+            return None
+        if ops[0].output_size not in (1, (1, 1)):
+            return None
+        ops = ops[2:]
+    elif ops and isinstance(ops[0], nn.Flatten):
+        ops = ops[1:]
+    return ops[0] if len(ops) == 1 and isinstance(ops[0], nn.Linear) else None
+
+
+def split_model(model: nn.Module, layer: str, model_cfg: ModelConfig) -> SplitModel:
+    """Cut `model` after `layer` (dotted names reach inside Sequentials) and verify h(g(x)) == model(x)."""
+    _freeze(model)
+    if hasattr(model, "lens_split"):
+        g_body, h = model.lens_split(layer)
+    else:
+        g_body, h = _sequential_split(model, layer)
+    norm = Normalize(model_cfg.mean, model_cfg.std)
+    g = _freeze(nn.Sequential(norm, g_body))
+    h = _freeze(h)
+    param = next(model.parameters(), None)
+    device = param.device if param is not None else torch.device("cpu")
+    dtype = param.dtype if param is not None else torch.float32
+    g.to(device)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(2, 3, model_cfg.input_size, model_cfg.input_size, generator=gen).to(device, dtype)
+    with torch.no_grad():
+        ref = model(norm(x))
+        acts = g(x)
+        out = h(acts)
+    _verify(ref, out, f"split of {type(model).__name__} at {layer!r}")
+    spatial = acts.ndim == 4
+    head = None
+    linear = _head_candidate(h, spatial)
+    if linear is not None:
+        weight = linear.weight.detach()
+        bias = linear.bias.detach() if linear.bias is not None else torch.zeros(weight.shape[0], device=device)
+        pooled = acts.mean(dim=(2, 3)) if spatial else acts.flatten(1)
+        if _close(ref, pooled @ weight.T + bias):
+            head = (weight, bias)
+        else:
+            log.warning("split at %r looks like pool + linear but does not match it: no head", layer)
+    return SplitModel(g, h, layer, model_cfg.input_size, int(ref.shape[1]), spatial, head)
+
+
+def _close(ref: torch.Tensor, out: torch.Tensor) -> bool:
+    if ref.shape != out.shape:
+        return False
+    err = (ref.float() - out.float()).abs().max().item()
+    return err <= 1e-4 * (1.0 + ref.abs().max().item())
+
+
+def _verify(ref: torch.Tensor, out: torch.Tensor, what: str) -> None:
+    if _close(ref, out):
+        return
+    if ref.shape == out.shape:
+        detail = f"max |difference| {(ref.float() - out.float()).abs().max().item():.3g}"
+    else:
+        detail = f"shape {tuple(out.shape)} vs logits {tuple(ref.shape)}"
+    raise ModelError(
+        f"{what} does not reproduce the model's logits ({detail}): its forward is not a plain "
+        "sequence of its children there; give the model a lens_split(layer) -> (g, h) method "
+        "or pick another layer"
+    )
+
+
+def load_split_model(
+    model_cfg: ModelConfig, num_classes: int | None = None, storage_options: dict[str, Any] | None = None
+) -> SplitModel:
+    """load_model then split_model at model_cfg.layer, carrying the checkpoint digest."""
+    model, digest = load_model(model_cfg, num_classes, storage_options)
+    return dataclasses.replace(split_model(model, model_cfg.layer, model_cfg), digest=digest)

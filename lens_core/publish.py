@@ -1,0 +1,156 @@
+"""Gather a run's outputs into the site's data (lens_core/site/SCHEMA.md) and publish it."""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import numpy as np
+
+from lens_core.crops import concept_color
+from lens_core.pipeline import RunInfo
+from lens_core.status import class_state, read_status
+from lens_core.store import RunStore
+
+TOP_CONCEPTS = 10
+
+
+def embed_2d(X: np.ndarray, seed: int = 0) -> np.ndarray:
+    """2-D PCA coordinates scaled to [0, 1] (the cluster graph of per-image importance vectors)."""
+    from sklearn.decomposition import PCA
+
+    if len(X) == 0:
+        return np.zeros((0, 2))
+    if len(X) < 3 or np.allclose(X, X[0]):
+        xy = np.zeros((len(X), 2))
+    else:
+        xy = PCA(n_components=2, random_state=seed).fit_transform(X)
+    lo, hi = xy.min(0), xy.max(0)
+    return (xy - lo) / np.where(hi - lo > 0, hi - lo, 1)
+
+
+def concept_layout(W: np.ndarray, seed: int = 0) -> np.ndarray:
+    """2-D layout of concepts from their pairwise cosine dissimilarity (metric MDS), in [0, 1]."""
+    from sklearn.manifold import MDS
+
+    V = W / np.maximum(np.linalg.norm(W, axis=1, keepdims=True), 1e-12)
+    D = np.clip(1 - V @ V.T, 0, 2)
+    np.fill_diagonal(D, 0)
+    if len(W) < 3:
+        xy = np.stack([np.arange(len(W)), np.zeros(len(W))], 1).astype(float)
+    else:
+        xy = MDS(n_components=2, dissimilarity="precomputed", random_state=seed, n_init=1,
+                 normalized_stress="auto").fit_transform((D + D.T) / 2)
+    lo, hi = xy.min(0), xy.max(0)
+    return (xy - lo) / np.where(hi - lo > 0, hi - lo, 1)
+
+
+def _asset(assets: dict, store: RunStore, src: str, dest: str) -> str:
+    assets[dest] = functools.partial(store.read_bytes, src)
+    return dest
+
+
+def _class_entry(info: RunInfo, store: RunStore, cls: Any, status: dict, similar: dict, alignment: dict,
+                 names: dict[str, str], assets: dict) -> dict[str, Any]:
+    slug = cls.slug
+    entry: dict[str, Any] = {
+        "index": cls.index, "id": cls.id, "name": cls.name, "slug": slug, "synonyms": list(cls.synonyms),
+        "status": "ok", "error": None, "concepts": [],
+    }
+    state = class_state(status)
+    complete = (store.is_complete(f"importance/{slug}") and store.files_complete(f"crops/{slug}"))
+    if state == "failed" or not complete:
+        errors = [f"{stage}: {rec.get('error')}" for stage, rec in status.items() if rec.get("state") == "failed"]
+        entry.update(status="failed", error="; ".join(errors) or "not finished in this run")
+        return entry
+    acts = store.zarr[f"acts/{slug}"]
+    imp = store.zarr[f"importance/{slug}"]
+    W = store.zarr[f"concepts/{slug}/W"][:]
+    crops_index = store.read_json(f"crops/{slug}/index.json", {})
+    order = [int(c) for c in imp["order"][:]]
+    sobol = imp["sobol"][:]
+    share = imp["logit_share"][:] if "logit_share" in set(imp.array_keys()) else None
+    n_top = imp["n_top_images"][:]
+    min_top = int(imp.attrs.get("important_min_images", 3))
+    rendered = store.files_complete(f"viz/{slug}")
+    entry.update(n_images=int(acts.attrs["n_images"]), n_patches=int(acts.attrs["n_patches"]),
+                 skipped_images=len(acts.attrs.get("skipped", [])))
+    for rank, c in enumerate(order[:TOP_CONCEPTS], start=1):
+        concept: dict[str, Any] = {
+            "id": c, "rank": rank, "color": concept_color(rank - 1),
+            "logit_share": round(float(share[c]), 2) if share is not None else None,
+            "sobol": round(float(sobol[c]), 4),
+            "n_top_images": int(n_top[c]), "important": bool(n_top[c] >= min_top),
+            "crops": [_asset(assets, store, f"crops/{slug}/{f}", f"assets/crops/{slug}/{f}")
+                      for f in crops_index.get("concepts", {}).get(str(c), [])],
+            "similar": [dict(s, name=names.get(s["slug"], s["slug"])) for s in similar.get(slug, [[]] * len(W))[c]],
+            "aligned_classes": [
+                {"slug": a["slug"], "name": names.get(a["slug"] or "", f"class {a['class_index']}"), "score": a["score"]}
+                for a in (alignment.get(slug) or [[]] * len(W))[c]
+            ],
+            "viz": None, "viz_plain": None,
+        }
+        if rendered:
+            concept["viz"] = _asset(assets, store, f"viz/{slug}/{c}.png", f"assets/viz/{slug}/{c}.png")
+            concept["viz_plain"] = _asset(assets, store, f"viz/{slug}/{c}.webp", f"assets/viz/{slug}/{c}.webp")
+        entry["concepts"].append(concept)
+    rank_of = {c: r for r, c in enumerate(order)}
+    image_imp = imp["image_importance"][:]
+    positions = imp["image_positions"][:]
+    xy = embed_2d(image_imp)
+    thumbs = crops_index.get("thumbs", {})
+    entry["cluster"] = {"points": [
+        {"x": round(float(x), 4), "y": round(float(y), 4), "concept": int(image_imp[i].argmax()),
+         "rank": rank_of[int(image_imp[i].argmax())] + 1,
+         "image": _asset(assets, store, f"crops/{slug}/{thumbs[str(int(p))]}", f"assets/crops/{slug}/{thumbs[str(int(p))]}")
+         if str(int(p)) in thumbs else None}
+        for i, ((x, y), p) in enumerate(zip(xy, positions, strict=True)) if i < 200
+    ]}
+    layout = concept_layout(W)
+    entry["concept_layout"] = [{"concept": c, "rank": rank_of[c] + 1, "x": round(float(layout[c, 0]), 4),
+                                "y": round(float(layout[c, 1]), 4)} for c in range(len(W))]
+    entry["attributions"] = [
+        {"heatmap": _asset(assets, store, f"crops/{slug}/{a['file']}", f"assets/crops/{slug}/{a['file']}"),
+         "image": None, "caption": f"image {a['image']}"}
+        for a in crops_index.get("attributions", [])
+    ]
+    entry["fidelity"] = {
+        "curve": [round(float(v), 4) for v in imp["deletion"][:]],
+        "random_curve": [round(float(v), 4) for v in imp["deletion_random"][:]],
+        "auc": round(float(imp.attrs["deletion_auc"]), 4),
+        "random_auc": round(float(imp.attrs["deletion_random_auc"]), 4),
+    }
+    return entry
+
+
+def collect_site_data(info: RunInfo) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(site data, assets {publish path: loader}) from everything the run stored."""
+    store = info.store()
+    meta = store.read_json("run.json", {})
+    statuses = read_status(store, info.slugs)
+    similar = store.read_json("atlas/similar.json", {})
+    alignment = store.read_json("atlas/alignment.json", {})
+    names = {c.slug: c.name for c in info.classes}
+    assets: dict[str, Any] = {}
+    classes = [_class_entry(info, store, c, statuses.get(c.slug, {}), similar, alignment, names, assets)
+               for c in info.classes]
+    cfg = info.config
+    site = {
+        "run": {
+            "run_id": info.run_id, "model": cfg.model.arch, "checkpoint": cfg.model.checkpoint,
+            "checkpoint_digest": info.checkpoint_digest, "layer": cfg.model.layer, "data_url": info.data_url,
+            "created": meta.get("created"), "n_concepts": cfg.concepts.n_concepts, "config": cfg.redacted(),
+        },
+        "classes": classes,
+    }
+    return site, assets
+
+
+def publish(info: RunInfo, publish_url: str | None = None) -> dict[str, Any]:
+    """Build the static site for the run at the publish URL (index written last)."""
+    from lens_core.site import build_site
+
+    site, assets = collect_site_data(info)
+    summary = build_site(site, publish_url or info.config.publish, info.config.storage_options, assets)
+    failed = [c["slug"] for c in site["classes"] if c["status"] != "ok"]
+    return {"classes": len(site["classes"]), "failed": failed, **(summary or {})}

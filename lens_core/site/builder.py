@@ -1,0 +1,133 @@
+"""Write the static site through fsspec: assets, class pages and data, method page, index last."""
+
+from __future__ import annotations
+
+import json
+import os
+import posixpath
+import time
+import uuid
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any
+
+from fsspec.implementations.local import LocalFileSystem
+
+from ..store import filesystem, join_url, normalize_url
+from . import render
+from .schema import check_asset_path, normalize_site, referenced_paths
+
+Asset = bytes | Callable[[], bytes]
+BATCH = 64  # files per concurrent put on object stores
+
+
+class _Writer:
+    """Whole-file writes under a root: atomic rename on disk, batched concurrent puts elsewhere."""
+
+    def __init__(self, fs: Any, root: str):
+        self.fs, self.root = fs, root.rstrip("/")
+        self.local = isinstance(fs, LocalFileSystem)
+        self.order: list[str] = []
+        self.bytes = 0
+        self._dirs: set[str] = set()
+
+    def write_many(self, items: Iterable[tuple[str, bytes]]) -> None:
+        """Write files; all are complete when this returns (order within a call is not promised)."""
+        items = list(items)
+        if not items:
+            return
+        if self.local:
+            for rel, data in items:
+                self._write_local(posixpath.join(self.root, rel), data)
+        else:
+            self.fs.pipe({posixpath.join(self.root, rel): data for rel, data in items})
+        for rel, data in items:
+            self.order.append(rel)
+            self.bytes += len(data)
+
+    def _write_local(self, path: str, data: bytes) -> None:
+        parent = os.path.dirname(path)
+        if parent not in self._dirs:
+            os.makedirs(parent, exist_ok=True)
+            self._dirs.add(parent)
+        tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+
+
+def _chunks(items: Iterable[Any], n: int) -> Iterator[list[Any]]:
+    chunk: list[Any] = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) >= n:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def iter_class_files(data: dict, max_concepts: int = 10) -> Iterator[tuple[str, bytes]]:
+    """(path, bytes) of each class's data file and page, class by class."""
+    known = {c["slug"] for c in data["classes"]}
+    for i, cls in enumerate(data["classes"]):
+        yield f"data/{cls['slug']}.json", render.class_json(data, i)
+        yield f"classes/{cls['slug']}/index.html", render.render_class(data, i, known, max_concepts).encode()
+
+
+def build_site(
+    site: dict,
+    publish_url: str,
+    storage_options: dict[str, Any] | None = None,
+    assets: Mapping[str, Asset] | None = None,
+    max_concepts: int = 10,
+) -> dict[str, Any]:
+    """Render and publish the site; returns a summary with the write order (index.html last).
+
+    The data is validated before anything is written (`SiteError` on unsafe slugs or paths).
+    """
+    t0 = time.perf_counter()
+    data = normalize_site(site)
+    assets = dict(assets or {})
+    for rel in assets:
+        check_asset_path(rel)
+    url = normalize_url(publish_url)
+    fs, root = filesystem(url, storage_options)
+    out = _Writer(fs, root)
+    seconds: dict[str, float] = {}
+
+    t = time.perf_counter()
+    out.write_many(render.static_files().items())
+    for chunk in _chunks(assets.items(), BATCH):
+        out.write_many((rel, a() if callable(a) else bytes(a)) for rel, a in chunk)
+    seconds["assets"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    max_page = 0
+    for chunk in _chunks(iter_class_files(data, max_concepts), BATCH):
+        max_page = max([max_page] + [len(b) for rel, b in chunk if rel.endswith(".html")])
+        out.write_many(chunk)
+    seconds["classes"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    listing = render.class_list(data)
+    classes_json = json.dumps(listing, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+    out.write_many([
+        ("method.html", render.render_method(data).encode()),
+        ("data/classes.json", classes_json.encode()),
+        ("data/classes.js", f"window.LENS_CLASSES={render.json_for_html(listing)};\n".encode()),
+    ])  # fmt: skip
+    index = render.render_index(data).encode()
+    out.write_many([("index.html", index)])
+    seconds["index"] = time.perf_counter() - t
+    seconds["total"] = time.perf_counter() - t0
+
+    provided = set(assets)
+    missing = sorted({p for c in data["classes"] for p in referenced_paths(c)} - provided)
+    return {
+        "url": url, "index_url": join_url(url, "index.html"),
+        "classes": len(data["classes"]), "failed": sum(c["status"] == "failed" for c in data["classes"]),
+        "concepts": sum(len(c["concepts"]) for c in data["classes"] if c["status"] == "ok"),
+        "files": len(out.order), "bytes": out.bytes, "max_class_page_bytes": max_page,
+        "index_bytes": len(index), "missing_assets": missing[:20], "n_missing_assets": len(missing),
+        "written": out.order, "seconds": seconds,
+    }  # fmt: skip

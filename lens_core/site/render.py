@@ -1,0 +1,131 @@
+"""Page rendering: Jinja2 templates (autoescaped) over the normalized site data."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import unicodedata
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from jinja2 import Environment, FileSystemLoader, StrictUndefined
+from markupsafe import Markup
+
+from .charts import PALETTE_SIZE, cluster_chart, layout_chart, line_chart
+
+HERE = Path(__file__).parent
+STATIC_FILES = {"assets/lens.css": "lens.css", "assets/lens.js": "lens.js", "assets/favicon.svg": "favicon.svg"}
+STRIP = 6  # crops shown before "all crops" is clicked
+CLASS_PREFIX = "../../"
+
+_JS_ESCAPES = {"<": "\\u003c", ">": "\\u003e", "&": "\\u0026", "\u2028": "\\u2028", "\u2029": "\\u2029"}
+
+
+def json_for_html(obj: Any) -> str:
+    """Compact JSON safe inside <script> (no '</script>', '<!--', '&' or line separators)."""
+    text = json.dumps(obj, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+    return "".join(_JS_ESCAPES.get(ch, ch) for ch in text)
+
+
+def pct(value: float | None) -> str:
+    return "–" if value is None else f"{value:.1f}%"
+
+
+def num(value: float | None, digits: int = 2) -> str:
+    return "–" if value is None else f"{value:.{digits}f}"
+
+
+def search_key(cls: dict) -> str:
+    """Lowercase, accent-free name + synonyms + id: what the index search matches against."""
+    text = " ".join([cls["name"], *cls["synonyms"], cls["id"], cls["slug"]]).lower()
+    plain = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode()
+    return text if plain == text else f"{plain} {text}"
+
+
+@lru_cache(maxsize=1)
+def environment() -> Environment:
+    env = Environment(
+        loader=FileSystemLoader(HERE / "templates"), autoescape=True, trim_blocks=True,
+        lstrip_blocks=True, undefined=StrictUndefined,
+    )  # fmt: skip
+    env.filters.update(pct=pct, num=num, json_html=lambda o: Markup(json_for_html(o)))
+    return env
+
+
+def static_files() -> dict[str, bytes]:
+    """The site's own CSS, JS and icon, keyed by publish-relative path."""
+    return {rel: (HERE / "static" / name).read_bytes() for rel, name in STATIC_FILES.items()}
+
+
+@lru_cache(maxsize=1)
+def static_version() -> str:
+    digest = hashlib.sha256()
+    for data in static_files().values():
+        digest.update(data)
+    return digest.hexdigest()[:10]
+
+
+def thumb(cls: dict) -> str | None:
+    """Index thumbnail: the class's own, else its top concept's plain (or RGBA) visualization."""
+    if cls["thumb"]:
+        return cls["thumb"]
+    top = cls["concepts"][0] if cls["concepts"] else None
+    return (top["viz_plain"] or top["viz"]) if top else None
+
+
+def class_list(data: dict) -> list[dict]:
+    """data/classes.json: one small record per class, in label order."""
+    out = []
+    for c in data["classes"]:
+        top = c["concepts"][0] if c["concepts"] else None
+        out.append({
+            "index": c["index"], "id": c["id"], "slug": c["slug"], "name": c["name"],
+            "synonyms": c["synonyms"], "status": c["status"], "thumb": thumb(c),
+            "viz": top["viz"] if top else None, "top_concept": top["id"] if top else None,
+            "top_share": top["logit_share"] if top else None, "n_concepts": len(c["concepts"]),
+        })  # fmt: skip
+    return out
+
+
+def _page(template: str, data: dict, r: str, **ctx: Any) -> str:
+    return environment().get_template(template).render(run=data["run"], r=r, v=static_version(), **ctx)
+
+
+def render_index(data: dict) -> str:
+    classes = data["classes"]
+    cards = [
+        {"slug": c["slug"], "name": c["name"], "q": search_key(c), "thumb": thumb(c), "failed": c["status"] == "failed"}
+        for c in classes
+    ]
+    n_failed = sum(c["status"] == "failed" for c in classes)
+    n_concepts = sum(len(c["concepts"]) for c in classes if c["status"] == "ok")
+    return _page("index.html", data, "", slug=None, cards=cards, n_failed=n_failed, n_concepts=n_concepts)
+
+
+def render_method(data: dict) -> str:
+    config = json.dumps(data["run"]["config"], indent=2, sort_keys=True, default=str)
+    return _page("method.html", data, "", slug=None, config_json=config)
+
+
+def render_class(data: dict, i: int, known: set[str], max_concepts: int = 10) -> str:
+    """One class page; `known` is the set of slugs on the site (links to others only go there)."""
+    classes = data["classes"]
+    cls = classes[i]
+    top = cls["concepts"][:max_concepts]
+    colour = {c["id"]: j for j, c in enumerate(top) if j < PALETTE_SIZE}
+    shares = {c["id"]: c["logit_share"] for c in cls["concepts"]}
+    fid = cls["fidelity"]
+    ctx = {
+        "slug": cls["slug"], "c": cls, "top": top, "colour": colour, "known": known, "strip": STRIP,
+        "prev": classes[i - 1] if i > 0 else None, "next": classes[i + 1] if i + 1 < len(classes) else None,
+        "cluster": cluster_chart(cls["cluster"]["points"], colour, CLASS_PREFIX) if cls["cluster"]["points"] else None,
+        "layout": layout_chart(cls["concept_layout"], shares, colour) if cls["concept_layout"] else None,
+        "fidelity": fid, "fid_chart": line_chart(fid["curve"], fid["random_curve"]) if fid and fid["curve"] else None,
+    }  # fmt: skip
+    return _page("class.html", data, CLASS_PREFIX, **ctx)
+
+
+def class_json(data: dict, i: int) -> bytes:
+    """data/<slug>.json: the normalized class entry (concepts sorted by importance) + run id."""
+    return json.dumps({"run_id": data["run"]["run_id"], **data["classes"][i]}, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode()

