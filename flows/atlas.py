@@ -8,7 +8,12 @@ from typing import Any
 
 import dask
 from prefect import flow, get_run_logger
-from prefect.artifacts import create_link_artifact, create_progress_artifact, create_table_artifact, update_progress_artifact
+from prefect.artifacts import (
+    create_link_artifact,
+    create_progress_artifact,
+    create_table_artifact,
+    update_progress_artifact,
+)
 from prefect.futures import as_completed, wait
 from prefect.states import Completed, Failed
 from prefect_dask import DaskTaskRunner
@@ -127,7 +132,9 @@ def build_atlas(
     site_url = normalize_url(cfg.publish)
     create_link_artifact(site_url + "/index.html", link_text="LENS atlas site", key=f"lens-site-{info.run_id}")
     failed = [r["class"] for r in rows if r["status"] != "ok"]
+    computed = {s: [st for st, r in o.get("stages", {}).items() if not r["skipped"]] for s, o in outcomes.items()}
     result = {"run_id": info.run_id, "classes": len(slugs), "failed": failed, "site": site_url,
+              "computed": {s: st for s, st in computed.items() if st},
               "seconds": round(elapsed, 1), "published": site}
     message = f"{len(slugs) - len(failed)}/{len(slugs)} classes explained in {elapsed:.0f} s; site {site_url}"
     if failed and len(failed) == len(slugs):

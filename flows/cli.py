@@ -7,7 +7,6 @@ import logging
 import os
 import sys
 import threading
-import time
 from typing import Any
 
 from lens_core.config import ConfigError, load_config, split_secrets

@@ -36,7 +36,6 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor, nn
-from torchvision.ops import roi_align
 
 from lens_core.config import MacoConfig
 
@@ -231,14 +230,13 @@ def evaluate_images(
 # ---------------------------------------------------------------- augmentation
 
 
-def _boxes(gen: torch.Generator, n: int, side: int, crop_range: tuple[float, float], device) -> Tensor:
-    """n square boxes (x0,y0,x1,y1) in pixels: side fraction ~ U(crop_range), centre ~ N(0.5, 0.15)."""
+def _crop_params(gen: torch.Generator, n: int, crop_range: tuple[float, float], device) -> Tensor:
+    """n square crops (side, cx, cy) as fractions of the image: side ~ U(crop_range), centre ~ N(0.5, 0.15)."""
     lo, hi = crop_range
-    frac = lo + (hi - lo) * torch.rand(n, generator=gen, device=device)
+    frac = lo + (hi - lo) * torch.rand(n, 1, generator=gen, device=device)
     centre = 0.5 + CENTER_STD * torch.randn(n, 2, generator=gen, device=device)
-    half = frac[:, None] / 2
-    centre = torch.minimum(torch.maximum(centre, half), 1 - half)
-    return torch.cat([centre - half, centre + half], dim=1) * side
+    centre = torch.minimum(torch.maximum(centre, frac / 2), 1 - frac / 2)
+    return torch.cat([frac, centre], dim=1)
 
 
 def augment(
@@ -246,14 +244,18 @@ def augment(
 ) -> Tensor:
     """cfg.crops random crops per image, resized to input_size, plus noise: (B*crops,3,in,in).
 
-    Crops use roi_align with 2x2 samples per output pixel (an antialiased resize); noise is
-    Gaussian plus uniform as in Horama, scaled to pixels by the value range.
+    Crops are bilinear samples on an affine grid, all crops of an image in one grid_sample call
+    (5x cheaper than torchvision roi_align on CPU, backward included); noise is Gaussian plus
+    uniform as in Horama, scaled to pixels by the value range.
     """
-    b, _, side, _ = images.shape
-    k, dev = cfg.crops, images.device
-    boxes = torch.cat([_boxes(g, k, side, cfg.crop_range, dev) for g in gens])
-    index = torch.arange(b, device=dev, dtype=boxes.dtype).repeat_interleave(k)[:, None]
-    crops = roi_align(images, torch.cat([index, boxes], 1), output_size=input_size, sampling_ratio=2, aligned=True)
+    b, k, dev, size = images.shape[0], cfg.crops, images.device, input_size
+    crop = torch.stack([_crop_params(g, k, cfg.crop_range, dev) for g in gens]).to(images.dtype)
+    theta = torch.zeros(b * k, 2, 3, device=dev, dtype=images.dtype)
+    theta[:, 0, 0] = theta[:, 1, 1] = crop[..., 0].flatten()
+    theta[:, :, 2] = 2 * crop[..., 1:].reshape(-1, 2) - 1
+    grid = F.affine_grid(theta, [b * k, 3, size, size], align_corners=False)
+    crops = F.grid_sample(images, grid.view(b, k * size, size, 2), mode="bilinear", align_corners=False)
+    crops = crops.view(b, 3, k, size, size).transpose(1, 2).reshape(b * k, 3, size, size)
     if cfg.noise > 0:
         scale = cfg.noise / (cfg.value_range[1] - cfg.value_range[0])
         shape = (k, *crops.shape[1:])
@@ -318,6 +320,8 @@ def _render_chunk(
         obj = objective(acts, dirs, cfg.objective, cfg.cossim_power).view(b, cfg.crops).mean(1)
         # Concepts are independent: d(sum)/d(phase_b) only involves concept b.
         g_phase, g_image = torch.autograd.grad(-obj.sum(), [phase, image])
+        # Per-concept unit gradient: NAdam then never locks up after a spike (see module doc).
+        g_phase = g_phase / (g_phase.flatten(1).norm(dim=1).view(-1, 1, 1, 1) + 1e-12)
         phase.grad = g_phase
         opt.step()
         grad_sum += g_image.abs().sum(1, keepdim=True)
@@ -349,11 +353,14 @@ def render_concepts(
     if len(seeds) != directions.shape[0]:
         raise ValueError(f"need one seed per concept: {len(seeds)} seeds for {directions.shape[0]} concepts")
     dev = torch.device(device) if device is not None else _model_device(g)
-    mag = fit_magnitude(magnitude, cfg.image_size).to(dev)
     parts = []
-    for i in range(0, directions.shape[0], cfg.batch_size):
-        j = i + cfg.batch_size
-        parts.append(_render_chunk(g, directions[i:j].to(dev), cfg, mag, seeds[i:j], input_size, dev))
+    # Callers may hold inference_mode/no_grad (a GPU worker does): optimization needs autograd.
+    with torch.inference_mode(False), torch.enable_grad():
+        mag = fit_magnitude(magnitude, cfg.image_size).to(dev).clone()
+        directions = directions.to(dev).clone()
+        for i in range(0, directions.shape[0], cfg.batch_size):
+            j = i + cfg.batch_size
+            parts.append(_render_chunk(g, directions[i:j], cfg, mag, seeds[i:j], input_size, dev))
     return MacoResult(
         images=torch.cat([p.images for p in parts]),
         alpha=torch.cat([p.alpha for p in parts]),

@@ -17,7 +17,8 @@ import pickle
 import re
 import zipfile
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -111,10 +112,11 @@ def _from_factory(arch: str, num_classes: int) -> nn.Module:
 
 # ---- checkpoints ---------------------------------------------------------------------------
 
-def _read_bytes(url: str, storage_options: dict[str, Any] | None) -> bytes:
+@contextmanager
+def _reading(url: str) -> Iterator[None]:
+    """Turn storage errors into a CheckpointError naming the URL (never the credentials)."""
     try:
-        fs, path = filesystem(url, storage_options)
-        return fs.cat_file(path)
+        yield
     except FileNotFoundError:
         raise CheckpointError(f"checkpoint not found: {url}") from None
     except PermissionError as err:
@@ -123,13 +125,28 @@ def _read_bytes(url: str, storage_options: dict[str, Any] | None) -> bytes:
         raise CheckpointError(f"cannot read checkpoint {url}: {type(err).__name__}: {err}") from None
 
 
+def _read_bytes(url: str, storage_options: dict[str, Any] | None) -> bytes:
+    with _reading(url):
+        fs, path = filesystem(url, storage_options)
+        return fs.cat_file(path)
+
+
 def checkpoint_digest(url: str, storage_options: dict[str, Any] | None = None) -> str:
-    """sha256 hex of the checkpoint's bytes (the run id depends on it)."""
-    return hashlib.sha256(_read_bytes(url, storage_options)).hexdigest()
+    """sha256 hex of the checkpoint's bytes (the run id depends on it), streamed in 8 MiB blocks."""
+    digest = hashlib.sha256()
+    with _reading(url):
+        fs, path = filesystem(url, storage_options)
+        with fs.open(path, "rb") as f:
+            while block := f.read(8 << 20):
+                digest.update(block)
+    return digest.hexdigest()
 
 
 def _is_safetensors(data: bytes, url: str) -> bool:
-    return url.lower().endswith(".safetensors") or (len(data) > 9 and data[8:9] == b"{")
+    """By suffix, or by content: an 8-byte little-endian header length, then a JSON header."""
+    if url.lower().endswith(".safetensors"):
+        return True
+    return len(data) > 9 and data[8:9] == b"{" and int.from_bytes(data[:8], "little") < len(data)
 
 
 def _unpickle(data: bytes, url: str) -> Any:
@@ -347,8 +364,15 @@ def split_model(model: nn.Module, layer: str, model_cfg: ModelConfig) -> SplitMo
     x = torch.rand(2, 3, model_cfg.input_size, model_cfg.input_size, generator=gen).to(device, dtype)
     with torch.no_grad():
         ref = model(norm(x))
-        acts = g(x)
-        out = h(acts)
+        try:
+            acts = g(x)
+            out = h(acts)
+        except RuntimeError as err:
+            raise ModelError(
+                f"split of {type(model).__name__} at {layer!r} fails on a test batch "
+                f"({str(err)[:200]}): its forward is not a plain sequence of its children; give "
+                "the model a lens_split(layer) -> (g, h) method or pick another layer"
+            ) from None
     _verify(ref, out, f"split of {type(model).__name__} at {layer!r}")
     spatial = acts.ndim == 4
     head = None

@@ -28,7 +28,13 @@ from lens_core.config import AtlasConfig, compute_run_id
 from lens_core.data import ClassInfo, list_classes, list_images, read_image, sample_images
 from lens_core.device import pick_device
 from lens_core.factorize import nmf, project_nnls
-from lens_core.importance import concept_sobol, deletion_curve, logit_contributions, logit_share
+from lens_core.importance import (
+    concept_sobol,
+    deletion_curve,
+    logit_contributions,
+    logit_share,
+    random_deletion_baseline,
+)
 from lens_core.models import SplitModel, checkpoint_digest, load_split_model
 from lens_core.status import write_status
 from lens_core.store import RunStore, join_url, normalize_url
@@ -272,8 +278,10 @@ def stage_importance(info: RunInfo, slug: str, device: str | None = None) -> dic
     k = W.shape[0]
     imp = cfg.importance
     class_acts = _class_acts(acts, imp.images)
-    sobol = concept_sobol(split.h, class_acts, W, cls.index, n_designs=imp.n_designs,
-                          sampler=imp.sampler, batch_size=imp.batch_size, seed=cfg.concepts.seed, device=dev)
+    class_U = project_nnls(class_acts.permute(0, 2, 3, 1).reshape(-1, W.shape[1]) if class_acts.ndim == 4
+                           else class_acts, W, device=dev)
+    sobol = concept_sobol(split.h, class_acts, W, cls.index, n_designs=imp.n_designs, sampler=imp.sampler,
+                          batch_size=imp.batch_size, seed=cfg.concepts.seed, device=dev, U=class_U)
     out: dict[str, np.ndarray] = {"sobol": np.asarray(sobol, dtype=np.float32)}
     attrs: dict[str, Any] = {}
     image_A = acts["image_A"][:]
@@ -283,7 +291,8 @@ def stage_importance(info: RunInfo, slug: str, device: str | None = None) -> dic
         weight, bias = (t.detach().cpu().numpy() for t in split.head)
         A = acts["A"][:]
         contrib = logit_contributions(U, W, A, weight, bias, cls.index)
-        share = logit_share(contrib, acts["patch_pred"][:] == cls.index)
+        share = logit_share(contrib["contributions"], acts["patch_pred"][:] == cls.index,
+                            contrib["residual"], contrib["bias"])
         out["logit_share"] = np.asarray(share.concepts, dtype=np.float32)
         attrs.update(share_residual=float(share.residual), share_bias=float(share.bias),
                      predicted_patches=int(share.n_points))
@@ -304,12 +313,12 @@ def stage_importance(info: RunInfo, slug: str, device: str | None = None) -> dic
     top = image_importance.argmax(1) if len(image_importance) else np.zeros(0, int)
     n_top = np.bincount(top, minlength=k).astype(np.int32)
     out["n_top_images"] = n_top
-    curve, auc = deletion_curve(split.h, class_acts, W, cls.index, order, device=dev)
-    rng = np.random.default_rng(cfg.concepts.seed)
-    random_curves = [deletion_curve(split.h, class_acts, W, cls.index, rng.permutation(k), device=dev) for _ in range(3)]
+    curve, auc = deletion_curve(split.h, class_acts, class_U, W, cls.index, order, device=dev)
+    random_curve, random_auc = random_deletion_baseline(split.h, class_acts, class_U, W, cls.index,
+                                                        seed=cfg.concepts.seed, device=dev)
     out["deletion"] = np.asarray(curve, dtype=np.float32)
-    out["deletion_random"] = np.mean([c for c, _ in random_curves], axis=0).astype(np.float32)
-    attrs.update(deletion_auc=float(auc), deletion_random_auc=float(np.mean([a for _, a in random_curves])),
+    out["deletion_random"] = np.asarray(random_curve, dtype=np.float32)
+    attrs.update(deletion_auc=float(auc), deletion_random_auc=float(random_auc),
                  important_min_images=imp.important_min_images, assigned_images=len(assigned))
     group = store.group(path, fresh=True)
     for name, arr in out.items():
@@ -338,7 +347,7 @@ def stage_crops(info: RunInfo, slug: str, device: str | None = None) -> dict[str
     size = int(acts.attrs["image_size"])
     ext = "webp" if cfg.crops.format == "webp" else "jpg"
     picks = {c: crops_mod.top_patches(U, patches[:, 0], c, cfg.crops.per_concept, cfg.crops.one_per_image)
-             for c in range(U.shape[0])}
+             for c in range(U.shape[1])}
     thumbs_for = [int(p) for p in imp["image_positions"][:200]]
     attribution_for = list(range(min(cfg.crops.attribution_images, len(urls))))
     needed = sorted({int(patches[i, 0]) for ids in picks.values() for i in ids} | set(thumbs_for) | set(attribution_for))

@@ -88,7 +88,7 @@ class S3Server:
             return self.log_path.read_text(errors="replace")[-8000:]
         return ""
 
-    def stop(self, grace: float = 5.0) -> None:
+    def stop(self, grace: float = 3.0) -> None:
         """SIGTERM the server's process group and wait; SIGKILL after `grace` seconds.
 
         The filer's gRPC graceful stop waits a fixed 15 s for the S3 gateway's stream; test data
@@ -128,11 +128,13 @@ def _launch(weed: str, workdir: Path, key: str, secret: str, timeout: float) -> 
     config = workdir / "s3.json"
     identity = {"name": "lens-test", "credentials": [{"accessKey": key, "secretKey": secret}], "actions": ACTIONS}
     config.write_text(json.dumps({"identities": [identity]}))
+    # weed reads master.toml from its cwd: one volume per new bucket (collection), not seven
+    (workdir / "master.toml").write_text("[master.volume_growth]\ncopy_1 = 1\ncopy_2 = 2\ncopy_3 = 3\ncopy_other = 1\n")
     (master, master_g, volume, volume_g, filer, filer_g, s3, s3_g) = _free_ports(8)
     args = [
         weed, f"-logdir={logs}", "server", f"-dir={data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
         f"-master.port={master}", f"-master.port.grpc={master_g}", "-master.telemetry=false",
-        "-master.volumeSizeLimitMB=64", "-volume.max=20", "-volume.preStopSeconds=0",
+        "-master.volumeSizeLimitMB=64", "-volume.max=2000", "-volume.preStopSeconds=0",
         f"-volume.port={volume}", f"-volume.port.grpc={volume_g}",
         "-filer", f"-filer.port={filer}", f"-filer.port.grpc={filer_g}",
         f"-filer.localSocket={workdir}/filer.sock",

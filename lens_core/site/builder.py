@@ -71,7 +71,10 @@ def iter_class_files(data: dict, max_concepts: int = 10) -> Iterator[tuple[str, 
     known = {c["slug"] for c in data["classes"]}
     for i, cls in enumerate(data["classes"]):
         yield f"data/{cls['slug']}.json", render.class_json(data, i)
-        yield f"classes/{cls['slug']}/index.html", render.render_class(data, i, known, max_concepts).encode()
+        yield (
+            f"classes/{cls['slug']}/index.html",
+            render.render_class(data, i, known, max_concepts).encode(),
+        )
 
 
 def build_site(
@@ -111,11 +114,13 @@ def build_site(
     t = time.perf_counter()
     listing = render.class_list(data)
     classes_json = json.dumps(listing, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
-    out.write_many([
-        ("method.html", render.render_method(data).encode()),
-        ("data/classes.json", classes_json.encode()),
-        ("data/classes.js", f"window.LENS_CLASSES={render.json_for_html(listing)};\n".encode()),
-    ])  # fmt: skip
+    out.write_many(
+        [
+            ("method.html", render.render_method(data).encode()),
+            ("data/classes.json", classes_json.encode()),
+            ("data/classes.js", f"window.LENS_CLASSES={render.json_for_html(listing)};\n".encode()),
+        ]
+    )
     index = render.render_index(data).encode()
     out.write_many([("index.html", index)])
     seconds["index"] = time.perf_counter() - t
@@ -124,10 +129,17 @@ def build_site(
     provided = set(assets)
     missing = sorted({p for c in data["classes"] for p in referenced_paths(c)} - provided)
     return {
-        "url": url, "index_url": join_url(url, "index.html"),
-        "classes": len(data["classes"]), "failed": sum(c["status"] == "failed" for c in data["classes"]),
+        "url": url,
+        "index_url": join_url(url, "index.html"),
+        "classes": len(data["classes"]),
+        "failed": sum(c["status"] == "failed" for c in data["classes"]),
         "concepts": sum(len(c["concepts"]) for c in data["classes"] if c["status"] == "ok"),
-        "files": len(out.order), "bytes": out.bytes, "max_class_page_bytes": max_page,
-        "index_bytes": len(index), "missing_assets": missing[:20], "n_missing_assets": len(missing),
-        "written": out.order, "seconds": seconds,
-    }  # fmt: skip
+        "files": len(out.order),
+        "bytes": out.bytes,
+        "max_class_page_bytes": max_page,
+        "index_bytes": len(index),
+        "missing_assets": missing[:20],
+        "n_missing_assets": len(missing),
+        "written": out.order,
+        "seconds": seconds,
+    }

@@ -24,8 +24,15 @@ def _scaler(values: Sequence[float], lo: float, hi: float):
     return lambda v: lo + (v - vmin) / span * (hi - lo)
 
 
-def cluster_chart(points: list[dict], colour: dict[int, int], prefix: str, width: int = 480, height: int = 300, pad: int = 10) -> dict:
-    """Scatter grouped by concept colour; `images` follows the circles' document order.
+def cluster_chart(
+    points: list[dict],
+    colour: dict[int, int],
+    prefix: str,
+    width: int = 480,
+    height: int = 300,
+    pad: int = 10,
+) -> dict:
+    """Scatter grouped by concept colour; `images` follows the dots' order in the paths.
 
     Image paths share their folder as `base` (with the page's relative `prefix`) to keep pages small.
     """
@@ -37,24 +44,40 @@ def cluster_chart(points: list[dict], colour: dict[int, int], prefix: str, width
         k = colour.get(p["concept"], OTHER) if p["concept"] is not None else OTHER
         key = str(k)
         if key not in groups:
-            groups[key] = {"k": key, "concept": p["concept"] if k != OTHER else None, "circles": [], "points": []}
+            groups[key] = {
+                "k": key,
+                "concept": p["concept"] if k != OTHER else None,
+                "circles": [],
+                "points": [],
+            }
             order.append(groups[key])
         groups[key]["circles"].append((_f(sx(p["x"])), _f(sy(p["y"]))))
         groups[key]["points"].append(p)
     order.sort(key=lambda g: (g["k"] == OTHER, int(g["k"]) if g["k"] != OTHER else 0))
+    for g in order:  # one path per colour, a round zero-length segment per dot: ~14 bytes a point
+        g["d"] = "".join(f"M{x} {y}h0" for x, y in g.pop("circles"))
     flat = [p for g in order for p in g.pop("points")]
     paths = [p["image"] or "" for p in flat]
     dirs = {posixpath.dirname(p) for p in paths if p}
     base = dirs.pop() + "/" if len(dirs) == 1 else ""
-    images = [p[len(base):] if p else "" for p in paths]
+    images = [p[len(base) :] if p else "" for p in paths]
     concepts = [p["concept"] for p in flat]
     return {
-        "width": width, "height": height, "groups": order,
+        "width": width,
+        "height": height,
+        "groups": order,
         "data": {"base": prefix + base, "images": images, "concepts": concepts},
-    }  # fmt: skip
+    }
 
 
-def layout_chart(layout: list[dict], shares: dict[int, float | None], colour: dict[int, int], width: int = 320, height: int = 240, pad: int = 28) -> list[dict]:
+def layout_chart(
+    layout: list[dict],
+    shares: dict[int, float | None],
+    colour: dict[int, int],
+    width: int = 320,
+    height: int = 240,
+    pad: int = 28,
+) -> list[dict]:
     """Concept-similarity map: one node per concept, radius by logit share, same colours as above."""
     sx = _scaler([p["x"] for p in layout], pad, width - pad)
     sy = _scaler([p["y"] for p in layout], height - pad, pad)
@@ -62,15 +85,26 @@ def layout_chart(layout: list[dict], shares: dict[int, float | None], colour: di
     nodes = []
     for p in layout:
         share = shares.get(p["concept"]) or 0.0
-        nodes.append({
-            "concept": p["concept"], "x": _f(sx(p["x"])), "y": _f(sy(p["y"])),
-            "r": _f(6 + 16 * (share / top) ** 0.5), "k": colour.get(p["concept"], OTHER),
-            "in_top": p["concept"] in colour,
-        })  # fmt: skip
+        nodes.append(
+            {
+                "concept": p["concept"],
+                "x": _f(sx(p["x"])),
+                "y": _f(sy(p["y"])),
+                "r": _f(6 + 16 * (share / top) ** 0.5),
+                "k": colour.get(p["concept"], OTHER),
+                "in_top": p["concept"] in colour,
+            }
+        )
     return nodes
 
 
-def line_chart(curve: list[float], random_curve: list[float], width: int = 360, height: int = 200, pad: int = 30) -> dict:
+def line_chart(
+    curve: list[float],
+    random_curve: list[float],
+    width: int = 360,
+    height: int = 200,
+    pad: int = 30,
+) -> dict:
     """Deletion curves as SVG polyline point lists on a shared y-scale (x = fraction deleted)."""
     values = list(curve) + list(random_curve)
     lo, hi = (min(values), max(values)) if values else (0.0, 1.0)
@@ -85,6 +119,13 @@ def line_chart(curve: list[float], random_curve: list[float], width: int = 360, 
         )
 
     return {
-        "width": width, "height": height, "pad": pad, "curve": pts(curve), "random": pts(random_curve),
-        "lo": f"{lo:.2g}", "hi": f"{hi:.2g}", "x1": width - pad, "y1": height - pad,
-    }  # fmt: skip
+        "width": width,
+        "height": height,
+        "pad": pad,
+        "curve": pts(curve),
+        "random": pts(random_curve),
+        "lo": f"{lo:.2g}",
+        "hi": f"{hi:.2g}",
+        "x1": width - pad,
+        "y1": height - pad,
+    }

@@ -15,17 +15,23 @@ from markupsafe import Markup
 from .charts import PALETTE_SIZE, cluster_chart, layout_chart, line_chart
 
 HERE = Path(__file__).parent
-STATIC_FILES = {"assets/lens.css": "lens.css", "assets/lens.js": "lens.js", "assets/favicon.svg": "favicon.svg"}
+STATIC_FILES = {
+    "assets/lens.css": "lens.css",
+    "assets/lens.js": "lens.js",
+    "assets/favicon.svg": "favicon.svg",
+}
 STRIP = 6  # crops shown before "all crops" is clicked
 CLASS_PREFIX = "../../"
 
-_JS_ESCAPES = {"<": "\\u003c", ">": "\\u003e", "&": "\\u0026", "\u2028": "\\u2028", "\u2029": "\\u2029"}
+_JS_ESCAPES = str.maketrans(
+    {"<": "\\u003c", ">": "\\u003e", "&": "\\u0026", "\u2028": "\\u2028", "\u2029": "\\u2029"}
+)
 
 
 def json_for_html(obj: Any) -> str:
     """Compact JSON safe inside <script> (no '</script>', '<!--', '&' or line separators)."""
     text = json.dumps(obj, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
-    return "".join(_JS_ESCAPES.get(ch, ch) for ch in text)
+    return text.translate(_JS_ESCAPES)
 
 
 def pct(value: float | None) -> str:
@@ -37,8 +43,8 @@ def num(value: float | None, digits: int = 2) -> str:
 
 
 def search_key(cls: dict) -> str:
-    """Lowercase, accent-free name + synonyms + id: what the index search matches against."""
-    text = " ".join([cls["name"], *cls["synonyms"], cls["id"], cls["slug"]]).lower()
+    """Lowercase name + synonyms + id (plus an accent-free copy): what the index search matches."""
+    text = " ".join([cls["name"], *cls["synonyms"], cls["id"]]).lower()
     plain = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode()
     return text if plain == text else f"{plain} {text}"
 
@@ -46,9 +52,12 @@ def search_key(cls: dict) -> str:
 @lru_cache(maxsize=1)
 def environment() -> Environment:
     env = Environment(
-        loader=FileSystemLoader(HERE / "templates"), autoescape=True, trim_blocks=True,
-        lstrip_blocks=True, undefined=StrictUndefined,
-    )  # fmt: skip
+        loader=FileSystemLoader(HERE / "templates"),
+        autoescape=True,
+        trim_blocks=True,
+        lstrip_blocks=True,
+        undefined=StrictUndefined,
+    )
     env.filters.update(pct=pct, num=num, json_html=lambda o: Markup(json_for_html(o)))
     return env
 
@@ -79,28 +88,47 @@ def class_list(data: dict) -> list[dict]:
     out = []
     for c in data["classes"]:
         top = c["concepts"][0] if c["concepts"] else None
-        out.append({
-            "index": c["index"], "id": c["id"], "slug": c["slug"], "name": c["name"],
-            "synonyms": c["synonyms"], "status": c["status"], "thumb": thumb(c),
-            "viz": top["viz"] if top else None, "top_concept": top["id"] if top else None,
-            "top_share": top["logit_share"] if top else None, "n_concepts": len(c["concepts"]),
-        })  # fmt: skip
+        out.append(
+            {
+                "index": c["index"],
+                "id": c["id"],
+                "slug": c["slug"],
+                "name": c["name"],
+                "synonyms": c["synonyms"],
+                "status": c["status"],
+                "thumb": thumb(c),
+                "viz": top["viz"] if top else None,
+                "top_concept": top["id"] if top else None,
+                "top_share": top["logit_share"] if top else None,
+                "n_concepts": len(c["concepts"]),
+            }
+        )
     return out
 
 
 def _page(template: str, data: dict, r: str, **ctx: Any) -> str:
-    return environment().get_template(template).render(run=data["run"], r=r, v=static_version(), **ctx)
+    return (
+        environment().get_template(template).render(run=data["run"], r=r, v=static_version(), **ctx)
+    )
 
 
 def render_index(data: dict) -> str:
     classes = data["classes"]
     cards = [
-        {"slug": c["slug"], "name": c["name"], "q": search_key(c), "thumb": thumb(c), "failed": c["status"] == "failed"}
+        {
+            "slug": c["slug"],
+            "name": c["name"],
+            "q": search_key(c),
+            "thumb": thumb(c),
+            "failed": c["status"] == "failed",
+        }
         for c in classes
     ]
     n_failed = sum(c["status"] == "failed" for c in classes)
     n_concepts = sum(len(c["concepts"]) for c in classes if c["status"] == "ok")
-    return _page("index.html", data, "", slug=None, cards=cards, n_failed=n_failed, n_concepts=n_concepts)
+    return _page(
+        "index.html", data, "", slug=None, cards=cards, n_failed=n_failed, n_concepts=n_concepts
+    )
 
 
 def render_method(data: dict) -> str:
@@ -117,15 +145,33 @@ def render_class(data: dict, i: int, known: set[str], max_concepts: int = 10) ->
     shares = {c["id"]: c["logit_share"] for c in cls["concepts"]}
     fid = cls["fidelity"]
     ctx = {
-        "slug": cls["slug"], "c": cls, "top": top, "colour": colour, "known": known, "strip": STRIP,
-        "prev": classes[i - 1] if i > 0 else None, "next": classes[i + 1] if i + 1 < len(classes) else None,
-        "cluster": cluster_chart(cls["cluster"]["points"], colour, CLASS_PREFIX) if cls["cluster"]["points"] else None,
-        "layout": layout_chart(cls["concept_layout"], shares, colour) if cls["concept_layout"] else None,
-        "fidelity": fid, "fid_chart": line_chart(fid["curve"], fid["random_curve"]) if fid and fid["curve"] else None,
-    }  # fmt: skip
+        "slug": cls["slug"],
+        "c": cls,
+        "top": top,
+        "colour": colour,
+        "known": known,
+        "strip": STRIP,
+        "prev": classes[i - 1] if i > 0 else None,
+        "next": classes[i + 1] if i + 1 < len(classes) else None,
+        "cluster": cluster_chart(cls["cluster"]["points"], colour, CLASS_PREFIX)
+        if cls["cluster"]["points"]
+        else None,
+        "layout": layout_chart(cls["concept_layout"], shares, colour)
+        if cls["concept_layout"]
+        else None,
+        "fidelity": fid,
+        "fid_chart": line_chart(fid["curve"], fid["random_curve"])
+        if fid and fid["curve"]
+        else None,
+    }
     return _page("class.html", data, CLASS_PREFIX, **ctx)
 
 
 def class_json(data: dict, i: int) -> bytes:
     """data/<slug>.json: the normalized class entry (concepts sorted by importance) + run id."""
-    return json.dumps({"run_id": data["run"]["run_id"], **data["classes"][i]}, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode()
+    return json.dumps(
+        {"run_id": data["run"]["run_id"], **data["classes"][i]},
+        ensure_ascii=False,
+        separators=(",", ":"),
+        allow_nan=False,
+    ).encode()

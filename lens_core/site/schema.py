@@ -6,6 +6,7 @@ Everything is checked before anything is written, so a bad class never leaves ha
 from __future__ import annotations
 
 import math
+import numbers
 import re
 from typing import Any
 
@@ -13,6 +14,7 @@ SLUG_RE = re.compile(r"^[a-z0-9]+(?:-[a-z0-9]+)*$")
 PATH_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]*(?:/[A-Za-z0-9_][A-Za-z0-9._-]*)*$")
 MAX_SLUG = 120
 STATIC = ("assets/lens.css", "assets/lens.js", "assets/favicon.svg")
+SECRET_RE = re.compile(r"secret|passw|token|credential|(^|_)key($|_)|access_key", re.IGNORECASE)
 RUN_FIELDS = ("model", "checkpoint_digest", "layer", "data_url", "created")
 
 
@@ -43,10 +45,10 @@ def check_asset_path(path: Any) -> str:
 
 
 def _num(value: Any, where: str, default: float | None = None) -> float | None:
-    """A finite float, or None for missing/NaN/inf (JSON has no NaN)."""
+    """A finite float (numpy scalars too), or `default` for missing/NaN/inf (JSON has no NaN)."""
     if value is None:
         return default
-    if isinstance(value, bool) or not isinstance(value, int | float):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise SiteError(f"{where}: expected a number, got {value!r}")
     value = float(value)
     return value if math.isfinite(value) else default
@@ -55,9 +57,9 @@ def _num(value: Any, where: str, default: float | None = None) -> float | None:
 def _int(value: Any, where: str, required: bool = False) -> int | None:
     if value is None and not required:
         return None
-    if isinstance(value, bool) or not isinstance(value, int):
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise SiteError(f"{where}: expected an integer, got {value!r}")
-    return value
+    return int(value)
 
 
 def _str(value: Any, where: str, required: bool = False) -> str:
@@ -80,9 +82,32 @@ def _list(value: Any, where: str) -> list:
     return list(value)
 
 
+def _obj(value: Any, where: str) -> dict:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise SiteError(f"{where}: expected an object, got {type(value).__name__}")
+    return value
+
+
+def _objs(value: Any, where: str) -> list[dict]:
+    return [_obj(v, f"{where}[{i}]") for i, v in enumerate(_list(value, where))]
+
+
+def redact(config: Any) -> Any:
+    """Config with secret-looking values replaced by '***' (a safety net: upstream redacts too)."""
+    if isinstance(config, dict):
+        return {
+            k: "***" if SECRET_RE.search(str(k)) and v not in (None, "") else redact(v)
+            for k, v in config.items()
+        }
+    if isinstance(config, list | tuple):
+        return [redact(v) for v in config]
+    return config
+
+
 def _concept(c: Any, where: str) -> dict:
-    if not isinstance(c, dict):
-        raise SiteError(f"{where}: expected an object")
+    c = _obj(c, where)
     share = _num(c.get("logit_share"), f"{where}.logit_share")
     return {
         "id": _int(c.get("id"), f"{where}.id", required=True),
@@ -101,7 +126,7 @@ def _concept(c: Any, where: str) -> dict:
                 "concept": _int(s.get("concept"), f"{where}.similar.concept"),
                 "similarity": _num(s.get("similarity"), f"{where}.similar.similarity"),
             }
-            for s in _list(c.get("similar"), f"{where}.similar")
+            for s in _objs(c.get("similar"), f"{where}.similar")
         ],
         "aligned_classes": [
             {
@@ -109,26 +134,32 @@ def _concept(c: Any, where: str) -> dict:
                 "name": _str(a.get("name"), f"{where}.aligned_classes.name"),
                 "score": _num(a.get("score"), f"{where}.aligned_classes.score"),
             }
-            for a in _list(c.get("aligned_classes"), f"{where}.aligned_classes")
+            for a in _objs(c.get("aligned_classes"), f"{where}.aligned_classes")
         ],
     }
 
 
 def _importance_key(c: dict) -> tuple:
     share = c["logit_share"]
-    return (-(share if share is not None else -math.inf), c["rank"] if c["rank"] is not None else 1 << 30, c["id"])
+    return (
+        -(share if share is not None else -math.inf),
+        c["rank"] if c["rank"] is not None else 1 << 30,
+        c["id"],
+    )
 
 
 def _class(e: Any, i: int) -> dict:
     where = f"classes[{i}]"
-    if not isinstance(e, dict):
-        raise SiteError(f"{where}: expected an object")
+    e = _obj(e, where)
     status = e.get("status", "ok")
     if status not in ("ok", "failed"):
         raise SiteError(f"{where}.status: expected 'ok' or 'failed', got {status!r}")
-    concepts = [_concept(c, f"{where}.concepts[{j}]") for j, c in enumerate(_list(e.get("concepts"), f"{where}.concepts"))]
+    concepts = [
+        _concept(c, f"{where}.concepts[{j}]")
+        for j, c in enumerate(_list(e.get("concepts"), f"{where}.concepts"))
+    ]
     concepts.sort(key=_importance_key)
-    cluster = e.get("cluster") or {}
+    cluster = _obj(e.get("cluster"), f"{where}.cluster")
     points = [
         {
             "x": _num(p.get("x"), f"{where}.cluster.x", 0.0),
@@ -136,7 +167,7 @@ def _class(e: Any, i: int) -> dict:
             "concept": _int(p.get("concept"), f"{where}.cluster.concept"),
             "image": _opt_path(p.get("image"), f"{where}.cluster.image"),
         }
-        for p in _list(cluster.get("points"), f"{where}.cluster.points")
+        for p in _objs(cluster.get("points"), f"{where}.cluster.points")
     ]
     layout = [
         {
@@ -144,7 +175,7 @@ def _class(e: Any, i: int) -> dict:
             "x": _num(p.get("x"), f"{where}.concept_layout.x", 0.0),
             "y": _num(p.get("y"), f"{where}.concept_layout.y", 0.0),
         }
-        for p in _list(e.get("concept_layout"), f"{where}.concept_layout")
+        for p in _objs(e.get("concept_layout"), f"{where}.concept_layout")
     ]
     attributions = [
         {
@@ -152,13 +183,16 @@ def _class(e: Any, i: int) -> dict:
             "heatmap": _opt_path(a.get("heatmap"), f"{where}.attributions.heatmap"),
             "caption": _str(a.get("caption"), f"{where}.attributions.caption"),
         }
-        for a in _list(e.get("attributions"), f"{where}.attributions")
+        for a in _objs(e.get("attributions"), f"{where}.attributions")
     ]
-    fid = e.get("fidelity") or None
+    fid = _obj(e.get("fidelity"), f"{where}.fidelity")
     fidelity = None
     if fid:
         fidelity = {
-            "curve": [_num(v, f"{where}.fidelity.curve", 0.0) for v in _list(fid.get("curve"), f"{where}.fidelity.curve")],
+            "curve": [
+                _num(v, f"{where}.fidelity.curve", 0.0)
+                for v in _list(fid.get("curve"), f"{where}.fidelity.curve")
+            ],
             "random_curve": [
                 _num(v, f"{where}.fidelity.random_curve", 0.0)
                 for v in _list(fid.get("random_curve"), f"{where}.fidelity.random_curve")
@@ -171,7 +205,10 @@ def _class(e: Any, i: int) -> dict:
         "id": _str(e.get("id"), f"{where}.id"),
         "name": _str(e.get("name"), f"{where}.name", required=True),
         "slug": check_slug(e.get("slug"), f"{where}.slug"),
-        "synonyms": [_str(s, f"{where}.synonyms", required=True) for s in _list(e.get("synonyms"), f"{where}.synonyms")],
+        "synonyms": [
+            _str(s, f"{where}.synonyms", required=True)
+            for s in _list(e.get("synonyms"), f"{where}.synonyms")
+        ],
         "status": status,
         "error": _str(e.get("error"), f"{where}.error") or None,
         "n_images": _int(e.get("n_images"), f"{where}.n_images"),
@@ -194,10 +231,7 @@ def _run(run: Any) -> dict:
         out[key] = "" if value is None else str(value)
     out["n_concepts"] = _int(run.get("n_concepts"), "run.n_concepts")
     out["title"] = _str(run.get("title"), "run.title") or "LENS atlas"
-    config = run.get("config") or {}
-    if not isinstance(config, dict):
-        raise SiteError("run.config: expected an object")
-    out["config"] = config
+    out["config"] = redact(_obj(run.get("config"), "run.config"))
     return out
 
 

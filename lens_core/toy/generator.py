@@ -223,7 +223,8 @@ def _smooth_noise(rng: np.random.Generator, size: int, cells: int, amp: float) -
     m = np.zeros((size, cells + 1), dtype=np.float32)
     m[np.arange(size), lo] = 1 - w
     m[np.arange(size), lo + 1] += w
-    return np.einsum("yi,ijc,xj->yxc", m, coarse, m)
+    rows = np.tensordot(m, coarse, axes=(1, 0))  # (size, cells + 1, 3)
+    return np.tensordot(rows, m, axes=(1, 1)).transpose(0, 2, 1)
 
 
 def _layout(rng: np.random.Generator, sizes: list[int], size: int) -> list[tuple[int, int, int]]:

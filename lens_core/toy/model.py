@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from torch import nn
 
-WIDTHS = (32, 64, 96, 128)
+WIDTHS = (24, 48, 96, 128)
 
 
 def _conv(c_in: int, c_out: int, stride: int = 1) -> list[nn.Module]:
@@ -25,7 +25,7 @@ class ToyCNN(nn.Sequential):
     def __init__(self, num_classes: int = 10, widths: tuple[int, int, int, int] = WIDTHS):
         w1, w2, w3, w4 = widths
         super().__init__()
-        self.block1 = nn.Sequential(*_conv(3, w1), *_conv(w1, w1, stride=2))
+        self.block1 = nn.Sequential(*_conv(3, w1, stride=2))
         self.block2 = nn.Sequential(*_conv(w1, w2, stride=2), *_conv(w2, w2))
         self.block3 = nn.Sequential(*_conv(w2, w3, stride=2), *_conv(w3, w3))
         self.block4 = nn.Sequential(*_conv(w3, w4))

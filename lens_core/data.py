@@ -1,0 +1,336 @@
+"""Classes and images from an image-folder layout at any fsspec URL, safe decoding, CRAFT patches.
+
+Layout: ``<root>/<class dir>/**/*.jpg|jpeg|png|webp``; label index = position of the class dir in
+sorted order (torchvision ImageFolder). Unreadable images are skipped and reported, never fatal.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import posixpath
+import struct
+import warnings
+from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, UnidentifiedImageError
+
+from lens_core.naming import class_slug, unique_slugs
+from lens_core.store import filesystem, join_url, normalize_url
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
+MAX_PIXELS = 89_478_485  # Pillow's default Image.MAX_IMAGE_PIXELS, enforced even if that is disabled
+_READ_AHEAD = 16  # images fetched concurrently from remote stores
+
+
+class DataError(ValueError):
+    """The data set cannot be listed or is malformed; the message names the URL."""
+
+
+class ImageReadError(DataError):
+    """One image cannot be read or decoded (it is skipped); `.url` and `.reason` say which and why."""
+
+    def __init__(self, url: str, reason: str):
+        super().__init__(f"cannot read image {url}: {reason}")
+        self.url = url
+        self.reason = reason
+
+
+class EmptyClassError(DataError):
+    """A class has no (readable) image; the message names the class."""
+
+
+class DataAccessError(PermissionError):
+    """The data URL refuses these credentials; the message names the URL, never the credentials."""
+
+
+@dataclass(frozen=True)
+class ClassInfo:
+    """One class: label index, directory id, display name, URL-safe slug, synonyms (name first)."""
+
+    index: int
+    id: str
+    name: str
+    slug: str
+    synonyms: tuple[str, ...] = ()
+
+
+@dataclass
+class ReadStats:
+    """Counts of a read pass: images decoded, and (url, reason) for every skipped one."""
+
+    read: int = 0
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+    def require(self, what: str) -> None:
+        """Raise EmptyClassError naming `what` when nothing was read (call after the pass)."""
+        if self.read == 0:
+            reason = f"; {len(self.skipped)} unreadable, e.g. {self.skipped[0][1]}" if self.skipped else ""
+            raise EmptyClassError(f"class {what} has no readable image{reason}")
+
+
+# ---- listing ---------------------------------------------------------------------------------
+
+def _access(url: str, action: str, err: PermissionError) -> DataAccessError:
+    return DataAccessError(f"access denied {action} {url} (check storage credentials): {err}")
+
+
+def _entries(url: str, storage_options: dict[str, Any] | None) -> list[dict[str, Any]]:
+    fs, path = filesystem(url, storage_options)
+    try:
+        return fs.ls(path, detail=True)
+    except FileNotFoundError:
+        raise DataError(f"data URL not found: {url}") from None
+    except PermissionError as err:
+        raise _access(url, "listing", err) from None
+
+
+def read_class_names(url: str, storage_options: dict[str, Any] | None = None) -> dict[str, list[str]]:
+    """Class-name map from JSON {dir: name | [name, synonym, ...]}; "a, b" strings split on commas."""
+    fs, path = filesystem(url, storage_options)
+    try:
+        raw = json.loads(fs.cat_file(path))
+    except FileNotFoundError:
+        raise DataError(f"class-name file not found: {url}") from None
+    except PermissionError as err:
+        raise _access(url, "reading", err) from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise DataError(f"class-name file {url} is not valid JSON: {err}") from None
+    if not isinstance(raw, dict):
+        raise DataError(f"class-name file {url} must map class dirs to names")
+    out: dict[str, list[str]] = {}
+    for key, value in raw.items():
+        names = [value] if isinstance(value, str) else value
+        if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
+            raise DataError(f"class-name file {url}: entry {key!r} must be a name or a list of names")
+        parts = [p.strip() for n in names for p in n.split(",") if p.strip()]
+        out[str(key)] = list(dict.fromkeys(parts)) or [str(key)]
+    return out
+
+
+def list_classes(
+    url: str, storage_options: dict[str, Any] | None = None, class_names: str | None = None
+) -> list[ClassInfo]:
+    """Class dirs under `url` in sorted order (= label index); '.'/'_'-prefixed dirs are skipped."""
+    dirs = sorted(
+        posixpath.basename(e["name"].rstrip("/"))
+        for e in _entries(url, storage_options)
+        if e.get("type") == "directory"
+    )
+    dirs = [d for d in dirs if d and not d.startswith((".", "_"))]
+    names = read_class_names(class_names, storage_options) if class_names else {}
+    infos = []
+    for i, d in enumerate(dirs):
+        syn = names.get(d, [d])
+        infos.append((i, d, syn[0], class_slug(d, syn[0], i), tuple(syn)))
+    slugs = unique_slugs([slug for _, _, _, slug, _ in infos])
+    return [ClassInfo(i, d, n, s, syn) for (i, d, n, _, syn), s in zip(infos, slugs, strict=True)]
+
+
+def list_images(url: str, cls: ClassInfo | str, storage_options: dict[str, Any] | None = None) -> list[str]:
+    """Sorted URLs of a class's images (recursive; extensions case-insensitive; hidden files skipped)."""
+    class_url = join_url(normalize_url(url), cls.id if isinstance(cls, ClassInfo) else cls)
+    fs, path = filesystem(class_url, storage_options)
+    try:
+        found = fs.find(path)
+    except FileNotFoundError:
+        return []
+    except PermissionError as err:
+        raise _access(class_url, "listing", err) from None
+    keep = [
+        p for p in found
+        if p.lower().endswith(IMAGE_EXTENSIONS) and not posixpath.basename(p).startswith(".")
+    ]
+    return sorted(fs.unstrip_protocol(p) for p in keep)
+
+
+def require_images(cls: ClassInfo, urls: Sequence[str]) -> Sequence[str]:
+    """The class's image URLs, or EmptyClassError naming the class when there are none."""
+    if not urls:
+        raise EmptyClassError(f"class {cls.name!r} ({cls.id}) has no images")
+    return urls
+
+
+def _sample_key(url: str, seed: int) -> tuple[str, str]:
+    tail = "/".join(url.rstrip("/").split("/")[-2:])  # class dir + file: same sample on any store
+    return hashlib.sha256(f"{seed}:{tail}".encode()).hexdigest(), url
+
+
+def sample_images(urls: Iterable[str], n: int, seed: int = 0) -> list[str]:
+    """n URLs chosen by a seeded hash of class/file name: independent of listing order and store,
+    stable when images are added; returned sorted."""
+    unique = sorted(set(urls))
+    if len(unique) <= n:
+        return unique
+    return sorted(sorted(unique, key=lambda u: _sample_key(u, seed))[:n])
+
+
+# ---- decoding --------------------------------------------------------------------------------
+
+def _to_rgb_array(img: Image.Image) -> np.ndarray:
+    """float32 HxWx3 in [0, 1]: 16-bit grey scaled by 65535, alpha composited over white."""
+    mode = img.mode
+    if mode.startswith("I;16") or mode == "I":
+        grey = np.asarray(img, dtype=np.float64) / 65535.0
+        return np.repeat(np.clip(grey, 0, 1)[..., None], 3, axis=2).astype(np.float32)
+    if mode == "F":
+        grey = np.clip(np.asarray(img, dtype=np.float32) / 255.0, 0, 1)
+        return np.repeat(grey[..., None], 3, axis=2)
+    if (mode == "P" and "transparency" in img.info) or mode in ("RGBA", "LA", "La", "RGBa", "PA"):
+        rgba = np.asarray(img.convert("RGBA"), dtype=np.float32) / 255.0
+        alpha = rgba[..., 3:4]
+        return rgba[..., :3] * alpha + (1.0 - alpha)
+    return np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0
+
+
+def decode_image(data: bytes, url: str = "<bytes>") -> torch.Tensor:
+    """Image bytes -> float tensor (3, H, W) in [0, 1]; ImageReadError for anything unreadable."""
+    if not data:
+        raise ImageReadError(url, "empty file")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as probe:
+                w, h = probe.size
+                if w * h > MAX_PIXELS:
+                    raise ImageReadError(url, f"decompression bomb: {w}x{h} pixels exceeds {MAX_PIXELS}")
+                probe.verify()
+            with Image.open(io.BytesIO(data)) as img:
+                img.load()
+                array = _to_rgb_array(img)
+    except ImageReadError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        raise ImageReadError(url, f"decompression bomb: {err}") from None
+    except UnidentifiedImageError:
+        raise ImageReadError(url, "not a recognised image format") from None
+    except (OSError, SyntaxError, ValueError, EOFError, struct.error) as err:
+        raise ImageReadError(url, f"corrupt or truncated image ({type(err).__name__}: {err})") from None
+    return torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)))
+
+
+def resize_square(image: torch.Tensor, size: int) -> torch.Tensor:
+    """Resize (3, H, W) or (N, 3, H, W) to size x size (whole image, aspect not kept, as CRAFT)."""
+    from torchvision.transforms.v2 import functional as TF
+
+    if tuple(image.shape[-2:]) == (size, size):
+        return image
+    return TF.resize(image, [size, size], antialias=True).clamp_(0.0, 1.0)
+
+
+def _fetch(url: str, storage_options: dict[str, Any] | None) -> bytes:
+    fs, path = filesystem(url, storage_options)
+    return _cat(fs, path, url)
+
+
+def _cat(fs: Any, path: str, url: str) -> bytes:
+    try:
+        return fs.cat_file(path)
+    except FileNotFoundError:
+        raise ImageReadError(url, "file not found") from None
+    except PermissionError as err:
+        raise _access(url, "reading", err) from None
+    except IsADirectoryError:
+        raise ImageReadError(url, "is a directory") from None
+
+
+def read_image(url: str, storage_options: dict[str, Any] | None = None, size: int | None = None) -> torch.Tensor:
+    """One image as a float tensor (3, size, size) in [0, 1] (original size when size is None)."""
+    image = decode_image(_fetch(url, storage_options), url)
+    return image if size is None else resize_square(image, size)
+
+
+def _fetch_many(urls: Sequence[str], storage_options: dict[str, Any] | None) -> Iterator[tuple[str, bytes | ImageReadError]]:
+    """(url, bytes or the read error) in order; remote stores are read concurrently in chunks."""
+    if not urls:
+        return
+    fs, _ = filesystem(urls[0], storage_options)
+    local = "file" in fs.protocol
+    pool = None if local else ThreadPoolExecutor(max_workers=8)
+
+    def get(url: str) -> bytes | ImageReadError:
+        try:
+            return _cat(fs, fs._strip_protocol(url), url)
+        except ImageReadError as err:
+            return err
+
+    try:
+        for start in range(0, len(urls), _READ_AHEAD):
+            chunk = urls[start : start + _READ_AHEAD]
+            results = list(pool.map(get, chunk)) if pool else [get(u) for u in chunk]
+            yield from zip(chunk, results, strict=True)
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+
+def iter_images(
+    urls: Sequence[str], storage_options: dict[str, Any] | None, size: int, stats: ReadStats
+) -> Iterator[tuple[int, str, torch.Tensor]]:
+    """Yield (position in urls, url, (3,size,size) tensor), skipping unreadable images into `stats`.
+
+    Access errors (wrong credentials) are raised, not skipped. Call stats.require(name) after the
+    pass to turn "nothing readable" into EmptyClassError.
+    """
+    for pos, (url, data) in enumerate(_fetch_many(list(urls), storage_options)):
+        try:
+            if isinstance(data, ImageReadError):
+                raise data
+            image = resize_square(decode_image(data, url), size)
+        except ImageReadError as err:
+            log.warning("skipping unreadable image %s: %s", url, err.reason)
+            stats.skipped.append((url, err.reason))
+            continue
+        stats.read += 1
+        yield pos, url, image
+
+
+# ---- patches ---------------------------------------------------------------------------------
+
+def patch_boxes(image_size: int, fraction: float, grid: int) -> np.ndarray:
+    """int64 (grid*grid, 4) boxes [x0, y0, x1, y1], row-major, of side round(fraction*image_size).
+
+    Stride is CRAFT's int(0.8 * side) (224 px, 64 px patches: 0, 51, 102, 153), shrunk when the
+    grid would not fit in the image; a 1x1 grid is centred.
+    """
+    side = int(round(fraction * image_size))
+    if not 1 <= side <= image_size or grid < 1:
+        raise ValueError(f"invalid patches: side {side} px of a {image_size} px image, grid {grid}")
+    if grid == 1:
+        starts = np.array([(image_size - side) // 2])
+    else:
+        stride = min(max(1, int(side * 0.8)), (image_size - side) // (grid - 1))
+        if stride < 1:
+            raise ValueError(f"a {grid}x{grid} grid of {side} px patches does not fit {image_size} px")
+        starts = np.arange(grid) * stride
+    ys, xs = np.meshgrid(starts, starts, indexing="ij")
+    x0, y0 = xs.ravel(), ys.ravel()
+    return np.stack([x0, y0, x0 + side, y0 + side], axis=1).astype(np.int64)
+
+
+def extract_patches(images: torch.Tensor, boxes: np.ndarray | torch.Tensor, out_size: int) -> torch.Tensor:
+    """(N,3,S,S) images, (P,4) boxes -> (N*P,3,out,out) crops resized (bilinear, antialiased),
+    image-major; vectorised per distinct box size (one size for patch_boxes)."""
+    b = torch.as_tensor(np.asarray(boxes), dtype=torch.long).cpu()
+    n, c = images.shape[:2]
+    out = images.new_empty((n, len(b), c, out_size, out_size))
+    widths, heights = b[:, 2] - b[:, 0], b[:, 3] - b[:, 1]
+    for w, h in sorted({(int(w), int(h)) for w, h in zip(widths, heights, strict=True)}):
+        sel = torch.nonzero((widths == w) & (heights == h)).flatten()
+        rows = (b[sel, 1, None] + torch.arange(h)).to(images.device)  # (p, h)
+        cols = (b[sel, 0, None] + torch.arange(w)).to(images.device)  # (p, w)
+        crops = images[:, :, rows[:, :, None], cols[:, None, :]]  # (N, C, p, h, w)
+        crops = crops.permute(0, 2, 1, 3, 4).reshape(n * len(sel), c, h, w)
+        resized = F.interpolate(crops, size=(out_size, out_size), mode="bilinear", align_corners=False, antialias=True)
+        out[:, sel.to(images.device)] = resized.reshape(n, len(sel), c, out_size, out_size)
+    return out.reshape(n * len(b), c, out_size, out_size)

@@ -1,0 +1,152 @@
+"""The build-atlas flow on a real Prefect server (test harness) and a real 2-worker Dask cluster,
+with the store and the site on a real S3 server (SeaweedFS, authentication on)."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+SECRET_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
+
+
+@pytest.fixture(scope="module")
+def prefect_api():
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture(scope="module")
+def s3_env(s3):
+    """Credentials reach s3fs (flow process and Dask workers) through the environment only."""
+    old = {k: os.environ.get(k) for k in SECRET_ENV}
+    os.environ["AWS_ACCESS_KEY_ID"], os.environ["AWS_SECRET_ACCESS_KEY"] = s3.key, s3.secret
+    yield {"endpoint_url": s3.endpoint_url}
+    for k, v in old.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+def _config(bucket: str, options: dict) -> dict:
+    return {
+        "data": {"images_per_class": 8, "toy_images_per_class": 8},
+        "importance": {"images": 4, "n_designs": 16},
+        "concepts": {"n_concepts": 6},
+        "crops": {"per_concept": 4, "attribution_images": 1},
+        "maco": {"steps": 6, "image_size": 64, "crops": 2, "batch_size": 12},
+        "store": f"s3://{bucket}/lens",
+        "publish": f"s3://{bucket}/site",
+        "storage_options": options,
+    }
+
+
+def _task_runs(flow_run_id):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as client:
+        flt = FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
+        for _ in range(20):  # task runs reach the API shortly after the flow ends
+            runs = client.read_task_runs(flow_run_filter=flt, limit=200)
+            if runs and all(r.state is not None and r.state.is_final() for r in runs):
+                return runs
+            time.sleep(0.5)
+        return runs
+
+
+def _artifact(key: str):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    with get_client(sync_client=True) as client:
+        arts = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])))
+    return arts[0] if arts else None
+
+
+def test_build_atlas_on_dask_and_s3_with_a_failing_class(prefect_api, s3, s3_env):
+    import json
+
+    import s3fs
+
+    from flows.atlas import build_atlas, make_task_runner
+    from flows.cli import status_table
+    from lens_core.config import make_config
+    from lens_core.pipeline import prepare_run
+
+    bucket = s3.new_bucket()
+    cfg_dict = _config(bucket, s3_env)
+    classes = ["0", "1", "2", "3"]
+    info = prepare_run(make_config(cfg_dict, classes=classes))
+    fs = s3fs.S3FileSystem(endpoint_url=s3.endpoint_url, key=s3.key, secret=s3.secret, skip_instance_cache=True)
+    victim = info.classes[2]
+    victim_dir = f"{info.data_url[len('s3://'):]}/{victim.id}"
+    originals = {p: fs.cat_file(p) for p in fs.ls(victim_dir, detail=False)}
+    for path in originals:  # every image of one class is corrupt: that class must fail alone
+        fs.pipe_file(path, b"not an image")
+
+    flow = build_atlas.with_options(task_runner=make_task_runner(workers=2))
+    state = flow(config=cfg_dict, classes=classes, return_state=True)
+    assert state.is_completed() and state.name == "PartiallyCompleted", state.message
+    assert victim.slug in state.message
+    result = state.result()
+    assert result["failed"] == [victim.slug]
+
+    store = info.store()
+    ok = [c for c in info.classes if c.slug != victim.slug]
+    for cls in ok:
+        assert store.is_complete(f"importance/{cls.slug}")
+        assert store.zarr[f"acts/{cls.slug}/A"].shape == (8 * 16, store.zarr[f"concepts/{cls.slug}/W"].shape[1])
+        assert store.files_complete(f"crops/{cls.slug}") and store.files_complete(f"viz/{cls.slug}")
+        assert fs.exists(f"{bucket}/site/classes/{cls.slug}/index.html")
+        assert fs.exists(f"{bucket}/site/assets/viz/{cls.slug}/0.png")
+    assert not store.is_complete(f"acts/{victim.slug}")
+    classes_json = json.loads(fs.cat_file(f"{bucket}/site/data/classes.json"))
+    listed = {c["slug"]: c for c in (classes_json["classes"] if isinstance(classes_json, dict) else classes_json)}
+    assert listed[victim.slug]["status"] == "failed"
+
+    flow_run_id = state.state_details.flow_run_id
+    runs = _task_runs(flow_run_id)
+    by_name = {r.name: r for r in runs}
+    for cls in ok:
+        for stage in ("activations", "factorize", "importance", "crops"):
+            run = by_name[f"{stage}[{cls.slug}]"]
+            assert run.state.is_completed(), (run.name, run.state)
+            assert f"class:{cls.slug}" in run.tags and f"stage:{stage}" in run.tags
+    assert by_name[f"activations[{victim.slug}]"].state.is_failed()
+    assert f"factorize[{victim.slug}]" not in by_name  # the chain stopped at the failed stage
+    assert any(name.startswith("render[") for name in by_name)
+
+    table = _artifact(f"lens-classes-{info.run_id}")
+    rows = json.loads(table.data) if isinstance(table.data, str) else table.data
+    assert len(rows) == len(classes)
+    assert {r["class"]: r["status"] for r in rows}[victim.slug] == "failed"
+    assert "EmptyClassError" in {r["class"]: r["error"] for r in rows}[victim.slug]
+    assert _artifact(f"lens-site-{info.run_id}") is not None
+
+    # lens status agrees with the flow, and shows why the class failed
+    status = {r["class"]: r for r in status_table(store)}
+    assert status[victim.slug]["state"] == "failed" and "no readable image" in status[victim.slug]["error"]
+    assert all(status[c.slug]["state"] == "completed" for c in ok)
+
+    # credentials never reach flow parameters, artifacts or status files
+    for text in (json.dumps(cfg_dict), str(table.data), json.dumps(store.read_json("run.json"))):
+        assert s3.secret not in text and s3.key not in text
+
+    # repair the data and re-run: only the failed class does work
+    for path, blob in originals.items():
+        fs.pipe_file(path, blob)
+    state2 = flow(config=cfg_dict, classes=classes, return_state=True)
+    assert state2.is_completed() and state2.name == "Completed", state2.message
+    computed = state2.result()["computed"]
+    assert computed == {victim.slug: ["activations", "factorize", "importance", "crops"]}, computed
+    status2 = {r["class"]: r for r in status_table(store)}
+    assert all(r["state"] == "completed" for r in status2.values())
+    assert fs.exists(f"{bucket}/site/classes/{victim.slug}/index.html")
