@@ -74,7 +74,7 @@ def build_cross_class(info: RunInfo, device: str | None = None) -> dict[str, Any
     split = get_split(info, device)
     if split.head is not None and W_by_class:
         by_index: list[str | None] = [None] * info.num_classes
-        for c in info.classes:
+        for c in info.all_classes or info.classes:
             if c.index < len(by_index):
                 by_index[c.index] = c.slug
         alignment = class_alignment(W_by_class, split.head[0].detach().cpu().numpy(), by_index)

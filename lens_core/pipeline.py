@@ -58,6 +58,7 @@ class RunInfo:
     checkpoint_digest: str
     num_classes: int
     classes: list[ClassInfo]
+    all_classes: list[ClassInfo] = field(default_factory=list)  # the data set's, for cross-class links
     _by_slug: dict[str, ClassInfo] = field(default_factory=dict, repr=False)
 
     def store(self) -> RunStore:
@@ -126,7 +127,7 @@ def prepare_run(config: AtlasConfig) -> RunInfo:
     digest = _model_digest(config)
     num_classes = config.model.num_classes or len(all_classes)
     run_id = compute_run_id(digest, data_url, config)
-    info = RunInfo(run_id, config, data_url, digest, num_classes, classes)
+    info = RunInfo(run_id, config, data_url, digest, num_classes, classes, all_classes)
     store = info.store()
     meta = store.read_json("run.json")
     if meta is None:

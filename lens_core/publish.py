@@ -85,8 +85,8 @@ def _class_entry(info: RunInfo, store: RunStore, cls: Any, status: dict, similar
                       for f in crops_index.get("concepts", {}).get(str(c), [])],
             "similar": [dict(s, name=names.get(s["slug"], s["slug"])) for s in similar.get(slug, [[]] * len(W))[c]],
             "aligned_classes": [
-                {"slug": a["slug"], "name": names.get(a["slug"] or "", f"class {a['class_index']}"), "score": a["score"]}
-                for a in (alignment.get(slug) or [[]] * len(W))[c]
+                {"slug": a["slug"], "name": names.get(a["slug"], a["slug"]), "score": a["score"]}
+                for a in (alignment.get(slug) or [[]] * len(W))[c] if a["slug"]
             ],
             "viz": None, "viz_plain": None,
         }
@@ -130,7 +130,7 @@ def collect_site_data(info: RunInfo) -> tuple[dict[str, Any], dict[str, Any]]:
     statuses = read_status(store, info.slugs)
     similar = store.read_json("atlas/similar.json", {})
     alignment = store.read_json("atlas/alignment.json", {})
-    names = {c.slug: c.name for c in info.classes}
+    names = {c.slug: c.name for c in info.all_classes or info.classes}
     assets: dict[str, Any] = {}
     classes = [_class_entry(info, store, c, statuses.get(c.slug, {}), similar, alignment, names, assets)
                for c in info.classes]

@@ -108,7 +108,7 @@ def render_batch(info: RunInfo, items: list[tuple[str, int]], device: str | None
         store.write_bytes(f"viz/{slug}/{c}.webp", encode(maco_image(result.images[i]), "webp", 90))
         store.write_bytes(f"viz/{slug}/{c}.png", maco.encode_rgba_png(result.images[i], result.alpha[i]))
     return {"rendered": len(todo), "skipped": len(items) - len(todo),
-            "objective": [float(v) for v in result.final]}
+            "objective": [float(v) for v in result.objective]}
 
 
 def maco_image(image: torch.Tensor):

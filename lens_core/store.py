@@ -44,6 +44,8 @@ def filesystem(url: str, storage_options: dict[str, Any] | None = None) -> tuple
     opts = dict(storage_options or {})
     if url.startswith("s3://"):
         opts.setdefault("skip_instance_cache", True)
+        # markers and status files are polled across processes: a cached listing would be stale
+        opts.setdefault("use_listings_cache", False)
     return url_to_fs(url, **opts)
 
 

@@ -89,15 +89,26 @@ def _class_directions(g: nn.Module, images: torch.Tensor, n_cls: int) -> torch.T
 def _stand_in_subject() -> Subject:
     """Fallback: a fixed random conv net; directions are sparse channel sets, scaled by channel baseline."""
     torch.manual_seed(0)
-    g = nn.Sequential(
-        nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(32, 16, 3, padding=1), nn.ReLU(),
-    ).eval().requires_grad_(False)
+    g = (
+        nn.Sequential(
+            nn.Conv2d(3, 16, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(16, 32, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(32, 16, 3, padding=1),
+            nn.ReLU(),
+        )
+        .eval()
+        .requires_grad_(False)
+    )
     images = torch.rand(8, 3, 48, 48)
     mag = maco.estimate_magnitude([images], SIZE)
     with torch.no_grad():
-        chan = maco.pool(g(maco.random_phase_images(mag, range(100, 116), SIZE)[..., ::2, ::2])).mean(0)
+        chan = maco.pool(
+            g(maco.random_phase_images(mag, range(100, 116), SIZE)[..., ::2, ::2])
+        ).mean(0)
     dirs = torch.zeros(6, 16)
     for k in range(6):
         dirs[k, 2 * k], dirs[k, 2 * k + 1] = 1.0, 0.5
@@ -118,7 +129,9 @@ def magnitude(subject: Subject) -> torch.Tensor:
 def rendered(subject: Subject, magnitude: torch.Tensor) -> maco.MacoResult:
     cfg = MacoConfig(steps=40, image_size=SIZE, crops=4)
     seeds = list(range(len(subject.directions)))
-    return maco.render_concepts(subject.g, subject.directions, cfg, magnitude, seeds, subject.input_size)
+    return maco.render_concepts(
+        subject.g, subject.directions, cfg, magnitude, seeds, subject.input_size
+    )
 
 
 def _acts(subject: Subject, images: torch.Tensor) -> torch.Tensor:
@@ -142,6 +155,33 @@ def test_objective_kinds_on_known_values() -> None:
     assert torch.allclose(dc, torch.tensor([2.0, 1.0, -0.02]), atol=1e-6)
     with pytest.raises(ValueError):
         maco.objective(acts, w, "nope")
+
+
+# ---------------------------------------------------------------- augmentation
+
+
+def test_crops_sample_the_drawn_window() -> None:
+    """A crop (side f, centre c) of a coordinate-ramp image holds exactly the ramp of that window."""
+    s, n = 64, 32
+    ys, xs = torch.meshgrid(torch.arange(s).float(), torch.arange(s).float(), indexing="ij")
+    ramp = torch.stack([xs, ys, torch.zeros_like(xs)])[None]
+    cfg = MacoConfig(crops=3, crop_range=(0.5, 0.8), noise=0.0)
+    params = maco._crop_params(torch.Generator().manual_seed(5), 3, cfg.crop_range, "cpu")
+    crops = maco.augment(ramp, [torch.Generator().manual_seed(5)], cfg, n)
+    i = torch.arange(n).float()
+    for k, (f, cx, cy) in enumerate(params.tolist()):
+        tol = 1e-6  # the crop lies inside the image
+        assert 0.5 <= f <= 0.8 and f / 2 - tol <= min(cx, cy) and max(cx, cy) <= 1 - f / 2 + tol
+        want_x = (cx - f / 2) * s + (i + 0.5) * f * s / n - 0.5
+        want_y = (cy - f / 2) * s + (i + 0.5) * f * s / n - 0.5
+        assert torch.allclose(crops[k, 0, 7], want_x, atol=1e-3)
+        assert torch.allclose(crops[k, 1, :, 7], want_y, atol=1e-3)
+    # noise is on the pixel scale noise / (hi - lo), drawn from the concept's generator
+    noisy = maco.augment(
+        ramp, [torch.Generator().manual_seed(5)], cfg.model_copy(update={"noise": 0.5}), n
+    )
+    std = (noisy - crops).std().item()
+    assert 0.5 / 5 * 0.9 < std < 0.5 / 5 * 1.2
 
 
 # ---------------------------------------------------------------- (a) optimization
@@ -171,7 +211,9 @@ def test_each_visualization_is_selective_for_its_concept(subject: Subject, rende
     """Visualization b projects more on unit direction b than on any other (>= 70% of b), and
     direction b is reached most by its own visualization (>= 70% of b)."""
     if subject.name != "toy":
-        pytest.skip("selectivity needs a trained model: random nets are not selective under a fixed spectrum")
+        pytest.skip(
+            "selectivity needs a trained model: random nets are not selective under a fixed spectrum"
+        )
     k = len(subject.directions)
     proj = _acts(subject, rendered.images) @ F.normalize(subject.directions, dim=1).T
     rows = (proj.argmax(1) == torch.arange(k)).float().mean()
@@ -224,10 +266,17 @@ def test_batch_equals_one_by_one_with_the_same_seeds(subject: Subject, magnitude
     images = torch.cat([s.images for s in singles])
     assert (batch.images - images).abs().max() < 1e-4
     assert (batch.alpha - torch.cat([s.alpha for s in singles])).abs().max() < 1e-4
-    assert torch.allclose(batch.history, torch.cat([s.history for s in singles], 1), rtol=1e-4, atol=1e-6)
+    assert torch.allclose(
+        batch.history, torch.cat([s.history for s in singles], 1), rtol=1e-4, atol=1e-6
+    )
     # chunks of cfg.batch_size give the same result as one batch
     chunked = maco.render_concepts(
-        subject.g, dirs, cfg.model_copy(update={"batch_size": 2}), magnitude, seeds, subject.input_size
+        subject.g,
+        dirs,
+        cfg.model_copy(update={"batch_size": 2}),
+        magnitude,
+        seeds,
+        subject.input_size,
     )
     assert (chunked.images - batch.images).abs().max() < 1e-4
     # the seed matters: another seed gives another image
@@ -237,7 +286,20 @@ def test_batch_equals_one_by_one_with_the_same_seeds(subject: Subject, magnitude
 
 def test_render_rejects_a_seed_count_mismatch(subject: Subject, magnitude) -> None:
     with pytest.raises(ValueError, match="seed"):
-        maco.render_concepts(subject.g, subject.directions[:2], MacoConfig(steps=1), magnitude, [1], 32)
+        maco.render_concepts(
+            subject.g, subject.directions[:2], MacoConfig(steps=1), magnitude, [1], 32
+        )
+
+
+def test_render_works_under_inference_mode() -> None:
+    """A worker may call it inside torch.inference_mode(): the phase still gets gradients."""
+    g = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()).eval()
+    cfg = MacoConfig(steps=4, image_size=32, crops=2)
+    with torch.inference_mode():
+        mag = maco.estimate_magnitude([torch.rand(2, 3, 32, 32)], 32)
+        res = maco.render_concepts(g, torch.rand(2, 4), cfg, mag, [0, 1], 16)
+    assert res.history.shape == (4, 2)
+    assert not torch.equal(res.history[0], res.history[-1])
 
 
 # ---------------------------------------------------------------- (e) magnitude and PNG
@@ -259,7 +321,9 @@ def test_magnitude_matches_numpy_fft() -> None:
     items = [torch.from_numpy(batch), torch.from_numpy(single)]
     all_images = np.concatenate([batch, single[None]])
     plain = np.abs(np.fft.rfft2(all_images)).mean(0)
-    assert np.allclose(maco.estimate_magnitude(items, 20, decorrelate=False).numpy(), plain, rtol=1e-4, atol=1e-3)
+    assert np.allclose(
+        maco.estimate_magnitude(items, 20, decorrelate=False).numpy(), plain, rtol=1e-4, atol=1e-3
+    )
     inv = np.linalg.inv(maco.COLOR_SQRT.numpy().astype(np.float64))
     decorrelated = np.einsum("nchw,cd->ndhw", all_images.astype(np.float64), inv)
     expected = np.abs(np.fft.rfft2(decorrelated)).mean(0)
