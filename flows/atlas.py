@@ -20,6 +20,7 @@ from prefect_dask import DaskTaskRunner
 
 from lens_core.config import load_config, make_config
 from lens_core.pipeline import RunInfo, class_summary, prepare_run
+from lens_core.publish import site_url as run_site_url
 from lens_core.render import pending_items
 from lens_core.status import write_status
 from lens_core.store import normalize_url
@@ -129,7 +130,7 @@ def build_atlas(
                      "seconds": round(summary["seconds"], 2), "top_concept": summary["top_concept"],
                      "importance": summary["top_importance"], "error": out.get("error") or ""})
     create_table_artifact(rows, key=f"lens-classes-{info.run_id}", description=f"LENS run {info.run_id}: per-class status")
-    site_url = normalize_url(cfg.publish)
+    site_url = run_site_url(info)
     create_link_artifact(site_url + "/index.html", link_text="LENS atlas site", key=f"lens-site-{info.run_id}")
     failed = [r["class"] for r in rows if r["status"] != "ok"]
     computed = {s: [st for st, r in o.get("stages", {}).items() if not r["skipped"]] for s, o in outcomes.items()}

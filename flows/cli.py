@@ -66,9 +66,13 @@ def cmd_run(args: argparse.Namespace) -> int:
             watcher.join(timeout=5)
     result: dict[str, Any] = state.result(raise_on_failure=False) if not state.is_failed() else {}
     print(f"{state.name}: {state.message}")
-    site = normalize_url(cfg.publish)
+    from lens_core.publish import site_url
+
+    site = site_url(info)
+    base = normalize_url(cfg.publish)
     if site.startswith("file://"):
-        print(f"site: {site[len('file://'):]}/index.html  (serve it with: lens serve --publish {site})")
+        print(f"site: {site[len('file://'):]}/index.html")
+        print(f"serve it with: .venv/bin/lens serve --publish {base[len('file://'):]}  -> http://127.0.0.1:8000/{info.run_id}/index.html")
     else:
         print(f"site: {site}/index.html")
     if state.is_failed():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+from datetime import UTC, datetime
 from typing import Any
 
 import numpy as np
@@ -10,7 +11,7 @@ import numpy as np
 from lens_core.crops import concept_color
 from lens_core.pipeline import RunInfo
 from lens_core.status import class_state, read_status
-from lens_core.store import RunStore
+from lens_core.store import RunStore, join_url, normalize_url
 
 TOP_CONCEPTS = 10
 
@@ -146,11 +147,26 @@ def collect_site_data(info: RunInfo) -> tuple[dict[str, Any], dict[str, Any]]:
     return site, assets
 
 
-def publish(info: RunInfo, publish_url: str | None = None) -> dict[str, Any]:
-    """Build the static site for the run at the publish URL (index written last)."""
-    from lens_core.site import build_site
+def site_url(info: RunInfo, publish_url: str | None = None) -> str:
+    """Where a run's site lives: `<publish>/<run_id>/`, so checkpoints sit side by side."""
+    return join_url(normalize_url(publish_url or info.config.publish), info.run_id)
 
+
+def publish(info: RunInfo, publish_url: str | None = None) -> dict[str, Any]:
+    """Build the run's site at `<publish>/<run_id>/` (its index last), then the runs page above it."""
+    from lens_core.site import build_site
+    from lens_core.site.runs import write_runs_index
+
+    base = normalize_url(publish_url or info.config.publish)
     site, assets = collect_site_data(info)
-    summary = build_site(site, publish_url or info.config.publish, info.config.storage_options, assets)
+    summary = build_site(site, site_url(info, base), info.config.storage_options, assets)
     failed = [c["slug"] for c in site["classes"] if c["status"] != "ok"]
-    return {"classes": len(site["classes"]), "failed": failed, **(summary or {})}
+    run = site["run"]
+    write_runs_index(base, {
+        "run_id": info.run_id, "published": datetime.now(UTC).isoformat(timespec="seconds"),
+        "created": run["created"], "model": run["model"], "layer": run["layer"], "checkpoint": run["checkpoint"],
+        "checkpoint_digest": run["checkpoint_digest"], "classes": len(site["classes"]), "failed": len(failed),
+    }, info.config.storage_options)
+    keep = ("url", "index_url", "classes", "failed", "concepts", "files", "bytes", "max_class_page_bytes",
+            "n_missing_assets", "seconds")
+    return {**{k: summary.get(k) for k in keep if k in summary}, "failed_classes": failed}

@@ -105,10 +105,10 @@ def test_build_atlas_on_dask_and_s3_with_a_failing_class(prefect_api, s3, s3_env
         assert store.is_complete(f"importance/{cls.slug}")
         assert store.zarr[f"acts/{cls.slug}/A"].shape == (8 * 16, store.zarr[f"concepts/{cls.slug}/W"].shape[1])
         assert store.files_complete(f"crops/{cls.slug}") and store.files_complete(f"viz/{cls.slug}")
-        assert fs.exists(f"{bucket}/site/classes/{cls.slug}/index.html")
-        assert fs.exists(f"{bucket}/site/assets/viz/{cls.slug}/0.png")
+        assert fs.exists(f"{bucket}/site/{info.run_id}/classes/{cls.slug}/index.html")
+        assert fs.exists(f"{bucket}/site/{info.run_id}/assets/viz/{cls.slug}/0.png")
     assert not store.is_complete(f"acts/{victim.slug}")
-    classes_json = json.loads(fs.cat_file(f"{bucket}/site/data/classes.json"))
+    classes_json = json.loads(fs.cat_file(f"{bucket}/site/{info.run_id}/data/classes.json"))
     listed = {c["slug"]: c for c in (classes_json["classes"] if isinstance(classes_json, dict) else classes_json)}
     assert listed[victim.slug]["status"] == "failed"
 
@@ -149,4 +149,6 @@ def test_build_atlas_on_dask_and_s3_with_a_failing_class(prefect_api, s3, s3_env
     assert computed == {victim.slug: ["activations", "factorize", "importance", "crops"]}, computed
     status2 = {r["class"]: r for r in status_table(store)}
     assert all(r["state"] == "completed" for r in status2.values()), [r for r in status2.values() if r["state"] != "completed"]
-    assert fs.exists(f"{bucket}/site/classes/{victim.slug}/index.html")
+    assert fs.exists(f"{bucket}/site/{info.run_id}/classes/{victim.slug}/index.html")
+    top_page = fs.cat_file(f"{bucket}/site/index.html").decode()
+    assert f'href="{info.run_id}/index.html"' in top_page
