@@ -137,6 +137,10 @@ def build_atlas(
     result = {"run_id": info.run_id, "classes": len(slugs), "failed": failed, "site": site_url,
               "computed": {s: st for s, st in computed.items() if st},
               "seconds": round(elapsed, 1), "published": site}
+    # the run's finished marker (read by the checkpoint watcher): written last, only when whole
+    if not failed:
+        store_obj.write_json("finished.json", {"run_id": info.run_id, "classes": len(slugs), "site": site_url,
+                                               "checkpoint_digest": info.checkpoint_digest})
     message = f"{len(slugs) - len(failed)}/{len(slugs)} classes explained in {elapsed:.0f} s; site {site_url}"
     if failed and len(failed) == len(slugs):
         return Failed(message="every class failed: " + "; ".join(outcomes[s]["error"] for s in failed[:3]), data=result)
