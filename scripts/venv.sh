@@ -5,18 +5,15 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="$ROOT/.venv"
 STAMP="$VENV/.lens-installed"
-WANT="$(sha256sum "$ROOT/pyproject.toml" | cut -c1-16)-${1:-base}"
+WANT="$(sha256sum "$ROOT/pyproject.toml" | cut -c1-16)"
 if [ ! -x "$VENV/bin/python" ]; then
     python3.11 -m venv "$VENV" 2>/dev/null || python3 -m venv "$VENV"
 fi
 if [ ! -f "$STAMP" ] || ! grep -qx "$WANT" "$STAMP"; then
     echo "[lens] installing pinned dependencies into $VENV (first run takes a few minutes)" >&2
-    "$VENV/bin/python" -m pip install --quiet --upgrade pip >/dev/null 2>&1 || true
-    extras="test"
-    [ "${1:-base}" = "bench" ] && extras="test,bench"
     # torch first, by exact pin, so no resolver can pull another build.
     "$VENV/bin/python" -m pip install --quiet "torch==2.14.1" "torchvision==0.29.1"
-    "$VENV/bin/python" -m pip install --quiet -e "$ROOT[$extras]"
+    "$VENV/bin/python" -m pip install --quiet -e "$ROOT[test]"
     echo "$WANT" >"$STAMP"
 fi
 export PATH="$VENV/bin:$PATH"
