@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import math
 import os
+import queue
 import time
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import dask
@@ -14,11 +18,12 @@ from prefect.artifacts import (
     create_table_artifact,
     update_progress_artifact,
 )
-from prefect.futures import as_completed, wait
+from prefect.context import get_run_context
+from prefect.settings import PREFECT_API_URL, temporary_settings
 from prefect.states import Completed, Failed
 from prefect_dask import DaskTaskRunner
 
-from lens_core.config import load_config, make_config
+from lens_core.config import AtlasConfig, load_config, make_config
 from lens_core.pipeline import RunInfo, class_summary, prepare_run
 from lens_core.publish import site_url as run_site_url
 from lens_core.render import pending_items
@@ -27,27 +32,87 @@ from lens_core.store import normalize_url
 from tasks.chain import class_chain_task
 from tasks.stages import cross_class_task, publish_task, render_task
 
+ProgressFn = Callable[[str, int, int], None]
+_LISTENERS: list[ProgressFn] = []
+PROGRESS_EVERY_S = 2.0  # the progress artifact is updated at most this often (one API call each)
+
+
+# ---- task runner ---------------------------------------------------------------------------
+
+def cluster_spec(workers: int | None = None, gpu: bool | None = None) -> tuple[str, dict[str, Any]]:
+    """(cluster class, kwargs) of the local cluster: one worker per GPU, else `workers` CPU workers.
+
+    CPU workers split the machine's cores: torch in each gets cores // workers threads (Dask's
+    nanny would pin it to one thread, which leaves cores idle with a single worker).
+    """
+    if gpu is None:
+        gpu = os.environ.get("LENS_GPU", "") == "1"
+    if gpu:
+        return "dask_cuda.LocalCUDACluster", {"resources": {"GPU": 1}, "dashboard_address": None}
+    cores = os.cpu_count() or 1
+    n = workers or int(os.environ.get("LENS_WORKERS", "0")) or max(1, min(cores, 4))
+    threads = str(max(1, cores // n))
+    env = {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, "OPENBLAS_NUM_THREADS": threads}
+    return "distributed.LocalCluster", {"n_workers": n, "threads_per_worker": 1, "processes": True,
+                                        "dashboard_address": None, "env": env}
+
 
 def make_task_runner(workers: int | None = None, dask_address: str | None = None, gpu: bool | None = None) -> DaskTaskRunner:
     """Dask runner: an existing scheduler, one worker per GPU (dask-cuda), or a LocalCluster."""
     dask_address = dask_address or os.environ.get("LENS_DASK_ADDRESS") or None
     if dask_address:
         return DaskTaskRunner(address=dask_address)
-    if gpu is None:
-        gpu = os.environ.get("LENS_GPU", "") == "1"
-    if gpu:
-        return DaskTaskRunner(cluster_class="dask_cuda.LocalCUDACluster",
-                              cluster_kwargs={"resources": {"GPU": 1}, "dashboard_address": None})
-    n = workers or int(os.environ.get("LENS_WORKERS", "0")) or max(1, min(os.cpu_count() or 1, 4))
-    return DaskTaskRunner(
-        cluster_class="distributed.LocalCluster",
-        cluster_kwargs={"n_workers": n, "threads_per_worker": 1, "processes": True, "dashboard_address": None},
-    )
+    cluster_class, kwargs = cluster_spec(workers, gpu)
+    return DaskTaskRunner(cluster_class=cluster_class, cluster_kwargs=kwargs)
 
 
 def _gpu_annotation(info: RunInfo) -> dict[str, Any]:
     """Pin tensor work to workers that have a GPU when running on a GPU cluster."""
     return {"resources": {"GPU": 1}} if os.environ.get("LENS_GPU", "") == "1" else {}
+
+
+@contextlib.contextmanager
+def _shared_api() -> Iterator[None]:
+    """Point task runs on Dask workers at this flow's API.
+
+    Without a configured API URL the flow talks to an ephemeral server; the settings that travel
+    to Dask workers carry no URL, so each worker would start its own server (~15 s of CPU each)
+    and report its task runs there, out of sight of the flow's API.
+    """
+    if PREFECT_API_URL.value():
+        yield
+        return
+    url = str(get_run_context().client.api_url).rstrip("/")
+    with temporary_settings(updates={PREFECT_API_URL: url}):
+        yield
+
+
+@contextlib.contextmanager
+def progress_listener(fn: ProgressFn) -> Iterator[None]:
+    """Call fn(kind, done, total) as classes ('classes') and renders ('concepts') finish in this process."""
+    _LISTENERS.append(fn)
+    try:
+        yield
+    finally:
+        _LISTENERS.remove(fn)
+
+
+def _notify(kind: str, done: int, total: int) -> None:
+    for fn in list(_LISTENERS):
+        with contextlib.suppress(Exception):
+            fn(kind, done, total)
+
+
+# ---- the flow ------------------------------------------------------------------------------
+
+def _resolve_config(config_path: str | None, config: dict[str, Any] | None, checkpoint: str | None,
+                    classes: list[str] | None, store: str | None, publish: str | None) -> AtlasConfig:
+    data: dict[str, Any] = load_config(config_path).model_dump(mode="json") if config_path else {}
+    for key, value in (config or {}).items():
+        data[key] = {**data.get(key, {}), **value} if isinstance(value, dict) and isinstance(data.get(key), dict) else value
+    if checkpoint:
+        data["model"] = {**data.get("model", {}), "checkpoint": checkpoint}
+    return make_config(data, classes=classes or None, store=store, publish=publish)
 
 
 @flow(name="build-atlas", task_runner=make_task_runner(), log_prints=True, persist_result=False)
@@ -70,57 +135,111 @@ def build_atlas(
         publish: site URL (fsspec), e.g. s3://bucket/site.
     """
     logger = get_run_logger()
-    data: dict[str, Any] = load_config(config_path).model_dump(mode="json") if config_path else {}
-    for key, value in (config or {}).items():
-        data[key] = {**data.get(key, {}), **value} if isinstance(value, dict) and isinstance(data.get(key), dict) else value
-    if checkpoint:
-        data["model"] = {**data.get("model", {}), "checkpoint": checkpoint}
-    cfg = make_config(data, classes=classes or None, store=store, publish=publish)
+    cfg = _resolve_config(config_path, config, checkpoint, classes, store, publish)
     t0 = time.perf_counter()
     info = prepare_run(cfg)
-    slugs = info.slugs
-    logger.info("run %s: %d classes, model %s (%s), store %s", info.run_id, len(slugs), cfg.model.arch,
+    logger.info("run %s: %d classes, model %s (%s), store %s", info.run_id, len(info.slugs), cfg.model.arch,
                 info.checkpoint_digest[:12], normalize_url(cfg.store))
+    with _shared_api():
+        outcomes, timings = _explain_classes(info, cfg, logger)
+        t = time.perf_counter()
+        cross_class_task.submit(info).result()
+        timings["cross_class"] = time.perf_counter() - t
+        t = time.perf_counter()
+        site = publish_task.submit(info, cfg.publish).result()
+        timings["publish"] = time.perf_counter() - t
+    return _finish(info, outcomes, site, timings, t0, logger)
+
+
+def _explain_classes(info: RunInfo, cfg: AtlasConfig, logger: Any) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
+    """Per-class chains and the pooled renders, submitted as soon as their concepts exist."""
+    slugs = info.slugs
+    t_start = time.perf_counter()
     progress_id = create_progress_artifact(0.0, key=f"lens-progress-{info.run_id}",
                                            description=f"classes finished in run {info.run_id}")
+    done_q: queue.Queue = queue.Queue()
+
+    def track(fut: Any, kind: str, payload: Any) -> None:
+        fut.add_done_callback(lambda f: done_q.put((kind, payload, f)))
+
     with dask.annotate(**_gpu_annotation(info)):
-        futures = {class_chain_task.with_options(tags=[f"class:{s}"]).submit(info, s): s for s in slugs}
+        for s in slugs:
+            track(class_chain_task.with_options(tags=[f"class:{s}"]).submit(info, s), "class", s)
     outcomes: dict[str, dict[str, Any]] = {}
-    render_futures = []
-    queue: list[tuple[str, int]] = []
+    renders: list[tuple[list[tuple[str, int]], Any]] = []
+    render_queue: list[tuple[str, int]] = []
     batch = cfg.maco.batch_size
+    counts = {"rendered": 0, "queued": 0, "render_seconds": 0.0}
+    pending = len(slugs)
+    last_progress = 0.0
 
     def submit_renders(final: bool) -> None:
-        while len(queue) >= batch or (final and queue):
-            chunk, queue[:] = queue[:batch], queue[batch:]
+        size = batch
+        if final and render_queue:  # the tail: spread it over the workers rather than one big batch
+            size = max(1, min(batch, math.ceil(len(render_queue) / _n_workers())))
+        while len(render_queue) >= size or (final and render_queue):
+            chunk, render_queue[:] = render_queue[:size], render_queue[size:]
             label = f"{chunk[0][0]}+{len(chunk) - 1}"
             with dask.annotate(**_gpu_annotation(info)):
-                render_futures.append((chunk, render_task.submit(info, chunk, label)))
+                fut = render_task.submit(info, chunk, label)
+            renders.append((chunk, fut))
+            track(fut, "render", chunk)
 
-    for fut in as_completed(list(futures)):
-        slug = futures[fut]
-        try:
-            outcomes[slug] = {"ok": True, **fut.result()}
-        except Exception as err:  # one bad class never sinks the run
-            outcomes[slug] = {"ok": False, "error": f"{type(err).__name__}: {err}"[:500]}
-            logger.warning("class %s failed: %s", slug, outcomes[slug]["error"])
-        queue.extend(pending_items(info, [slug]))
-        submit_renders(final=False)
-        update_progress_artifact(progress_id, 100.0 * len(outcomes) / len(slugs),
-                                 description=f"{len(outcomes)}/{len(slugs)} classes finished")
-    submit_renders(final=True)
-    wait([f for _, f in render_futures])
-    store_obj = info.store()
-    for chunk, fut in render_futures:
-        if fut.state.is_failed():
-            err = str(fut.state.message)[:500]
-            for slug in sorted({s for s, _ in chunk}):
-                write_status(store_obj, slug, "render", "failed", None, err)
-                logger.warning("render failed for %s: %s", slug, err)
-    cross_class_task.submit(info).result()
-    site = publish_task.submit(info, cfg.publish).result()
+    while pending:
+        kind, payload, fut = done_q.get()
+        pending -= 1
+        if kind == "class":
+            slug = payload
+            try:
+                out = fut.result()
+                outcomes[slug] = {"ok": True, **out}
+                items = [tuple(x) for x in out.get("render_items", [])]
+            except Exception as err:  # one bad class never sinks the run
+                outcomes[slug] = {"ok": False, "error": f"{type(err).__name__}: {err}"[:500]}
+                logger.warning("class %s failed: %s", slug, outcomes[slug]["error"])
+                items = pending_items(info, [slug])  # a class that failed after factorize still renders
+            render_queue.extend(items)
+            counts["queued"] += len(items)
+            chains_left = sum(1 for o in slugs if o not in outcomes)
+            before = len(renders)
+            submit_renders(final=chains_left == 0)
+            pending += len(renders) - before
+            _notify("classes", len(outcomes), len(slugs))
+            _notify("concepts", counts["rendered"], counts["queued"])
+            now = time.perf_counter()
+            if now - last_progress >= PROGRESS_EVERY_S or len(outcomes) == len(slugs):
+                last_progress = now
+                update_progress_artifact(progress_id, 100.0 * len(outcomes) / len(slugs),
+                                         description=f"{len(outcomes)}/{len(slugs)} classes finished")
+        else:
+            try:
+                res = fut.result()
+                counts["rendered"] += len(payload)
+                counts["render_seconds"] += float(res.get("seconds", 0.0))
+            except Exception as exc:  # a failed batch marks its classes; the run goes on
+                err = f"{type(exc).__name__}: {exc}"[:500]
+                for slug in sorted({s for s, _ in payload}):
+                    write_status(info.store(), slug, "render", "failed", None, err)
+                    logger.warning("render failed for %s: %s", slug, err)
+            _notify("concepts", counts["rendered"], counts["queued"])
+    timings = {"classes_and_renders": time.perf_counter() - t_start, "render_compute": counts["render_seconds"],
+               "render_batches": len(renders), "concepts_rendered": counts["rendered"]}
+    return outcomes, timings
+
+
+def _n_workers() -> int:
+    """Workers of the Dask cluster this flow runs on (1 when it cannot tell)."""
+    with contextlib.suppress(Exception):
+        client = get_run_context().task_runner.client
+        return max(1, len(client.scheduler_info(n_workers=-1)["workers"]))
+    return 1
+
+
+def _finish(info: RunInfo, outcomes: dict[str, dict[str, Any]], site: dict[str, Any], timings: dict[str, Any],
+            t0: float, logger: Any) -> Any:
+    """Table, link and final state (partial success when some classes failed)."""
+    slugs = info.slugs
     elapsed = time.perf_counter() - t0
-
     rows = []
     for slug in slugs:
         summary = class_summary(info, slug)
@@ -136,8 +255,10 @@ def build_atlas(
     computed = {s: [st for st, r in o.get("stages", {}).items() if not r["skipped"]] for s, o in outcomes.items()}
     result = {"run_id": info.run_id, "classes": len(slugs), "failed": failed, "site": site_url,
               "computed": {s: st for s, st in computed.items() if st},
-              "seconds": round(elapsed, 1), "published": site}
+              "seconds": round(elapsed, 1), "published": site,
+              "timings": {k: round(v, 3) if isinstance(v, float) else v for k, v in timings.items()}}
     # the run's finished marker (read by the checkpoint watcher): written last, only when whole
+    store_obj = info.store()
     if not failed:
         store_obj.write_json("finished.json", {"run_id": info.run_id, "classes": len(slugs), "site": site_url,
                                                "checkpoint_digest": info.checkpoint_digest})

@@ -172,9 +172,22 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=os.environ.get("LENS_LOG", "WARNING"))
     try:
         return args.fn(args)
-    except ConfigError as err:
+    except Exception as err:
+        if not _user_error(err):
+            raise
         print(f"lens: {err}", file=sys.stderr)
         return 2
+
+
+def _user_error(err: BaseException) -> bool:
+    """Errors whose message says it all (config, data, checkpoint, store): no traceback soup."""
+    from lens_core.store import StoreError
+
+    kinds: list[type] = [ConfigError, StoreError]
+    for module, name in (("lens_core.data", "DataError"), ("lens_core.models", "ModelError")):
+        if module in sys.modules:  # raised from there only if it was imported
+            kinds.append(getattr(sys.modules[module], name))
+    return isinstance(err, tuple(kinds))
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
@@ -23,7 +24,29 @@ class ConfigError(ValueError):
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+
+_USERINFO = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://[^/@?#]*@")
+
+
+def check_url(value: str | None) -> str | None:
+    """A storage URL or path: known fsspec protocols only, never credentials inside the URL."""
+    if value is None:
+        return value
+    if not value.strip():
+        raise ValueError("must not be empty")
+    for part in value.split("::"):
+        if "://" not in part:
+            continue
+        if _USERINFO.match(part):
+            raise ValueError("credentials in URLs are refused (the URL would be logged): use storage_options or AWS_* environment variables")
+        import fsspec
+
+        proto = part.split("://", 1)[0].lower()
+        if proto not in fsspec.available_protocols():
+            raise ValueError(f"unknown storage protocol {proto!r}")
+    return value
 
 
 class ModelConfig(_Section):
@@ -36,6 +59,11 @@ class ModelConfig(_Section):
     input_size: int = Field(64, gt=0, description="side of the square model input, pixels")
     mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
     std: tuple[float, float, float] = (0.25, 0.25, 0.25)
+
+    @field_validator("checkpoint")
+    @classmethod
+    def _check_urls(cls, v: str | None) -> str | None:
+        return check_url(v)
 
     @field_validator("std")
     @classmethod
@@ -55,6 +83,11 @@ class DataConfig(_Section):
     toy_classes: int = Field(10, ge=2, description="classes of the generated toy data set")
     toy_images_per_class: int = Field(40, gt=0)
 
+    @field_validator("url", "class_names")
+    @classmethod
+    def _check_urls(cls, v: str | None) -> str | None:
+        return check_url(v)
+
 
 class PatchConfig(_Section):
     """CRAFT patches: squares of a fraction of the image on a regular grid, resized to the model input."""
@@ -63,6 +96,15 @@ class PatchConfig(_Section):
     grid: int = Field(4, ge=1, description="patches per side; stride follows (reference: 4x4 = 16, stride 51)")
     image_size: int = Field(128, gt=0, description="images are resized to this side before cutting")
     batch_size: int = Field(64, gt=0)
+
+    @model_validator(mode="after")
+    def _fits(self) -> PatchConfig:
+        side = int(round(self.fraction * self.image_size))
+        if side < 1:
+            raise ValueError(f"patches of fraction {self.fraction} of a {self.image_size} px image are under 1 px")
+        if self.grid > 1 and (self.image_size - side) // (self.grid - 1) < 1:
+            raise ValueError(f"a {self.grid}x{self.grid} grid of {side} px patches does not fit a {self.image_size} px image")
+        return self
 
 
 class ConceptConfig(_Section):
@@ -101,6 +143,11 @@ class MacoConfig(_Section):
     magnitude: str | None = Field(None, description="spectrum file (.npy); None = estimated from the run's images")
     seed: int = 0
 
+    @field_validator("magnitude")
+    @classmethod
+    def _check_urls(cls, v: str | None) -> str | None:
+        return check_url(v)
+
     @model_validator(mode="after")
     def _ranges(self) -> MacoConfig:
         lo, hi = self.crop_range
@@ -138,6 +185,11 @@ class AtlasConfig(_Section):
         description="fsspec options for s3:// (endpoint_url, ...); key/secret default to the environment",
     )
     classes: list[str] | None = Field(None, description="restrict the run to these class ids/names")
+
+    @field_validator("store", "publish")
+    @classmethod
+    def _check_urls(cls, v: str | None) -> str | None:
+        return check_url(v)
 
     @model_validator(mode="after")
     def _consistent(self) -> AtlasConfig:

@@ -2,6 +2,9 @@
 
 Layout: ``<root>/<class dir>/**/*.jpg|jpeg|png|webp``; label index = position of the class dir in
 sorted order (torchvision ImageFolder). Unreadable images are skipped and reported, never fatal.
+Only plain raster decoders run (`DECODERS`): a file of another format (TIFF, EPS, ...) under an
+image name is refused, not handed to a complex or external decoder. Storage I/O is retried while
+the store is unreachable (lens_core.store.call); a refused credential raises DataAccessError.
 """
 
 from __future__ import annotations
@@ -24,12 +27,13 @@ import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 
 from lens_core.naming import class_slug, unique_slugs
-from lens_core.store import filesystem, join_url, normalize_url
+from lens_core.store import StoreAccessError, call, filesystem, join_url, normalize_url
 
 log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
 MAX_PIXELS = 89_478_485  # Pillow's default Image.MAX_IMAGE_PIXELS, enforced even if that is disabled
+DECODERS = ("JPEG", "PNG", "WEBP", "GIF", "BMP")  # content is sniffed, but only these formats decode
 _READ_AHEAD = 16  # images fetched concurrently from remote stores
 
 
@@ -50,7 +54,7 @@ class EmptyClassError(DataError):
     """A class has no (readable) image; the message names the class."""
 
 
-class DataAccessError(PermissionError):
+class DataAccessError(StoreAccessError):
     """The data URL refuses these credentials; the message names the URL, never the credentials."""
 
 
@@ -81,29 +85,26 @@ class ReadStats:
 
 # ---- listing ---------------------------------------------------------------------------------
 
-def _access(url: str, action: str, err: PermissionError) -> DataAccessError:
-    return DataAccessError(f"access denied {action} {url} (check storage credentials): {err}")
+def _io(op: Any, url: str, action: str, storage_options: dict[str, Any] | None) -> Any:
+    """A storage call on the data set: retried while unreachable, DataAccessError when refused."""
+    return call(op, url, action, storage_options, access_error=DataAccessError)
 
 
 def _entries(url: str, storage_options: dict[str, Any] | None) -> list[dict[str, Any]]:
     fs, path = filesystem(url, storage_options)
     try:
-        return fs.ls(path, detail=True)
+        return _io(lambda: fs.ls(path, detail=True), url, "listing", storage_options)
     except FileNotFoundError:
         raise DataError(f"data URL not found: {url}") from None
-    except PermissionError as err:
-        raise _access(url, "listing", err) from None
 
 
 def read_class_names(url: str, storage_options: dict[str, Any] | None = None) -> dict[str, list[str]]:
     """Class-name map from JSON {dir: name | [name, synonym, ...]}; "a, b" strings split on commas."""
     fs, path = filesystem(url, storage_options)
     try:
-        raw = json.loads(fs.cat_file(path))
+        raw = json.loads(_io(lambda: fs.cat_file(path), url, "reading", storage_options))
     except FileNotFoundError:
         raise DataError(f"class-name file not found: {url}") from None
-    except PermissionError as err:
-        raise _access(url, "reading", err) from None
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise DataError(f"class-name file {url} is not valid JSON: {err}") from None
     if not isinstance(raw, dict):
@@ -142,11 +143,9 @@ def list_images(url: str, cls: ClassInfo | str, storage_options: dict[str, Any] 
     class_url = join_url(normalize_url(url), cls.id if isinstance(cls, ClassInfo) else cls)
     fs, path = filesystem(class_url, storage_options)
     try:
-        found = fs.find(path)
+        found = _io(lambda: fs.find(path), class_url, "listing", storage_options)
     except FileNotFoundError:
         return []
-    except PermissionError as err:
-        raise _access(class_url, "listing", err) from None
     keep = [
         p for p in found
         if p.lower().endswith(IMAGE_EXTENSIONS) and not posixpath.basename(p).startswith(".")
@@ -200,12 +199,12 @@ def decode_image(data: bytes, url: str = "<bytes>") -> torch.Tensor:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as probe:
+            with Image.open(io.BytesIO(data), formats=DECODERS) as probe:
                 w, h = probe.size
                 if w * h > MAX_PIXELS:
                     raise ImageReadError(url, f"decompression bomb: {w}x{h} pixels exceeds {MAX_PIXELS}")
                 probe.verify()
-            with Image.open(io.BytesIO(data)) as img:
+            with Image.open(io.BytesIO(data), formats=DECODERS) as img:
                 img.load()
                 array = _to_rgb_array(img)
     except ImageReadError:
@@ -213,7 +212,7 @@ def decode_image(data: bytes, url: str = "<bytes>") -> torch.Tensor:
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
         raise ImageReadError(url, f"decompression bomb: {err}") from None
     except UnidentifiedImageError:
-        raise ImageReadError(url, "not a recognised image format") from None
+        raise ImageReadError(url, f"not a recognised image format (accepted: {', '.join(DECODERS)})") from None
     except (OSError, SyntaxError, ValueError, EOFError, struct.error) as err:
         raise ImageReadError(url, f"corrupt or truncated image ({type(err).__name__}: {err})") from None
     return torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)))
@@ -230,16 +229,14 @@ def resize_square(image: torch.Tensor, size: int) -> torch.Tensor:
 
 def _fetch(url: str, storage_options: dict[str, Any] | None) -> bytes:
     fs, path = filesystem(url, storage_options)
-    return _cat(fs, path, url)
+    return _cat(fs, path, url, storage_options)
 
 
-def _cat(fs: Any, path: str, url: str) -> bytes:
+def _cat(fs: Any, path: str, url: str, storage_options: dict[str, Any] | None = None) -> bytes:
     try:
-        return fs.cat_file(path)
+        return _io(lambda: fs.cat_file(path), url, "reading", storage_options)
     except FileNotFoundError:
         raise ImageReadError(url, "file not found") from None
-    except PermissionError as err:
-        raise _access(url, "reading", err) from None
     except IsADirectoryError:
         raise ImageReadError(url, "is a directory") from None
 
@@ -260,7 +257,7 @@ def _fetch_many(urls: Sequence[str], storage_options: dict[str, Any] | None) -> 
 
     def get(url: str) -> bytes | ImageReadError:
         try:
-            return _cat(fs, fs._strip_protocol(url), url)
+            return _cat(fs, fs._strip_protocol(url), url, storage_options)
         except ImageReadError as err:
             return err
 

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from lens_core.config import ModelConfig
-from lens_core.store import filesystem
+from lens_core.store import StoreAccessError, call, filesystem
 
 log = logging.getLogger(__name__)
 
@@ -114,13 +114,20 @@ def _from_factory(arch: str, num_classes: int) -> nn.Module:
 
 @contextmanager
 def _reading(url: str) -> Iterator[None]:
-    """Turn storage errors into a CheckpointError naming the URL (never the credentials)."""
+    """Turn storage errors into a CheckpointError naming the URL (never the credentials).
+
+    An unreachable store is retried first (lens_core.store.call) and then raises StoreError.
+    """
     try:
         yield
     except FileNotFoundError:
         raise CheckpointError(f"checkpoint not found: {url}") from None
+    except StoreAccessError:
+        raise CheckpointError(f"access denied reading checkpoint {url} (check credentials)") from None
     except PermissionError as err:
         raise CheckpointError(f"access denied reading checkpoint {url} (check credentials): {err}") from None
+    except (IsADirectoryError, NotADirectoryError) as err:
+        raise CheckpointError(f"checkpoint {url} is not a file ({type(err).__name__})") from None
     except OSError as err:
         raise CheckpointError(f"cannot read checkpoint {url}: {type(err).__name__}: {err}") from None
 
@@ -128,18 +135,22 @@ def _reading(url: str) -> Iterator[None]:
 def _read_bytes(url: str, storage_options: dict[str, Any] | None) -> bytes:
     with _reading(url):
         fs, path = filesystem(url, storage_options)
-        return fs.cat_file(path)
+        return call(lambda: fs.cat_file(path), url, "reading checkpoint", storage_options)
 
 
 def checkpoint_digest(url: str, storage_options: dict[str, Any] | None = None) -> str:
     """sha256 hex of the checkpoint's bytes (the run id depends on it), streamed in 8 MiB blocks."""
-    digest = hashlib.sha256()
-    with _reading(url):
-        fs, path = filesystem(url, storage_options)
+
+    def stream() -> str:
+        digest = hashlib.sha256()
         with fs.open(path, "rb") as f:
             while block := f.read(8 << 20):
                 digest.update(block)
-    return digest.hexdigest()
+        return digest.hexdigest()
+
+    with _reading(url):
+        fs, path = filesystem(url, storage_options)
+        return call(stream, url, "reading checkpoint", storage_options)
 
 
 def _is_safetensors(data: bytes, url: str) -> bool:

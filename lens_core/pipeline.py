@@ -14,6 +14,7 @@ import platform
 import time
 import traceback
 from collections.abc import Callable, Iterable
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import wraps
@@ -173,6 +174,14 @@ def _short_error(err: BaseException) -> str:
     return f"{type(err).__name__}: {err}"[:2000]
 
 
+_STAGE_DONE: dict[str, Callable[[RunStore, str], bool]] = {
+    "activations": lambda s, c: s.is_complete(f"acts/{c}"),
+    "factorize": lambda s, c: s.is_complete(f"concepts/{c}"),
+    "importance": lambda s, c: s.is_complete(f"importance/{c}"),
+    "crops": lambda s, c: s.files_complete(f"crops/{c}"),
+}
+
+
 def tracked(stage: str) -> Callable:
     """Time a per-class stage and record running/completed/skipped/failed in its status file."""
 
@@ -182,7 +191,10 @@ def tracked(stage: str) -> Callable:
             store = info.store()
             t0 = time.perf_counter()
             try:
-                result = fn(info, slug, *args, **kwargs)
+                # one writer per (stage, class) across concurrent runs: a second run waits, then reuses
+                done = _STAGE_DONE.get(stage, lambda s, c: False)(store, slug)
+                with nullcontext() if done else store.lease(f"{stage}/{slug}"):
+                    result = fn(info, slug, *args, **kwargs)
             except Exception as err:
                 write_status(store, slug, stage, "failed", time.perf_counter() - t0, _short_error(err))
                 log.debug("stage %s failed for %s:\n%s", stage, slug, traceback.format_exc())

@@ -1,28 +1,190 @@
 """The run store: `<store>/runs/<run_id>/` on any fsspec URL, its Zarr v3 group and completion markers.
 
 Layout (DESIGN.md): run.json, lens.zarr/{acts,concepts}/<class>/..., crops/<class>/...,
-viz/<class>/..., status/<class>.json. A stage writes its outputs, then its marker last: the Zarr
-group attribute ``complete: true`` or a ``_SUCCESS`` object under a file prefix.
+viz/<class>/..., status/<class>.json, locks/<stage>/<class>/. A stage writes its outputs, then its
+marker last: the Zarr group attribute ``complete: true`` or a ``_SUCCESS`` object under a file prefix.
+
+Faults. Every store operation (files and Zarr chunks) is retried while the store is unreachable
+(connection refused or reset, timeouts, HTTP 5xx) for ``LENS_STORE_RETRY_S`` seconds (default 60),
+then fails with a ``StoreError`` naming the URL; a refused credential fails at once with a
+``StoreAccessError``. Neither message carries credentials.
+
+Concurrency. Two runs of the same checkpoint share a run id and so a store. A stage takes a
+*lease* (`RunStore.lease`) before it writes: an object created atomically (local: hard link, which
+fails if the name exists; S3: a conditional put, ``If-None-Match: *``), kept alive by a heartbeat
+and released when the stage ends. A second run waits for the lease, then finds the marker and
+reuses the result. A lease whose holder died (same host and its pid is gone, or no heartbeat for
+its TTL) is taken over by creating the next generation, which again only one process can do.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import errno
 import json
+import logging
 import os
 import posixpath
+import socket
+import threading
+import time
 import uuid
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
+from typing import Any, TypeVar
 
 import fsspec
 import zarr
 from fsspec.core import url_to_fs
+from zarr.abc.store import Store
+from zarr.storage import WrapperStore
 
 SUCCESS = "_SUCCESS"
+T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 
 class StoreError(RuntimeError):
     """The store cannot be reached or written; the message names the URL, never credentials."""
 
+
+class StoreAccessError(StoreError, PermissionError):
+    """The store refuses these credentials; the message names the URL, never the credentials."""
+
+
+# ---- fault classification and retries -----------------------------------------------------------
+
+_UNREACHABLE_TYPES = (ConnectionError, TimeoutError, socket.timeout, asyncio.TimeoutError)
+_UNREACHABLE_NAMES = {
+    "EndpointConnectionError", "ConnectTimeoutError", "ReadTimeoutError", "ConnectionClosedError",
+    "ProxyConnectionError", "HTTPClientError", "ClientConnectorError", "ServerDisconnectedError",
+    "ClientOSError", "ClientPayloadError", "ResponseStreamingError", "FSTimeoutError",
+}
+_UNREACHABLE_ERRNO = {
+    errno.ECONNREFUSED, errno.ECONNRESET, errno.ECONNABORTED, errno.ETIMEDOUT, errno.EPIPE,
+    errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EAGAIN, errno.EBUSY, errno.EREMOTEIO,
+}
+_SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_ACCESS_KEY_ID", "AWS_SESSION_TOKEN")
+_SECRET_OPTS = ("key", "secret", "token", "password", "aws_secret_access_key", "aws_access_key_id")
+
+
+def is_unreachable(err: BaseException | None) -> bool:
+    """True for errors that say the store did not answer (network, timeouts, HTTP 5xx)."""
+    for _ in range(8):
+        if err is None or isinstance(err, StoreError | FileNotFoundError | PermissionError):
+            return False
+        if isinstance(err, _UNREACHABLE_TYPES) or type(err).__name__ in _UNREACHABLE_NAMES:
+            return True
+        if isinstance(err, OSError) and err.errno in _UNREACHABLE_ERRNO:
+            return True
+        err = err.__cause__ or err.__context__
+    return False
+
+
+def retry_seconds() -> float:
+    """How long an unreachable store is retried before giving up (env LENS_STORE_RETRY_S)."""
+    return float(os.environ.get("LENS_STORE_RETRY_S", "60"))
+
+
+def scrub(text: str, storage_options: dict[str, Any] | None = None) -> str:
+    """`text` with every credential value we know of (options, AWS_* env) masked."""
+    secrets = [os.environ.get(k, "") for k in _SECRET_ENV]
+
+    def walk(opts: dict[str, Any]) -> None:
+        for k, v in opts.items():
+            if isinstance(v, dict):
+                walk(v)
+            elif isinstance(v, str) and any(s in k.lower() for s in _SECRET_OPTS):
+                secrets.append(v)
+
+    walk(storage_options or {})
+    for s in sorted({s for s in secrets if len(s) >= 4}, key=len, reverse=True):
+        text = text.replace(s, "***")
+    return text
+
+
+def _describe(err: BaseException, storage_options: dict[str, Any] | None) -> str:
+    return scrub(f"{type(err).__name__}: {err}", storage_options)[:300]
+
+
+class _Retry:
+    """Bookkeeping of one retried operation: deadline, backoff, the final error."""
+
+    def __init__(self, url: str, action: str, storage_options: dict[str, Any] | None,
+                 access_error: type[StoreAccessError] = StoreAccessError):
+        self.url, self.action, self.opts = url, action, storage_options
+        self.access_error = access_error
+        self.start = time.monotonic()
+        self.delay = 0.5
+
+    def next_delay(self, err: BaseException) -> float | None:
+        """Seconds to wait before the next try, or None when the error is final."""
+        if not is_unreachable(err):
+            return None
+        elapsed = time.monotonic() - self.start
+        if elapsed + self.delay > retry_seconds():
+            return None
+        delay, self.delay = self.delay, min(self.delay * 2, 8.0)
+        log.warning("storage unreachable %s %s (%s); retrying in %.1f s",
+                    self.action, self.url, _describe(err, self.opts), delay)
+        return delay
+
+    def final(self, err: BaseException) -> BaseException:
+        """The error to raise: StoreError/StoreAccessError naming the URL, or `err` itself."""
+        if isinstance(err, StoreError):
+            return err
+        if isinstance(err, PermissionError):
+            return self.access_error(
+                f"access denied {self.action} {self.url} (check storage credentials): "
+                f"{_describe(err, self.opts)}"
+            )
+        if is_unreachable(err):
+            return StoreError(
+                f"storage unreachable {self.action} {self.url} "
+                f"(gave up after {time.monotonic() - self.start:.0f} s): {_describe(err, self.opts)}"
+            )
+        return err
+
+
+def call(op: Callable[[], T], url: str, action: str, storage_options: dict[str, Any] | None = None,
+         access_error: type[StoreAccessError] = StoreAccessError) -> T:
+    """Run a storage operation, retrying while the store is unreachable; errors name `url`."""
+    retry = _Retry(url, action, storage_options, access_error)
+    while True:
+        try:
+            return op()
+        except Exception as err:  # noqa: BLE001 - classified below
+            failure = err
+        delay = retry.next_delay(failure)
+        if delay is None:
+            break
+        time.sleep(delay)
+    final = retry.final(failure)
+    if final is failure:
+        raise failure
+    raise final  # raised outside the handler: no chained traceback soup, nothing to retry again
+
+
+async def acall(op: Callable[[], Awaitable[T]], url: str, action: str,
+                storage_options: dict[str, Any] | None = None) -> T:
+    """`call` for coroutines (the Zarr store runs on an event loop)."""
+    retry = _Retry(url, action, storage_options)
+    while True:
+        try:
+            return await op()
+        except Exception as err:  # noqa: BLE001 - classified below
+            failure = err
+        delay = retry.next_delay(failure)
+        if delay is None:
+            break
+        await asyncio.sleep(delay)
+    final = retry.final(failure)
+    if final is failure:
+        raise failure
+    raise final
+
+
+# ---- URLs and filesystems -------------------------------------------------------------------------
 
 def normalize_url(url: str) -> str:
     """Absolute URL with a protocol: plain and relative paths become file:///abs/path."""
@@ -49,14 +211,246 @@ def filesystem(url: str, storage_options: dict[str, Any] | None = None) -> tuple
     return url_to_fs(url, **opts)
 
 
+class RetryingStore(WrapperStore):
+    """A Zarr store whose every operation is retried while the store is unreachable (see `call`)."""
+
+    def __init__(self, store: Store, url: str = "", storage_options: dict[str, Any] | None = None):
+        super().__init__(store)
+        self._url = url
+        self._opts = storage_options
+
+    def _with_store(self, store: Store) -> RetryingStore:
+        return type(self)(store, self._url, self._opts)
+
+    def _key_url(self, key: str) -> str:
+        return join_url(self._url, key) if key else self._url
+
+    async def _do(self, action: str, key: str, op: Callable[[], Awaitable[T]]) -> T:
+        return await acall(op, self._key_url(key), action, self._opts)
+
+    async def _open(self) -> None:
+        await self._do("opening", "", self._store._open)
+
+    async def get(self, key: str, prototype: Any, byte_range: Any = None) -> Any:
+        return await self._do("reading", key, lambda: self._store.get(key, prototype, byte_range))
+
+    async def get_partial_values(self, prototype: Any, key_ranges: Iterable[tuple[str, Any]]) -> list[Any]:
+        ranges = list(key_ranges)
+        key = ranges[0][0] if ranges else ""
+        return await self._do("reading", key, lambda: self._store.get_partial_values(prototype, ranges))
+
+    async def exists(self, key: str) -> bool:
+        return await self._do("checking", key, lambda: self._store.exists(key))
+
+    async def set(self, key: str, value: Any) -> None:
+        await self._do("writing", key, lambda: self._store.set(key, value))
+
+    async def set_if_not_exists(self, key: str, value: Any) -> None:
+        await self._do("writing", key, lambda: self._store.set_if_not_exists(key, value))
+
+    async def _set_many(self, values: Iterable[tuple[str, Any]]) -> None:
+        await asyncio.gather(*(self.set(k, v) for k, v in values))
+
+    async def _get_many(self, requests: Iterable[tuple[str, Any, Any]]):  # type: ignore[override]
+        for key, prototype, byte_range in requests:
+            yield key, await self.get(key, prototype, byte_range)
+
+    async def delete(self, key: str) -> None:
+        await self._do("deleting", key, lambda: self._store.delete(key))
+
+    async def delete_dir(self, prefix: str) -> None:
+        await self._do("deleting", prefix, lambda: self._store.delete_dir(prefix))
+
+    async def is_empty(self, prefix: str) -> bool:
+        return await self._do("listing", prefix, lambda: self._store.is_empty(prefix))
+
+    async def _listed(self, prefix: str, listing: Callable[[], AsyncIterator[str]]) -> AsyncIterator[str]:
+        async def collect() -> list[str]:
+            return [k async for k in listing()]
+
+        for key in await self._do("listing", prefix, collect):
+            yield key
+
+    def list(self) -> AsyncIterator[str]:
+        return self._listed("", self._store.list)
+
+    def list_prefix(self, prefix: str) -> AsyncIterator[str]:
+        return self._listed(prefix, lambda: self._store.list_prefix(prefix))
+
+    def list_dir(self, prefix: str) -> AsyncIterator[str]:
+        return self._listed(prefix, lambda: self._store.list_dir(prefix))
+
+
 def zarr_store(url: str, storage_options: dict[str, Any] | None = None, read_only: bool = False):
-    """A zarr v3 store for a URL: LocalStore on disk, FsspecStore (async s3fs) elsewhere."""
+    """A zarr v3 store for a URL: LocalStore on disk, FsspecStore (async s3fs) elsewhere; retried."""
     url = normalize_url(url)
     if url.startswith("file://"):
         return zarr.storage.LocalStore(url[len("file://"):], read_only=read_only)
     opts = dict(storage_options or {})
     opts.setdefault("skip_instance_cache", True)
-    return zarr.storage.FsspecStore.from_url(url, storage_options=opts, read_only=read_only)
+    inner = zarr.storage.FsspecStore.from_url(url, storage_options=opts, read_only=read_only)
+    return RetryingStore(inner, url, storage_options)
+
+
+# ---- leases ---------------------------------------------------------------------------------------
+
+def _lease_ttl() -> float:
+    return float(os.environ.get("LENS_LEASE_TTL_S", "120"))
+
+
+def _lease_poll() -> float:
+    return float(os.environ.get("LENS_LEASE_POLL_S", "1.0"))
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class Lease:
+    """An exclusive claim on one unit of work (a stage of a class) across every process on the store.
+
+    Objects ``locks/<name>/<generation>.json``; the highest generation is the lease. Acquire by
+    creating generation 0 (none exists) or the next one (the current holder is gone), atomically.
+    """
+
+    def __init__(self, store: RunStore, name: str, ttl: float | None = None, poll: float | None = None):
+        self.store = store
+        self.prefix = f"locks/{name.strip('/')}"
+        self.ttl = ttl if ttl is not None else _lease_ttl()
+        self.poll = poll if poll is not None else _lease_poll()
+        self.token = uuid.uuid4().hex
+        self.generation: int | None = None
+        self.waited = 0.0
+        self._beats = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._seen: dict[tuple[int, str], tuple[int, float]] = {}
+
+    def _rel(self, gen: int) -> str:
+        return f"{self.prefix}/{gen:08d}.json"
+
+    def _record(self) -> bytes:
+        return json.dumps({"token": self.token, "host": socket.gethostname(), "pid": os.getpid(),
+                           "beats": self._beats, "ttl": self.ttl, "at": time.time()}).encode()
+
+    def _generations(self) -> list[int]:
+        gens = []
+        for name in self.store.list(self.prefix):
+            stem = name[: -len(".json")] if name.endswith(".json") else ""
+            if stem.isdigit():
+                gens.append(int(stem))
+        return sorted(gens)
+
+    def _stale(self, gen: int, rec: dict[str, Any]) -> bool:
+        if rec.get("host") == socket.gethostname() and not _pid_alive(int(rec.get("pid", 0))):
+            return True
+        key, now = (gen, str(rec.get("token"))), time.monotonic()
+        beats = int(rec.get("beats", 0))
+        seen = self._seen.get(key)
+        if seen is None or seen[0] != beats:
+            self._seen[key] = (beats, now)
+            return False
+        return now - seen[1] >= float(rec.get("ttl", self.ttl))
+
+    def acquire(self) -> Lease:
+        """Block until this process holds the lease."""
+        t0 = time.monotonic()
+        logged = False
+        while True:
+            gens = self._generations()
+            target = 0
+            if gens:
+                top = gens[-1]
+                try:
+                    rec = json.loads(self.store.read_bytes(self._rel(top)))
+                except FileNotFoundError:
+                    continue  # released while we looked
+                except (json.JSONDecodeError, UnicodeDecodeError):
+                    rec = {}
+                if not self._stale(top, rec):
+                    if not logged:
+                        log.info("waiting for %s: held by %s pid %s", self.prefix, rec.get("host"), rec.get("pid"))
+                        logged = True
+                    time.sleep(self.poll)
+                    continue
+                target = top + 1
+            if self.store.create_exclusive(self._rel(target), self._record()):
+                self.generation = target
+                self.waited = time.monotonic() - t0
+                for old in gens:  # generations of dead holders
+                    with contextlib.suppress(Exception):
+                        self.store.fs.rm(self.store.path(self._rel(old)))
+                self._start_heartbeat()
+                return self
+
+    def _start_heartbeat(self) -> None:
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._heartbeat, name=f"lease:{self.prefix}", daemon=True)
+        self._thread.start()
+
+    def _heartbeat(self) -> None:
+        while not self._stop.wait(max(0.05, self.ttl / 4)):
+            try:
+                if not self.held():
+                    log.warning("lease %s was taken over by another process", self.prefix)
+                    return
+                self._beats += 1
+                self.store.write_bytes(self._rel(self.generation), self._record())
+            except Exception as err:  # noqa: BLE001 - a missed beat is only a missed beat
+                log.debug("lease heartbeat %s failed: %s", self.prefix, type(err).__name__)
+
+    def held(self) -> bool:
+        """True while our generation is the highest one and still carries our token."""
+        if self.generation is None:
+            return False
+        gens = self._generations()
+        if not gens or gens[-1] != self.generation:
+            return False
+        try:
+            return json.loads(self.store.read_bytes(self._rel(self.generation))).get("token") == self.token
+        except (FileNotFoundError, json.JSONDecodeError):
+            return False
+
+    def release(self) -> None:
+        """Stop the heartbeat and delete our generation (only if it is still ours)."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self.generation is not None:
+            with contextlib.suppress(Exception):
+                rec = json.loads(self.store.read_bytes(self._rel(self.generation)))
+                if rec.get("token") == self.token:
+                    self.store.fs.rm(self.store.path(self._rel(self.generation)))
+            if self.store.local:  # no empty lock folders left behind
+                with contextlib.suppress(OSError):
+                    os.rmdir(self.store.path(self.prefix))
+            self.generation = None
+
+    def __enter__(self) -> Lease:
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+# ---- the run store --------------------------------------------------------------------------------
+
+def _precondition_failed(err: BaseException) -> bool:
+    """An S3 conditional put refused because the object exists (412 / PreconditionFailed)."""
+    if isinstance(err, FileExistsError):
+        return True
+    cause = getattr(err, "__cause__", None) or err
+    response = getattr(cause, "response", None) or {}
+    code = str(response.get("Error", {}).get("Code", ""))
+    status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+    return code in ("PreconditionFailed", "ConditionalRequestConflict") or status in (409, 412)
 
 
 class RunStore:
@@ -70,6 +464,14 @@ class RunStore:
         self.fs, self.root_path = filesystem(self.root, self.storage_options)
         self._zarr: zarr.Group | None = None
 
+    @property
+    def local(self) -> bool:
+        proto = self.fs.protocol
+        return "file" in (proto if isinstance(proto, tuple | list) else (proto,))
+
+    def _call(self, op: Callable[[], T], rel: str, action: str) -> T:
+        return call(op, self.url(rel), action, self.storage_options)
+
     # ---- plain files -------------------------------------------------------------------
     def url(self, rel: str) -> str:
         return join_url(self.root, rel)
@@ -78,22 +480,49 @@ class RunStore:
         return posixpath.join(self.root_path, rel.strip("/"))
 
     def exists(self, rel: str) -> bool:
-        return self.fs.exists(self.path(rel))
+        return self._call(lambda: self.fs.exists(self.path(rel)), rel, "checking")
 
     def write_bytes(self, rel: str, data: bytes) -> None:
         """Write a file whole: local writes go through a temp name and a rename."""
         path = self.path(rel)
-        if self.fs.protocol in ("file", ("file", "local")) or "file" in self.fs.protocol:
+        if self.local:
             os.makedirs(posixpath.dirname(path), exist_ok=True)
             tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
             with open(tmp, "wb") as f:
                 f.write(data)
             os.replace(tmp, path)
         else:
-            self.fs.pipe_file(path, data)
+            self._call(lambda: self.fs.pipe_file(path, data), rel, "writing")
+
+    def create_exclusive(self, rel: str, data: bytes) -> bool:
+        """Create a file with `data` unless it exists, atomically; True when we created it."""
+        path = self.path(rel)
+        if self.local:
+            os.makedirs(posixpath.dirname(path), exist_ok=True)
+            tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+            with open(tmp, "wb") as f:
+                f.write(data)
+            try:
+                os.link(tmp, path)  # fails if the name exists: the file appears whole or not at all
+                return True
+            except FileExistsError:
+                return False
+            finally:
+                os.unlink(tmp)
+
+        def put() -> bool:
+            try:
+                self.fs.pipe_file(path, data, mode="create")
+                return True
+            except OSError as err:
+                if _precondition_failed(err):
+                    return False
+                raise
+
+        return self._call(put, rel, "creating")
 
     def read_bytes(self, rel: str) -> bytes:
-        return self.fs.cat_file(self.path(rel))
+        return self._call(lambda: self.fs.cat_file(self.path(rel)), rel, "reading")
 
     def write_json(self, rel: str, obj: Any) -> None:
         self.write_bytes(rel, json.dumps(obj, indent=1, sort_keys=True, default=str).encode())
@@ -107,19 +536,26 @@ class RunStore:
     def list(self, rel: str) -> list[str]:
         """Names directly under a prefix ([] when absent)."""
         try:
-            return sorted(posixpath.basename(p.rstrip("/")) for p in self.fs.ls(self.path(rel), detail=False))
+            found = self._call(lambda: self.fs.ls(self.path(rel), detail=False), rel, "listing")
         except FileNotFoundError:
             return []
+        return sorted(posixpath.basename(p.rstrip("/")) for p in found)
 
     def remove(self, rel: str) -> None:
-        if self.fs.exists(self.path(rel)):
-            self.fs.rm(self.path(rel), recursive=True)
+        if self.exists(rel):
+            self._call(lambda: self.fs.rm(self.path(rel), recursive=True), rel, "deleting")
 
     def files_complete(self, prefix: str) -> bool:
         return self.exists(join_url(prefix, SUCCESS))
 
     def mark_files_complete(self, prefix: str) -> None:
         self.write_bytes(join_url(prefix, SUCCESS), b"")
+
+    @contextlib.contextmanager
+    def lease(self, name: str, ttl: float | None = None, poll: float | None = None) -> Iterator[Lease]:
+        """Hold the lease `name` (e.g. 'activations/<class>') for the block; waits while another has it."""
+        with Lease(self, name, ttl, poll) as held:
+            yield held
 
     # ---- zarr ----------------------------------------------------------------------------
     @property

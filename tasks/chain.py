@@ -14,6 +14,7 @@ from prefect import tags, task
 from prefect.cache_policies import NO_CACHE
 
 from lens_core.pipeline import RunInfo
+from lens_core.render import pending_items
 from tasks.stages import activations_task, crops_task, factorize_task, importance_task
 
 STAGE_TASKS = (activations_task, factorize_task, importance_task, crops_task)
@@ -30,4 +31,5 @@ def class_chain_task(info: RunInfo, slug: str, device: str | None = None) -> dic
     summary = {r["stage"]: {"skipped": bool(r.get("skipped")), "seconds": r["seconds"]} for r in results}
     top = results[2].get("status", {})
     return {"class": slug, "stages": summary, "top_concept": top.get("top_concept"),
-            "top_importance": top.get("top_importance")}
+            "top_importance": top.get("top_importance"),
+            "render_items": pending_items(info, [slug])}  # read here, on the worker, not in the flow

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import socket
+import time
 from typing import Any
 
 from prefect import task
@@ -15,6 +16,9 @@ from prefect.cache_policies import NO_CACHE
 
 from lens_core import atlas, pipeline, publish, render
 from lens_core.pipeline import RunInfo
+from tasks import tag_limits
+
+tag_limits.install()  # per-class tags would otherwise cost a Prefect service per task run (tag_limits.py)
 
 # Exceptions worth another try: network and storage hiccups, not bad input or bad code.
 _TRANSIENT = (ConnectionError, TimeoutError, socket.timeout)
@@ -72,8 +76,10 @@ def crops_task(info: RunInfo, slug: str, device: str | None = None) -> dict[str,
 @task(name="render", task_run_name="render[{label}]", tags=["stage:render", "gpu"], **_COMMON)
 def render_task(info: RunInfo, items: list[tuple[str, int]], label: str, device: str | None = None) -> dict[str, Any]:
     """Render one pooled batch of concepts (from any classes) with MACO."""
+    t0 = time.perf_counter()
     out = render.render_batch(info, items, device)
     out["marked"] = render.finalize_viz(info, sorted({s for s, _ in items}))
+    out["seconds"] = time.perf_counter() - t0
     return out
 
 

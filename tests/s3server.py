@@ -1,7 +1,8 @@
 """A real S3 server for tests: SeaweedFS (`weed server -s3`) on loopback with enforced credentials.
 
 Every port (HTTP and gRPC) is chosen explicitly, so nothing collides with a default port; a clash
-with another process is retried with fresh ports.
+with another process is retried with fresh ports. A server can be stopped (gracefully, or killed
+like a crash) and started again on the same ports and data directory, for outage tests.
 """
 
 from __future__ import annotations
@@ -57,6 +58,7 @@ class S3Server:
     workdir: Path
     process: subprocess.Popen | None = None
     log_path: Path | None = None
+    args: list[str] = field(default_factory=list)
     _buckets: list[str] = field(default_factory=list)
     _sockets: list[Path] = field(default_factory=list)
 
@@ -88,6 +90,33 @@ class S3Server:
             return self.log_path.read_text(errors="replace")[-8000:]
         return ""
 
+    @property
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def start(self, timeout: float = 60.0) -> None:
+        """(Re)start `weed` with the same ports, data directory and credentials; wait until S3 works."""
+        if self.running:
+            return
+        with open(self.log_path or self.workdir / "weed.log", "ab") as log:
+            self.process = subprocess.Popen(
+                self.args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                cwd=self.workdir, start_new_session=True,
+            )  # fmt: skip
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"weed exited with {self.process.returncode}:\n{self.log()}")
+            if _answers(self.endpoint_url) and _bucket_ops_work(self):
+                return
+            time.sleep(0.25)
+        self.stop()
+        raise RuntimeError(f"weed S3 did not answer within {timeout:.0f} s:\n{self.log()}")
+
+    def kill(self) -> None:
+        """SIGKILL the server at once (a crash: no goodbye to open connections)."""
+        self.stop(grace=0.0)
+
     def stop(self, grace: float = 3.0) -> None:
         """SIGTERM the server's process group and wait; SIGKILL after `grace` seconds.
 
@@ -97,6 +126,8 @@ class S3Server:
         proc = self.process
         if proc is not None and proc.poll() is None:
             try:
+                if grace <= 0:
+                    raise subprocess.TimeoutExpired(proc.args, 0)
                 os.killpg(proc.pid, signal.SIGTERM)
                 proc.wait(timeout=grace)
             except subprocess.TimeoutExpired:
@@ -134,32 +165,19 @@ def _launch(weed: str, workdir: Path, key: str, secret: str, timeout: float) -> 
     args = [
         weed, f"-logdir={logs}", "server", f"-dir={data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
         f"-master.port={master}", f"-master.port.grpc={master_g}", "-master.telemetry=false",
-        "-master.volumeSizeLimitMB=64", "-volume.max=2000", "-volume.preStopSeconds=0",
+        "-master.volumeSizeLimitMB=64", "-master.electionTimeout=1s", "-volume.max=2000", "-volume.preStopSeconds=0",
         f"-volume.port={volume}", f"-volume.port.grpc={volume_g}",
         "-filer", f"-filer.port={filer}", f"-filer.port.grpc={filer_g}",
         f"-filer.localSocket={workdir}/filer.sock",
         "-s3", f"-s3.port={s3}", f"-s3.port.grpc={s3_g}", f"-s3.config={config}",
         "-s3.port.iceberg=0", "-s3.port.lance=0", f"-s3.localSocket={workdir}/s3.sock",
     ]  # fmt: skip
-    log_path = workdir / "weed.log"
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(
-            args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            cwd=workdir, start_new_session=True,
-        )  # fmt: skip
-    server = S3Server(f"http://127.0.0.1:{s3}", key, secret, workdir, proc, log_path)
+    server = S3Server(f"http://127.0.0.1:{s3}", key, secret, workdir, None, workdir / "weed.log", args)
     # gRPC unix sockets land in /tmp whatever the flags say: remove them at stop
     grpc = {"master": master_g, "volume": volume_g, "filer": filer_g, "s3": s3_g}
     server._sockets += [Path(f"/tmp/seaweedfs-{name}-grpc-{port}.sock") for name, port in grpc.items()]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"weed exited with {proc.returncode}:\n{server.log()}")
-        if _answers(server.endpoint_url) and _bucket_ops_work(server):
-            return server
-        time.sleep(0.25)
-    server.stop()
-    raise RuntimeError(f"weed S3 did not answer within {timeout:.0f} s:\n{server.log()}")
+    server.start(timeout)
+    return server
 
 
 def _bucket_ops_work(server: S3Server) -> bool:
