@@ -6,7 +6,7 @@ import argparse
 import logging
 import os
 import sys
-import threading
+import warnings
 from typing import Any
 
 from lens_core.config import ConfigError, load_config, split_secrets
@@ -21,53 +21,111 @@ def _config(args: argparse.Namespace):
                        publish=getattr(args, "publish", None))
 
 
-def _watch_progress(store: RunStore, slugs: list[str], stop: threading.Event) -> None:
-    """A progress bar fed by the store's completion markers while the flow runs."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+QUIET_ENV = {
+    "PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL": "WARNING",  # INFO logs still reach the API (task run logs)
+    "DASK_LOGGING__DISTRIBUTED": "warning",
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",  # no telemetry errors without network
+}
 
-    with Progress(TextColumn("[bold]classes"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  transient=False) as bar:
-        task = bar.add_task("classes", total=len(slugs))
-        while not stop.is_set():
-            done = 0
-            for s in slugs:
-                st = store.read_json(f"status/{s}/crops.json") or {}
-                failed = any((store.read_json(f"status/{s}/{x}.json") or {}).get("state") == "failed"
-                             for x in ("activations", "factorize", "importance"))
-                done += st.get("state") in ("completed", "skipped", "failed") or failed
-            bar.update(task, completed=done)
-            stop.wait(1.0)
+
+def _quiet_console() -> None:
+    """Console output of `lens run`: the progress bars and the summary; warnings and errors still show.
+
+    LENS_LOG=INFO (or DEBUG) keeps every library's INFO lines.
+    """
+    if os.environ.get("LENS_LOG", "WARNING").upper() in ("INFO", "DEBUG"):
+        return
+    for key, value in QUIET_ENV.items():
+        os.environ.setdefault(key, value)  # before Prefect and Dask configure logging; workers inherit it
+    warnings.filterwarnings("ignore", message="Port .* is already in use")  # Dask's scheduler HTTP port
+
+
+class _Bars:
+    """Rich progress bars fed by the flow (classes finished, concepts rendered)."""
+
+    def __init__(self, n_classes: int, enabled: bool):
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+        )
+
+        self.progress = Progress(TextColumn("[bold]{task.description:<8}"), BarColumn(), MofNCompleteColumn(),
+                                 TimeElapsedColumn(), disable=not enabled)
+        self.tasks = {"classes": self.progress.add_task("classes", total=n_classes),
+                      "concepts": self.progress.add_task("renders", total=None)}
+
+    def update(self, kind: str, done: int, total: int) -> None:
+        self.progress.update(self.tasks[kind], completed=done, total=total)
+
+
+def _runner(args: argparse.Namespace) -> tuple[Any, Any]:
+    """(local cluster or None, task runner): workers start now and import the stages meanwhile."""
+    from prefect_dask import DaskTaskRunner
+
+    from flows.atlas import cluster_spec, make_task_runner
+
+    address = args.dask_address or os.environ.get("LENS_DASK_ADDRESS")
+    if address or os.environ.get("LENS_GPU", "") == "1":
+        return None, make_task_runner(workers=args.workers, dask_address=address)
+    from flows.cluster import local_cluster
+
+    cluster = local_cluster(**cluster_spec(args.workers)[1])
+    return cluster, DaskTaskRunner(address=cluster.scheduler_address)
+
+
+def _api_url_configured() -> bool:
+    if os.environ.get("PREFECT_API_URL"):
+        return True
+    from prefect.settings import PREFECT_API_URL
+
+    return bool(PREFECT_API_URL.value())
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from flows.atlas import build_atlas, make_task_runner
-    from lens_core.pipeline import prepare_run
-
+    _quiet_console()
     cfg = _config(args)
     if args.checkpoint:
         cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"checkpoint": args.checkpoint})})
-    public_options, secret_env = split_secrets(cfg.storage_options)
-    os.environ.update(secret_env)  # Dask workers started below inherit them; parameters never see them
-    cfg = cfg.model_copy(update={"storage_options": public_options})
-    info = prepare_run(cfg)
-    print(f"LENS run {info.run_id}: {len(info.classes)} classes, model {cfg.model.arch}, store {normalize_url(cfg.store)}")
-    stop = threading.Event()
-    watcher = threading.Thread(target=_watch_progress, args=(info.store(), info.slugs, stop), daemon=True)
-    if not args.no_progress:
-        watcher.start()
-    runner = make_task_runner(workers=args.workers, dask_address=args.dask_address)
+    from flows.api import TemporaryAPI, drain_prefect_queues
+
+    api = None if _api_url_configured() else TemporaryAPI().start()  # boots while we import and prepare
+    cluster = None
     try:
-        state = build_atlas.with_options(task_runner=runner)(
-            config=cfg.model_dump(mode="json", exclude={"classes"}), classes=cfg.classes, return_state=True
-        )
+        public_options, secret_env = split_secrets(cfg.storage_options)
+        os.environ.update(secret_env)  # Dask workers started below inherit them; parameters never see them
+        cfg = cfg.model_copy(update={"storage_options": public_options})
+        from prefect.settings import PREFECT_API_URL, temporary_settings
+
+        from flows.atlas import build_atlas, progress_listener
+        from lens_core.pipeline import prepare_run
+        from lens_core.publish import site_url
+
+        cluster, runner = _runner(args)
+        info = prepare_run(cfg)
+        print(f"LENS run {info.run_id}: {len(info.classes)} classes, model {cfg.model.arch}, "
+              f"store {normalize_url(cfg.store)}")
+        settings = {PREFECT_API_URL: api.wait()} if api else {}
+        bars = _Bars(len(info.slugs), enabled=not args.no_progress)
+        with temporary_settings(updates=settings), progress_listener(bars.update), bars.progress:
+            state = build_atlas.with_options(task_runner=runner)(
+                config=cfg.model_dump(mode="json", exclude={"classes"}), classes=cfg.classes, return_state=True
+            )
+            drain_prefect_queues()
     finally:
-        stop.set()
-        if watcher.is_alive():
-            watcher.join(timeout=5)
+        if cluster is not None:
+            cluster.close()
+        if api is not None:
+            api.stop()
     result: dict[str, Any] = state.result(raise_on_failure=False) if not state.is_failed() else {}
     print(f"{state.name}: {state.message}")
-    from lens_core.publish import site_url
-
+    timings = result.get("timings") if isinstance(result, dict) else None
+    if timings:
+        print(f"time: classes and renders {timings['classes_and_renders']:.0f} s "
+              f"({timings['concepts_rendered']} concepts in {timings['render_batches']} render batches), "
+              f"cross-class {timings['cross_class']:.1f} s, publish {timings['publish']:.1f} s")
     site = site_url(info)
     base = normalize_url(cfg.publish)
     if site.startswith("file://"):

@@ -191,13 +191,12 @@ def request_build(
     return Trigger(checkpoint, run_id, "triggered" if created else "existing", str(fr.id), fr.name, attempt)
 
 
-def check_placeholders(**params: Any) -> None:
-    """Fail clearly on a `{{ $VAR }}` that `prefect deploy` left unresolved (VAR was not set)."""
-    for name, value in params.items():
-        found = _PLACEHOLDER.search(value) if isinstance(value, str) else None
-        if found:
-            raise ValueError(f"parameter {name}={value!r} is an unresolved template: set {found.group(1)} "
-                             "in the environment of `prefect deploy` (docs/deploy.md) or pass the parameter")
+def check_prefix(prefix: str | None) -> str:
+    """The prefix to list; empty means LENS_CHECKPOINTS was unset at `prefect deploy` (it becomes "")."""
+    if not prefix or not prefix.strip() or _PLACEHOLDER.search(prefix):
+        raise ValueError(f"no checkpoint prefix ({prefix!r}): set LENS_CHECKPOINTS in the environment of "
+                         "`prefect deploy` (docs/deploy.md) or pass the prefix parameter")
+    return prefix.strip()
 
 
 @flow(name="watch-checkpoints", log_prints=True, persist_result=False)
@@ -225,7 +224,7 @@ def watch_checkpoints(
         max_attempts: build-atlas runs per checkpoint that may end unfinished before giving up.
     """
     logger = get_run_logger()
-    check_placeholders(prefix=prefix, config_path=config_path, store=store, publish=publish)
+    prefix = check_prefix(prefix)
     base = atlas_config(config_path, config, None, classes, store, publish)
     marker = f"lens-trigger:{(current_flow_run.get_id() or uuid.uuid4().hex)[:8]}"
     digests = DigestCache(base.store, base.storage_options)

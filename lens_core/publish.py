@@ -40,7 +40,7 @@ def concept_layout(W: np.ndarray, seed: int = 0) -> np.ndarray:
     if len(W) < 3:
         xy = np.stack([np.arange(len(W)), np.zeros(len(W))], 1).astype(float)
     else:
-        xy = MDS(n_components=2, dissimilarity="precomputed", random_state=seed, n_init=1,
+        xy = MDS(n_components=2, metric="precomputed", init="random", random_state=seed, n_init=1,
                  normalized_stress="auto").fit_transform((D + D.T) / 2)
     lo, hi = xy.min(0), xy.max(0)
     return (xy - lo) / np.where(hi - lo > 0, hi - lo, 1)

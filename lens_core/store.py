@@ -200,14 +200,32 @@ def join_url(base: str, *parts: str) -> str:
     return posixpath.join(base.rstrip("/"), *[p.strip("/") for p in parts if p])
 
 
+_CACHE: dict[str, Any] = {}
+_CACHE_LOCK = threading.Lock()
+_CREDENTIAL_ENV = (*_SECRET_ENV, "AWS_PROFILE", "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL")
+
+
+def _cached(kind: str, url: str, opts: dict[str, Any], make: Callable[[], T]) -> T:
+    """One object per process, URL, options and credential environment (s3 clients are costly:
+    about 0.3 s each, and leaked sessions log errors); a credential change gives a new one."""
+    env = [os.environ.get(k, "") for k in _CREDENTIAL_ENV]
+    key = json.dumps([kind, url, opts, env, os.getpid()], sort_keys=True, default=str)
+    with _CACHE_LOCK:
+        if key not in _CACHE:
+            _CACHE[key] = make()
+        return _CACHE[key]
+
+
 def filesystem(url: str, storage_options: dict[str, Any] | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
-    """(filesystem, path) for a URL; the s3 cache is skipped so options always apply."""
+    """(filesystem, path) for a URL; s3 filesystems are shared per process and options."""
     url = normalize_url(url)
     opts = dict(storage_options or {})
     if url.startswith("s3://"):
-        opts.setdefault("skip_instance_cache", True)
+        opts.setdefault("skip_instance_cache", True)  # our cache below keys on the env credentials too
         # markers and status files are polled across processes: a cached listing would be stale
         opts.setdefault("use_listings_cache", False)
+        fs = _cached("s3fs", "s3", opts, lambda: url_to_fs(url, **opts)[0])
+        return fs, fs._strip_protocol(url)
     return url_to_fs(url, **opts)
 
 
@@ -560,9 +578,15 @@ class RunStore:
     # ---- zarr ----------------------------------------------------------------------------
     @property
     def zarr(self) -> zarr.Group:
+        """The root group of lens.zarr (opened once per process: groups re-read metadata on access)."""
         if self._zarr is None:
-            store = zarr_store(self.url("lens.zarr"), self.storage_options)
-            self._zarr = zarr.open_group(store=store, mode="a", zarr_format=3)
+            url = self.url("lens.zarr")
+
+            def open_root() -> zarr.Group:
+                store = zarr_store(url, self.storage_options)
+                return zarr.open_group(store=store, mode="a", zarr_format=3)
+
+            self._zarr = open_root() if self.local else _cached("zarr", url, self.storage_options, open_root)
         return self._zarr
 
     def group(self, path: str, fresh: bool = False) -> zarr.Group:

@@ -372,12 +372,13 @@ def test_digest_cache_reads_a_checkpoint_again_only_when_it_changes(tmp_path: Pa
     assert digest_all()[url] == hashlib.sha256(b"weights-2, retrained").hexdigest() and reads == [url, url]
 
 
-def test_unresolved_deploy_templates_fail_clearly() -> None:
-    from flows.watch import check_placeholders
+def test_an_empty_prefix_is_refused_not_read_as_the_working_directory() -> None:
+    from flows.watch import check_prefix
 
-    check_placeholders(prefix="s3://b/ckpt", config_path=None)
-    with pytest.raises(ValueError, match="LENS_CHECKPOINTS"):
-        check_placeholders(prefix="{{ $LENS_CHECKPOINTS }}")
+    assert check_prefix(" s3://b/ckpt ") == "s3://b/ckpt"
+    for unset in ("", "  ", None, "{{ $LENS_CHECKPOINTS }}"):  # `prefect deploy` turns an unset variable into ""
+        with pytest.raises(ValueError, match="LENS_CHECKPOINTS"):
+            check_prefix(unset)
 
 
 def test_checkpoint_event_resource_is_an_absolute_url(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -499,7 +500,7 @@ def test_new_checkpoints_build_exactly_once_from_watcher_and_event(
     again = watch_checkpoints(**params)
     assert [c["action"] for c in again["checkpoints"]] == ["existing"], again
     assert len(_runs_of(BUILD)) == 1
-    print(f"three watchers, one build-atlas run: {time.monotonic() - t_start:.1f} s")
+    timings = {"three watchers, one build-atlas run": time.monotonic() - t_start}
 
     # a training job announces another checkpoint of the same model (outside the watched prefix)
     ckpt_b = _put_checkpoint(api, f"s3://{api.bucket}/incoming/toy-b.safetensors", epoch=2)
@@ -513,16 +514,16 @@ def test_new_checkpoints_build_exactly_once_from_watcher_and_event(
     watcher = api.wait("a watch-checkpoints run created by the lens.checkpoint.created trigger",
                        lambda: _runs_of(WATCH), timeout=90)
     assert len(watcher) == 1 and watcher[0].parameters["prefix"] == ckpt_b, [r.parameters for r in watcher]
-    print(f"event -> watcher run: {time.monotonic() - t_event:.1f} s")
+    timings["event -> watcher run"] = time.monotonic() - t_event
     watched = _final(api, watcher[0].id, "the event's watcher run", timeout=120)
     assert watched.state.is_completed(), (watched.state, api.logs())
     [build_b] = api.wait(f"a build-atlas run for run {run_b}", lambda: _runs_of(BUILD, f"lens-run:{run_b}"), timeout=10)
     assert build_b.parameters["checkpoint"] == ckpt_b
-    print(f"event -> build-atlas run: {time.monotonic() - t_event:.1f} s")
+    timings["event -> build-atlas run"] = time.monotonic() - t_event
 
     # the first build finishes where the watcher predicted; later watchers create nothing
     done = _final(api, flow_run.id, f"build-atlas run {flow_run.name} to finish", timeout=300)
-    print(f"first build finished: {time.monotonic() - t_start:.1f} s")
+    timings["first build finished"] = time.monotonic() - t_start
     assert done.state.is_completed() and done.state.name == "Completed", (done.state, api.logs())
     store = _agrees_with_lens_status(api, run_id, flow_run.id, cfg, capsys, monkeypatch)
     assert store.read_json("finished.json")["run_id"] == run_id
@@ -530,7 +531,7 @@ def test_new_checkpoints_build_exactly_once_from_watcher_and_event(
     assert [c["action"] for c in later["checkpoints"]] == ["finished"], later
 
     done_b = _final(api, build_b.id, f"build-atlas run {build_b.name} to finish", timeout=300)
-    print(f"second build finished: {time.monotonic() - t_start:.1f} s")
+    timings["second build finished"] = time.monotonic() - t_start
     assert done_b.state.is_completed() and done_b.state.name == "Completed", (done_b.state, api.logs())
     _agrees_with_lens_status(api, run_b, build_b.id, cfg_b, capsys, monkeypatch)
     replay = watch_checkpoints(prefix=ckpt_b, config_path=str(api.config_path))  # the event again: nothing
@@ -552,3 +553,34 @@ def test_new_checkpoints_build_exactly_once_from_watcher_and_event(
         assert meta["checkpoint_digest"][:12] in top and meta["published"] in top
     newest, oldest = sorted(published, key=lambda r: published[r]["published"], reverse=True)
     assert top.index(f'href="{newest}/') < top.index(f'href="{oldest}/')
+    print("; ".join(f"{k}: {v:.1f} s" for k, v in timings.items()))  # after the last capsys read
+
+
+@pytest.mark.slow
+def test_a_run_that_ended_unfinished_is_retried_up_to_max_attempts(api: Stack, s3_creds: None) -> None:
+    from prefect.client.schemas.actions import WorkPoolUpdate
+    from prefect.states import Failed
+
+    from flows.watch import RUN_TAG, atlas_config, idempotency_key, request_build
+
+    cfg = atlas_config(str(api.config_path))
+    run_id = "retrytest000"  # no such run in the store: never finished
+    with _client() as c:
+        dep = c.read_deployment_by_name(BUILD)
+        c.update_work_pool(POOL, WorkPoolUpdate(is_paused=True))  # nothing here may really run
+        created = []
+        try:
+            failed = c.create_flow_run_from_deployment(dep.id, parameters={}, state=Failed(), tags=[RUN_TAG + run_id],
+                                                       idempotency_key=idempotency_key(run_id, 0))
+            created.append(failed.id)
+            retry = request_build(BUILD, "s3://x/c.pt", run_id, {}, cfg, max_attempts=3)
+            assert (retry.action, retry.attempt, retry.flow_run_name) == ("triggered", 1, f"atlas-{run_id}-1"), retry
+            created.append(retry.flow_run_id)
+            again = request_build(BUILD, "s3://x/c.pt", run_id, {}, cfg, max_attempts=3)
+            assert (again.action, again.flow_run_id) == ("existing", retry.flow_run_id), again
+            assert request_build(BUILD, "s3://x/c.pt", run_id, {}, cfg, max_attempts=1).action == "gave-up"
+            assert len(_runs_of(BUILD, RUN_TAG + run_id)) == 2
+        finally:
+            for flow_run_id in created:
+                c.delete_flow_run(flow_run_id)
+            c.update_work_pool(POOL, WorkPoolUpdate(is_paused=False))
