@@ -135,16 +135,18 @@ def build_atlas(
     cfg = _resolve_config(config_path, config, checkpoint, classes, store, publish)
     t0 = time.perf_counter()
     info = prepare_run(cfg)
+    t_prepare = time.perf_counter() - t0
     logger.info("run %s: %d classes, model %s (%s), store %s", info.run_id, len(info.slugs), cfg.model.arch,
                 info.checkpoint_digest[:12], normalize_url(cfg.store))
     with _shared_api():
         outcomes, timings = _explain_classes(info, cfg, logger)
+        timings["prepare"] = t_prepare
         t = time.perf_counter()
-        cross_class_task.submit(info).result()
-        timings["cross_class"] = time.perf_counter() - t
+        cross = cross_class_task.submit(info).result()
+        timings.update(cross_class=time.perf_counter() - t, cross_class_compute=cross.get("task_seconds", 0.0))
         t = time.perf_counter()
         site = publish_task.submit(info, cfg.publish).result()
-        timings["publish"] = time.perf_counter() - t
+        timings.update(publish=time.perf_counter() - t, publish_compute=site.pop("task_seconds", 0.0))
     return _finish(info, outcomes, site, timings, t0, logger)
 
 
@@ -161,7 +163,7 @@ def _explain_classes(info: RunInfo, cfg: AtlasConfig, logger: Any) -> tuple[dict
 
     with dask.annotate(**_gpu_annotation(info)):
         for s in slugs:
-            track(class_chain_task.with_options(tags=[f"class:{s}"]).submit(info, s), "class", s)
+            track(class_chain_task.with_options(tags=[f"class:{s}"]).submit(info.narrowed([s]), s), "class", s)
     outcomes: dict[str, dict[str, Any]] = {}
     renders: list[tuple[list[tuple[str, int]], Any]] = []
     render_queue: list[tuple[str, int]] = []
@@ -236,7 +238,7 @@ def _finish(info: RunInfo, outcomes: dict[str, dict[str, Any]], site: dict[str, 
             t0: float, logger: Any) -> Any:
     """Table, link and final state (partial success when some classes failed)."""
     slugs = info.slugs
-    elapsed = time.perf_counter() - t0
+    t_rows = time.perf_counter()
     rows = []
     for slug in slugs:
         summary = class_summary(info, slug)
@@ -248,6 +250,8 @@ def _finish(info: RunInfo, outcomes: dict[str, dict[str, Any]], site: dict[str, 
     create_table_artifact(rows, key=f"lens-classes-{info.run_id}", description=f"LENS run {info.run_id}: per-class status")
     site_url = run_site_url(info)
     create_link_artifact(site_url + "/index.html", link_text="LENS atlas site", key=f"lens-site-{info.run_id}")
+    timings["summary"] = time.perf_counter() - t_rows
+    elapsed = time.perf_counter() - t0
     failed = [r["class"] for r in rows if r["status"] != "ok"]
     computed = {s: [st for st, r in o.get("stages", {}).items() if not r["skipped"]] for s, o in outcomes.items()}
     result = {"run_id": info.run_id, "classes": len(slugs), "failed": failed, "site": site_url,

@@ -6,6 +6,7 @@ import argparse
 import logging
 import os
 import sys
+import threading
 import warnings
 from typing import Any
 
@@ -61,19 +62,38 @@ class _Bars:
         self.progress.update(self.tasks[kind], completed=done, total=total)
 
 
-def _runner(args: argparse.Namespace) -> tuple[Any, Any]:
-    """(local cluster or None, task runner): workers start now and import the stages meanwhile."""
-    from prefect_dask import DaskTaskRunner
+class _Cluster:
+    """The local Dask cluster of `lens run`, started in the background (workers import torch meanwhile)."""
 
-    from flows.atlas import cluster_spec, make_task_runner
+    def __init__(self, workers: int | None):
+        from flows.atlas import cluster_spec
 
-    address = args.dask_address or os.environ.get("LENS_DASK_ADDRESS")
-    if address or os.environ.get("LENS_GPU", "") == "1":
-        return None, make_task_runner(workers=args.workers, dask_address=address)
-    from flows.cluster import local_cluster
+        self.kwargs = cluster_spec(workers)[1]
+        self.cluster: Any = None
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._start, name="lens-dask-start", daemon=True)
+        self.thread.start()
 
-    cluster = local_cluster(**cluster_spec(args.workers)[1])
-    return cluster, DaskTaskRunner(address=cluster.scheduler_address)
+    def _start(self) -> None:
+        from flows.cluster import local_cluster
+
+        try:
+            self.cluster = local_cluster(**self.kwargs)
+        except BaseException as err:  # noqa: BLE001 - re-raised in runner()
+            self.error = err
+
+    def runner(self) -> Any:
+        from prefect_dask import DaskTaskRunner
+
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+        return DaskTaskRunner(address=self.cluster.scheduler_address)
+
+    def close(self) -> None:
+        self.thread.join()
+        if self.cluster is not None:
+            self.cluster.close()
 
 
 def _api_url_configured() -> bool:
@@ -85,29 +105,32 @@ def _api_url_configured() -> bool:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    cfg = _config(args)  # a bad config fails here, before anything starts
     _quiet_console()
-    cfg = _config(args)
     if args.checkpoint:
         cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"checkpoint": args.checkpoint})})
     from flows.api import TemporaryAPI, drain_prefect_queues
 
     api = None if _api_url_configured() else TemporaryAPI().start()  # boots while we import and prepare
-    cluster = None
+    cluster: _Cluster | None = None
     try:
         public_options, secret_env = split_secrets(cfg.storage_options)
         os.environ.update(secret_env)  # Dask workers started below inherit them; parameters never see them
         cfg = cfg.model_copy(update={"storage_options": public_options})
         from prefect.settings import PREFECT_API_URL, temporary_settings
 
-        from flows.atlas import build_atlas, progress_listener
+        from flows.atlas import build_atlas, make_task_runner, progress_listener
         from lens_core.pipeline import prepare_run
         from lens_core.publish import site_url
 
-        cluster, runner = _runner(args)
+        address = args.dask_address or os.environ.get("LENS_DASK_ADDRESS")
+        if not address and os.environ.get("LENS_GPU", "") != "1":
+            cluster = _Cluster(args.workers)
         info = prepare_run(cfg)
         print(f"LENS run {info.run_id}: {len(info.classes)} classes, model {cfg.model.arch}, "
               f"store {normalize_url(cfg.store)}")
         settings = {PREFECT_API_URL: api.wait()} if api else {}
+        runner = cluster.runner() if cluster else make_task_runner(workers=args.workers, dask_address=address)
         bars = _Bars(len(info.slugs), enabled=not args.no_progress)
         with temporary_settings(updates=settings), progress_listener(bars.update), bars.progress:
             state = build_atlas.with_options(task_runner=runner)(
@@ -227,7 +250,10 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--port", type=int, default=8000)
     serve.set_defaults(fn=cmd_serve)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=os.environ.get("LENS_LOG", "WARNING"))
+    level = os.environ.get("LENS_LOG", "WARNING").upper()
+    handler = logging.StreamHandler()
+    handler.setLevel(level)  # the root level alone lets other loggers' INFO records through
+    logging.basicConfig(level=level, handlers=[handler])
     try:
         return args.fn(args)
     except Exception as err:

@@ -5,7 +5,7 @@ Measured on 2 cores (toy default, 100 MACO concepts): Dask's nanny starts worker
 large torch buffer is a fresh mmap: the renders spent 67 s in the kernel instead of 5 s and took
 3x longer. These workers start without it. Each worker gets cores // workers torch threads
 (the nanny's default is 1, which leaves cores idle with one worker). A worker imports the task
-code (torch, Prefect) in the background as it starts, and exits with ``os._exit`` once Prefect
+code (torch, Prefect) as it starts, and exits with ``os._exit`` once Prefect
 has drained its event and log queues, skipping the 1-3 s interpreter teardown of torch + prefect
 after which the nanny killed it ("Worker process still alive after 4.0 seconds, killing").
 """
@@ -16,7 +16,6 @@ import atexit
 import contextlib
 import importlib
 import os
-import threading
 from typing import Any
 
 import dask
@@ -63,12 +62,12 @@ def local_cluster(gpu: bool = False, **kwargs: Any) -> Any:
 
 
 def dask_setup(worker: Any) -> None:
-    """Worker preload: import the task code in the background; at exit, skip interpreter teardown."""
+    """Worker preload: import the task code now; at exit, skip the interpreter teardown.
+
+    The import runs before the worker registers (in a thread it raced the first task's own
+    imports: Python's import deadlock detection fired); a cluster started in the background
+    (`lens run`) overlaps it with the rest of the start-up.
+    """
     atexit.register(os._exit, 0)  # runs after Prefect's queue drains (threading's exit hooks)
-    threading.Thread(target=_warm_imports, name="lens-warm-imports", daemon=True).start()
-
-
-def _warm_imports() -> None:
-    """torch, Prefect and the stages load while the worker waits for its first task."""
     with contextlib.suppress(Exception):
-        importlib.import_module("tasks.chain")
+        importlib.import_module("tasks.chain")  # torch, Prefect, the stages

@@ -85,9 +85,11 @@ def render_task(info: RunInfo, items: list[tuple[str, int]], label: str, device:
 
 @task(name="cross-class", task_run_name="cross-class", tags=["stage:cross-class"], **_COMMON)
 def cross_class_task(info: RunInfo) -> dict[str, Any]:
-    return atlas.build_cross_class(info)
+    t0 = time.perf_counter()
+    return {**atlas.build_cross_class(info), "task_seconds": time.perf_counter() - t0}
 
 
 @task(name="publish", task_run_name="publish", tags=["stage:publish"], **_COMMON)
 def publish_task(info: RunInfo, publish_url: str | None = None) -> dict[str, Any]:
-    return publish.publish(info, publish_url)
+    t0 = time.perf_counter()
+    return {**publish.publish(info, publish_url), "task_seconds": time.perf_counter() - t0}
