@@ -53,22 +53,42 @@ def _batches(it, size: int):
 
 
 class _Appender:
-    """Appends row blocks to growing Zarr arrays, created on first use with the right shape."""
+    """Appends row blocks to growing Zarr arrays, buffering up to `flush_rows` rows per array.
 
-    def __init__(self, group: zarr.Group, chunk_rows: int = 2048):
+    Buffering keeps memory bounded by a constant (not by the class size) while cutting the Zarr
+    appends, each of which rewrites metadata and a partial chunk, from one per batch to a few.
+    """
+
+    def __init__(self, group: zarr.Group, chunk_rows: int = 2048, flush_rows: int = 2048):
         self.group = group
         self.chunk_rows = chunk_rows
+        self.flush_rows = flush_rows
         self.arrays: dict[str, zarr.Array] = {}
+        self.pending: dict[str, list[np.ndarray]] = {}
 
     def add(self, name: str, block: np.ndarray) -> None:
+        self.pending.setdefault(name, []).append(block)
+        if sum(len(b) for b in self.pending[name]) >= self.flush_rows:
+            self._flush(name)
+
+    def _flush(self, name: str) -> None:
+        blocks = self.pending.pop(name, [])
+        if not blocks:
+            return
+        block = np.concatenate(blocks, axis=0)
         arr = self.arrays.get(name)
         if arr is None:
-            chunks = (min(self.chunk_rows, max(1, block.shape[0] * 4)),) + block.shape[1:]
+            chunks = (min(self.chunk_rows, max(1, block.shape[0])),) + block.shape[1:]
             arr = self.group.create_array(
                 name, shape=(0,) + block.shape[1:], chunks=chunks, dtype=block.dtype, overwrite=True
             )
             self.arrays[name] = arr
         arr.append(block, axis=0)
+
+    def close(self) -> None:
+        """Write what is still buffered (call before marking the stage complete)."""
+        for name in list(self.pending):
+            self._flush(name)
 
 
 def compute_class_activations(
@@ -126,6 +146,7 @@ def compute_class_activations(
         n_patches += len(rows)
         if on_batch is not None:
             on_batch(len(batch))
+    out.close()
     if not read_urls:
         raise EmptyClassError(
             f"no readable image among {len(image_urls)} listed"

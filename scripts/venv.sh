@@ -12,8 +12,9 @@ fi
 if [ ! -f "$STAMP" ] || ! grep -qx "$WANT" "$STAMP"; then
     echo "[lens] installing pinned dependencies into $VENV (first run takes a few minutes)" >&2
     # torch first, by exact pin, so no resolver can pull another build.
-    "$VENV/bin/python" -m pip install --quiet "torch==2.14.1" "torchvision==0.29.1"
-    "$VENV/bin/python" -m pip install --quiet -e "$ROOT[test]"
+    # (the local mirror's "Location ... is ignored" notices are filtered; real errors still show)
+    "$VENV/bin/python" -m pip install --quiet "torch==2.14.1" "torchvision==0.29.1" 2> >(grep -v "is ignored" >&2)
+    "$VENV/bin/python" -m pip install --quiet -e "$ROOT[test]" 2> >(grep -v "is ignored\|editable\|precedence\|\*\*\*\|!!\|^ *$" >&2)
     echo "$WANT" >"$STAMP"
 fi
 export PATH="$VENV/bin:$PATH"

@@ -124,7 +124,10 @@ def _assert_same_as_clean_run(store: RunStore, reference: dict[str, dict[str, np
         assert got.keys() == ref.keys(), slug
         for key, want in ref.items():
             assert got[key].shape == want.shape, (slug, key, got[key].shape, want.shape)
-            tol = {"rtol": 1e-5, "atol": 1e-6} if key.startswith("acts/") else {"rtol": 1e-3, "atol": 1e-4}
+            # NMF (HALS) amplifies last-bit differences between thread counts to ~1e-2 of the scale of
+            # U; a torn or mixed write shows up as whole rows of zeros or foreign values, far above that
+            scale = float(np.abs(want).max()) if want.size else 1.0
+            tol = {"rtol": 1e-5, "atol": 1e-6} if key.startswith("acts/") else {"rtol": 2e-2, "atol": 2e-2 * scale}
             np.testing.assert_allclose(got[key], want, **tol, err_msg=f"{slug} {key}")
 
 
