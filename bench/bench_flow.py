@@ -23,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,7 @@ from flows.cli import QUIET_ENV  # noqa: E402
 
 for _k, _v in QUIET_ENV.items():
     os.environ.setdefault(_k, _v)
+warnings.filterwarnings("ignore", message="Port .* is already in use")
 
 STAGES = ("activations", "factorize", "importance", "crops")
 

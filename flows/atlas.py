@@ -1,4 +1,15 @@
-"""The `build-atlas` flow: fan out per-class chains on Dask, pool MACO renders, aggregate, publish."""
+"""The `build-atlas` flow: fan out per-class chains on Dask, pool MACO renders, aggregate, publish.
+
+Orchestration costs measured on 2 cores and what keeps them small (bench/bench_flow.py):
+one Dask submission per class (tasks/chain.py) carrying a RunInfo narrowed to that class; the
+stage task runs nested in it without a Prefect service per tag set (tasks/tag_limits.py);
+submissions without Dask tokenization or settings re-validation (flows/runner.py); workers
+started without Dask's malloc trim threshold (flows/cluster.py); task runs on the workers
+reporting to this flow's API, never to servers of their own (`_shared_api`). A class's renders
+are queued when its chain ends and submitted in batches across classes (the last ones split over
+the workers); completions are handled as they come (a queue fed by future callbacks). On CPU the
+workers stay busy: the flow takes about the stages' compute divided by the workers.
+"""
 
 from __future__ import annotations
 
@@ -23,6 +34,7 @@ from prefect.settings import PREFECT_API_URL, temporary_settings
 from prefect.states import Completed, Failed
 from prefect_dask import DaskTaskRunner
 
+from flows.runner import LensDaskTaskRunner
 from lens_core.config import AtlasConfig, load_config, make_config
 from lens_core.pipeline import RunInfo, class_summary, prepare_run
 from lens_core.publish import site_url as run_site_url
@@ -58,9 +70,9 @@ def make_task_runner(workers: int | None = None, dask_address: str | None = None
     """Dask runner: an existing scheduler, one worker per GPU (dask-cuda), or a LocalCluster."""
     dask_address = dask_address or os.environ.get("LENS_DASK_ADDRESS") or None
     if dask_address:
-        return DaskTaskRunner(address=dask_address)
+        return LensDaskTaskRunner(address=dask_address)
     cluster_class, kwargs = cluster_spec(workers, gpu)
-    return DaskTaskRunner(cluster_class=cluster_class, cluster_kwargs=kwargs)
+    return LensDaskTaskRunner(cluster_class=cluster_class, cluster_kwargs=kwargs)
 
 
 def _gpu_annotation(info: RunInfo) -> dict[str, Any]:
@@ -150,8 +162,60 @@ def build_atlas(
     return _finish(info, outcomes, site, timings, t0, logger)
 
 
+class _RenderPool:
+    """MACO renders pooled across classes: batches of `batch` concepts, submitted as classes finish."""
+
+    def __init__(self, info: RunInfo, batch: int, track: Callable[[Any, str, Any], None]):
+        self.info, self.batch, self.track = info, batch, track
+        self.queue: list[tuple[str, int]] = []
+        self.left: dict[str, int] = {}  # concepts of a class not rendered yet in this run
+        self.failed: set[str] = set()
+        self.batches = self.rendered = self.queued = 0
+        self.seconds = 0.0
+
+    def add(self, items: list[tuple[str, int]], final: bool) -> int:
+        """Queue a class's renders; submit full batches (all of them once `final`). Returns batches submitted."""
+        self.queue += items
+        self.queued += len(items)
+        for slug, _ in items:
+            self.left[slug] = self.left.get(slug, 0) + 1
+        size = self.batch
+        if final and self.queue:  # the tail: spread it over the workers rather than one big batch
+            size = max(1, min(self.batch, math.ceil(len(self.queue) / _n_workers())))
+        submitted = 0
+        while len(self.queue) >= size or (final and self.queue):
+            chunk, self.queue = self.queue[:size], self.queue[size:]
+            with dask.annotate(**_gpu_annotation(self.info)):
+                fut = render_task.submit(self.info, chunk, f"{chunk[0][0]}+{len(chunk) - 1}")
+            self.track(fut, "render", chunk)
+            submitted += 1
+        self.batches += submitted
+        return submitted
+
+    def done(self, chunk: list[tuple[str, int]], fut: Any, logger: Any) -> None:
+        try:
+            self.seconds += float(fut.result().get("seconds", 0.0))
+            self.rendered += len(chunk)
+            for slug, _ in chunk:
+                self.left[slug] -= 1
+        except Exception as exc:  # a failed batch marks its classes; the run goes on
+            err = f"{type(exc).__name__}: {exc}"[:500]
+            for slug in sorted({s for s, _ in chunk} - self.failed):
+                self.failed.add(slug)
+                write_status(self.info.store(), slug, "render", "failed", None, err)
+                logger.warning("render failed for %s: %s", slug, err)
+
+    def state(self, slug: str) -> str | None:
+        """This run's render state of a class, or None when it had nothing to render here."""
+        if slug in self.failed:
+            return "failed"
+        if slug not in self.left:
+            return None
+        return "completed" if self.left[slug] == 0 else "pending"
+
+
 def _explain_classes(info: RunInfo, cfg: AtlasConfig, logger: Any) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
-    """Per-class chains and the pooled renders, submitted as soon as their concepts exist."""
+    """Per-class chains, and the pooled renders submitted as soon as a class has its concepts."""
     slugs = info.slugs
     t_start = time.perf_counter()
     progress_id = create_progress_artifact(0.0, key=f"lens-progress-{info.run_id}",
@@ -162,67 +226,38 @@ def _explain_classes(info: RunInfo, cfg: AtlasConfig, logger: Any) -> tuple[dict
         fut.add_done_callback(lambda f: done_q.put((kind, payload, f)))
 
     with dask.annotate(**_gpu_annotation(info)):
-        for s in slugs:
+        for s in slugs:  # each chain gets a RunInfo of its own class: cheap to send and to walk
             track(class_chain_task.with_options(tags=[f"class:{s}"]).submit(info.narrowed([s]), s), "class", s)
     outcomes: dict[str, dict[str, Any]] = {}
-    renders: list[tuple[list[tuple[str, int]], Any]] = []
-    render_queue: list[tuple[str, int]] = []
-    batch = cfg.maco.batch_size
-    counts = {"rendered": 0, "queued": 0, "render_seconds": 0.0}
+    pool = _RenderPool(info, cfg.maco.batch_size, track)
     pending = len(slugs)
     last_progress = 0.0
-
-    def submit_renders(final: bool) -> None:
-        size = batch
-        if final and render_queue:  # the tail: spread it over the workers rather than one big batch
-            size = max(1, min(batch, math.ceil(len(render_queue) / _n_workers())))
-        while len(render_queue) >= size or (final and render_queue):
-            chunk, render_queue[:] = render_queue[:size], render_queue[size:]
-            label = f"{chunk[0][0]}+{len(chunk) - 1}"
-            with dask.annotate(**_gpu_annotation(info)):
-                fut = render_task.submit(info, chunk, label)
-            renders.append((chunk, fut))
-            track(fut, "render", chunk)
-
     while pending:
         kind, payload, fut = done_q.get()
         pending -= 1
-        if kind == "class":
+        if kind == "render":
+            pool.done(payload, fut, logger)
+        else:
             slug = payload
             try:
-                out = fut.result()
-                outcomes[slug] = {"ok": True, **out}
-                items = [tuple(x) for x in out.get("render_items", [])]
+                outcomes[slug] = {"ok": True, **fut.result()}
+                items = [tuple(x) for x in outcomes[slug].pop("render_items", [])]
             except Exception as err:  # one bad class never sinks the run
                 outcomes[slug] = {"ok": False, "error": f"{type(err).__name__}: {err}"[:500]}
                 logger.warning("class %s failed: %s", slug, outcomes[slug]["error"])
                 items = pending_items(info, [slug])  # a class that failed after factorize still renders
-            render_queue.extend(items)
-            counts["queued"] += len(items)
-            chains_left = sum(1 for o in slugs if o not in outcomes)
-            before = len(renders)
-            submit_renders(final=chains_left == 0)
-            pending += len(renders) - before
+            pending += pool.add(items, final=len(outcomes) == len(slugs))
             _notify("classes", len(outcomes), len(slugs))
-            _notify("concepts", counts["rendered"], counts["queued"])
             now = time.perf_counter()
             if now - last_progress >= PROGRESS_EVERY_S or len(outcomes) == len(slugs):
                 last_progress = now
                 update_progress_artifact(progress_id, 100.0 * len(outcomes) / len(slugs),
                                          description=f"{len(outcomes)}/{len(slugs)} classes finished")
-        else:
-            try:
-                res = fut.result()
-                counts["rendered"] += len(payload)
-                counts["render_seconds"] += float(res.get("seconds", 0.0))
-            except Exception as exc:  # a failed batch marks its classes; the run goes on
-                err = f"{type(exc).__name__}: {exc}"[:500]
-                for slug in sorted({s for s, _ in payload}):
-                    write_status(info.store(), slug, "render", "failed", None, err)
-                    logger.warning("render failed for %s: %s", slug, err)
-            _notify("concepts", counts["rendered"], counts["queued"])
-    timings = {"classes_and_renders": time.perf_counter() - t_start, "render_compute": counts["render_seconds"],
-               "render_batches": len(renders), "concepts_rendered": counts["rendered"]}
+        _notify("concepts", pool.rendered, pool.queued)
+    for slug, out in outcomes.items():
+        out["render"] = pool.state(slug)
+    timings = {"classes_and_renders": time.perf_counter() - t_start, "render_compute": pool.seconds,
+               "render_batches": pool.batches, "concepts_rendered": pool.rendered}
     return outcomes, timings
 
 
@@ -241,10 +276,11 @@ def _finish(info: RunInfo, outcomes: dict[str, dict[str, Any]], site: dict[str, 
     t_rows = time.perf_counter()
     rows = []
     for slug in slugs:
-        summary = class_summary(info, slug)
         out = outcomes[slug]
+        summary = out.get("summary") or class_summary(info, slug)  # chains read theirs on the worker
+        stages = {**summary["stages"], **({"render": out["render"]} if out.get("render") else {})}
         rows.append({"class": slug, "status": "ok" if out["ok"] else "failed",
-                     **{s: summary["stages"].get(s, "-") for s in ("activations", "factorize", "importance", "crops", "render")},
+                     **{s: stages.get(s, "-") for s in ("activations", "factorize", "importance", "crops", "render")},
                      "seconds": round(summary["seconds"], 2), "top_concept": summary["top_concept"],
                      "importance": summary["top_importance"], "error": out.get("error") or ""})
     create_table_artifact(rows, key=f"lens-classes-{info.run_id}", description=f"LENS run {info.run_id}: per-class status")

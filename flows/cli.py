@@ -83,12 +83,12 @@ class _Cluster:
             self.error = err
 
     def runner(self) -> Any:
-        from prefect_dask import DaskTaskRunner
+        from flows.runner import LensDaskTaskRunner
 
         self.thread.join()
         if self.error is not None:
             raise self.error
-        return DaskTaskRunner(address=self.cluster.scheduler_address)
+        return LensDaskTaskRunner(address=self.cluster.scheduler_address)
 
     def close(self) -> None:
         self.thread.join()

@@ -124,7 +124,7 @@ class _Retry:
         elapsed = time.monotonic() - self.start
         if elapsed + self.delay > retry_seconds():
             return None
-        delay, self.delay = self.delay, min(self.delay * 2, 8.0)
+        delay, self.delay = self.delay, min(self.delay * 2, 4.0)
         log.warning("storage unreachable %s %s (%s); retrying in %.1f s",
                     self.action, self.url, _describe(err, self.opts), delay)
         return delay

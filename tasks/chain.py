@@ -16,7 +16,7 @@ from typing import Any
 from prefect import tags, task
 from prefect.cache_policies import NO_CACHE
 
-from lens_core.pipeline import RunInfo
+from lens_core.pipeline import RunInfo, class_summary
 from lens_core.render import pending_items
 from tasks.stages import activations_task, crops_task, factorize_task, importance_task
 
@@ -28,7 +28,8 @@ STAGE_TASKS = (activations_task, factorize_task, importance_task, crops_task)
 def class_chain_task(info: RunInfo, slug: str, device: str | None = None) -> dict[str, Any]:
     """Run activations -> factorize -> importance -> crops for one class; the first failure stops it.
 
-    Returns per-stage skipped/seconds, the top concept, and the (class, concept) renders still to do.
+    Returns per-stage skipped/seconds, the top concept, the class's summary (`class_summary`) and
+    the (class, concept) renders still to do.
     """
     results = []
     with tags(f"class:{slug}"):
@@ -36,6 +37,7 @@ def class_chain_task(info: RunInfo, slug: str, device: str | None = None) -> dic
             results.append(stage_task(info, slug, device))
     summary = {r["stage"]: {"skipped": bool(r.get("skipped")), "seconds": r["seconds"]} for r in results}
     top = results[2].get("status", {})
+    # read here, on the worker and in parallel, rather than class by class in the flow
     return {"class": slug, "stages": summary, "top_concept": top.get("top_concept"),
-            "top_importance": top.get("top_importance"),
-            "render_items": pending_items(info, [slug])}  # read here, on the worker, not in the flow
+            "top_importance": top.get("top_importance"), "summary": class_summary(info, slug),
+            "render_items": pending_items(info, [slug])}

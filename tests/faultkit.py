@@ -7,7 +7,10 @@ reads a control file (path in env ``LENS_TEST_FAULTS``, JSON) on every real batc
                                          (exclusively: it fires once in all processes), then SIGKILL
                                          its own process: a worker dying mid-stage, mid-write.
 Run as a script, it runs the build-atlas flow and writes its outcome as JSON (a flow process the
-tests can kill): ``python faultkit.py SPEC.json RESULT.json``.
+tests can kill): ``python faultkit.py flow SPEC.json RESULT.json``; or, with ``stages``, every
+stage of every class in order through lens_core.pipeline (what the flow's tasks call): it writes
+``RESULT.ready`` once set up and starts when ``SPEC.go`` (SPEC's suffix replaced) appears, so that
+two such runs start their work at the same moment.
 """
 
 from __future__ import annotations
@@ -69,6 +72,24 @@ def model_config() -> dict[str, Any]:
     return {"arch": "faultkit:toy", "checkpoint": str(TOY_CHECKPOINT), "layer": "block4", "input_size": 64}
 
 
+def run_stages(spec_path: str, result_path: str) -> int:
+    """Run every class's stages in one process (one torch thread, like a Dask worker)."""
+    import torch
+
+    from lens_core.config import make_config
+    from lens_core.pipeline import prepare_run, run_class
+
+    torch.set_num_threads(1)
+    spec = json.loads(Path(spec_path).read_text())
+    info = prepare_run(make_config(spec["config"], classes=spec.get("classes")))
+    Path(result_path + ".ready").write_text("")
+    while not Path(spec_path).with_suffix(".go").exists():
+        time.sleep(0.01)
+    computed = {slug: [r["stage"] for r in run_class(info, slug) if not r.get("skipped")] for slug in info.slugs}
+    Path(result_path).write_text(json.dumps({"computed": computed}))
+    return 0
+
+
 def main(spec_path: str, result_path: str) -> int:
     """Run build-atlas from a spec {config, classes, workers}; write {state, message, result}."""
     from flows.atlas import build_atlas, make_task_runner
@@ -86,4 +107,4 @@ def main(spec_path: str, result_path: str) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main(sys.argv[1], sys.argv[2]))
+    raise SystemExit({"flow": main, "stages": run_stages}[sys.argv[1]](sys.argv[2], sys.argv[3]))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 import signal
 import socket
@@ -34,13 +35,32 @@ def find_weed() -> str:
     return found
 
 
-def _free_ports(n: int) -> list[int]:
-    """n distinct free loopback TCP ports (held open together so they differ)."""
-    socks = []
+def _port_floor() -> int:
+    """Lowest port the kernel hands out to outgoing connections (ip_local_port_range)."""
     try:
-        for _ in range(n):
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+def _free_ports(n: int) -> list[int]:
+    """n distinct free loopback TCP ports, below the ephemeral range when there is room.
+
+    A server that is stopped and started again must find its ports free: an outgoing connection
+    of any process (clients retrying while it is down) takes its local port from the ephemeral
+    range, so ports chosen below it cannot be taken that way.
+    """
+    rng = random.SystemRandom()
+    low, high = 12000, _port_floor() - 1
+    socks: list[socket.socket] = []
+    try:
+        while len(socks) < n:
             s = socket.socket()
-            s.bind(("127.0.0.1", 0))
+            try:
+                s.bind(("127.0.0.1", rng.randint(low, high) if high - low > 1000 else 0))
+            except OSError:
+                s.close()
+                continue
             socks.append(s)
         return [s.getsockname()[1] for s in socks]
     finally:

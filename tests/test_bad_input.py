@@ -231,7 +231,8 @@ def _closed_port() -> int:
 def test_unreachable_store_names_the_url_never_the_secret(data_dir, tmp_path, monkeypatch, caplog):
     monkeypatch.setenv("LENS_STORE_RETRY_S", "0")
     secret = "never-print-this-secret-0123456789"
-    opts = {"endpoint_url": f"http://127.0.0.1:{_closed_port()}", "key": "AKIANEVERPRINTED", "secret": secret}
+    opts = {"endpoint_url": f"http://127.0.0.1:{_closed_port()}", "key": "AKIANEVERPRINTED", "secret": secret,
+            "config_kwargs": {"retries": {"total_max_attempts": 1}}}  # no botocore retries: fail at once
     cfg = make_config(_config(data_dir, tmp_path, store="s3://nowhere/lens", storage_options=opts))
     with caplog.at_level(logging.DEBUG), pytest.raises(StoreError) as err:
         prepare_run(cfg)
@@ -274,7 +275,9 @@ def test_lens_run_reports_bad_config_and_refused_credentials_in_one_line(s3, buc
         f'[data]\nurl = "{data_dir}"\nimages_per_class = 12\n[model]\nnum_classes = 10\n'
     )
     wrong = "wrong-" + s3.secret[::-1]
-    env = {"AWS_ACCESS_KEY_ID": s3.key, "AWS_SECRET_ACCESS_KEY": wrong, "LENS_STORE_RETRY_S": "0"}
+    env = {"AWS_ACCESS_KEY_ID": s3.key, "AWS_SECRET_ACCESS_KEY": wrong, "LENS_STORE_RETRY_S": "0",
+           # the store is refused before either is used: spare booting a Prefect API and a cluster
+           "PREFECT_API_URL": "http://127.0.0.1:9/api", "LENS_DASK_ADDRESS": "tcp://127.0.0.1:9"}
     out = _lens(["run", "--config", str(cfg), "--no-progress"], env, tmp_path)
     assert out.returncode == 2, out.stderr[-3000:]
     assert "Traceback" not in out.stderr and f"access denied reading s3://{bucket}/lens" in out.stderr

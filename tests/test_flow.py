@@ -152,3 +152,50 @@ def test_build_atlas_on_dask_and_s3_with_a_failing_class(prefect_api, s3, s3_env
     assert fs.exists(f"{bucket}/site/{info.run_id}/classes/{victim.slug}/index.html")
     top_page = fs.cat_file(f"{bucket}/site/index.html").decode()
     assert f'href="{info.run_id}/index.html"' in top_page
+
+
+def test_tag_limits_are_still_honoured_without_a_service_per_class(prefect_api):
+    """Only tags with a limit on the server reach Prefect's slot acquisition (tasks/tag_limits.py)."""
+    from contextlib import contextmanager
+
+    from prefect import flow, tags, task
+    from prefect.client.orchestration import get_client
+
+    import tasks.tag_limits as tag_limits
+
+    asked: list[list[str]] = []
+
+    @contextmanager
+    def recording(names, *args, **kwargs):
+        asked.append(list(names))
+        yield
+
+    with get_client(sync_client=True) as client:
+        client.create_concurrency_limit(tag="lens-test-gpu", concurrency_limit=2)
+    tag_limits._cache.update(at=-1e9)  # list the limits again
+    narrowed = tag_limits._narrowed(recording)
+
+    @task(tags=["lens-test-gpu", "stage:factorize"])
+    def limited_stage() -> frozenset[str] | None:
+        with tags("class:espresso"), narrowed(names=[f"tag:{t}" for t in ("lens-test-gpu", "stage:factorize", "class:espresso")],
+                                              occupy=1):
+            return tag_limits.limited_names()
+
+    @flow
+    def probe() -> frozenset[str] | None:
+        return limited_stage()
+
+    names = probe()
+    assert names is not None and "tag:lens-test-gpu" in names
+    assert asked == [["tag:lens-test-gpu"]]  # the limited tag is kept, per-class and stage tags are not
+    asked.clear()
+    with narrowed(names=[]):
+        pass
+    assert asked == [[]]
+    import prefect.task_engine as engine
+
+    tag_limits.install()
+    installed = engine._concurrency
+    assert getattr(installed, "lens_narrowed", False)
+    tag_limits.install()  # idempotent: not wrapped twice
+    assert engine._concurrency is installed
