@@ -36,7 +36,7 @@ from prefect_dask import DaskTaskRunner
 
 from flows.runner import LensDaskTaskRunner
 from lens_core.config import AtlasConfig, load_config, make_config
-from lens_core.pipeline import RunInfo, class_summary, prepare_run
+from lens_core.pipeline import RunInfo, check_model, class_summary, prepare_run
 from lens_core.publish import site_url as run_site_url
 from lens_core.render import pending_items
 from lens_core.status import write_status
@@ -147,6 +147,7 @@ def build_atlas(
     cfg = _resolve_config(config_path, config, checkpoint, classes, store, publish)
     t0 = time.perf_counter()
     info = prepare_run(cfg)
+    check_model(info)  # a bad checkpoint fails the run once, before any class is submitted
     t_prepare = time.perf_counter() - t0
     logger.info("run %s: %d classes, model %s (%s), store %s", info.run_id, len(info.slugs), cfg.model.arch,
                 info.checkpoint_digest[:12], normalize_url(cfg.store))

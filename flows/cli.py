@@ -120,13 +120,14 @@ def cmd_run(args: argparse.Namespace) -> int:
         from prefect.settings import PREFECT_API_URL, temporary_settings
 
         from flows.atlas import build_atlas, make_task_runner, progress_listener
-        from lens_core.pipeline import prepare_run
+        from lens_core.pipeline import check_model, prepare_run
         from lens_core.publish import site_url
 
         address = args.dask_address or os.environ.get("LENS_DASK_ADDRESS")
         if not address and os.environ.get("LENS_GPU", "") != "1":
             cluster = _Cluster(args.workers)
         info = prepare_run(cfg)
+        check_model(info)  # loaded once here; the flow below finds it in this process's cache
         print(f"LENS run {info.run_id}: {len(info.classes)} classes, model {cfg.model.arch}, "
               f"store {normalize_url(cfg.store)}")
         settings = {PREFECT_API_URL: api.wait()} if api else {}

@@ -25,8 +25,15 @@ import torch
 
 from lens_core import crops as crops_mod
 from lens_core.activations import compute_class_activations
-from lens_core.config import AtlasConfig, compute_run_id
-from lens_core.data import ClassInfo, list_classes, list_images, read_image, sample_images
+from lens_core.config import AtlasConfig, ConfigError, compute_run_id
+from lens_core.data import (
+    ClassInfo,
+    DataError,
+    list_classes,
+    list_images,
+    read_image,
+    sample_images,
+)
 from lens_core.device import pick_device
 from lens_core.factorize import nmf, project_nnls
 from lens_core.importance import (
@@ -107,7 +114,9 @@ def _select(classes: list[ClassInfo], wanted: Iterable[str] | None) -> list[Clas
             keys.setdefault(key, c)
     missing = [w for w in wanted if w not in keys]
     if missing:
-        raise ValueError(f"unknown classes: {', '.join(missing[:10])}")
+        known = ", ".join(c.slug for c in classes[:5]) + (", ..." if len(classes) > 5 else "")
+        raise ConfigError(f"unknown classes: {', '.join(map(repr, missing[:10]))} "
+                          f"(give ids, names, slugs or indices; {len(classes)} classes, e.g. {known})")
     seen, out = set(), []
     for w in wanted:
         c = keys[w]
@@ -132,7 +141,7 @@ def prepare_run(config: AtlasConfig) -> RunInfo:
     data_url = resolve_data_url(config)
     all_classes = list_classes(data_url, config.storage_options, config.data.class_names)
     if not all_classes:
-        raise ValueError(f"no class folders found under {data_url}")
+        raise DataError(f"no class folders found under {data_url}")
     classes = _select(all_classes, config.classes)
     digest = _model_digest(config)
     num_classes = config.model.num_classes or len(all_classes)
@@ -160,6 +169,12 @@ def prepare_run(config: AtlasConfig) -> RunInfo:
         ]
         store.write_json("run.json", meta)
     return info
+
+
+def check_model(info: RunInfo) -> None:
+    """Load the run's model once (CPU, cached in this process) so that a checkpoint that is missing,
+    corrupt, hostile or for another architecture fails the run before any class is submitted."""
+    get_split(info, "cpu")
 
 
 # ---- model cache: one per worker process ---------------------------------------------------

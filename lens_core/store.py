@@ -31,6 +31,7 @@ import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
+from contextvars import ContextVar
 from typing import Any, TypeVar
 
 import fsspec
@@ -50,6 +51,10 @@ class StoreError(RuntimeError):
 
 class StoreAccessError(StoreError, PermissionError):
     """The store refuses these credentials; the message names the URL, never the credentials."""
+
+
+class LeaseLostError(RuntimeError):
+    """Another process took over our lease (we stalled past its TTL): our work is not marked complete."""
 
 
 # ---- fault classification and retries -----------------------------------------------------------
@@ -330,6 +335,21 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+_HELD: ContextVar[tuple[Lease, ...]] = ContextVar("lens_leases_held", default=())
+
+
+def check_leases_held() -> None:
+    """Fence for completion markers: raise LeaseLostError if a lease held in this context was taken over.
+
+    A holder frozen past the TTL (a paused process, a stalled host) is replaced; when it wakes it must
+    not mark the stage complete over the new holder's work.
+    """
+    for lease in _HELD.get():
+        if not lease.held():
+            raise LeaseLostError(f"lease {lease.prefix} was taken over by another process; "
+                                 "this attempt's work is left unmarked")
+
+
 class Lease:
     """An exclusive claim on one unit of work (a stage of a class) across every process on the store.
 
@@ -452,9 +472,12 @@ class Lease:
             self.generation = None
 
     def __enter__(self) -> Lease:
-        return self.acquire()
+        self.acquire()
+        self._ctx = _HELD.set((*_HELD.get(), self))
+        return self
 
     def __exit__(self, *exc: object) -> None:
+        _HELD.reset(self._ctx)
         self.release()
 
 
@@ -567,6 +590,7 @@ class RunStore:
         return self.exists(join_url(prefix, SUCCESS))
 
     def mark_files_complete(self, prefix: str) -> None:
+        check_leases_held()
         self.write_bytes(join_url(prefix, SUCCESS), b"")
 
     @contextlib.contextmanager
@@ -609,6 +633,7 @@ class RunStore:
 
     def mark_complete(self, path: str, **attrs: Any) -> None:
         """Record the stage's summary attributes, then `complete: true` last."""
+        check_leases_held()
         g = self.zarr.require_group(path)
         if attrs:
             g.attrs.update(attrs)

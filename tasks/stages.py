@@ -16,12 +16,13 @@ from prefect.cache_policies import NO_CACHE
 
 from lens_core import atlas, pipeline, publish, render
 from lens_core.pipeline import RunInfo
+from lens_core.store import LeaseLostError
 from tasks import tag_limits
 
 tag_limits.install()  # per-class tags would otherwise cost a Prefect service per task run (tag_limits.py)
 
 # Exceptions worth another try: network and storage hiccups, not bad input or bad code.
-_TRANSIENT = (ConnectionError, TimeoutError, socket.timeout)
+_TRANSIENT = (ConnectionError, TimeoutError, socket.timeout, LeaseLostError)  # lost lease: retry, reuse
 _TRANSIENT_ERRNO = {errno.ECONNRESET, errno.ECONNREFUSED, errno.ETIMEDOUT, errno.EPIPE, errno.EAGAIN}
 _TRANSIENT_NAMES = {"ClientError", "EndpointConnectionError", "ConnectTimeoutError", "ReadTimeoutError",
                     "ServerDisconnectedError", "ClientConnectorError", "ClientOSError", "ResponseStreamingError"}

@@ -283,3 +283,22 @@ def test_lens_run_reports_bad_config_and_refused_credentials_in_one_line(s3, buc
     assert "Traceback" not in out.stderr and f"access denied reading s3://{bucket}/lens" in out.stderr
     for text in (out.stdout, out.stderr):
         assert wrong not in text and s3.secret not in text and s3.key not in text
+
+
+def test_lens_run_reports_unknown_classes_and_a_foreign_checkpoint_in_one_line(data_dir, tmp_path):
+    """Both are found before anything is submitted (no Prefect API or cluster is ever reached)."""
+    from lens_core.models import build_model
+
+    cfg = tmp_path / "ok.toml"
+    cfg.write_text(f'store = "{tmp_path}/store"\npublish = "{tmp_path}/site"\n'
+                   f'[data]\nurl = "{data_dir}"\nimages_per_class = 12\n[model]\nnum_classes = 10\n')
+    env = {"PREFECT_API_URL": "http://127.0.0.1:9/api", "LENS_DASK_ADDRESS": "tcp://127.0.0.1:9"}
+    out = _lens(["run", "--config", str(cfg), "--classes", "n01-good,espresso", "--no-progress"], env, tmp_path)
+    assert out.returncode == 2, out.stderr[-3000:]
+    assert "Traceback" not in out.stderr and out.stderr.startswith("lens: unknown classes: 'espresso'")
+    ckpt = tmp_path / "resnet18.pt"
+    torch.save(build_model("resnet18", 10).state_dict(), ckpt)
+    out = _lens(["run", "--config", str(cfg), "--checkpoint", str(ckpt), "--no-progress"], env, tmp_path)
+    assert out.returncode == 2, out.stderr[-3000:]
+    assert "Traceback" not in out.stderr and "does not match architecture 'toy'" in out.stderr
+    assert str(ckpt) in out.stderr and not (tmp_path / "site").exists()

@@ -235,6 +235,28 @@ def test_lease_is_exclusive_and_taken_over_from_dead_holders(lease_store):
         assert lease.held()
 
 
+def test_a_holder_whose_lease_was_taken_over_cannot_mark_its_stage_complete(lease_store):
+    """A holder that stalled past its TTL was replaced; waking up, its completion marker is refused
+    (LeaseLostError, retried as transient) and the group stays unmarked for the new holder."""
+    from lens_core.store import LeaseLostError
+    from tasks.stages import is_transient
+
+    with lease_store.lease("activations/cls", ttl=3600) as lease:
+        lease_store.group("acts/cls").create_array("A", shape=(2,), dtype="f4")
+        lease_store.mark_files_complete("crops/mine")  # still ours: allowed
+        taker = {"token": "new-holder", "host": "another-host", "pid": 1, "beats": 0, "ttl": 3600}
+        lease_store.write_json(f"locks/activations/cls/{lease.generation + 1:08d}.json", taker)
+        with pytest.raises(LeaseLostError) as err:
+            lease_store.mark_complete("acts/cls")
+        with pytest.raises(LeaseLostError):
+            lease_store.mark_files_complete("crops/cls")
+    assert is_transient(err.value)
+    assert not lease_store.is_complete("acts/cls") and not lease_store.files_complete("crops/cls")
+    assert lease_store.files_complete("crops/mine")
+    lease_store.mark_complete("acts/cls")  # outside any lease: no fence
+    assert lease_store.is_complete("acts/cls")
+
+
 # ---- a Dask worker dies mid-stage ----------------------------------------------------------------
 
 def test_worker_killed_mid_stage_is_retried_and_loses_nothing(prefect_api, faults, toy_data, reference, tmp_path):

@@ -199,3 +199,24 @@ def test_tag_limits_are_still_honoured_without_a_service_per_class(prefect_api):
     assert getattr(installed, "lens_narrowed", False)
     tag_limits.install()  # idempotent: not wrapped twice
     assert engine._concurrency is installed
+
+
+def test_a_checkpoint_for_another_architecture_fails_the_run_once_before_any_class(prefect_api, tmp_path):
+    """The model is loaded once in the flow before the fan-out: one clear failure, no class task runs."""
+    import torch
+    from prefect.task_runners import ThreadPoolTaskRunner
+
+    from flows.atlas import build_atlas
+    from lens_core.models import build_model
+
+    ckpt = tmp_path / "resnet18.pt"
+    torch.save(build_model("resnet18", 10).state_dict(), ckpt)
+    cfg = {"store": f"file://{tmp_path}/store", "publish": f"file://{tmp_path}/site"}
+    state = build_atlas.with_options(task_runner=ThreadPoolTaskRunner(max_workers=2))(
+        config=cfg, checkpoint=str(ckpt), return_state=True)
+    assert state.is_failed()
+    with pytest.raises(Exception, match="does not match architecture 'toy'") as err:
+        state.result()
+    assert str(ckpt) in str(err.value)
+    assert _task_runs(state.state_details.flow_run_id) == []
+    assert not (tmp_path / "site").exists()
