@@ -168,6 +168,7 @@ def prepare_run(config: AtlasConfig) -> RunInfo:
             for c in new
         ]
         store.write_json("run.json", meta)
+    store.zarr  # noqa: B018 - create lens.zarr's root here, before workers race to create it
     return info
 
 

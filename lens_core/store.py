@@ -38,6 +38,7 @@ import fsspec
 import zarr
 from fsspec.core import url_to_fs
 from zarr.abc.store import Store
+from zarr.errors import ContainsGroupError
 from zarr.storage import WrapperStore
 
 SUCCESS = "_SUCCESS"
@@ -608,7 +609,10 @@ class RunStore:
 
             def open_root() -> zarr.Group:
                 store = zarr_store(url, self.storage_options)
-                return zarr.open_group(store=store, mode="a", zarr_format=3)
+                try:
+                    return zarr.open_group(store=store, mode="a", zarr_format=3)
+                except ContainsGroupError:  # another worker created it between zarr's look and its create
+                    return zarr.open_group(store=store, mode="r+", zarr_format=3)
 
             self._zarr = open_root() if self.local else _cached("zarr", url, self.storage_options, open_root)
         return self._zarr

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -69,3 +70,30 @@ def test_fresh_group_drops_partial_work(backend: tuple[str, dict]) -> None:
     clean = RunStore(url, "run1", opts).group("concepts/beta", fresh=True)
     assert "U" not in clean and "stale" not in clean.attrs
     assert not store.is_complete("concepts/beta")
+
+
+def test_many_workers_open_a_fresh_store_at_once(tmp_path: Path) -> None:
+    """The first stage of every class opens lens.zarr's root at the same moment on a fresh store:
+    none may fail because another created it in between (zarr's open-or-create is not atomic)."""
+    import threading
+
+    url, n = f"file://{tmp_path}/store", 12
+    start, errors, groups = threading.Barrier(n), [], []
+
+    def open_root(i: int) -> None:
+        start.wait()
+        try:
+            store = RunStore(url, "run1")
+            groups.append(store.group(f"acts/c{i}"))
+        except Exception as err:  # noqa: BLE001 - collected and asserted below
+            errors.append(err)
+
+    for _ in range(5):
+        threads = [threading.Thread(target=open_root, args=(i,)) for i in range(n)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not errors, errors[:3]
+        assert sorted(RunStore(url, "run1").zarr["acts"].group_keys()) == sorted(f"c{i}" for i in range(n))
+        shutil.rmtree(tmp_path / "store")
