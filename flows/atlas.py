@@ -42,7 +42,7 @@ from lens_core.render import pending_items
 from lens_core.status import write_status
 from lens_core.store import normalize_url
 from tasks.chain import class_chain_task
-from tasks.stages import cross_class_task, publish_task, render_task
+from tasks.stages import cross_class_task, publish_index_task, publish_pages_task, render_task
 
 ProgressFn = Callable[[str, int, int], None]
 _LISTENERS: list[ProgressFn] = []
@@ -158,8 +158,11 @@ def build_atlas(
         cross = cross_class_task.submit(info).result()
         timings.update(cross_class=time.perf_counter() - t, cross_class_compute=cross.get("task_seconds", 0.0))
         t = time.perf_counter()
-        site = publish_task.submit(info, cfg.publish).result()
-        timings.update(publish=time.perf_counter() - t, publish_compute=site.pop("task_seconds", 0.0))
+        site = publish_pages_task.submit(info, cfg.publish).result()
+        index = publish_index_task.submit(info, site.pop("site"), cfg.publish).result()
+        site.update(index_url=index["index_url"], files=site["files"] + index["files"])
+        timings.update(publish=time.perf_counter() - t,
+                       publish_compute=site.pop("task_seconds", 0.0) + index["task_seconds"])
     return _finish(info, outcomes, site, timings, t0, logger)
 
 

@@ -152,21 +152,45 @@ def site_url(info: RunInfo, publish_url: str | None = None) -> str:
     return join_url(normalize_url(publish_url or info.config.publish), info.run_id)
 
 
-def publish(info: RunInfo, publish_url: str | None = None) -> dict[str, Any]:
-    """Build the run's site at `<publish>/<run_id>/` (its index last), then the runs page above it."""
-    from lens_core.site import build_site
-    from lens_core.site.runs import write_runs_index
+_KEEP = ("url", "index_url", "classes", "failed", "concepts", "files", "bytes", "max_class_page_bytes",
+         "n_missing_assets", "seconds")
+
+
+def publish_pages(info: RunInfo, publish_url: str | None = None) -> dict[str, Any]:
+    """Write the run's class pages, data files and assets under `<publish>/<run_id>/` (no index yet).
+
+    Returns a summary; its `site` is the site data that `publish_index` takes.
+    """
+    from lens_core.site.builder import build_pages
 
     base = normalize_url(publish_url or info.config.publish)
     site, assets = collect_site_data(info)
-    summary = build_site(site, site_url(info, base), info.config.storage_options, assets)
-    failed = [c["slug"] for c in site["classes"] if c["status"] != "ok"]
+    summary = build_pages(site, site_url(info, base), info.config.storage_options, assets)
+    return {**{k: summary[k] for k in _KEEP if k in summary}, "site": site,
+            "failed_classes": [c["slug"] for c in site["classes"] if c["status"] != "ok"]}
+
+
+def publish_index(info: RunInfo, site: dict[str, Any], publish_url: str | None = None) -> dict[str, Any]:
+    """Write the run's index (search data, method page, index.html last), then the runs page above it."""
+    from lens_core.site.builder import build_index
+    from lens_core.site.runs import write_runs_index
+
+    base = normalize_url(publish_url or info.config.publish)
+    summary = build_index(site, site_url(info, base), info.config.storage_options)
+    failed = sum(c["status"] != "ok" for c in site["classes"])
     run = site["run"]
     write_runs_index(base, {
         "run_id": info.run_id, "published": datetime.now(UTC).isoformat(timespec="seconds"),
         "created": run["created"], "model": run["model"], "layer": run["layer"], "checkpoint": run["checkpoint"],
-        "checkpoint_digest": run["checkpoint_digest"], "classes": len(site["classes"]), "failed": len(failed),
+        "checkpoint_digest": run["checkpoint_digest"], "classes": len(site["classes"]), "failed": failed,
     }, info.config.storage_options)
-    keep = ("url", "index_url", "classes", "failed", "concepts", "files", "bytes", "max_class_page_bytes",
-            "n_missing_assets", "seconds")
-    return {**{k: summary.get(k) for k in keep if k in summary}, "failed_classes": failed}
+    return {"index_url": summary["index_url"], "index_bytes": summary["index_bytes"], "files": summary["files"],
+            "seconds": summary["seconds"]}
+
+
+def publish(info: RunInfo, publish_url: str | None = None) -> dict[str, Any]:
+    """Build the run's site at `<publish>/<run_id>/` (pages, then its index), then the runs page above it."""
+    pages = publish_pages(info, publish_url)
+    index = publish_index(info, pages.pop("site"), publish_url)
+    pages["seconds"] = {**pages["seconds"], "index": index["seconds"]}
+    return {**pages, "index_url": index["index_url"], "files": pages["files"] + index["files"]}

@@ -90,7 +90,15 @@ def cross_class_task(info: RunInfo) -> dict[str, Any]:
     return {**atlas.build_cross_class(info), "task_seconds": time.perf_counter() - t0}
 
 
-@task(name="publish", task_run_name="publish", tags=["stage:publish"], **_COMMON)
-def publish_task(info: RunInfo, publish_url: str | None = None) -> dict[str, Any]:
+@task(name="publish-pages", task_run_name="publish-pages", tags=["stage:publish"], **_COMMON)
+def publish_pages_task(info: RunInfo, publish_url: str | None = None) -> dict[str, Any]:
+    """Class pages, data files and assets of the run's site (batched writes: one task, not one per page)."""
     t0 = time.perf_counter()
-    return {**publish.publish(info, publish_url), "task_seconds": time.perf_counter() - t0}
+    return {**publish.publish_pages(info, publish_url), "task_seconds": time.perf_counter() - t0}
+
+
+@task(name="publish-index", task_run_name="publish-index", tags=["stage:publish"], **_COMMON)
+def publish_index_task(info: RunInfo, site: dict[str, Any], publish_url: str | None = None) -> dict[str, Any]:
+    """The run's index, search data and method page, then the runs page: only after every page is written."""
+    t0 = time.perf_counter()
+    return {**publish.publish_index(info, site, publish_url), "task_seconds": time.perf_counter() - t0}

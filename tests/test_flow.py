@@ -123,6 +123,9 @@ def test_build_atlas_on_dask_and_s3_with_a_failing_class(prefect_api, s3, s3_env
     assert by_name[f"activations[{victim.slug}]"].state.is_failed()
     assert f"factorize[{victim.slug}]" not in by_name  # the chain stopped at the failed stage
     assert any(name.startswith("render[") for name in by_name)
+    for name in ("cross-class", "publish-pages", "publish-index"):
+        assert by_name[name].state.is_completed(), (name, by_name[name].state)
+    assert by_name["publish-index"].start_time >= by_name["publish-pages"].end_time  # the index only after the pages
 
     table = _artifact(f"lens-classes-{info.run_id}")
     rows = json.loads(table.data) if isinstance(table.data, str) else table.data

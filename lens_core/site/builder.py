@@ -77,14 +77,14 @@ def iter_class_files(data: dict, max_concepts: int = 10) -> Iterator[tuple[str, 
         )
 
 
-def build_site(
+def build_pages(
     site: dict,
     publish_url: str,
     storage_options: dict[str, Any] | None = None,
     assets: Mapping[str, Asset] | None = None,
     max_concepts: int = 10,
 ) -> dict[str, Any]:
-    """Render and publish the site; returns a summary with the write order (index.html last).
+    """Write everything but the index: static files, assets, each class's data file and page.
 
     The data is validated before anything is written (`SiteError` on unsafe slugs or paths).
     """
@@ -110,8 +110,30 @@ def build_site(
         max_page = max([max_page] + [len(b) for rel, b in chunk if rel.endswith(".html")])
         out.write_many(chunk)
     seconds["classes"] = time.perf_counter() - t
+    seconds["total"] = time.perf_counter() - t0
 
-    t = time.perf_counter()
+    missing = sorted({p for c in data["classes"] for p in referenced_paths(c)} - set(assets))
+    return {
+        "url": url,
+        "classes": len(data["classes"]),
+        "failed": sum(c["status"] == "failed" for c in data["classes"]),
+        "concepts": sum(len(c["concepts"]) for c in data["classes"] if c["status"] == "ok"),
+        "files": len(out.order),
+        "bytes": out.bytes,
+        "max_class_page_bytes": max_page,
+        "missing_assets": missing[:20],
+        "n_missing_assets": len(missing),
+        "written": out.order,
+        "seconds": seconds,
+    }
+
+
+def build_index(site: dict, publish_url: str, storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Write the method page, the class list (search data) and, last, index.html: once the pages exist."""
+    t0 = time.perf_counter()
+    data = normalize_site(site)
+    url = normalize_url(publish_url)
+    out = _Writer(*filesystem(url, storage_options))
     listing = render.class_list(data)
     classes_json = json.dumps(listing, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
     out.write_many(
@@ -123,23 +145,24 @@ def build_site(
     )
     index = render.render_index(data).encode()
     out.write_many([("index.html", index)])
-    seconds["index"] = time.perf_counter() - t
-    seconds["total"] = time.perf_counter() - t0
+    return {"index_url": join_url(url, "index.html"), "index_bytes": len(index), "files": len(out.order),
+            "bytes": out.bytes, "written": out.order, "seconds": time.perf_counter() - t0}
 
-    provided = set(assets)
-    missing = sorted({p for c in data["classes"] for p in referenced_paths(c)} - provided)
-    return {
-        "url": url,
-        "index_url": join_url(url, "index.html"),
-        "classes": len(data["classes"]),
-        "failed": sum(c["status"] == "failed" for c in data["classes"]),
-        "concepts": sum(len(c["concepts"]) for c in data["classes"] if c["status"] == "ok"),
-        "files": len(out.order),
-        "bytes": out.bytes,
-        "max_class_page_bytes": max_page,
-        "index_bytes": len(index),
-        "missing_assets": missing[:20],
-        "n_missing_assets": len(missing),
-        "written": out.order,
-        "seconds": seconds,
-    }
+
+def build_site(
+    site: dict,
+    publish_url: str,
+    storage_options: dict[str, Any] | None = None,
+    assets: Mapping[str, Asset] | None = None,
+    max_concepts: int = 10,
+) -> dict[str, Any]:
+    """Render and publish the site: `build_pages`, then `build_index` (index.html written last).
+
+    Returns one summary of both, with the write order (`written`).
+    """
+    pages = build_pages(site, publish_url, storage_options, assets, max_concepts)
+    index = build_index(site, publish_url, storage_options)
+    pages["seconds"].update(index=index["seconds"], total=pages["seconds"]["total"] + index["seconds"])
+    return {**pages, "index_url": index["index_url"], "index_bytes": index["index_bytes"],
+            "files": pages["files"] + index["files"], "bytes": pages["bytes"] + index["bytes"],
+            "written": pages["written"] + index["written"]}
