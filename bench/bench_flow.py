@@ -208,8 +208,14 @@ def main() -> None:
                 for line in e2e["stdout"]:
                     print(f"    {line}")
         drain_prefect_queues()
+    except BaseException:
+        if api.proc is not None and api.proc.poll() is not None:  # say why the API went away
+            print(f"the Prefect API server exited ({api.proc.returncode}); its log:\n"
+                  + api.log.read_text(errors="replace")[-3000:], file=sys.stderr)
+            api.stop(keep_log=True)
+        raise
     finally:
-        api.stop()
+        api.stop(keep_log=api.proc is None)
     print(f"\nload average {os.getloadavg()[0]:.1f} at the end")
 
 
