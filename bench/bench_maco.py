@@ -1,6 +1,6 @@
 """MACO benchmark: batching gain (time per concept for B = 1, 4, 16) and LENS vs Horama 0.3.0.
 
-Both sides use the same model (the toy CNN split at block4, or a small stand-in), the same concept
+Both sides use the same model (the shipped toy CNN split at block4), the same concept
 directions, image size, steps, crops, crop sizes, noise and magnitude spectrum; final objectives
 are evaluated identically (whole image resized to the model input, no augmentation).
 
@@ -43,31 +43,11 @@ class _Normalize(nn.Module):
 
 
 def load_subject(device: torch.device) -> tuple[str, nn.Module, int, torch.Tensor]:
-    """(name, g, input size, sample images in [0,1]): the toy CNN if shipped, else a stand-in."""
-    try:
-        from safetensors.torch import load_file
+    """(name, g, input size, sample images in [0,1]): the shipped toy CNN split at block4."""
+    from safetensors.torch import load_file
 
-        from lens_core.toy import TOY_CHECKPOINT, ToyCNN, render_image
-    except ImportError:
-        TOY_CHECKPOINT = None
-    if TOY_CHECKPOINT is None or not TOY_CHECKPOINT.is_file():
-        torch.manual_seed(0)
-        g = nn.Sequential(
-            nn.Conv2d(3, 32, 3, padding=1),
-            nn.ReLU(),
-            nn.MaxPool2d(2),
-            nn.Conv2d(32, 64, 3, padding=1),
-            nn.ReLU(),
-            nn.MaxPool2d(2),
-            nn.Conv2d(64, 128, 3, padding=1),
-            nn.ReLU(),
-        )
-        return (
-            "stand-in conv net",
-            g.eval().requires_grad_(False).to(device),
-            64,
-            torch.rand(32, 3, 64, 64),
-        )
+    from lens_core.toy import TOY_CHECKPOINT, ToyCNN, render_image
+
     state = load_file(str(TOY_CHECKPOINT))
     n_cls = state["fc.weight"].shape[0]
     model = ToyCNN(num_classes=n_cls)

@@ -18,7 +18,7 @@ from lens_core import maco
 from lens_core.config import MacoConfig
 
 SIZE = 64  # rendered image side
-INPUT = 32  # model input side for the stand-in net (the toy model takes 64)
+INPUT = 32  # model input side of the small analytic nets below (the toy model takes 64)
 SEL_FRACTION = 0.7  # selectivity: at least this fraction of concepts must be selective
 
 
@@ -51,16 +51,12 @@ class Subject:
     directions: torch.Tensor
 
 
-def _toy_subject() -> Subject | None:
-    """The shipped toy CNN split at block4, class-specific non-negative directions; None if absent."""
-    try:
-        from safetensors.torch import load_file
+def _toy_subject() -> Subject:
+    """The shipped toy CNN split at block4, class-specific non-negative directions."""
+    from safetensors.torch import load_file
 
-        from lens_core.toy import TOY_CHECKPOINT, TOY_METRICS, ToyCNN, render_image
-    except ImportError:
-        return None
-    if not TOY_CHECKPOINT.is_file():
-        return None
+    from lens_core.toy import TOY_CHECKPOINT, TOY_METRICS, ToyCNN, render_image
+
     state = load_file(str(TOY_CHECKPOINT))
     model = ToyCNN(num_classes=state["fc.weight"].shape[0])
     model.load_state_dict(state)
@@ -86,38 +82,9 @@ def _class_directions(g: nn.Module, images: torch.Tensor, n_cls: int) -> torch.T
     return (acts - acts.mean(0)).clamp(min=0)
 
 
-def _stand_in_subject() -> Subject:
-    """Fallback: a fixed random conv net; directions are sparse channel sets, scaled by channel baseline."""
-    torch.manual_seed(0)
-    g = (
-        nn.Sequential(
-            nn.Conv2d(3, 16, 3, padding=1),
-            nn.ReLU(),
-            nn.MaxPool2d(2),
-            nn.Conv2d(16, 32, 3, padding=1),
-            nn.ReLU(),
-            nn.MaxPool2d(2),
-            nn.Conv2d(32, 16, 3, padding=1),
-            nn.ReLU(),
-        )
-        .eval()
-        .requires_grad_(False)
-    )
-    images = torch.rand(8, 3, 48, 48)
-    mag = maco.estimate_magnitude([images], SIZE)
-    with torch.no_grad():
-        chan = maco.pool(
-            g(maco.random_phase_images(mag, range(100, 116), SIZE)[..., ::2, ::2])
-        ).mean(0)
-    dirs = torch.zeros(6, 16)
-    for k in range(6):
-        dirs[k, 2 * k], dirs[k, 2 * k + 1] = 1.0, 0.5
-    return Subject("stand-in", g, INPUT, images, dirs / chan.clamp_min(1e-6))
-
-
 @pytest.fixture(scope="module")
 def subject() -> Subject:
-    return _toy_subject() or _stand_in_subject()
+    return _toy_subject()
 
 
 @pytest.fixture(scope="module")
