@@ -35,8 +35,9 @@ from prefect.states import Completed, Failed
 from prefect_dask import DaskTaskRunner
 
 from flows.runner import LensDaskTaskRunner
-from lens_core.config import AtlasConfig, load_config, make_config
+from lens_core.config import AtlasConfig, config_from_parameters
 from lens_core.pipeline import RunInfo, check_model, class_summary, prepare_run
+from lens_core.publish import published
 from lens_core.publish import site_url as run_site_url
 from lens_core.render import pending_items
 from lens_core.status import write_status
@@ -114,16 +115,6 @@ def _notify(kind: str, done: int, total: int) -> None:
 
 # ---- the flow ------------------------------------------------------------------------------
 
-def _resolve_config(config_path: str | None, config: dict[str, Any] | None, checkpoint: str | None,
-                    classes: list[str] | None, store: str | None, publish: str | None) -> AtlasConfig:
-    data: dict[str, Any] = load_config(config_path).model_dump(mode="json") if config_path else {}
-    for key, value in (config or {}).items():
-        data[key] = {**data.get(key, {}), **value} if isinstance(value, dict) and isinstance(data.get(key), dict) else value
-    if checkpoint:
-        data["model"] = {**data.get("model", {}), "checkpoint": checkpoint}
-    return make_config(data, classes=classes or None, store=store, publish=publish)
-
-
 @flow(name="build-atlas", task_runner=make_task_runner(), log_prints=True, persist_result=False)
 def build_atlas(
     config_path: str | None = None,
@@ -144,7 +135,7 @@ def build_atlas(
         publish: site URL (fsspec), e.g. s3://bucket/site.
     """
     logger = get_run_logger()
-    cfg = _resolve_config(config_path, config, checkpoint, classes, store, publish)
+    cfg = config_from_parameters(config_path, config, checkpoint, classes, store, publish)
     t0 = time.perf_counter()
     info = prepare_run(cfg)
     check_model(info)  # a bad checkpoint fails the run once, before any class is submitted
@@ -158,11 +149,11 @@ def build_atlas(
         cross = cross_class_task.submit(info).result()
         timings.update(cross_class=time.perf_counter() - t, cross_class_compute=cross.get("task_seconds", 0.0))
         t = time.perf_counter()
-        site = publish_pages_task.submit(info, cfg.publish).result()
-        index = publish_index_task.submit(info, site.pop("site"), cfg.publish).result()
-        site.update(index_url=index["index_url"], files=site["files"] + index["files"])
+        pages = publish_pages_task.submit(info, cfg.publish).result()
+        index = publish_index_task.submit(info, pages["site"], cfg.publish).result()
         timings.update(publish=time.perf_counter() - t,
-                       publish_compute=site.pop("task_seconds", 0.0) + index["task_seconds"])
+                       publish_compute=pages.pop("task_seconds") + index.pop("task_seconds"))
+        site = published(pages, index)
     return _finish(info, outcomes, site, timings, t0, logger)
 
 

@@ -25,7 +25,7 @@ from prefect.deployments import run_deployment
 from prefect.exceptions import ObjectNotFound
 from prefect.runtime import flow_run as current_flow_run
 
-from lens_core.config import AtlasConfig, compute_run_id, load_config, make_config
+from lens_core.config import AtlasConfig, compute_run_id, config_from_parameters
 from lens_core.models import CheckpointError, checkpoint_digest
 from lens_core.store import RunStore, filesystem, join_url, normalize_url
 
@@ -34,24 +34,6 @@ BUILD_DEPLOYMENT = "build-atlas/build-atlas"
 RUN_TAG = "lens-run:"  # + run id: finds every build-atlas flow run of one LENS run
 FINISHED = "finished.json"
 _PLACEHOLDER = re.compile(r"\{\{\s*\$?([\w.]+)\s*\}\}")
-
-
-def atlas_config(
-    config_path: str | None = None,
-    config: dict[str, Any] | None = None,
-    checkpoint: str | None = None,
-    classes: list[str] | None = None,
-    store: str | None = None,
-    publish: str | None = None,
-) -> AtlasConfig:
-    """The AtlasConfig `build_atlas` builds from the same parameters (same merge, same precedence)."""
-    data: dict[str, Any] = load_config(config_path).model_dump(mode="json") if config_path else {}
-    for key, value in (config or {}).items():
-        merge = isinstance(value, dict) and isinstance(data.get(key), dict)
-        data[key] = {**data[key], **value} if merge else value
-    if checkpoint:
-        data["model"] = {**data.get("model", {}), "checkpoint": checkpoint}
-    return make_config(data, classes=classes or None, store=store, publish=publish)
 
 
 def planned_data_url(config: AtlasConfig) -> str:
@@ -225,7 +207,7 @@ def watch_checkpoints(
     """
     logger = get_run_logger()
     prefix = check_prefix(prefix)
-    base = atlas_config(config_path, config, None, classes, store, publish)
+    base = config_from_parameters(config_path, config, None, classes, store, publish)
     marker = f"lens-trigger:{(current_flow_run.get_id() or uuid.uuid4().hex)[:8]}"
     digests = DigestCache(base.store, base.storage_options)
     results: list[Trigger] = []
@@ -238,7 +220,7 @@ def watch_checkpoints(
             continue
         params = {"config_path": config_path, "config": config, "checkpoint": ckpt, "classes": classes,
                   "store": store, "publish": publish}
-        cfg = atlas_config(**params)
+        cfg = config_from_parameters(**params)
         run_id = planned_run_id(cfg, digest)
         if is_finished(cfg, run_id):
             results.append(Trigger(ckpt, run_id, "finished"))

@@ -271,6 +271,25 @@ def load_config(path: str | os.PathLike[str] | None = None, **overrides: Any) ->
     return make_config(data, **overrides)
 
 
+def config_from_parameters(
+    config_path: str | None = None,
+    config: dict[str, Any] | None = None,
+    checkpoint: str | None = None,
+    classes: list[str] | None = None,
+    store: str | None = None,
+    publish: str | None = None,
+) -> AtlasConfig:
+    """The AtlasConfig of the build-atlas parameters: the TOML file, inline sections merged over it
+    field by field, then the checkpoint, class, store and publish overrides."""
+    data: dict[str, Any] = load_config(config_path).model_dump(mode="json") if config_path else {}
+    for key, value in (config or {}).items():
+        merge = isinstance(value, dict) and isinstance(data.get(key), dict)
+        data[key] = {**data[key], **value} if merge else value
+    if checkpoint:
+        data["model"] = {**data.get("model", {}), "checkpoint": checkpoint}
+    return make_config(data, classes=classes or None, store=store, publish=publish)
+
+
 def short_hash(obj: Any, n: int = 12) -> str:
     """Stable short hash of a JSON-serializable object."""
     blob = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str).encode()

@@ -131,6 +131,18 @@ def _coefficients(
     return U.reshape(n, -1, k)
 
 
+def _prepare(
+    h: object, acts: np.ndarray | torch.Tensor, W: np.ndarray | torch.Tensor,
+    U: np.ndarray | torch.Tensor | None, device: str | torch.device | None,
+) -> tuple[torch.nn.Module, torch.device, torch.Tensor, tuple[int, ...], torch.Tensor, torch.Tensor]:
+    """(h, device, activation rows, activation shape, W, coefficients (N, L, k)) on h's device."""
+    h = _head(h)
+    dev = _model_device(h, device, acts)
+    rows, shape = _flatten_acts(acts, dev)
+    Wt = torch.as_tensor(W).to(dev, torch.float32)
+    return h, dev, rows, shape, Wt, _coefficients(rows, shape, Wt, U)
+
+
 @torch.inference_mode()
 def _masked_logits(
     h: torch.nn.Module,
@@ -182,11 +194,7 @@ def concept_sobol(
     eval mode (a SplitModel is accepted for h: its .h is used); batch_size is the number of
     perturbed images per h call; designs as in saltelli_masks.
     """
-    h = _head(h)
-    dev = _model_device(h, device, acts)
-    rows, shape = _flatten_acts(acts, dev)
-    Wt = torch.as_tensor(W).to(dev, torch.float32)
-    U3 = _coefficients(rows, shape, Wt, U)
+    h, dev, _, shape, Wt, U3 = _prepare(h, acts, W, U, device)
     k = Wt.shape[0]
     masks = saltelli_masks(k, n_designs, sampler, seed, scramble)
     y = _masked_logits(h, U3, Wt, torch.from_numpy(masks).to(dev), class_index, shape, batch_size)
@@ -282,11 +290,7 @@ def deletion_curve(
     residual A - U W]); auc = trapezoid area with the x axis scaled to [0, 1] (in logit units;
     lower = the order finds the logit's support faster). U as in concept_sobol (None = NNLS).
     """
-    h = _head(h)
-    dev = _model_device(h, device, acts)
-    rows, shape = _flatten_acts(acts, dev)
-    Wt = torch.as_tensor(W).to(dev, torch.float32)
-    U3 = _coefficients(rows, shape, Wt, U)
+    h, dev, rows, shape, Wt, U3 = _prepare(h, acts, W, U, device)
     k = Wt.shape[0]
     order = [int(i) for i in order]
     if sorted(order) != list(range(k)):

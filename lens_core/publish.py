@@ -188,9 +188,15 @@ def publish_index(info: RunInfo, site: dict[str, Any], publish_url: str | None =
             "seconds": summary["seconds"]}
 
 
+def published(pages: dict[str, Any], index: dict[str, Any]) -> dict[str, Any]:
+    """One summary of a publish: `publish_pages`'s (without the site data) completed by `publish_index`'s."""
+    summary = {k: v for k, v in pages.items() if k != "site"}
+    summary.update(index_url=index["index_url"], files=pages["files"] + index["files"],
+                   seconds={**pages["seconds"], "index": index["seconds"]})
+    return summary
+
+
 def publish(info: RunInfo, publish_url: str | None = None) -> dict[str, Any]:
     """Build the run's site at `<publish>/<run_id>/` (pages, then its index), then the runs page above it."""
     pages = publish_pages(info, publish_url)
-    index = publish_index(info, pages.pop("site"), publish_url)
-    pages["seconds"] = {**pages["seconds"], "index": index["seconds"]}
-    return {**pages, "index_url": index["index_url"], "files": pages["files"] + index["files"]}
+    return published(pages, publish_index(info, pages["site"], publish_url))

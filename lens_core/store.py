@@ -482,6 +482,17 @@ class Lease:
         self.release()
 
 
+def write_beside(path: str, data: bytes, make_parent: bool = True) -> str:
+    """Write `data` to a fresh temp file next to the local `path` and return its name: renamed or
+    linked onto `path` afterwards, the file appears whole or not at all."""
+    if make_parent:
+        os.makedirs(posixpath.dirname(path), exist_ok=True)
+    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+    with open(tmp, "wb") as f:
+        f.write(data)
+    return tmp
+
+
 # ---- the run store --------------------------------------------------------------------------------
 
 def _precondition_failed(err: BaseException) -> bool:
@@ -528,11 +539,7 @@ class RunStore:
         """Write a file whole: local writes go through a temp name and a rename."""
         path = self.path(rel)
         if self.local:
-            os.makedirs(posixpath.dirname(path), exist_ok=True)
-            tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-            with open(tmp, "wb") as f:
-                f.write(data)
-            os.replace(tmp, path)
+            os.replace(write_beside(path, data), path)
         else:
             self._call(lambda: self.fs.pipe_file(path, data), rel, "writing")
 
@@ -540,10 +547,7 @@ class RunStore:
         """Create a file with `data` unless it exists, atomically; True when we created it."""
         path = self.path(rel)
         if self.local:
-            os.makedirs(posixpath.dirname(path), exist_ok=True)
-            tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-            with open(tmp, "wb") as f:
-                f.write(data)
+            tmp = write_beside(path, data)
             try:
                 os.link(tmp, path)  # fails if the name exists: the file appears whole or not at all
                 return True

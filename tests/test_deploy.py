@@ -290,17 +290,19 @@ def _put_checkpoint(st: Stack, url: str, epoch: int | None) -> str:
 
 
 def _planned(st: Stack, ckpt: str) -> tuple[str, Any]:
-    from flows.watch import atlas_config, planned_run_id
+    from flows.watch import planned_run_id
+    from lens_core.config import config_from_parameters
     from lens_core.models import checkpoint_digest
 
-    cfg = atlas_config(str(st.config_path), checkpoint=ckpt)
+    cfg = config_from_parameters(str(st.config_path), checkpoint=ckpt)
     return planned_run_id(cfg, checkpoint_digest(ckpt, {**cfg.storage_options, "key": st.s3.key, "secret": st.s3.secret})), cfg
 
 
 # ---- unit tests (no server) --------------------------------------------------------------------
 
 def test_planned_run_id_is_build_atlas_run_id_without_side_effects(tmp_path: Path) -> None:
-    from flows.watch import atlas_config, planned_data_url, planned_run_id
+    from flows.watch import planned_data_url, planned_run_id
+    from lens_core.config import config_from_parameters
     from lens_core.models import checkpoint_digest
     from lens_core.pipeline import prepare_run
     from lens_core.toy import TOY_CHECKPOINT
@@ -311,27 +313,27 @@ def test_planned_run_id_is_build_atlas_run_id_without_side_effects(tmp_path: Pat
     store = tmp_path / "store"
     inline = {"data": {"toy_classes": 2, "toy_images_per_class": 2, "images_per_class": 2},
               "concepts": {"n_concepts": 4}}
-    cfg = atlas_config(None, inline, f"file://{ckpt}", ["0"], str(store), str(tmp_path / "site"))
+    cfg = config_from_parameters(None, inline, f"file://{ckpt}", ["0"], str(store), str(tmp_path / "site"))
     planned = planned_run_id(cfg, checkpoint_digest(str(ckpt)))
     assert not store.exists()  # the watcher writes nothing, not even the toy data set
     info = prepare_run(cfg)
     assert (info.run_id, info.data_url) == (planned, planned_data_url(cfg))
     # a real data URL is taken as is; another checkpoint digest is another run
-    real = atlas_config(None, {**inline, "data": {**inline["data"], "url": info.data_url}}, f"file://{ckpt}")
+    real = config_from_parameters(None, {**inline, "data": {**inline["data"], "url": info.data_url}}, f"file://{ckpt}")
     assert planned_data_url(real) == info.data_url
     assert planned_run_id(cfg, "0" * 64) != planned
 
 
 def test_atlas_config_merges_like_build_atlas(tmp_path: Path) -> None:
-    from flows.watch import atlas_config
+    from lens_core.config import config_from_parameters
 
     toml = tmp_path / "a.toml"
     toml.write_text('store = "s3://b/lens"\nclasses = ["x"]\n[maco]\nsteps = 9\nimage_size = 32\n')
-    cfg = atlas_config(str(toml), {"maco": {"steps": 5}}, "s3://b/c.pt", ["0", "1"], None, "s3://b/site")
+    cfg = config_from_parameters(str(toml), {"maco": {"steps": 5}}, "s3://b/c.pt", ["0", "1"], None, "s3://b/site")
     assert (cfg.maco.steps, cfg.maco.image_size) == (5, 32)  # inline fields over the file, per section
     assert cfg.model.checkpoint == "s3://b/c.pt" and cfg.classes == ["0", "1"]
     assert cfg.store == "s3://b/lens" and cfg.publish == "s3://b/site"
-    assert atlas_config(str(toml)).classes == ["x"]
+    assert config_from_parameters(str(toml)).classes == ["x"]
 
 
 def test_list_checkpoints_finds_checkpoint_files_recursively(tmp_path: Path) -> None:
@@ -561,9 +563,10 @@ def test_a_run_that_ended_unfinished_is_retried_up_to_max_attempts(api: Stack, s
     from prefect.client.schemas.actions import WorkPoolUpdate
     from prefect.states import Failed
 
-    from flows.watch import RUN_TAG, atlas_config, idempotency_key, request_build
+    from flows.watch import RUN_TAG, idempotency_key, request_build
+    from lens_core.config import config_from_parameters
 
-    cfg = atlas_config(str(api.config_path))
+    cfg = config_from_parameters(str(api.config_path))
     run_id = "retrytest000"  # no such run in the store: never finished
     with _client() as c:
         dep = c.read_deployment_by_name(BUILD)

@@ -6,13 +6,12 @@ import json
 import os
 import posixpath
 import time
-import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 from fsspec.implementations.local import LocalFileSystem
 
-from ..store import filesystem, join_url, normalize_url
+from ..store import filesystem, join_url, normalize_url, write_beside
 from . import render
 from .schema import check_asset_path, normalize_site, referenced_paths
 
@@ -49,10 +48,7 @@ class _Writer:
         if parent not in self._dirs:
             os.makedirs(parent, exist_ok=True)
             self._dirs.add(parent)
-        tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
+        os.replace(write_beside(path, data, make_parent=False), path)
 
 
 def _chunks(items: Iterable[Any], n: int) -> Iterator[list[Any]]:
