@@ -298,10 +298,16 @@ def test_class_page_shows_top_concepts_by_importance(tab, built):
         assert imp == [c["important"] for c in by_input] and any(imp)
         sobol = page.inner_text(".concept .sobol")
         assert sobol == f"Sobol {by_input[0]['sobol']:.2f}"
-        viz = page.eval_on_selector_all(
-            ".viz img", "els => els.map(e => [e.complete, e.naturalWidth])"
+        # the images load lazily: bring the second into view and wait for both to decode (a
+        # broken image never gets a width, so this times out and fails)
+        viz = page.locator(".viz img")
+        assert viz.count() >= 2
+        viz.nth(1).scroll_into_view_if_needed()
+        page.wait_for_function(
+            "() => Array.from(document.querySelectorAll('.viz img')).slice(0, 2)"
+            ".every(i => i.complete && i.naturalWidth > 0)",
+            timeout=15_000,
         )
-        assert viz[:2] and all(w > 0 for _, w in viz[:2])
     shark = _class(built["site"], "great white shark")
     page.goto(built["base"] + f"classes/{shark['slug']}/index.html")
     _screenshot(page, "class-desktop.png")
