@@ -361,6 +361,60 @@ def test_two_runs_of_one_checkpoint_at_once_share_the_work(faults, toy_data, ref
     _assert_same_as_clean_run(info.store(), reference)
 
 
+def test_two_whole_flows_of_one_checkpoint_at_once_share_the_work_and_the_site(
+    prefect_api, faults, own_s3, toy_data, reference, tmp_path
+):
+    """Two build-atlas flows (each its own process and Dask cluster) of one configuration, started
+    together on one S3 store and one S3 publish URL, overlap in time; between them every stage of
+    every class is computed exactly once, both complete, the store equals a clean run, no lease is
+    left behind and the published site is whole (every class page, viz and the runs page)."""
+    import s3fs
+
+    bucket = own_s3.new_bucket()
+    cfg = _config(toy_data, f"s3://{bucket}/lens", f"s3://{bucket}/site",
+                  storage_options={"endpoint_url": own_s3.endpoint_url})
+    info = prepare_run(make_config(cfg, classes=CLASSES))
+    every = {(s, st) for s in info.slugs for st in CLASS_STAGES}
+    faults.write_text(json.dumps({"slow": 0.5}))  # activations take seconds: the flows meet on them
+    procs: dict[str, subprocess.Popen] = {}
+    out, ended = {}, {}
+    try:
+        procs = {name: _spawn_flow(prefect_api, cfg, tmp_path, name, CLASSES) for name in ("a", "b")}
+        for name, proc in procs.items():
+            out[name] = _outcome(proc, tmp_path, name)
+            ended[name] = (tmp_path / f"{name}.result.json").stat().st_mtime
+    finally:
+        faults.write_text("{}")
+        for proc in procs.values():
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+    for name, o in out.items():
+        assert o["state"] == "Completed", (name, o["message"])
+    started = {name: ended[name] - out[name]["result"]["seconds"] for name in out}
+    assert max(started.values()) < min(ended.values()), ("the two flows did not overlap", started, ended)
+    a, b = (_computed(out[name]["result"]) for name in ("a", "b"))
+    assert not a & b, f"computed twice: {sorted(a & b)}"
+    assert a | b == every
+    store = info.store()
+    _assert_same_as_clean_run(store, reference)
+    # no lease record left (SeaweedFS keeps emptied folders, so look for the records themselves)
+    left = [p for p in store.fs.find(store.path("locks")) if p.endswith(".json")]
+    assert not left, left
+    fs = s3fs.S3FileSystem(endpoint_url=own_s3.endpoint_url, key=own_s3.key, secret=own_s3.secret,
+                           skip_instance_cache=True)
+    site = f"{bucket}/site/{info.run_id}"
+    for slug in info.slugs:
+        assert store.files_complete(f"viz/{slug}")
+        page = fs.cat_file(f"{site}/classes/{slug}/index.html").decode()
+        k = store.zarr[f"concepts/{slug}/W"].shape[0]
+        for c in range(k):
+            assert fs.exists(f"{site}/assets/viz/{slug}/{c}.png"), (slug, c)
+        assert page.count('<li id="concept-') == min(k, 10), slug
+    assert f'href="{info.run_id}/index.html"' in fs.cat_file(f"{bucket}/site/index.html").decode()
+    assert json.loads(fs.cat_file(f"{site}/run.json"))["run_id"] == info.run_id
+
+
 # ---- S3 goes away -----------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
