@@ -175,10 +175,12 @@ def test_index_lists_every_class_with_counts(tab, built):
         and "tabby cat" in failed.inner_text()
         and "failed" in failed.inner_text()
     )
-    thumbs = page.eval_on_selector_all(
-        "#grid img", "els => els.map(e => [e.complete, e.naturalWidth])"
+    assert page.locator("#grid img").count() == 5
+    # thumbnails load lazily: wait for every one to decode (a broken one never does: timeout)
+    page.wait_for_function(
+        "() => Array.from(document.querySelectorAll('#grid img')).every(i => i.complete && i.naturalWidth > 0)",
+        timeout=15_000,
     )
-    assert len(thumbs) == 5 and all(ok and w > 0 for ok, w in thumbs)
     _screenshot(page, "index-desktop.png")
     page.set_viewport_size({"width": 390, "height": 844})
     _screenshot(page, "index-phone.png")
