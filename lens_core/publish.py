@@ -184,16 +184,14 @@ def publish_index(info: RunInfo, site: dict[str, Any], publish_url: str | None =
         "created": run["created"], "model": run["model"], "layer": run["layer"], "checkpoint": run["checkpoint"],
         "checkpoint_digest": run["checkpoint_digest"], "classes": len(site["classes"]), "failed": failed,
     }, info.config.storage_options)
-    return {"index_url": summary["index_url"], "index_bytes": summary["index_bytes"], "files": summary["files"],
-            "seconds": summary["seconds"]}
+    return {k: summary[k] for k in ("index_url", "index_bytes", "files", "bytes", "seconds")}
 
 
 def published(pages: dict[str, Any], index: dict[str, Any]) -> dict[str, Any]:
     """One summary of a publish: `publish_pages`'s (without the site data) completed by `publish_index`'s."""
-    summary = {k: v for k, v in pages.items() if k != "site"}
-    summary.update(index_url=index["index_url"], files=pages["files"] + index["files"],
-                   seconds={**pages["seconds"], "index": index["seconds"]})
-    return summary
+    from lens_core.site.builder import merge_summaries
+
+    return merge_summaries({k: v for k, v in pages.items() if k != "site"}, index)
 
 
 def publish(info: RunInfo, publish_url: str | None = None) -> dict[str, Any]:

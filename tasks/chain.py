@@ -28,16 +28,14 @@ STAGE_TASKS = (activations_task, factorize_task, importance_task, crops_task)
 def class_chain_task(info: RunInfo, slug: str, device: str | None = None) -> dict[str, Any]:
     """Run activations -> factorize -> importance -> crops for one class; the first failure stops it.
 
-    Returns per-stage skipped/seconds, the top concept, the class's summary (`class_summary`) and
-    the (class, concept) renders still to do.
+    Returns per-stage skipped/seconds, the class's summary (`class_summary`: stage states, top
+    concept) and the (class, concept) renders still to do.
     """
     results = []
     with tags(f"class:{slug}"):
         for stage_task in STAGE_TASKS:
             results.append(stage_task(info, slug, device))
-    summary = {r["stage"]: {"skipped": bool(r.get("skipped")), "seconds": r["seconds"]} for r in results}
-    top = results[2].get("status", {})
+    stages = {r["stage"]: {"skipped": bool(r.get("skipped")), "seconds": r["seconds"]} for r in results}
     # read here, on the worker and in parallel, rather than class by class in the flow
-    return {"class": slug, "stages": summary, "top_concept": top.get("top_concept"),
-            "top_importance": top.get("top_importance"), "summary": class_summary(info, slug),
+    return {"class": slug, "stages": stages, "summary": class_summary(info, slug),
             "render_items": pending_items(info, [slug])}

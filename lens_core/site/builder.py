@@ -157,8 +157,14 @@ def build_site(
     Returns one summary of both, with the write order (`written`).
     """
     pages = build_pages(site, publish_url, storage_options, assets, max_concepts)
-    index = build_index(site, publish_url, storage_options)
-    pages["seconds"].update(index=index["seconds"], total=pages["seconds"]["total"] + index["seconds"])
-    return {**pages, "index_url": index["index_url"], "index_bytes": index["index_bytes"],
-            "files": pages["files"] + index["files"], "bytes": pages["bytes"] + index["bytes"],
-            "written": pages["written"] + index["written"]}
+    return merge_summaries(pages, build_index(site, publish_url, storage_options))
+
+
+def merge_summaries(pages: dict[str, Any], index: dict[str, Any]) -> dict[str, Any]:
+    """One summary of a whole site from `build_pages`'s and `build_index`'s (or a subset of their keys)."""
+    seconds = {**pages["seconds"], "index": index["seconds"], "total": pages["seconds"]["total"] + index["seconds"]}
+    merged = {**pages, "index_url": index["index_url"], "index_bytes": index["index_bytes"], "seconds": seconds}
+    for key in ("files", "bytes", "written"):
+        if key in pages and key in index:
+            merged[key] = pages[key] + index[key]
+    return merged
