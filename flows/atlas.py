@@ -36,12 +36,14 @@ from prefect_dask import DaskTaskRunner
 
 from flows.runner import LensDaskTaskRunner
 from lens_core.config import AtlasConfig, config_from_parameters
-from lens_core.pipeline import RunInfo, check_model, class_summary, prepare_run
 from lens_core.publish import published
 from lens_core.publish import site_url as run_site_url
-from lens_core.render import pending_items
+from lens_core.run import RunInfo, check_model, prepare_run
+from lens_core.secrets import error_text
 from lens_core.status import write_status
 from lens_core.store import normalize_url
+from lens_core.summary import class_summary
+from lens_core.viz_pool import pending_items
 from tasks.chain import class_chain_task
 from tasks.stages import cross_class_task, publish_index_task, publish_pages_task, render_task
 
@@ -68,10 +70,17 @@ def cluster_spec(workers: int | None = None, gpu: bool | None = None) -> tuple[s
 
 
 def make_task_runner(workers: int | None = None, dask_address: str | None = None, gpu: bool | None = None) -> DaskTaskRunner:
-    """Dask runner: an existing scheduler, one worker per GPU (dask-cuda), or a LocalCluster."""
+    """Dask runner: an existing scheduler, one worker per GPU (dask-cuda), or a LocalCluster.
+
+    An existing scheduler is reached over TLS with LENS_DASK_TLS_DIR's client certificate; a
+    plaintext one on another host is refused (flows.cluster.client_kwargs_for). Local clusters
+    speak TLS with credentials of their own (flows.cluster.local_cluster).
+    """
+    from flows.cluster import client_kwargs_for
+
     dask_address = dask_address or os.environ.get("LENS_DASK_ADDRESS") or None
     if dask_address:
-        return LensDaskTaskRunner(address=dask_address)
+        return LensDaskTaskRunner(address=dask_address, client_kwargs=client_kwargs_for(dask_address))
     cluster_class, kwargs = cluster_spec(workers, gpu)
     return LensDaskTaskRunner(cluster_class=cluster_class, cluster_kwargs=kwargs)
 
@@ -194,7 +203,7 @@ class _RenderPool:
             for slug, _ in chunk:
                 self.left[slug] -= 1
         except Exception as exc:  # a failed batch marks its classes; the run goes on
-            err = f"{type(exc).__name__}: {exc}"[:500]
+            err = error_text(exc, self.info.config.storage_options, 500)
             for slug in sorted({s for s, _ in chunk} - self.failed):
                 self.failed.add(slug)
                 write_status(self.info.store(), slug, "render", "failed", None, err)
@@ -222,7 +231,7 @@ def _explain_classes(info: RunInfo, cfg: AtlasConfig, logger: Any) -> tuple[dict
 
     with dask.annotate(**_gpu_annotation(info)):
         for s in slugs:  # each chain gets a RunInfo of its own class: cheap to send and to walk
-            track(class_chain_task.with_options(tags=[f"class:{s}"]).submit(info.narrowed([s]), s), "class", s)
+            track(class_chain_task.submit(info.narrowed([s]), s), "class", s)
     outcomes: dict[str, dict[str, Any]] = {}
     pool = _RenderPool(info, cfg.maco.batch_size, track)
     pending = len(slugs)
@@ -238,7 +247,7 @@ def _explain_classes(info: RunInfo, cfg: AtlasConfig, logger: Any) -> tuple[dict
                 outcomes[slug] = {"ok": True, **fut.result()}
                 items = [tuple(x) for x in outcomes[slug].pop("render_items", [])]
             except Exception as err:  # one bad class never sinks the run
-                outcomes[slug] = {"ok": False, "error": f"{type(err).__name__}: {err}"[:500]}
+                outcomes[slug] = {"ok": False, "error": error_text(err, cfg.storage_options, 500)}
                 logger.warning("class %s failed: %s", slug, outcomes[slug]["error"])
                 items = pending_items(info, [slug])  # a class that failed after factorize still renders
             pending += pool.add(items, final=len(outcomes) == len(slugs))

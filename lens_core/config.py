@@ -16,7 +16,16 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-SECRET_KEYS = ("key", "secret", "token", "password", "aws_secret_access_key", "aws_access_key_id")
+from lens_core.layout import run_id_inputs
+from lens_core.secrets import public_options, url_secret
+
+# upper bounds: a form field of the Prefect UI or a TOML typo must not allocate terabytes
+MAX_INPUT_SIZE = 1024  # model input side (ImageNet models: 224-600)
+MAX_IMAGE_SIZE = 4096  # images are resized to this side before patches are cut
+MAX_RENDER_SIZE = 2048  # MACO image side (Horama: 1280)
+MAX_CROP_SIZE = 1024
+MAX_DESIGNS = 4096  # Sobol QMC designs (CRAFT: 32)
+MAX_BATCH = 8192
 
 
 class ConfigError(ValueError):
@@ -36,11 +45,15 @@ def check_url(value: str | None) -> str | None:
         return value
     if not value.strip():
         raise ValueError("must not be empty")
+    if "\x00" in value:
+        raise ValueError("must not contain NUL characters")
     for part in value.split("::"):
+        why = url_secret(part)
+        if why:
+            raise ValueError(f"credentials in URLs are refused ({why}; the URL would be logged and "
+                             "published): use storage_options or AWS_* environment variables")
         if "://" not in part:
             continue
-        if _USERINFO.match(part):
-            raise ValueError("credentials in URLs are refused (the URL would be logged): use storage_options or AWS_* environment variables")
         import fsspec
 
         proto = part.split("://", 1)[0].lower()
@@ -54,9 +67,9 @@ class ModelConfig(_Section):
 
     arch: str = Field("toy", description="torchvision name (resnet50, ...), 'toy', or 'package.module:factory'")
     checkpoint: str | None = Field(None, description="local path, file:// or s3:// URL; None = shipped toy weights / random init")
-    num_classes: int | None = Field(None, gt=0, description="output classes; default: the data set's class count")
+    num_classes: int | None = Field(None, gt=0, le=1_000_000, description="model outputs; default: read from the checkpoint, else the class-folder count")
     layer: str = Field("block4", description="named module where the model is split (g: image -> activations, h: activations -> logits)")
-    input_size: int = Field(64, gt=0, description="side of the square model input, pixels")
+    input_size: int = Field(64, gt=0, le=MAX_INPUT_SIZE, description="side of the square model input, pixels")
     mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
     std: tuple[float, float, float] = (0.25, 0.25, 0.25)
 
@@ -78,12 +91,18 @@ class DataConfig(_Section):
 
     url: str | None = Field(None, description="<root>/<class dir>/*.jpg|png|webp at any fsspec URL; None = generated toy data")
     class_names: str | None = Field(None, description="JSON file {class_dir: name or [name, synonyms...]}")
-    images_per_class: int = Field(40, gt=0, description="images sampled per class (deterministic)")
+    class_index: str | None = Field(
+        None,
+        description="JSON file mapping class dirs to the model's label indices: {class_dir: index}, "
+        "a list of class dirs in label order, or Keras' imagenet_class_index.json {index: [dir, name]}; "
+        "required when the folders are not exactly the model's label set in sorted order",
+    )
+    images_per_class: int = Field(40, gt=0, le=1_000_000, description="images sampled per class (deterministic)")
     seed: int = 0
-    toy_classes: int = Field(10, ge=2, description="classes of the generated toy data set")
-    toy_images_per_class: int = Field(40, gt=0)
+    toy_classes: int = Field(10, ge=2, le=6165, description="classes of the generated toy data set")
+    toy_images_per_class: int = Field(40, gt=0, le=10_000)
 
-    @field_validator("url", "class_names")
+    @field_validator("url", "class_names", "class_index")
     @classmethod
     def _check_urls(cls, v: str | None) -> str | None:
         return check_url(v)
@@ -93,9 +112,9 @@ class PatchConfig(_Section):
     """CRAFT patches: squares of a fraction of the image on a regular grid, resized to the model input."""
 
     fraction: float = Field(64 / 224, gt=0, le=1, description="patch side / image side (reference: 64 of 224)")
-    grid: int = Field(4, ge=1, description="patches per side; stride follows (reference: 4x4 = 16, stride 51)")
-    image_size: int = Field(128, gt=0, description="images are resized to this side before cutting")
-    batch_size: int = Field(64, gt=0)
+    grid: int = Field(4, ge=1, le=64, description="patches per side; stride follows (reference: 4x4 = 16, stride 51)")
+    image_size: int = Field(128, gt=0, le=MAX_IMAGE_SIZE, description="images are resized to this side before cutting")
+    batch_size: int = Field(64, gt=0, le=MAX_BATCH)
 
     @model_validator(mode="after")
     def _fits(self) -> PatchConfig:
@@ -110,9 +129,9 @@ class PatchConfig(_Section):
 class ConceptConfig(_Section):
     """NMF concept extraction A ~= U W."""
 
-    n_concepts: int = Field(10, ge=1)
+    n_concepts: int = Field(10, ge=1, le=1024)
     solver: Literal["torch", "sklearn"] = "torch"
-    max_iter: int = Field(500, gt=0)
+    max_iter: int = Field(500, gt=0, le=100_000)
     tol: float = Field(1e-4, ge=0)
     seed: int = 0
 
@@ -120,26 +139,29 @@ class ConceptConfig(_Section):
 class ImportanceConfig(_Section):
     """Sobol total indices over concept masks (CRAFT) and the logit share."""
 
-    n_designs: int = Field(32, ge=2, description="QMC designs (reference: 32)")
+    n_designs: int = Field(32, ge=2, le=MAX_DESIGNS, description="QMC designs (reference: 32)")
     sampler: Literal["halton", "sobol"] = "halton"
-    batch_size: int = Field(256, gt=0)
-    images: int = Field(16, ge=1, description="class images whose spatial activations feed the Sobol estimate")
+    batch_size: int = Field(256, gt=0, le=MAX_BATCH)
+    images: int = Field(16, ge=1, le=1024, description="class images whose spatial activations feed the Sobol estimate")
     important_min_images: int = Field(3, ge=1, description="a concept is 'important' when it is the top concept of at least this many images")
+    min_share_patches: int = Field(
+        8, ge=1, description="the logit share is defined only when at least this many of the class's "
+        "patches are classified as the class; below it concepts are ranked by Sobol importance")
 
 
 class MacoConfig(_Section):
     """MACO feature visualization (Fel et al. 2023). Defaults are a small CPU budget; Horama uses 1000 steps, 1280 px."""
 
-    steps: int = Field(64, gt=0)
-    image_size: int = Field(128, gt=0)
-    crops: int = Field(4, gt=0, description="random crops per step")
+    steps: int = Field(64, gt=0, le=100_000)
+    image_size: int = Field(128, gt=0, le=MAX_RENDER_SIZE)
+    crops: int = Field(4, gt=0, le=256, description="random crops per step")
     crop_range: tuple[float, float] = (0.5, 0.9)
     lr: float = Field(1.0, gt=0)
     noise: float = Field(0.05, ge=0)
     value_range: tuple[float, float] = (-2.5, 2.5)
     objective: Literal["dot_cossim", "dot", "cosine"] = "dot_cossim"
     cossim_power: float = 2.0
-    batch_size: int = Field(16, gt=0, description="concepts rendered together in one batch")
+    batch_size: int = Field(16, gt=0, le=1024, description="concepts rendered together in one batch")
     magnitude: str | None = Field(None, description="spectrum file (.npy); None = estimated from the run's images")
     seed: int = 0
 
@@ -161,10 +183,10 @@ class MacoConfig(_Section):
 class CropsConfig(_Section):
     """Top-activating crops per concept and attribution maps."""
 
-    per_concept: int = Field(10, ge=1)
+    per_concept: int = Field(10, ge=1, le=1000)
     one_per_image: bool = True
-    size: int = Field(96, gt=0, description="side of a saved crop, pixels")
-    attribution_images: int = Field(3, ge=0)
+    size: int = Field(96, gt=0, le=MAX_CROP_SIZE, description="side of a saved crop, pixels")
+    attribution_images: int = Field(3, ge=0, le=1000)
     format: Literal["webp", "jpeg"] = "webp"
 
 
@@ -191,6 +213,20 @@ class AtlasConfig(_Section):
     def _check_urls(cls, v: str | None) -> str | None:
         return check_url(v)
 
+    @field_validator("storage_options")
+    @classmethod
+    def _no_credentials_in_urls(cls, v: dict[str, Any]) -> dict[str, Any]:
+        def walk(obj: Any, path: str) -> None:
+            if isinstance(obj, dict):
+                for k, sub in obj.items():
+                    walk(sub, f"{path}.{k}" if path else str(k))
+            elif isinstance(obj, str) and (why := url_secret(obj)):
+                raise ValueError(f"{path}: credentials in URLs are refused ({why}; they would be "
+                                 "logged and published): put credentials in AWS_* environment variables")
+
+        walk(v, "")
+        return v
+
     @model_validator(mode="after")
     def _consistent(self) -> AtlasConfig:
         n_patches = self.data.images_per_class * self.patches.grid**2
@@ -206,37 +242,52 @@ class AtlasConfig(_Section):
         return self.model_dump(mode="json", exclude={"store", "publish", "storage_options", "classes"})
 
     def redacted(self) -> dict[str, Any]:
-        """The config as a dict safe to log or publish: credentials masked."""
+        """The config as a dict safe to log, store or publish: only allow-listed storage options."""
         d = self.model_dump(mode="json")
-        d["storage_options"] = redact(d["storage_options"])
+        d["storage_options"] = public_options(d["storage_options"])
         return d
 
 
-def redact(options: dict[str, Any]) -> dict[str, Any]:
-    """Mask credential-like values (recursively) so they never reach logs, artifacts or run.json."""
-    out: dict[str, Any] = {}
-    for k, v in options.items():
-        if isinstance(v, dict):
-            out[k] = redact(v)
-        elif any(s in k.lower() for s in SECRET_KEYS):
-            out[k] = "***"
-        else:
-            out[k] = v
-    return out
+_ENV_SECRETS = {
+    "key": "AWS_ACCESS_KEY_ID", "secret": "AWS_SECRET_ACCESS_KEY", "token": "AWS_SESSION_TOKEN",
+    "client_kwargs.aws_access_key_id": "AWS_ACCESS_KEY_ID",
+    "client_kwargs.aws_secret_access_key": "AWS_SECRET_ACCESS_KEY",
+    "client_kwargs.aws_session_token": "AWS_SESSION_TOKEN",
+}
 
 
 def split_secrets(options: dict[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
-    """Move s3 key/secret out of storage options into AWS_* environment variables.
+    """Move S3 credentials out of storage options into AWS_* environment variables.
 
     Flow parameters are stored by the Prefect API, so credentials travel through the environment
-    (which s3fs/botocore read) and never through parameters, logs or artifacts.
+    (which s3fs/botocore read) and never through parameters, logs or artifacts. The top-level
+    key/secret/token and client_kwargs' aws_* credentials move; any other secret is left in place
+    for `refuse_secrets` to name.
     """
-    public = dict(options)
+    public = {k: (dict(v) if isinstance(v, dict) else v) for k, v in options.items()}
     env = {}
-    for opt, var in (("key", "AWS_ACCESS_KEY_ID"), ("secret", "AWS_SECRET_ACCESS_KEY"), ("token", "AWS_SESSION_TOKEN")):
-        if opt in public:
-            env[var] = str(public.pop(opt))
+    for path, var in _ENV_SECRETS.items():
+        *parents, name = path.split(".")
+        holder = public
+        for p in parents:
+            holder = holder.get(p) if isinstance(holder.get(p), dict) else {}
+        if name in holder:
+            env.setdefault(var, str(holder.pop(name)))  # the top-level option wins
     return public, env
+
+
+def refuse_secrets(parameters: dict[str, Any], where: str = "parameters") -> None:
+    """ConfigError naming every parameter that holds a credential: Prefect stores parameters."""
+    from lens_core.secrets import find_secrets
+
+    found = find_secrets(parameters)
+    if found:
+        raise ConfigError(
+            f"{where} hold credentials ({', '.join(found[:8])}): Prefect stores flow parameters "
+            "and shows them in the UI. Pass credentials through the worker's environment "
+            "(AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, or a Prefect Secret block loaded into it) "
+            "and keep only public options (endpoint_url, region_name, ...) in storage_options"
+        )
 
 
 def _format_errors(err: ValidationError) -> str:
@@ -280,7 +331,13 @@ def config_from_parameters(
     publish: str | None = None,
 ) -> AtlasConfig:
     """The AtlasConfig of the build-atlas parameters: the TOML file, inline sections merged over it
-    field by field, then the checkpoint, class, store and publish overrides."""
+    field by field, then the checkpoint, class, store and publish overrides.
+
+    Parameters are stored by the Prefect API: any that holds a credential is refused
+    (`refuse_secrets`); a TOML file on the worker may hold them, it is not a parameter.
+    """
+    refuse_secrets({"config": config or {}, "checkpoint": checkpoint, "store": store, "publish": publish,
+                    "config_path": config_path, "classes": classes or []}, "flow parameters")
     data: dict[str, Any] = load_config(config_path).model_dump(mode="json") if config_path else {}
     for key, value in (config or {}).items():
         merge = isinstance(value, dict) and isinstance(data.get(key), dict)
@@ -296,6 +353,14 @@ def short_hash(obj: Any, n: int = 12) -> str:
     return hashlib.sha256(blob).hexdigest()[:n]
 
 
+RUN_ID_RE = re.compile(r"^[0-9a-f]{12}$")
+
+
 def compute_run_id(checkpoint_digest: str, data_url: str, config: AtlasConfig) -> str:
-    """run_id = short hash(checkpoint digest, data URL, method config) (DESIGN.md)."""
-    return short_hash({"ckpt": checkpoint_digest, "data": data_url, "method": config.method_dict()})
+    """run_id = short hash(checkpoint digest, data URL, method config) (DESIGN.md): 12 hex digits."""
+    return short_hash(run_id_inputs(checkpoint_digest, data_url, config))
+
+
+def is_run_id(text: Any) -> bool:
+    """True for the run ids this project generates (12 lowercase hex digits), nothing else."""
+    return isinstance(text, str) and bool(RUN_ID_RE.match(text))

@@ -10,15 +10,18 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-# tab10: the colour of concept i on maps and on the site (rank order).
+# The colour of the concept of rank i on maps and on the site: the site's --k0..--k9 (lens.css,
+# Tableau 10); concepts ranked 10th and later share OTHER_COLOR (--ko). A test keeps them equal.
 CONCEPT_COLORS = [
-    "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd",
-    "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf",
+    "#4e79a7", "#f28e2b", "#e15759", "#76b7b2", "#59a14f",
+    "#edc948", "#b07aa1", "#ff9da7", "#9c755f", "#bcbd22",
 ]
+OTHER_COLOR = "#d6d3d1"
 
 
-def concept_color(i: int) -> str:
-    return CONCEPT_COLORS[i % len(CONCEPT_COLORS)]
+def concept_color(rank: int) -> str:
+    """Colour of the concept at `rank` (0 = most important); OTHER_COLOR past the palette."""
+    return CONCEPT_COLORS[rank] if 0 <= rank < len(CONCEPT_COLORS) else OTHER_COLOR
 
 
 def top_patches(
@@ -65,25 +68,61 @@ def crop_box(image: torch.Tensor, box: Sequence[int], size: int) -> Image.Image:
     return to_pil(patch[0])
 
 
+def thumbnail(image: torch.Tensor, size: int) -> Image.Image:
+    """The whole (3,H,W) image resized to size x size (antialiased)."""
+    return to_pil(F.interpolate(image[None].float(), size=(size, size), mode="bilinear", antialias=True,
+                                align_corners=False)[0])
+
+
 def _hex_rgb(color: str) -> np.ndarray:
     return np.array([int(color[i : i + 2], 16) for i in (1, 3, 5)], dtype=np.float32) / 255
 
 
-def attribution_map(image: torch.Tensor, coeffs: np.ndarray, concept_rank: Sequence[int], size: int) -> Image.Image:
-    """Overlay per-location concept coefficients (k,H,W) on the image: each location takes the
-    colour of its dominant concept (by rank colour), with opacity from its coefficient."""
-    k, h, w = coeffs.shape
+def _ranks(concept_rank: Sequence[int], k: int) -> np.ndarray:
     rank_of = np.empty(k, dtype=int)
     rank_of[np.asarray(concept_rank)] = np.arange(k)
-    dominant = coeffs.argmax(0)
-    strength = coeffs.max(0)
-    scale = np.percentile(strength, 99) or 1.0
-    alpha = np.clip(strength / scale, 0, 1)
-    palette = np.stack([_hex_rgb(concept_color(r)) for r in rank_of])  # concept -> colour
-    colour = palette[dominant]  # (h, w, 3)
-    layer = torch.from_numpy(np.concatenate([colour, alpha[..., None]], -1)).permute(2, 0, 1)[None]
-    layer = F.interpolate(layer.float(), size=(size, size), mode="bilinear", align_corners=False)[0]
-    base = F.interpolate(image[None].float(), size=(size, size), mode="bilinear", antialias=True)[0]
-    a = layer[3:4] * 0.6
-    blended = base * (1 - a) + layer[:3] * a
-    return to_pil(blended)
+    return rank_of
+
+
+def dominance(coeffs: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """(dominant concept (S,S), strength in [0,1] (S,S)) of coefficient maps (k,h,w) upsampled to size.
+
+    Each concept's map is upsampled (bilinear) before the argmax, so regions have smooth borders
+    and one colour each; strength is the dominant coefficient over its 99th percentile.
+    """
+    maps = torch.from_numpy(np.ascontiguousarray(coeffs, dtype=np.float32))[None]
+    up = F.interpolate(maps, size=(size, size), mode="bilinear", align_corners=False)[0].clamp_(min=0)
+    strength, dominant = up.max(0)
+    scale = float(torch.quantile(strength.flatten(), 0.99)) or 1.0
+    return dominant.numpy(), (strength / scale).clamp_(0, 1).numpy()
+
+
+def attribution_map(image: torch.Tensor, coeffs: np.ndarray, concept_rank: Sequence[int], size: int) -> Image.Image:
+    """The image, faded to grey, under a concept-coloured overlay: each region takes the colour of
+    its dominant concept (the colours of the concept cards, by rank), opacity by its strength."""
+    k = coeffs.shape[0]
+    rank_of = _ranks(concept_rank, k)
+    dominant, strength = dominance(coeffs, size)
+    palette = np.stack([_hex_rgb(concept_color(int(r))) for r in rank_of])  # concept -> colour
+    colour = torch.from_numpy(palette[dominant]).permute(2, 0, 1)  # (3, S, S)
+    alpha = torch.from_numpy(0.85 * strength ** 0.75)[None]
+    base = F.interpolate(image[None].float(), size=(size, size), mode="bilinear", antialias=True,
+                         align_corners=False)[0]
+    grey = (0.299 * base[0] + 0.587 * base[1] + 0.114 * base[2])[None]
+    faded = 0.85 * (0.3 * base + 0.7 * grey)  # colours of the overlay stand out from the photo's
+    return to_pil(faded * (1 - alpha) + colour * alpha)
+
+
+def dominant_concepts(coeffs: np.ndarray, concept_rank: Sequence[int], min_share: float = 0.02) -> list[dict]:
+    """The legend of an overlay: concepts that dominate at least `min_share` of the image's
+    locations (weighted by strength), by rank: [{"concept", "rank", "share"}]."""
+    k, h, w = coeffs.shape
+    rank_of = _ranks(concept_rank, k)
+    dominant, strength = dominance(coeffs, max(h, w))
+    total = float(strength.sum()) or 1.0
+    out = []
+    for c in range(k):
+        share = float(strength[dominant == c].sum()) / total
+        if share >= min_share:
+            out.append({"concept": c, "rank": int(rank_of[c]) + 1, "share": round(share, 3)})
+    return sorted(out, key=lambda d: d["rank"])

@@ -1,7 +1,9 @@
 """Classes and images from an image-folder layout at any fsspec URL, safe decoding, CRAFT patches.
 
-Layout: ``<root>/<class dir>/**/*.jpg|jpeg|png|webp``; label index = position of the class dir in
-sorted order (torchvision ImageFolder). Unreadable images are skipped and reported, never fatal.
+Layout: ``<root>/<class dir>/**/*.jpg|jpeg|png|webp``. Label index = position of the class dir in
+sorted order (torchvision ImageFolder), unless a class-index file maps dirs to the model's label
+indices (`read_class_index`): a folder holding part of a model's label set, or one whose names do
+not sort in training order, needs one. Unreadable images are skipped and reported, never fatal.
 Only plain raster decoders run (`DECODERS`): a file of another format (TIFF, EPS, ...) under an
 image name is refused, not handed to a complex or external decoder. Storage I/O is retried while
 the store is unreachable (lens_core.store.call); a refused credential raises DataAccessError.
@@ -16,6 +18,7 @@ import logging
 import posixpath
 import struct
 import warnings
+from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -32,7 +35,11 @@ from lens_core.store import StoreAccessError, call, filesystem, join_url, normal
 log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
-MAX_PIXELS = 89_478_485  # Pillow's default Image.MAX_IMAGE_PIXELS, enforced even if that is disabled
+# A 34 KiB PNG can declare 6000 x 6000 pixels: files over MAX_IMAGE_BYTES are not read, images
+# over MAX_PIXELS not decoded, and big images are reduced toward the target size while still
+# 8-bit (JPEG: decoded at 1/2-1/8 scale), before any float conversion.
+MAX_PIXELS = 40_000_000  # 24 MP camera photos pass; Pillow's own bomb limit is 89 M
+MAX_IMAGE_BYTES = 64 << 20
 DECODERS = ("JPEG", "PNG", "WEBP", "GIF", "BMP")  # content is sniffed, but only these formats decode
 _READ_AHEAD = 16  # images fetched concurrently from remote stores
 
@@ -119,19 +126,95 @@ def read_class_names(url: str, storage_options: dict[str, Any] | None = None) ->
     return out
 
 
-def list_classes(
-    url: str, storage_options: dict[str, Any] | None = None, class_names: str | None = None
-) -> list[ClassInfo]:
-    """Class dirs under `url` in sorted order (= label index); '.'/'_'-prefixed dirs are skipped."""
+@dataclass(frozen=True)
+class ClassIndex:
+    """A class-index file: label index of each class dir, and names it may carry (Keras format)."""
+
+    index: dict[str, int]
+    names: dict[str, list[str]] = field(default_factory=dict)
+    url: str = ""
+
+
+def _index_entry(key: str, value: Any, url: str) -> tuple[str, int, list[str]]:
+    if isinstance(value, bool) or not isinstance(value, int | list):
+        raise DataError(f"class-index file {url}: entry {key!r} must be a label index")
+    if isinstance(value, int):
+        return key, value, []
+    # Keras' imagenet_class_index.json: {"0": ["n01440764", "tench"], ...}
+    if not (key.isdigit() and value and all(isinstance(v, str) for v in value)):
+        raise DataError(f"class-index file {url}: entry {key!r} must be an index or [class_dir, name]")
+    return value[0], int(key), list(value[1:])
+
+
+def read_class_index(url: str, storage_options: dict[str, Any] | None = None) -> ClassIndex:
+    """Class dir -> label index from JSON: {dir: index}, [dir, ...] in label order, or Keras'
+    {"<index>": [dir, name]}. Indices must be non-negative and unique."""
+    fs, path = filesystem(url, storage_options)
+    try:
+        raw = json.loads(_io(lambda: fs.cat_file(path), url, "reading", storage_options))
+    except FileNotFoundError:
+        raise DataError(f"class-index file not found: {url}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise DataError(f"class-index file {url} is not valid JSON: {err}") from None
+    if isinstance(raw, list):
+        if not all(isinstance(d, str) and d for d in raw):
+            raise DataError(f"class-index file {url}: a list must hold class dir names")
+        entries = [(d, i, []) for i, d in enumerate(raw)]
+    elif isinstance(raw, dict):
+        entries = [_index_entry(str(k), v, url) for k, v in raw.items()]
+    else:
+        raise DataError(f"class-index file {url} must map class dirs to label indices")
+    index: dict[str, int] = {}
+    names: dict[str, list[str]] = {}
+    for d, i, extra in entries:
+        if i < 0:
+            raise DataError(f"class-index file {url}: {d!r} has a negative label index {i}")
+        if d in index:
+            raise DataError(f"class-index file {url}: class dir {d!r} appears twice")
+        index[d] = i
+        if extra:
+            names[d] = extra
+    dup = sorted(i for i, n in Counter(index.values()).items() if n > 1)
+    if dup:
+        raise DataError(f"class-index file {url}: label indices used twice: {dup[:10]}")
+    return ClassIndex(index, names, url)
+
+
+def _class_dirs(url: str, storage_options: dict[str, Any] | None) -> list[str]:
     dirs = sorted(
         posixpath.basename(e["name"].rstrip("/"))
         for e in _entries(url, storage_options)
         if e.get("type") == "directory"
     )
-    dirs = [d for d in dirs if d and not d.startswith((".", "_"))]
+    return [d for d in dirs if d and not d.startswith((".", "_"))]
+
+
+def list_classes(
+    url: str, storage_options: dict[str, Any] | None = None, class_names: str | None = None,
+    class_index: str | ClassIndex | None = None,
+) -> list[ClassInfo]:
+    """Class dirs under `url` ('.'/'_'-prefixed dirs skipped), in label order.
+
+    Label index: the dir's sorted position, or its entry in `class_index` (a file URL or a
+    ClassIndex); with a class index every dir must be listed in it (DataError otherwise).
+    """
+    dirs = _class_dirs(url, storage_options)
+    mapping = read_class_index(class_index, storage_options) if isinstance(class_index, str) else class_index
+    if mapping is None:
+        labels = {d: i for i, d in enumerate(dirs)}
+    else:
+        missing = [d for d in dirs if d not in mapping.index]
+        if missing:
+            shown = ", ".join(map(repr, missing[:5])) + (", ..." if len(missing) > 5 else "")
+            raise DataError(f"{len(missing)} class folders under {url} have no label index in "
+                            f"{mapping.url or 'the class index'}: {shown}")
+        labels = {d: mapping.index[d] for d in dirs}
     names = read_class_names(class_names, storage_options) if class_names else {}
+    if mapping is not None:
+        names = {**mapping.names, **names}
     infos = []
-    for i, d in enumerate(dirs):
+    for d in sorted(dirs, key=lambda d: labels[d]):
+        i = labels[d]
         syn = names.get(d, [d])
         infos.append((i, d, syn[0], class_slug(d, syn[0], i), tuple(syn)))
     slugs = unique_slugs([slug for _, _, _, slug, _ in infos])
@@ -192,10 +275,33 @@ def _to_rgb_array(img: Image.Image) -> np.ndarray:
     return np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0
 
 
-def decode_image(data: bytes, url: str = "<bytes>") -> torch.Tensor:
-    """Image bytes -> float tensor (3, H, W) in [0, 1]; ImageReadError for anything unreadable."""
+def _reduced(img: Image.Image, target: int | None) -> Image.Image:
+    """A decoded image shrunk by whole factors (box filter) while its sides stay >= `target`."""
+    if not target:
+        return img
+    fx, fy = max(1, img.width // target), max(1, img.height // target)
+    if fx == fy == 1:
+        return img
+    if img.mode in ("1", "P", "PA"):
+        img = img.convert("RGBA" if img.mode == "PA" or "transparency" in img.info else "RGB")
+    elif img.mode.startswith("I;16"):
+        img = img.convert("I")
+    if img.mode in ("RGBA", "LA"):  # average premultiplied colours: no halo from transparent pixels
+        premultiplied = {"RGBA": "RGBa", "LA": "La"}[img.mode]
+        return img.convert(premultiplied).reduce((fx, fy))
+    return img.reduce((fx, fy))
+
+
+def decode_image(data: bytes, url: str = "<bytes>", target: int | None = None) -> torch.Tensor:
+    """Image bytes -> float tensor (3, H, W) in [0, 1]; ImageReadError for anything unreadable.
+
+    With `target`, a large image is decoded and reduced toward target x target first (its sides
+    stay >= target), so memory follows the target size, not the file's pixel count.
+    """
     if not data:
         raise ImageReadError(url, "empty file")
+    if len(data) > MAX_IMAGE_BYTES:
+        raise ImageReadError(url, f"file larger than {MAX_IMAGE_BYTES >> 20} MiB")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -205,8 +311,10 @@ def decode_image(data: bytes, url: str = "<bytes>") -> torch.Tensor:
                     raise ImageReadError(url, f"decompression bomb: {w}x{h} pixels exceeds {MAX_PIXELS}")
                 probe.verify()
             with Image.open(io.BytesIO(data), formats=DECODERS) as img:
+                if target and img.format == "JPEG":
+                    img.draft(img.mode, (target, target))  # DCT scaling: never below the target
                 img.load()
-                array = _to_rgb_array(img)
+                array = _to_rgb_array(_reduced(img, target))
     except ImageReadError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
@@ -232,9 +340,20 @@ def _fetch(url: str, storage_options: dict[str, Any] | None) -> bytes:
     return _cat(fs, path, url, storage_options)
 
 
-def _cat(fs: Any, path: str, url: str, storage_options: dict[str, Any] | None = None) -> bytes:
+def _capped_read(fs: Any, path: str) -> bytes:
+    """At most MAX_IMAGE_BYTES + 1 bytes of a file, in one ranged read (no size lookup)."""
     try:
-        return _io(lambda: fs.cat_file(path), url, "reading", storage_options)
+        return fs.cat_file(path, start=0, end=MAX_IMAGE_BYTES + 1)
+    except OSError as err:
+        if "range" in str(err).lower() and "satisfiable" in str(err).lower():
+            return b""  # S3 answers 416 to any range of an empty object
+        raise
+
+
+def _cat(fs: Any, path: str, url: str, storage_options: dict[str, Any] | None = None) -> bytes:
+    """The file's bytes, at most MAX_IMAGE_BYTES + 1 of them."""
+    try:
+        return _io(lambda: _capped_read(fs, path), url, "reading", storage_options)
     except FileNotFoundError:
         raise ImageReadError(url, "file not found") from None
     except IsADirectoryError:
@@ -243,7 +362,7 @@ def _cat(fs: Any, path: str, url: str, storage_options: dict[str, Any] | None = 
 
 def read_image(url: str, storage_options: dict[str, Any] | None = None, size: int | None = None) -> torch.Tensor:
     """One image as a float tensor (3, size, size) in [0, 1] (original size when size is None)."""
-    image = decode_image(_fetch(url, storage_options), url)
+    image = decode_image(_fetch(url, storage_options), url, size)
     return image if size is None else resize_square(image, size)
 
 
@@ -283,7 +402,7 @@ def iter_images(
         try:
             if isinstance(data, ImageReadError):
                 raise data
-            image = resize_square(decode_image(data, url), size)
+            image = resize_square(decode_image(data, url, size), size)
         except ImageReadError as err:
             log.warning("skipping unreadable image %s: %s", url, err.reason)
             stats.skipped.append((url, err.reason))

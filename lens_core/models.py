@@ -1,8 +1,13 @@
 """Classifiers and their split at a layer: g (image -> activations) and h (activations -> logits).
 
-Models come from a torchvision name, the embedded toy CNN, or "package.module:factory"; weights from
-a local path or any fsspec URL, loaded safely (weights_only / safetensors) and checked against the
-architecture before any work. A split is verified by construction: h(g(x)) must equal the logits.
+Models come from a torchvision name, the embedded toy CNN, or a factory that whoever runs the
+worker allowed (an entry point in the group ``lens.models``, or a "package.module:factory" listed in
+``LENS_MODEL_FACTORIES``): a flow parameter alone never makes LENS import and call a function.
+Weights come from a local path or any fsspec URL, loaded safely (weights_only / safetensors, no
+compressed archive entries, bounded by the architecture's size) and checked against the
+architecture before any work. The number of outputs is read from the checkpoint's head when the
+config does not set it. A split is verified by construction: h(g(x)) must equal the logits; the
+linear head behind the logit share is found by what h computes (`probe_linear_head`).
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import importlib
 import inspect
 import io
 import logging
+import os
 import pickle
 import re
 import zipfile
@@ -30,6 +36,11 @@ from lens_core.store import StoreAccessError, call, filesystem
 
 log = logging.getLogger(__name__)
 
+FACTORY_ENV = "LENS_MODEL_FACTORIES"  # comma-separated "package.module:factory" the worker allows
+ENTRY_POINT_GROUP = "lens.models"  # installed packages register named factories here
+# a checkpoint may hold the weights plus optimizer moments (Adam: 2 more copies) and a little more
+CHECKPOINT_SIZE_FACTOR = 3.5
+CHECKPOINT_SIZE_MARGIN = 64 << 20
 _PREFIXES = ("module.", "_orig_mod.")  # DataParallel / DistributedDataParallel, torch.compile
 _NESTED_KEYS = ("state_dict", "model", "model_state_dict", "net")
 _SHOW = 10
@@ -80,14 +91,15 @@ class Normalize(nn.Module):
 
 def build_model(arch: str, num_classes: int) -> nn.Module:
     """A randomly initialised (deterministic, seed 0) classifier for an architecture name."""
+    factory = resolve_factory(arch)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         if arch == "toy":
             from lens_core.toy.model import ToyCNN
 
             return ToyCNN(num_classes=num_classes)
-        if ":" in arch:
-            return _from_factory(arch, num_classes)
+        if factory is not None:
+            return _call_factory(factory, arch, num_classes)
         import torchvision
 
         try:
@@ -96,15 +108,60 @@ def build_model(arch: str, num_classes: int) -> nn.Module:
             raise ModelError(f"unknown architecture {arch!r}: {err}") from None
 
 
-def _from_factory(arch: str, num_classes: int) -> nn.Module:
-    module_name, _, attr = arch.partition(":")
+def allowed_factories() -> dict[str, str]:
+    """{name or "module:attr": "module:attr"} of the factories this process may import and call:
+    entry points of the group `lens.models`, and the LENS_MODEL_FACTORIES list."""
+    from importlib.metadata import entry_points
+
+    allowed = {}
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        allowed[ep.name] = allowed[ep.value] = ep.value
+    for item in os.environ.get(FACTORY_ENV, "").split(","):
+        if item.strip():
+            allowed[item.strip()] = item.strip()
+    return allowed
+
+
+def resolve_factory(arch: str) -> Any | None:
+    """The allowed factory callable named by `arch`, None for toy/torchvision names.
+
+    ModelError, before anything is imported, for a "module:callable" nobody allowed: a flow
+    parameter (the Prefect UI's form) must not be able to call arbitrary functions.
+    """
+    if arch == "toy":
+        return None
+    allowed = allowed_factories()
+    target = allowed.get(arch)
+    if target is None:
+        if ":" in arch:
+            raise ModelError(
+                f"model factory {arch!r} is not allowed: register it as an entry point in the group "
+                f"{ENTRY_POINT_GROUP!r} of an installed package, or list it in {FACTORY_ENV} in the "
+                "worker's environment"
+            )
+        return None
+    module_name, _, attr = target.partition(":")
     try:
-        factory = getattr(importlib.import_module(module_name), attr)
+        obj: Any = importlib.import_module(module_name)
+        for part in attr.split("."):
+            obj = getattr(obj, part)
     except (ImportError, AttributeError) as err:
-        raise ModelError(f"cannot import model factory {arch!r}: {err}") from None
-    params = inspect.signature(factory).parameters
-    takes_k = "num_classes" in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
-    model = factory(num_classes=num_classes) if takes_k else factory()
+        raise ModelError(f"cannot import model factory {arch!r} ({target}): {err}") from None
+    if not callable(obj):
+        raise ModelError(f"model factory {arch!r} ({target}) is not callable")
+    return obj
+
+
+def _call_factory(factory: Any, arch: str, num_classes: int) -> nn.Module:
+    try:
+        params = inspect.signature(factory).parameters
+        takes_k = "num_classes" in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
+    except (TypeError, ValueError):  # builtins have no signature
+        takes_k = False
+    try:
+        model = factory(num_classes=num_classes) if takes_k else factory()
+    except Exception as err:  # noqa: BLE001 - any failure of user code is a model error
+        raise ModelError(f"model factory {arch!r} failed: {type(err).__name__}: {err}") from None
     if not isinstance(model, nn.Module):
         raise ModelError(f"model factory {arch!r} returned {type(model).__name__}, not an nn.Module")
     return model
@@ -132,10 +189,53 @@ def _reading(url: str) -> Iterator[None]:
         raise CheckpointError(f"cannot read checkpoint {url}: {type(err).__name__}: {err}") from None
 
 
-def _read_bytes(url: str, storage_options: dict[str, Any] | None) -> bytes:
+def _read_bytes(url: str, storage_options: dict[str, Any] | None, limit: int | None = None) -> bytes:
+    """The checkpoint's bytes; CheckpointError before reading when the file exceeds `limit`."""
     with _reading(url):
         fs, path = filesystem(url, storage_options)
+        if limit is not None:
+            size = call(lambda: fs.size(path), url, "reading checkpoint", storage_options)
+            if size is not None and size > limit:
+                raise CheckpointError(
+                    f"refusing checkpoint {url}: {size / 2**20:.1f} MiB is more than this architecture's "
+                    f"weights can fill ({limit / 2**20:.1f} MiB with optimizer state); is it for another model?"
+                )
         return call(lambda: fs.cat_file(path), url, "reading checkpoint", storage_options)
+
+
+def expected_bytes(model: nn.Module) -> int:
+    """Bytes of a model's state dict: what a plain checkpoint of it holds."""
+    return sum(t.numel() * t.element_size() for t in model.state_dict().values())
+
+
+def checkpoint_limit(model: nn.Module) -> int:
+    """The most bytes a checkpoint of `model` may hold, unpacked (weights + optimizer + margin)."""
+    return int(CHECKPOINT_SIZE_FACTOR * expected_bytes(model)) + CHECKPOINT_SIZE_MARGIN
+
+
+def check_archive(data: bytes, url: str, limit: int) -> None:
+    """Refuse a torch zip archive with compressed entries or more than `limit` unpacked bytes.
+
+    torch.save writes stored (uncompressed) entries; a DEFLATE-recompressed 256 KiB file can
+    unpack to gigabytes inside torch.load, before any architecture check.
+    """
+    if not data.startswith(b"PK"):
+        return  # safetensors or torch's legacy format: never larger than the bytes read
+    try:
+        with zipfile.ZipFile(io.BytesIO(data)) as archive:
+            entries = archive.infolist()
+    except (zipfile.BadZipFile, ValueError, EOFError) as err:
+        raise CheckpointError(f"truncated or corrupt checkpoint {url}: {err}") from None
+    packed = [e.filename for e in entries if e.compress_type != zipfile.ZIP_STORED]
+    if packed:
+        raise CheckpointError(
+            f"refusing checkpoint {url}: {len(packed)} compressed entries (e.g. {packed[0]}); torch.save "
+            "writes uncompressed archives, re-save it with torch.save or as .safetensors"
+        )
+    total = sum(e.file_size for e in entries)
+    if total > limit:
+        raise CheckpointError(f"refusing checkpoint {url}: it unpacks to {total / 2**20:.1f} MiB, more "
+                              f"than this architecture can fill ({limit / 2**20:.1f} MiB)")
 
 
 def checkpoint_digest(url: str, storage_options: dict[str, Any] | None = None) -> str:
@@ -181,8 +281,11 @@ def _unpickle(data: bytes, url: str) -> Any:
         ) from None
 
 
-def parse_state_dict(data: bytes, url: str = "<bytes>") -> dict[str, torch.Tensor]:
-    """Tensors by parameter name from checkpoint bytes (.pt/.pth or .safetensors, nested or not)."""
+def parse_state_dict(data: bytes, url: str = "<bytes>", limit: int | None = None) -> dict[str, torch.Tensor]:
+    """Tensors by parameter name from checkpoint bytes (.pt/.pth or .safetensors, nested or not);
+    zip archives are checked first (`check_archive`) when `limit` is given."""
+    if limit is not None:
+        check_archive(data, url, limit)
     if _is_safetensors(data, url):
         from safetensors.torch import load as load_safetensors
 
@@ -261,12 +364,30 @@ def load_model(
         log.warning("no checkpoint for %s: using random (seeded) weights", model_cfg.arch)
         digest = f"random-init:{model_cfg.arch}"
     else:
-        data = _read_bytes(url, storage_options)
+        limit = checkpoint_limit(model)
+        data = _read_bytes(url, storage_options, limit)
         digest = hashlib.sha256(data).hexdigest()
-        state = parse_state_dict(data, url)
+        state = parse_state_dict(data, url, limit)
+        if model_cfg.num_classes is None:
+            outputs = checkpoint_outputs(model_cfg.arch, model, state, k)
+            if outputs is not None and outputs != k:
+                model = build_model(model_cfg.arch, outputs)
         check_state_dict(model, state, url, model_cfg.arch)
         model.load_state_dict(state, strict=False)  # only num_batches_tracked may be absent
     return _freeze(model), digest
+
+
+def checkpoint_outputs(arch: str, model: nn.Module, state: Mapping[str, torch.Tensor], k: int) -> int | None:
+    """The number of outputs the checkpoint's head has, or None when it cannot tell.
+
+    The head's tensors are the ones whose shape changes with the number of classes (found by
+    building the architecture with k + 1 outputs); their first dimension is the outputs.
+    """
+    mine = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    other = {name: tuple(t.shape) for name, t in build_model(arch, k + 1).state_dict().items()}
+    head = [name for name, shape in mine.items() if other.get(name) != shape]
+    found = {int(state[name].shape[0]) for name in head if name in state and state[name].ndim >= 1}
+    return found.pop() if len(found) == 1 else None
 
 
 def _freeze(model: nn.Module) -> nn.Module:
@@ -337,31 +458,73 @@ def _sequential_split(model: nn.Module, layer: str) -> tuple[nn.Module, nn.Modul
     return _seq(g), _seq(h)
 
 
-def _leaves(m: nn.Module) -> list[nn.Module]:
-    if isinstance(m, nn.Sequential):
-        return [leaf for sub in m for leaf in _leaves(sub)]
-    return [] if isinstance(m, nn.Identity | nn.Dropout) else [m]
+def probe_linear_head(h: nn.Module, acts: torch.Tensor, ref: torch.Tensor | None = None,
+                      chunk: int = 64) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(weight (K, C), bias (K,)) when h(a) = mean_hw(a) @ weight.T + bias, else None.
+
+    Found by what h computes, whatever its modules: h must ignore where a value sits (shuffled
+    locations, or every location set to the mean, give the same logits), its weight and bias are
+    read off by probing h with constant maps (bias = h(0), column j = h(e_j) - h(0)), and the
+    recovered affine map must reproduce h on `acts` (tolerance as the split check).
+    """
+    a = acts.detach().float()
+    spatial = a.ndim == 4
+    with torch.no_grad():
+        ref = h(a).float() if ref is None else ref.float()
+        if ref.ndim != 2:
+            return None
+        if spatial:
+            n, c, hh, ww = a.shape
+            perm = torch.randperm(hh * ww, generator=torch.Generator().manual_seed(0)).to(a.device)
+            if not _close(ref, h(a.flatten(2)[:, :, perm].reshape(a.shape)).float()):
+                return None
+
+            def constant(v: torch.Tensor) -> torch.Tensor:
+                return v[:, :, None, None].expand(-1, -1, hh, ww).contiguous()
+
+            pooled = a.mean(dim=(2, 3))
+        else:
+            c = a.shape[1]
+
+            def constant(v: torch.Tensor) -> torch.Tensor:
+                return v
+
+            pooled = a.reshape(a.shape[0], -1)
+        bias = h(constant(torch.zeros(1, c, device=a.device))).float()[0]
+        columns = []
+        eye = torch.eye(c, device=a.device)
+        for s in range(0, c, chunk):
+            columns.append((h(constant(eye[s : s + chunk])).float() - bias).T)
+        weight = torch.cat(columns, dim=1)
+        if not _close(ref, pooled @ weight.T + bias):
+            return None
+    return weight, bias
 
 
-def _head_candidate(h: nn.Module, spatial: bool) -> nn.Linear | None:
-    """The Linear of h when h is (global avg-pool, flatten,) Linear; verified numerically later."""
-    ops = _leaves(h)
-    if spatial:
-        if len(ops) != 3 or not isinstance(ops[0], nn.AdaptiveAvgPool2d) or not isinstance(ops[1], nn.Flatten):
-            return None
-        if ops[0].output_size not in (1, (1, 1)):
-            return None
-        ops = ops[2:]
-    elif ops and isinstance(ops[0], nn.Flatten):
-        ops = ops[1:]
-    return ops[0] if len(ops) == 1 and isinstance(ops[0], nn.Linear) else None
+def _as_head(spec: Any) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """A head handed over by lens_split: an nn.Linear or (weight, bias)."""
+    if spec is None:
+        return None
+    if isinstance(spec, nn.Linear):
+        weight = spec.weight.detach()
+        bias = spec.bias.detach() if spec.bias is not None else torch.zeros(weight.shape[0], device=weight.device)
+        return weight, bias
+    weight, bias = spec
+    return torch.as_tensor(weight).detach(), torch.as_tensor(bias).detach()
 
 
 def split_model(model: nn.Module, layer: str, model_cfg: ModelConfig) -> SplitModel:
-    """Cut `model` after `layer` (dotted names reach inside Sequentials) and verify h(g(x)) == model(x)."""
+    """Cut `model` after `layer` (dotted names reach inside Sequentials) and verify h(g(x)) == model(x).
+
+    `model.lens_split(layer)` may supply (g, h) or (g, h, head), head an nn.Linear or (weight, bias)
+    of a pooled linear h; without it the head is found by probing h (`probe_linear_head`).
+    """
     _freeze(model)
+    head_spec = None
     if hasattr(model, "lens_split"):
-        g_body, h = model.lens_split(layer)
+        parts = model.lens_split(layer)
+        g_body, h = parts[0], parts[1]
+        head_spec = parts[2] if len(parts) > 2 else None
     else:
         g_body, h = _sequential_split(model, layer)
     norm = Normalize(model_cfg.mean, model_cfg.std)
@@ -372,7 +535,7 @@ def split_model(model: nn.Module, layer: str, model_cfg: ModelConfig) -> SplitMo
     dtype = param.dtype if param is not None else torch.float32
     g.to(device)
     gen = torch.Generator().manual_seed(0)
-    x = torch.rand(2, 3, model_cfg.input_size, model_cfg.input_size, generator=gen).to(device, dtype)
+    x = torch.rand(4, 3, model_cfg.input_size, model_cfg.input_size, generator=gen).to(device, dtype)
     with torch.no_grad():
         ref = model(norm(x))
         try:
@@ -386,16 +549,16 @@ def split_model(model: nn.Module, layer: str, model_cfg: ModelConfig) -> SplitMo
             ) from None
     _verify(ref, out, f"split of {type(model).__name__} at {layer!r}")
     spatial = acts.ndim == 4
-    head = None
-    linear = _head_candidate(h, spatial)
-    if linear is not None:
-        weight = linear.weight.detach()
-        bias = linear.bias.detach() if linear.bias is not None else torch.zeros(weight.shape[0], device=device)
-        pooled = acts.mean(dim=(2, 3)) if spatial else acts.flatten(1)
-        if _close(ref, pooled @ weight.T + bias):
-            head = (weight, bias)
-        else:
-            log.warning("split at %r looks like pool + linear but does not match it: no head", layer)
+    head = _as_head(head_spec)
+    pooled = acts.float().mean(dim=(2, 3)) if spatial else acts.float().flatten(1)
+    if head is not None and not _close(ref, pooled @ head[0].float().T + head[1].float()):
+        log.warning("the head handed over by lens_split(%r) does not reproduce h: probing h instead", layer)
+        head = None
+    if head is None:
+        head = probe_linear_head(h, acts, ref)
+    if head is None:
+        log.info("h at %r is not a linear map of the pooled activations: concepts are ranked by "
+                 "Sobol importance (no logit share)", layer)
     return SplitModel(g, h, layer, model_cfg.input_size, int(ref.shape[1]), spatial, head)
 
 

@@ -8,9 +8,11 @@ from typing import Any
 
 import numpy as np
 
+from lens_core import layout
 from lens_core.crops import concept_color
-from lens_core.pipeline import RunInfo
-from lens_core.status import class_state, read_status
+from lens_core.run import RunInfo
+from lens_core.stages import class_complete
+from lens_core.status import class_note, class_state, read_status
 from lens_core.store import RunStore, join_url, normalize_url
 
 TOP_CONCEPTS = 10
@@ -59,31 +61,42 @@ def _class_entry(info: RunInfo, store: RunStore, cls: Any, status: dict, similar
         "status": "ok", "error": None, "concepts": [],
     }
     state = class_state(status)
-    complete = (store.is_complete(f"importance/{slug}") and store.files_complete(f"crops/{slug}"))
-    if state == "failed" or not complete:
+    if state == "failed" or not class_complete(store, slug):
         errors = [f"{stage}: {rec.get('error')}" for stage, rec in status.items() if rec.get("state") == "failed"]
         entry.update(status="failed", error="; ".join(errors) or "not finished in this run")
         return entry
-    acts = store.zarr[f"acts/{slug}"]
-    imp = store.zarr[f"importance/{slug}"]
-    W = store.zarr[f"concepts/{slug}/W"][:]
-    crops_index = store.read_json(f"crops/{slug}/index.json", {})
+    acts = store.zarr[layout.acts(slug)]
+    imp = store.zarr[layout.importance(slug)]
+    W = store.zarr[layout.concepts(slug)]["W"][:]
+    crops_index = store.read_json(layout.crops_index(slug), {})
     order = [int(c) for c in imp["order"][:]]
+    arrays = set(imp.array_keys())
     sobol = imp["sobol"][:]
-    share = imp["logit_share"][:] if "logit_share" in set(imp.array_keys()) else None
+    share = imp["logit_share"][:] if "logit_share" in arrays else None
+    sobol_share = imp["sobol_share"][:]
     n_top = imp["n_top_images"][:]
     min_top = int(imp.attrs.get("important_min_images", 3))
-    rendered = store.files_complete(f"viz/{slug}")
-    entry.update(n_images=int(acts.attrs["n_images"]), n_patches=int(acts.attrs["n_patches"]),
-                 skipped_images=len(acts.attrs.get("skipped", [])))
+    rendered = store.files_complete(layout.viz(slug), imp.attrs.get("inputs"))
+    basis = imp.attrs.get("importance_basis", "logit_share" if share is not None else "sobol")
+    entry.update(
+        n_images=int(acts.attrs["n_images"]), n_patches=int(acts.attrs["n_patches"]),
+        skipped_images=len(acts.attrs.get("skipped", [])),
+        assigned_images=imp.attrs.get("assigned_images"), assigned_patches=imp.attrs.get("assigned_patches"),
+        importance_basis=basis, note=imp.attrs.get("note") or class_note(status) or None,
+        flag="rarely-predicted" if imp.attrs.get("basis_reason") == "few-predicted" else None,
+    )
+
+    def asset(src: str) -> str:
+        return _asset(assets, store, src, f"assets/{src}")
+
     for rank, c in enumerate(order[:TOP_CONCEPTS], start=1):
         concept: dict[str, Any] = {
             "id": c, "rank": rank, "color": concept_color(rank - 1),
             "logit_share": round(float(share[c]), 2) if share is not None else None,
             "sobol": round(float(sobol[c]), 4),
+            "sobol_share": round(float(sobol_share[c]), 2),
             "n_top_images": int(n_top[c]), "important": bool(n_top[c] >= min_top),
-            "crops": [_asset(assets, store, f"crops/{slug}/{f}", f"assets/crops/{slug}/{f}")
-                      for f in crops_index.get("concepts", {}).get(str(c), [])],
+            "crops": [asset(layout.crop_file(slug, f)) for f in crops_index.get("concepts", {}).get(str(c), [])],
             "similar": [dict(s, name=names.get(s["slug"], s["slug"])) for s in similar.get(slug, [[]] * len(W))[c]],
             "aligned_classes": [
                 {"slug": a["slug"], "name": names.get(a["slug"], a["slug"]), "score": a["score"]}
@@ -92,8 +105,8 @@ def _class_entry(info: RunInfo, store: RunStore, cls: Any, status: dict, similar
             "viz": None, "viz_plain": None,
         }
         if rendered:
-            concept["viz"] = _asset(assets, store, f"viz/{slug}/{c}.png", f"assets/viz/{slug}/{c}.png")
-            concept["viz_plain"] = _asset(assets, store, f"viz/{slug}/{c}.webp", f"assets/viz/{slug}/{c}.webp")
+            concept["viz"] = asset(layout.viz_file(slug, c, "png"))
+            concept["viz_plain"] = asset(layout.viz_file(slug, c, "webp"))
         entry["concepts"].append(concept)
     rank_of = {c: r for r, c in enumerate(order)}
     image_imp = imp["image_importance"][:]
@@ -103,16 +116,18 @@ def _class_entry(info: RunInfo, store: RunStore, cls: Any, status: dict, similar
     entry["cluster"] = {"points": [
         {"x": round(float(x), 4), "y": round(float(y), 4), "concept": int(image_imp[i].argmax()),
          "rank": rank_of[int(image_imp[i].argmax())] + 1,
-         "image": _asset(assets, store, f"crops/{slug}/{thumbs[str(int(p))]}", f"assets/crops/{slug}/{thumbs[str(int(p))]}")
-         if str(int(p)) in thumbs else None}
+         "image": asset(layout.crop_file(slug, thumbs[str(int(p))])) if str(int(p)) in thumbs else None}
         for i, ((x, y), p) in enumerate(zip(xy, positions, strict=True)) if i < 200
     ]}
-    layout = concept_layout(W)
-    entry["concept_layout"] = [{"concept": c, "rank": rank_of[c] + 1, "x": round(float(layout[c, 0]), 4),
-                                "y": round(float(layout[c, 1]), 4)} for c in range(len(W))]
+    layout_xy = concept_layout(W)
+    entry["concept_layout"] = [{"concept": c, "rank": rank_of[c] + 1, "x": round(float(layout_xy[c, 0]), 4),
+                                "y": round(float(layout_xy[c, 1]), 4)} for c in range(len(W))]
     entry["attributions"] = [
-        {"heatmap": _asset(assets, store, f"crops/{slug}/{a['file']}", f"assets/crops/{slug}/{a['file']}"),
-         "image": None, "caption": f"image {a['image']}"}
+        {"heatmap": asset(layout.crop_file(slug, a["file"])),
+         "image": asset(layout.crop_file(slug, a["plain"])) if a.get("plain") else None,
+         "caption": f"image {a['image']}",
+         "concepts": [{"concept": d["concept"], "rank": d["rank"], "share": d["share"]}
+                      for d in a.get("concepts", [])]}
         for a in crops_index.get("attributions", [])
     ]
     entry["fidelity"] = {
@@ -127,10 +142,10 @@ def _class_entry(info: RunInfo, store: RunStore, cls: Any, status: dict, similar
 def collect_site_data(info: RunInfo) -> tuple[dict[str, Any], dict[str, Any]]:
     """(site data, assets {publish path: loader}) from everything the run stored."""
     store = info.store()
-    meta = store.read_json("run.json", {})
+    meta = store.read_json(layout.RUN_JSON, {})
     statuses = read_status(store, info.slugs)
-    similar = store.read_json("atlas/similar.json", {})
-    alignment = store.read_json("atlas/alignment.json", {})
+    similar = store.read_json(layout.SIMILAR, {})
+    alignment = store.read_json(layout.ALIGNMENT, {})
     names = {c.slug: c.name for c in info.all_classes or info.classes}
     assets: dict[str, Any] = {}
     classes = [_class_entry(info, store, c, statuses.get(c.slug, {}), similar, alignment, names, assets)

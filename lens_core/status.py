@@ -8,9 +8,10 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from lens_core import layout
 from lens_core.store import RunStore
 
-STAGES = ("activations", "factorize", "importance", "crops", "render", "publish")
+STAGES = layout.STATUS_STAGES
 
 
 def write_status(
@@ -19,7 +20,7 @@ def write_status(
 ) -> None:
     """Record a stage's state (running, completed, skipped, failed) with timing and error text."""
     record = {"state": state, "seconds": seconds, "error": error, "at": time.time(), **extra}
-    store.write_json(f"status/{slug}/{stage}.json", record)
+    store.write_json(layout.status_file(slug, stage), record)
 
 
 def read_status(store: RunStore, slugs: list[str] | None = None) -> dict[str, dict[str, dict[str, Any]]]:
@@ -28,9 +29,9 @@ def read_status(store: RunStore, slugs: list[str] | None = None) -> dict[str, di
     out: dict[str, dict[str, dict[str, Any]]] = {}
     for slug in slugs:
         stages = {}
-        for name in store.list(f"status/{slug}"):
+        for name in store.list(layout.status_dir(slug)):
             if name.endswith(".json"):
-                rec = store.read_json(f"status/{slug}/{name}")
+                rec = store.read_json(f"{layout.status_dir(slug)}/{name}")
                 if rec is not None:
                     stages[name[: -len(".json")]] = rec
         out[slug] = stages
@@ -45,6 +46,11 @@ def class_state(stages: dict[str, dict[str, Any]]) -> str:
     if "running" in states:
         return "running"
     done = {s for s, rec in stages.items() if rec.get("state") in ("completed", "skipped")}
-    if {"activations", "factorize", "importance", "crops"} <= done:
+    if set(layout.CLASS_STAGES) <= done:
         return "completed"
     return "pending" if not stages else "partial"
+
+
+def class_note(stages: dict[str, dict[str, Any]]) -> str:
+    """A finding worth flagging beside the state (e.g. the model rarely predicts the class)."""
+    return str((stages.get("importance") or {}).get("note") or "")

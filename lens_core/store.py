@@ -24,6 +24,7 @@ import contextlib
 import errno
 import json
 import logging
+import math
 import os
 import posixpath
 import socket
@@ -40,6 +41,9 @@ from fsspec.core import url_to_fs
 from zarr.abc.store import Store
 from zarr.errors import ContainsGroupError
 from zarr.storage import WrapperStore
+
+from lens_core.secrets import SECRET_ENV, scrub
+from lens_core.settings import settings
 
 SUCCESS = "_SUCCESS"
 T = TypeVar("T")
@@ -70,8 +74,6 @@ _UNREACHABLE_ERRNO = {
     errno.ECONNREFUSED, errno.ECONNRESET, errno.ECONNABORTED, errno.ETIMEDOUT, errno.EPIPE,
     errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EAGAIN, errno.EBUSY, errno.EREMOTEIO,
 }
-_SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_ACCESS_KEY_ID", "AWS_SESSION_TOKEN")
-_SECRET_OPTS = ("key", "secret", "token", "password", "aws_secret_access_key", "aws_access_key_id")
 
 
 def is_unreachable(err: BaseException | None) -> bool:
@@ -87,26 +89,24 @@ def is_unreachable(err: BaseException | None) -> bool:
     return False
 
 
+def is_transient(err: BaseException | None) -> bool:
+    """True for failures a task retry can fix: an unreachable store, or a lease taken over from us
+    (the retry finds the stage done, or takes the lease). Refusals (403), missing objects (404)
+    and bad input are final."""
+    for _ in range(8):
+        if err is None:
+            return False
+        if isinstance(err, LeaseLostError):
+            return True
+        if is_unreachable(err):
+            return True
+        err = err.__cause__ or err.__context__
+    return False
+
+
 def retry_seconds() -> float:
     """How long an unreachable store is retried before giving up (env LENS_STORE_RETRY_S)."""
-    return float(os.environ.get("LENS_STORE_RETRY_S", "60"))
-
-
-def scrub(text: str, storage_options: dict[str, Any] | None = None) -> str:
-    """`text` with every credential value we know of (options, AWS_* env) masked."""
-    secrets = [os.environ.get(k, "") for k in _SECRET_ENV]
-
-    def walk(opts: dict[str, Any]) -> None:
-        for k, v in opts.items():
-            if isinstance(v, dict):
-                walk(v)
-            elif isinstance(v, str) and any(s in k.lower() for s in _SECRET_OPTS):
-                secrets.append(v)
-
-    walk(storage_options or {})
-    for s in sorted({s for s in secrets if len(s) >= 4}, key=len, reverse=True):
-        text = text.replace(s, "***")
-    return text
+    return settings().store_retry_s
 
 
 def _describe(err: BaseException, storage_options: dict[str, Any] | None) -> str:
@@ -208,7 +208,7 @@ def join_url(base: str, *parts: str) -> str:
 
 _CACHE: dict[str, Any] = {}
 _CACHE_LOCK = threading.Lock()
-_CREDENTIAL_ENV = (*_SECRET_ENV, "AWS_PROFILE", "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL")
+_CREDENTIAL_ENV = (*SECRET_ENV, "AWS_PROFILE", "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL")
 
 
 def _cached(kind: str, url: str, opts: dict[str, Any], make: Callable[[], T]) -> T:
@@ -319,11 +319,11 @@ def zarr_store(url: str, storage_options: dict[str, Any] | None = None, read_onl
 # ---- leases ---------------------------------------------------------------------------------------
 
 def _lease_ttl() -> float:
-    return float(os.environ.get("LENS_LEASE_TTL_S", "120"))
+    return settings().lease_ttl_s
 
 
 def _lease_poll() -> float:
-    return float(os.environ.get("LENS_LEASE_POLL_S", "1.0"))
+    return settings().lease_poll_s
 
 
 def _pid_alive(pid: int) -> bool:
@@ -493,6 +493,24 @@ def write_beside(path: str, data: bytes, make_parent: bool = True) -> str:
     return tmp
 
 
+def finite(obj: Any) -> Any:
+    """`obj` with NaN/inf floats (numpy scalars and arrays too) replaced by None, ready for JSON."""
+    if isinstance(obj, dict):
+        return {str(k): finite(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [finite(v) for v in obj]
+    if hasattr(obj, "tolist") and not isinstance(obj, str | bytes):
+        return finite(obj.tolist())
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
+def dumps_json(obj: Any, **kwargs: Any) -> str:
+    """json.dumps of `finite(obj)` with allow_nan=False: valid JSON for browsers, sorted keys."""
+    return json.dumps(finite(obj), sort_keys=True, default=str, allow_nan=False, **kwargs)
+
+
 # ---- the run store --------------------------------------------------------------------------------
 
 def _precondition_failed(err: BaseException) -> bool:
@@ -571,7 +589,8 @@ class RunStore:
         return self._call(lambda: self.fs.cat_file(self.path(rel)), rel, "reading")
 
     def write_json(self, rel: str, obj: Any) -> None:
-        self.write_bytes(rel, json.dumps(obj, indent=1, sort_keys=True, default=str).encode())
+        """Write JSON that any browser parses: NaN and infinities become null, never bare NaN."""
+        self.write_bytes(rel, dumps_json(obj, indent=1).encode())
 
     def read_json(self, rel: str, default: Any = None) -> Any:
         try:
@@ -591,12 +610,22 @@ class RunStore:
         if self.exists(rel):
             self._call(lambda: self.fs.rm(self.path(rel), recursive=True), rel, "deleting")
 
-    def files_complete(self, prefix: str) -> bool:
-        return self.exists(join_url(prefix, SUCCESS))
+    def files_complete(self, prefix: str, inputs: str | None = None) -> bool:
+        """True when the prefix's `_SUCCESS` marker exists (and records `inputs`, when given)."""
+        if inputs is None:
+            return self.exists(join_url(prefix, SUCCESS))
+        try:
+            marker = json.loads(self.read_bytes(join_url(prefix, SUCCESS)) or b"{}")
+        except FileNotFoundError:
+            return False
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return False
+        return isinstance(marker, dict) and marker.get("inputs") == inputs
 
-    def mark_files_complete(self, prefix: str) -> None:
+    def mark_files_complete(self, prefix: str, inputs: str | None = None, **attrs: Any) -> None:
+        """Write the prefix's `_SUCCESS` marker last, recording what the files were computed from."""
         check_leases_held()
-        self.write_bytes(join_url(prefix, SUCCESS), b"")
+        self.write_bytes(join_url(prefix, SUCCESS), dumps_json({"inputs": inputs, **attrs}).encode())
 
     @contextlib.contextmanager
     def lease(self, name: str, ttl: float | None = None, poll: float | None = None) -> Iterator[Lease]:
@@ -635,14 +664,16 @@ class RunStore:
             return None
         return node if isinstance(node, zarr.Group) else None
 
-    def is_complete(self, path: str) -> bool:
+    def is_complete(self, path: str, inputs: str | None = None) -> bool:
+        """True when the group is marked complete (and was computed from `inputs`, when given)."""
         g = self.get_group(path)
-        return bool(g is not None and g.attrs.get("complete", False))
+        if g is None or not g.attrs.get("complete", False):
+            return False
+        return inputs is None or g.attrs.get("inputs") == inputs
 
-    def mark_complete(self, path: str, **attrs: Any) -> None:
-        """Record the stage's summary attributes, then `complete: true` last."""
+    def mark_complete(self, path: str, inputs: str | None = None, **attrs: Any) -> None:
+        """Record the stage's summary attributes and its inputs, then `complete: true` last."""
         check_leases_held()
         g = self.zarr.require_group(path)
-        if attrs:
-            g.attrs.update(attrs)
+        g.attrs.update(finite({**attrs, "inputs": inputs}))
         g.attrs.update({"complete": True})

@@ -13,28 +13,27 @@ from __future__ import annotations
 
 from typing import Any
 
-from prefect import tags, task
+from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from lens_core.pipeline import RunInfo, class_summary
-from lens_core.render import pending_items
-from tasks.stages import activations_task, crops_task, factorize_task, importance_task
+from lens_core.run import RunInfo
+from lens_core.summary import class_summary
+from lens_core.viz_pool import pending_items
+from tasks.stages import activations_task, crops_task, factorize_task, importance_task, scrubbed
 
 STAGE_TASKS = (activations_task, factorize_task, importance_task, crops_task)
 
 
-@task(name="class", task_run_name="class[{slug}]", tags=["stage:class", "gpu"], cache_policy=NO_CACHE,
+@task(name="class", task_run_name="class[{slug}]", tags=["stage:class"], cache_policy=NO_CACHE,
       persist_result=False)
+@scrubbed
 def class_chain_task(info: RunInfo, slug: str, device: str | None = None) -> dict[str, Any]:
     """Run activations -> factorize -> importance -> crops for one class; the first failure stops it.
 
     Returns per-stage skipped/seconds, the class's summary (`class_summary`: stage states, top
     concept) and the (class, concept) renders still to do.
     """
-    results = []
-    with tags(f"class:{slug}"):
-        for stage_task in STAGE_TASKS:
-            results.append(stage_task(info, slug, device))
+    results = [stage_task(info, slug, device) for stage_task in STAGE_TASKS]
     stages = {r["stage"]: {"skipped": bool(r.get("skipped")), "seconds": r["seconds"]} for r in results}
     # read here, on the worker and in parallel, rather than class by class in the flow
     return {"class": slug, "stages": stages, "summary": class_summary(info, slug),

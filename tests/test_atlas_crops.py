@@ -2,8 +2,8 @@
 
 import numpy as np
 
-from lens_core.atlas import class_alignment, nearest_concepts
 from lens_core.crops import attribution_map, top_patches
+from lens_core.cross_class import class_alignment, nearest_concepts
 
 
 def _brute_nearest(W_by_class, slug, concept, top):

@@ -96,13 +96,16 @@ def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     for name in ("corrupt.jpg", "zero.png", "truncated.jpeg"):
         (root / "n04-broken" / name).write_bytes(_hostile_and_odd(2)[name])
     (root.parent / "names.json").write_text(json.dumps({"n01-good": "good", "n05": EVIL_NAME}))
+    # the toy model has 10 outputs: the six folders say which label each holds
+    labels = {"n01-good": 0, "n02-mixed": 1, "n03-empty": 2, "x..y <i>Ünï<": 3, "n05": 4, "n04-broken": 5}
+    (root.parent / "class_index.json").write_text(json.dumps(labels))
     return root
 
 
 def _config(data_dir: Path, root: Path, **extra) -> dict:
     return {
-        "model": {"num_classes": 10},
-        "data": {"url": str(data_dir), "class_names": str(data_dir.parent / "names.json"), "images_per_class": 20},
+        "data": {"url": str(data_dir), "class_names": str(data_dir.parent / "names.json"), "images_per_class": 20,
+                 "class_index": str(data_dir.parent / "class_index.json")},
         "importance": {"images": 4, "n_designs": 16},
         "concepts": {"n_concepts": 4},
         "crops": {"per_concept": 3, "attribution_images": 1},
@@ -186,15 +189,26 @@ def test_bad_checkpoint_fails_the_stage_cleanly(kind, data_dir, tmp_path):
         ckpt.write_bytes(blob[: len(blob) // 2])
     else:
         torch.save({"block1.0.weight": torch.zeros(1), "hook": _Payload(marker)}, ckpt)
-    cfg = _config(data_dir, tmp_path, model={"num_classes": 10, "checkpoint": str(ckpt)})
-    info = prepare_run(make_config(cfg, classes=["n01-good"]))
-    with pytest.raises(CheckpointError) as err:
-        stage_activations(info, info.slugs[0])
+    cfg = _config(data_dir, tmp_path, model={"checkpoint": str(ckpt)})
     expected = {"other-architecture": "does not match architecture 'toy'", "truncated": "truncated or corrupt",
                 "pickled-code": "refusing checkpoint"}[kind]
+    with pytest.raises(CheckpointError) as err:  # the run is refused at set-up, before any class
+        prepare_run(make_config(cfg, classes=["n01-good"]))
     assert expected in str(err.value) and str(ckpt) in str(err.value)
     assert "Traceback" not in str(err.value) and err.value.__cause__ is None
     assert not marker.exists()  # the pickled payload never ran
+    # a worker that meets the bad checkpoint (replaced after set-up) fails the stage cleanly too
+    from dataclasses import replace
+
+    from lens_core import model_cache
+
+    good = prepare_run(make_config(_config(data_dir, tmp_path), classes=["n01-good"]))
+    info = replace(good, config=make_config(cfg, classes=["n01-good"]))
+    model_cache.clear()
+    with pytest.raises(CheckpointError) as err:
+        stage_activations(info, info.slugs[0])
+    assert expected in str(err.value) and str(ckpt) in str(err.value)
+    assert not marker.exists()
     rec = read_status(info.store(), info.slugs)[info.slugs[0]]["activations"]
     assert rec["state"] == "failed" and expected in rec["error"]
     assert not info.store().is_complete(f"acts/{info.slugs[0]}")
@@ -272,7 +286,7 @@ def test_lens_run_reports_bad_config_and_refused_credentials_in_one_line(s3, buc
     cfg.write_text(
         f'store = "s3://{bucket}/lens"\npublish = "{tmp_path}/site"\n'
         f'storage_options = {{ endpoint_url = "{s3.endpoint_url}" }}\n'
-        f'[data]\nurl = "{data_dir}"\nimages_per_class = 12\n[model]\nnum_classes = 10\n'
+        f'[data]\nurl = "{data_dir}"\nimages_per_class = 12\nclass_index = "{data_dir.parent / "class_index.json"}"\n'
     )
     wrong = "wrong-" + s3.secret[::-1]
     env = {"AWS_ACCESS_KEY_ID": s3.key, "AWS_SECRET_ACCESS_KEY": wrong, "LENS_STORE_RETRY_S": "0",
@@ -291,7 +305,7 @@ def test_lens_run_reports_unknown_classes_and_a_foreign_checkpoint_in_one_line(d
 
     cfg = tmp_path / "ok.toml"
     cfg.write_text(f'store = "{tmp_path}/store"\npublish = "{tmp_path}/site"\n'
-                   f'[data]\nurl = "{data_dir}"\nimages_per_class = 12\n[model]\nnum_classes = 10\n')
+                   f'[data]\nurl = "{data_dir}"\nimages_per_class = 12\nclass_index = "{data_dir.parent / "class_index.json"}"\n')
     env = {"PREFECT_API_URL": "http://127.0.0.1:9/api", "LENS_DASK_ADDRESS": "tcp://127.0.0.1:9"}
     out = _lens(["run", "--config", str(cfg), "--classes", "n01-good,espresso", "--no-progress"], env, tmp_path)
     assert out.returncode == 2, out.stderr[-3000:]

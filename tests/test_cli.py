@@ -32,7 +32,7 @@ TINY = {
 @pytest.fixture(scope="module")
 def published(tmp_path_factory: pytest.TempPathFactory):
     """A run with two explained classes and one failed class, and its published site."""
-    from lens_core import atlas, publish, render
+    from lens_core import cross_class, publish, viz_pool
     from lens_core.config import make_config
     from lens_core.pipeline import prepare_run, run_class
     from lens_core.status import write_status
@@ -44,10 +44,10 @@ def published(tmp_path_factory: pytest.TempPathFactory):
     ok, bad = info.slugs[:2], info.slugs[2]
     for slug in ok:
         run_class(info, slug)
-    render.render_batch(info, render.pending_items(info, ok))
-    render.finalize_viz(info, ok)
+    viz_pool.render_batch(info, viz_pool.pending_items(info, ok))
+    viz_pool.finalize_viz(info, ok)
     write_status(info.store(), bad, "activations", "failed", 0.1, "EmptyClassError: no readable image here")
-    atlas.build_cross_class(info)
+    cross_class.build_cross_class(info)
     publish.publish(info)
     return {"root": root, "info": info, "ok": ok, "bad": bad}
 

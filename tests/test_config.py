@@ -8,9 +8,9 @@ from lens_core.config import (
     compute_run_id,
     load_config,
     make_config,
-    redact,
     split_secrets,
 )
+from lens_core.secrets import public_options
 from lens_core.naming import class_slug, safe_token, unique_slugs
 
 
@@ -74,10 +74,11 @@ def test_credentials_are_redacted_and_moved_to_env():
     cfg = AtlasConfig(storage_options=opts)
     text = str(cfg.redacted())
     assert "s3cr3t" not in text and "AKID" not in text and "http://127.0.0.1:9" in text
-    assert redact(opts)["client_kwargs"]["aws_secret_access_key"] == "***"
+    assert public_options(opts)["client_kwargs"]["aws_secret_access_key"] == "***"
     public, env = split_secrets(opts)
-    assert "key" not in public and "secret" not in public
+    assert "key" not in public and "secret" not in public and "aws_secret_access_key" not in public["client_kwargs"]
     assert env == {"AWS_ACCESS_KEY_ID": "AKID", "AWS_SECRET_ACCESS_KEY": "s3cr3t"}
+    assert opts["client_kwargs"] == {"aws_secret_access_key": "x"}  # the caller's dict is left alone
 
 
 def test_slugs_are_safe_and_unique():

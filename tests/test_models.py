@@ -104,9 +104,10 @@ def test_resnet50_split_reproduces_logits(resnet50, loaded50, layer: str, shape:
     torch.testing.assert_close(out, _logits(source, x), rtol=1e-4, atol=1e-4)
     if layer == "layer3":
         assert split.head is None
-    else:  # logits split exactly per channel: pool(a) @ W.T + b
+    else:  # logits split exactly per channel: pool(a) @ W.T + b, W and b recovered by probing h
         weight, bias = split.head
-        assert torch.equal(weight, source.fc.weight)
+        torch.testing.assert_close(weight, source.fc.weight.detach(), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(bias, source.fc.bias.detach(), rtol=1e-4, atol=1e-5)
         pooled = acts.mean(dim=(2, 3)) if acts.ndim == 4 else acts
         torch.testing.assert_close(pooled @ weight.T + bias, out, rtol=1e-4, atol=1e-4)
 
@@ -275,7 +276,8 @@ def make_two_path(num_classes: int = 3) -> nn.Module:
     return _TwoPath(num_classes)
 
 
-def test_factory_model_with_lens_split() -> None:
+def test_factory_model_with_lens_split(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LENS_MODEL_FACTORIES", f"{__name__}:make_two_path")
     cfg = ModelConfig(arch=f"{__name__}:make_two_path", layer="sum", num_classes=3, input_size=16)
     split = load_split_model(cfg, None, None)
     assert split.head is not None and split.spatial and split.num_classes == 3

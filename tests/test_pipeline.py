@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from lens_core import pipeline
+from lens_core import extract, pipeline, stages
 from lens_core.config import make_config
 from lens_core.crops import top_patches
 from lens_core.models import load_split_model
@@ -142,13 +142,13 @@ def test_rerun_skips_everything_and_resumes_an_interrupted_stage(toy_run, monkey
     victim = toy_run.slugs[1]
     store.group(f"importance/{victim}", fresh=True).create_array("sobol", data=np.zeros(3, np.float32))
     calls = []
-    real = pipeline.concept_sobol
+    real = stages.concept_sobol
 
     def counting(*args, **kwargs):
         calls.append(1)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(pipeline, "concept_sobol", counting)
+    monkeypatch.setattr(stages, "concept_sobol", counting)
     for slug in toy_run.slugs:
         run_class(toy_run, slug)
     assert len(calls) == 1  # only the interrupted class recomputed its importance
@@ -166,7 +166,7 @@ def test_failure_is_recorded_and_loses_nothing(toy_run, monkeypatch):
     def boom(*a, **k):
         raise RuntimeError("injected NMF failure")
 
-    monkeypatch.setattr(pipeline, "nmf", boom)
+    monkeypatch.setattr(extract, "nmf", boom)
     with pytest.raises(RuntimeError, match="injected"):
         pipeline.stage_factorize(toy_run, slug)
     rec = read_status(store, [slug])[slug]["factorize"]

@@ -1,6 +1,8 @@
-"""Validation of the site data (SCHEMA.md): safe slugs and paths, defaults, finite numbers.
+"""The site data, described once: pydantic models that validate, fill defaults and document it.
 
-Everything is checked before anything is written, so a bad class never leaves half a site.
+`normalize_site` checks everything before anything is written (safe slugs and paths, finite
+numbers, known states), so a bad class never leaves half a site. SCHEMA.md is generated from
+these models (`schema_markdown()`, see `scripts/site-schema.sh`; a test keeps the file current).
 """
 
 from __future__ import annotations
@@ -8,14 +10,16 @@ from __future__ import annotations
 import math
 import numbers
 import re
-from typing import Any
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+
+from lens_core.secrets import mask_secrets, public_options
 
 SLUG_RE = re.compile(r"^[a-z0-9]+(?:-[a-z0-9]+)*$")
 PATH_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]*(?:/[A-Za-z0-9_][A-Za-z0-9._-]*)*$")
 MAX_SLUG = 120
-STATIC = ("assets/lens.css", "assets/lens.js", "assets/favicon.svg")
-SECRET_RE = re.compile(r"secret|passw|token|credential|(^|_)key($|_)|access_key", re.IGNORECASE)
-RUN_FIELDS = ("model", "checkpoint_digest", "layer", "data_url", "created")
+STATIC_RE = re.compile(r"^assets/(lens[.-][^/]*\.(css|js)|favicon[^/]*\.svg)$")  # the site's own files
 
 
 class SiteError(ValueError):
@@ -37,215 +41,250 @@ def check_path(path: Any, where: str = "path") -> str:
 
 
 def check_asset_path(path: Any) -> str:
-    """An asset key lives under assets/ and must not overwrite the site's own CSS/JS."""
+    """An asset key lives under assets/ and must not overwrite the site's own CSS/JS/icon."""
     check_path(path, "asset path")
-    if not path.startswith("assets/") or path in STATIC:
-        raise SiteError(f"asset path {path!r} must be under assets/ and not one of {STATIC}")
+    if not path.startswith("assets/") or STATIC_RE.match(path):
+        raise SiteError(f"asset path {path!r} must be under assets/ and not one of the site's own files")
     return path
 
 
-def _num(value: Any, where: str, default: float | None = None) -> float | None:
-    """A finite float (numpy scalars too), or `default` for missing/NaN/inf (JSON has no NaN)."""
-    if value is None:
-        return default
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise SiteError(f"{where}: expected a number, got {value!r}")
-    value = float(value)
-    return value if math.isfinite(value) else default
+# ---- field types ---------------------------------------------------------------------------
+
+def _slug(v: Any) -> str:
+    return check_slug(v)
 
 
-def _int(value: Any, where: str, required: bool = False) -> int | None:
-    if value is None and not required:
+def _path(v: Any) -> str | None:
+    return None if v in (None, "") else check_path(v)
+
+
+def _number(v: Any) -> float | None:
+    """A finite float (numpy scalars too); None for missing, NaN or inf (JSON has no NaN)."""
+    if v is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise SiteError(f"{where}: expected an integer, got {value!r}")
-    return int(value)
+    if isinstance(v, bool) or not isinstance(v, numbers.Real):
+        raise ValueError(f"expected a number, got {v!r}")
+    v = float(v)
+    return v if math.isfinite(v) else None
 
 
-def _str(value: Any, where: str, required: bool = False) -> str:
-    if value is None and not required:
+def _integer(v: Any) -> int | None:
+    if v is None:
+        return None
+    if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+        raise ValueError(f"expected an integer, got {v!r}")
+    return int(v)
+
+
+def _text(v: Any) -> str:
+    if v is None:
         return ""
-    if not isinstance(value, str):
-        raise SiteError(f"{where}: expected a string, got {value!r}")
-    return value
+    if not isinstance(v, str):
+        raise ValueError(f"expected a string, got {v!r}")
+    return v
 
 
-def _opt_path(value: Any, where: str) -> str | None:
-    return None if value in (None, "") else check_path(value, where)
+def _zero(v: Any) -> float:
+    n = _number(v)
+    return 0.0 if n is None else n
 
 
-def _list(value: Any, where: str) -> list:
-    if value is None:
-        return []
-    if not isinstance(value, list | tuple):
-        raise SiteError(f"{where}: expected a list, got {type(value).__name__}")
-    return list(value)
+Slug = Annotated[str, BeforeValidator(_slug)]
+Path = Annotated[str | None, BeforeValidator(_path)]
+Number = Annotated[float | None, BeforeValidator(_number)]
+Coordinate = Annotated[float, BeforeValidator(_zero)]
+Integer = Annotated[int | None, BeforeValidator(_integer)]
+Text = Annotated[str, BeforeValidator(_text)]
 
 
-def _obj(value: Any, where: str) -> dict:
-    if value is None:
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="ignore", frozen=False)
+
+
+class Similar(_Model):
+    """A nearest concept in another class; linked to classes/<slug>/index.html#concept-<concept>."""
+
+    slug: Slug
+    name: Text = ""
+    concept: Integer = None
+    similarity: Number = None
+
+
+class Aligned(_Model):
+    """A class whose classifier weights align with the concept (cosine)."""
+
+    slug: Slug
+    name: Text = ""
+    score: Number = None
+
+
+class Concept(_Model):
+    """One concept of a class page (anchor #concept-<id>)."""
+
+    id: Annotated[int, BeforeValidator(_integer)]
+    rank: Integer = Field(None, description="rank by importance (1 = first); tie-break only")
+    color: str | None = Field(None, description="its colour on maps and charts (by rank)")
+    logit_share: Number = Field(None, description="percent of the summed class logit over the points classified as the class; negative = argues against the class")
+    sobol: Number = Field(None, description="Sobol total index")
+    sobol_share: Number = Field(None, description="percent of the class's summed Sobol total indices (shown when there is no logit share)")
+    important: bool = False
+    n_top_images: Integer = None
+    viz: Path = Field(None, description="MACO image with its transparency map as alpha (RGBA PNG)")
+    viz_plain: Path = Field(None, description="the same without alpha; shown by default, `viz` on toggle")
+    crops: list[Annotated[str, BeforeValidator(lambda v: check_path(v))]] = Field(default_factory=list, description="top-activating crops")
+    similar: list[Similar] = Field(default_factory=list)
+    aligned_classes: list[Aligned] = Field(default_factory=list)
+
+
+class Point(_Model):
+    """A dot of the strategic cluster graph: an image the model assigns to the class."""
+
+    x: Coordinate = 0.0
+    y: Coordinate = 0.0
+    concept: Integer = None
+    rank: Integer = None
+    image: Path = None
+
+
+class Cluster(_Model):
+    points: list[Point] = Field(default_factory=list)
+
+
+class LayoutPoint(_Model):
+    """A concept on the concept-similarity map (any scale)."""
+
+    concept: Annotated[int, BeforeValidator(_integer)]
+    rank: Integer = None
+    x: Coordinate = 0.0
+    y: Coordinate = 0.0
+
+
+class OverlayConcept(_Model):
+    """A concept that dominates part of an attribution overlay (its legend)."""
+
+    concept: Annotated[int, BeforeValidator(_integer)]
+    rank: Integer = None
+    share: Number = None
+
+
+class Attribution(_Model):
+    """An example image, plain and under its concept-coloured overlay."""
+
+    image: Path = None
+    heatmap: Path = None
+    caption: Text = ""
+    concepts: list[OverlayConcept] = Field(default_factory=list)
+
+
+class Fidelity(_Model):
+    """Deletion curves: the class score after removing 0..k concepts, by importance vs random."""
+
+    curve: list[Coordinate] = Field(default_factory=list)
+    random_curve: list[Coordinate] = Field(default_factory=list)
+    auc: Number = None
+    random_auc: Number = None
+
+
+class ClassEntry(_Model):
+    """One class: its page, its data file, its tile on the index."""
+
+    index: Annotated[int, BeforeValidator(_integer)]
+    id: Text = ""
+    name: Annotated[str, BeforeValidator(lambda v: _text(v) if v is not None else v)]
+    slug: Slug
+    synonyms: list[Annotated[str, BeforeValidator(_text)]] = Field(default_factory=list)
+    status: Literal["ok", "failed"] = "ok"
+    error: str | None = None
+    n_images: Integer = None
+    n_patches: Integer = None
+    skipped_images: Integer = None
+    assigned_images: Integer = Field(None, description="of the class's images, how many the model classifies as the class")
+    assigned_patches: Integer = Field(None, description="the same for patches")
+    importance_basis: Literal["logit_share", "sobol"] | None = Field(None, description="what the percentages are")
+    note: str | None = Field(None, description="why the percentages are Sobol-based, or another finding")
+    flag: str | None = Field(None, description="a finding flagged on the index, e.g. rarely-predicted")
+    thumb: Path = None
+    concepts: list[Concept] = Field(default_factory=list, description="sorted by importance")
+    cluster: Cluster = Field(default_factory=Cluster)
+    concept_layout: list[LayoutPoint] = Field(default_factory=list)
+    attributions: list[Attribution] = Field(default_factory=list)
+    fidelity: Fidelity | None = None
+
+    @model_validator(mode="after")
+    def _sorted(self) -> ClassEntry:
+        sobol_basis = self.importance_basis == "sobol"
+
+        def key(c: Concept) -> tuple:
+            score = c.sobol_share if sobol_basis else c.logit_share
+            return (-(score if score is not None else -math.inf), c.rank if c.rank is not None else 1 << 30, c.id)
+
+        self.concepts.sort(key=key)
+        if self.error == "":
+            self.error = None
+        return self
+
+
+def _mask_config(config: Any) -> Any:
+    """The run config as shown on the method page: allow-listed storage options, secrets masked."""
+    if not isinstance(config, dict):
         return {}
-    if not isinstance(value, dict):
-        raise SiteError(f"{where}: expected an object, got {type(value).__name__}")
-    return value
+    out = dict(config)
+    if isinstance(out.get("storage_options"), dict):
+        out["storage_options"] = public_options(out["storage_options"])
+    return mask_secrets(out)
 
 
-def _objs(value: Any, where: str) -> list[dict]:
-    return [_obj(v, f"{where}[{i}]") for i, v in enumerate(_list(value, where))]
+class Run(_Model):
+    """The run a site shows."""
+
+    run_id: Annotated[str, BeforeValidator(lambda v: _text(v) if v is not None else v)]
+    title: Annotated[str, BeforeValidator(lambda v: _text(v) or "LENS atlas")] = "LENS atlas"
+    model: Annotated[str, BeforeValidator(lambda v: "" if v is None else str(v))] = ""
+    checkpoint_digest: Annotated[str, BeforeValidator(lambda v: "" if v is None else str(v))] = ""
+    layer: Annotated[str, BeforeValidator(lambda v: "" if v is None else str(v))] = ""
+    data_url: Annotated[str, BeforeValidator(lambda v: "" if v is None else str(v))] = ""
+    created: Annotated[str, BeforeValidator(lambda v: "" if v is None else str(v))] = ""
+    n_concepts: Integer = None
+    config: Annotated[dict[str, Any], BeforeValidator(_mask_config)] = Field(default_factory=dict)
 
 
-def redact(config: Any) -> Any:
-    """Config with secret-looking values replaced by '***' (a safety net: upstream redacts too)."""
-    if isinstance(config, dict):
-        return {
-            k: "***" if SECRET_RE.search(str(k)) and v not in (None, "") else redact(v)
-            for k, v in config.items()
-        }
-    if isinstance(config, list | tuple):
-        return [redact(v) for v in config]
-    return config
+class Site(_Model):
+    """The whole site: a run and its classes in label order (previous/next links follow it)."""
+
+    run: Run
+    classes: list[ClassEntry] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _unique(self) -> Site:
+        seen: set[str] = set()
+        for c in self.classes:
+            if c.slug in seen:
+                raise ValueError(f"duplicate class slug {c.slug!r}")
+            seen.add(c.slug)
+        return self
 
 
-def _concept(c: Any, where: str) -> dict:
-    c = _obj(c, where)
-    share = _num(c.get("logit_share"), f"{where}.logit_share")
-    return {
-        "id": _int(c.get("id"), f"{where}.id", required=True),
-        "rank": _int(c.get("rank"), f"{where}.rank"),
-        "logit_share": share,
-        "sobol": _num(c.get("sobol"), f"{where}.sobol"),
-        "important": bool(c.get("important", False)),
-        "n_top_images": _int(c.get("n_top_images"), f"{where}.n_top_images"),
-        "viz": _opt_path(c.get("viz"), f"{where}.viz"),
-        "viz_plain": _opt_path(c.get("viz_plain"), f"{where}.viz_plain"),
-        "crops": [check_path(p, f"{where}.crops") for p in _list(c.get("crops"), f"{where}.crops")],
-        "similar": [
-            {
-                "slug": check_slug(s.get("slug"), f"{where}.similar.slug"),
-                "name": _str(s.get("name"), f"{where}.similar.name"),
-                "concept": _int(s.get("concept"), f"{where}.similar.concept"),
-                "similarity": _num(s.get("similarity"), f"{where}.similar.similarity"),
-            }
-            for s in _objs(c.get("similar"), f"{where}.similar")
-        ],
-        "aligned_classes": [
-            {
-                "slug": check_slug(a.get("slug"), f"{where}.aligned_classes.slug"),
-                "name": _str(a.get("name"), f"{where}.aligned_classes.name"),
-                "score": _num(a.get("score"), f"{where}.aligned_classes.score"),
-            }
-            for a in _objs(c.get("aligned_classes"), f"{where}.aligned_classes")
-        ],
-    }
-
-
-def _importance_key(c: dict) -> tuple:
-    share = c["logit_share"]
-    return (
-        -(share if share is not None else -math.inf),
-        c["rank"] if c["rank"] is not None else 1 << 30,
-        c["id"],
-    )
-
-
-def _class(e: Any, i: int) -> dict:
-    where = f"classes[{i}]"
-    e = _obj(e, where)
-    status = e.get("status", "ok")
-    if status not in ("ok", "failed"):
-        raise SiteError(f"{where}.status: expected 'ok' or 'failed', got {status!r}")
-    concepts = [
-        _concept(c, f"{where}.concepts[{j}]")
-        for j, c in enumerate(_list(e.get("concepts"), f"{where}.concepts"))
-    ]
-    concepts.sort(key=_importance_key)
-    cluster = _obj(e.get("cluster"), f"{where}.cluster")
-    points = [
-        {
-            "x": _num(p.get("x"), f"{where}.cluster.x", 0.0),
-            "y": _num(p.get("y"), f"{where}.cluster.y", 0.0),
-            "concept": _int(p.get("concept"), f"{where}.cluster.concept"),
-            "image": _opt_path(p.get("image"), f"{where}.cluster.image"),
-        }
-        for p in _objs(cluster.get("points"), f"{where}.cluster.points")
-    ]
-    layout = [
-        {
-            "concept": _int(p.get("concept"), f"{where}.concept_layout.concept", required=True),
-            "x": _num(p.get("x"), f"{where}.concept_layout.x", 0.0),
-            "y": _num(p.get("y"), f"{where}.concept_layout.y", 0.0),
-        }
-        for p in _objs(e.get("concept_layout"), f"{where}.concept_layout")
-    ]
-    attributions = [
-        {
-            "image": _opt_path(a.get("image"), f"{where}.attributions.image"),
-            "heatmap": _opt_path(a.get("heatmap"), f"{where}.attributions.heatmap"),
-            "caption": _str(a.get("caption"), f"{where}.attributions.caption"),
-        }
-        for a in _objs(e.get("attributions"), f"{where}.attributions")
-    ]
-    fid = _obj(e.get("fidelity"), f"{where}.fidelity")
-    fidelity = None
-    if fid:
-        fidelity = {
-            "curve": [
-                _num(v, f"{where}.fidelity.curve", 0.0)
-                for v in _list(fid.get("curve"), f"{where}.fidelity.curve")
-            ],
-            "random_curve": [
-                _num(v, f"{where}.fidelity.random_curve", 0.0)
-                for v in _list(fid.get("random_curve"), f"{where}.fidelity.random_curve")
-            ],
-            "auc": _num(fid.get("auc"), f"{where}.fidelity.auc"),
-            "random_auc": _num(fid.get("random_auc"), f"{where}.fidelity.random_auc"),
-        }
-    return {
-        "index": _int(e.get("index", i), f"{where}.index", required=True),
-        "id": _str(e.get("id"), f"{where}.id"),
-        "name": _str(e.get("name"), f"{where}.name", required=True),
-        "slug": check_slug(e.get("slug"), f"{where}.slug"),
-        "synonyms": [
-            _str(s, f"{where}.synonyms", required=True)
-            for s in _list(e.get("synonyms"), f"{where}.synonyms")
-        ],
-        "status": status,
-        "error": _str(e.get("error"), f"{where}.error") or None,
-        "n_images": _int(e.get("n_images"), f"{where}.n_images"),
-        "n_patches": _int(e.get("n_patches"), f"{where}.n_patches"),
-        "thumb": _opt_path(e.get("thumb"), f"{where}.thumb"),
-        "concepts": concepts,
-        "cluster": {"points": points},
-        "concept_layout": layout,
-        "attributions": attributions,
-        "fidelity": fidelity,
-    }
-
-
-def _run(run: Any) -> dict:
-    if not isinstance(run, dict):
-        raise SiteError("run: expected an object")
-    out = {"run_id": _str(run.get("run_id"), "run.run_id", required=True)}
-    for key in RUN_FIELDS:
-        value = run.get(key)
-        out[key] = "" if value is None else str(value)
-    out["n_concepts"] = _int(run.get("n_concepts"), "run.n_concepts")
-    out["title"] = _str(run.get("title"), "run.title") or "LENS atlas"
-    out["config"] = redact(_obj(run.get("config"), "run.config"))
-    return out
+def _where(loc: tuple[Any, ...]) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "site"
 
 
 def normalize_site(site: Any) -> dict:
-    """Checked copy of the site data with defaults filled and concepts sorted by importance."""
+    """Checked copy of the site data, defaults filled, concepts sorted by importance; SiteError names the field."""
     if not isinstance(site, dict):
         raise SiteError("site: expected an object with 'run' and 'classes'")
-    classes = [_class(e, i) for i, e in enumerate(_list(site.get("classes"), "classes"))]
-    seen: set[str] = set()
-    for c in classes:
-        if c["slug"] in seen:
-            raise SiteError(f"duplicate class slug {c['slug']!r}")
-        seen.add(c["slug"])
-    return {"run": _run(site.get("run")), "classes": classes}
+    classes = site.get("classes")
+    if isinstance(classes, list):  # a class's index defaults to its position
+        site = {**site, "classes": [{"index": j, **e} if isinstance(e, dict) else e for j, e in enumerate(classes)]}
+    try:
+        model = Site.model_validate(site)
+    except ValidationError as err:
+        first = err.errors()[0]
+        msg = str(first.get("ctx", {}).get("error", first["msg"]))
+        raise SiteError(f"{_where(first['loc'])}: {msg}") from None
+    return model.model_dump()
 
 
 def referenced_paths(cls: dict) -> list[str]:
@@ -257,3 +296,44 @@ def referenced_paths(cls: dict) -> list[str]:
     for a in cls["attributions"]:
         out += [p for p in (a["image"], a["heatmap"]) if p]
     return out
+
+
+# ---- SCHEMA.md ------------------------------------------------------------------------------
+
+_INTRO = """# Site data schema
+
+Generated from the pydantic models in `lens_core/site/schema.py` by `scripts/site-schema.sh`;
+do not edit by hand.
+
+`build_site(site, publish_url, storage_options=None, assets=None, max_concepts=10)` takes plain,
+JSON-able data (this file) and a mapping of image files, and writes the static site through fsspec.
+Everything is validated before the first write: a bad slug or path raises `SiteError` and nothing
+is written. Numbers may be Python or numpy scalars; NaN/inf become `null`. Slugs match
+`^[a-z0-9]+(-[a-z0-9]+)*$` (at most 120 characters); paths are publish-relative
+(`^[A-Za-z0-9_][A-Za-z0-9._-]*(/[A-Za-z0-9_][A-Za-z0-9._-]*)*$`: no scheme, no leading `/`, no
+`..`). `assets` maps such paths under `assets/` to bytes or loaders; they may not replace the
+site's own CSS/JS/icon. The run's `config` is shown on the method page with only allow-listed
+storage options, and anything that looks like a credential masked.
+"""
+
+
+def _type_name(annotation: Any) -> str:
+    text = str(annotation).replace("typing.", "")
+    text = re.sub(r"Annotated\[([^,\]]+(?:\[[^\]]*\])?)[^\]]*\]", r"\1", text)
+    text = re.sub(r"<class '([\w.]+)'>", lambda m: m.group(1).rsplit(".", 1)[-1], text)
+    return re.sub(r"\b(__main__|lens_core\.site\.schema)\.", "", text)
+
+
+def schema_markdown() -> str:
+    """SCHEMA.md: one table per model, from the models' fields and descriptions."""
+    parts = [_INTRO]
+    for model in (Site, Run, ClassEntry, Concept, Similar, Aligned, Cluster, Point, LayoutPoint,
+                  Attribution, OverlayConcept, Fidelity):
+        parts.append(f"\n## `{model.__name__}`\n\n{(model.__doc__ or '').strip()}\n")
+        parts.append("| field | type | default | notes |\n|---|---|---|---|")
+        for name, field in model.model_fields.items():
+            default = "required" if field.is_required() else repr(field.get_default(call_default_factory=True))
+            kind = _type_name(field.annotation).replace("|", "\\|")
+            parts.append(f"| `{name}` | {kind} | {default.replace('|', chr(92) + '|')} | {field.description or ''} |")
+    return "\n".join(parts) + "\n"
+

@@ -7,7 +7,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from lens_core.pipeline import RunInfo, get_split
+from lens_core import layout
+from lens_core.model_cache import get_split
+from lens_core.run import RunInfo
+from lens_core.stages import class_fingerprint
 
 
 def _unit(rows: np.ndarray) -> np.ndarray:
@@ -65,11 +68,13 @@ def class_alignment(
 def build_cross_class(info: RunInfo, device: str | None = None) -> dict[str, Any]:
     """Write atlas/similar.json and atlas/alignment.json over every class that has concepts."""
     store = info.store()
-    W_by_class = {
-        s: store.zarr[f"concepts/{s}/W"][:] for s in info.slugs if store.is_complete(f"concepts/{s}")
-    }
+    W_by_class = {}
+    for s in info.slugs:
+        fp = class_fingerprint(store, s)
+        if fp is not None and store.is_complete(layout.concepts(s), fp):
+            W_by_class[s] = store.zarr[layout.concepts(s)]["W"][:]
     similar = nearest_concepts(W_by_class)
-    store.write_json("atlas/similar.json", similar)
+    store.write_json(layout.SIMILAR, similar)
     alignment: dict[str, Any] = {}
     split = get_split(info, device)
     if split.head is not None and W_by_class:
@@ -78,5 +83,5 @@ def build_cross_class(info: RunInfo, device: str | None = None) -> dict[str, Any
             if c.index < len(by_index):
                 by_index[c.index] = c.slug
         alignment = class_alignment(W_by_class, split.head[0].detach().cpu().numpy(), by_index)
-    store.write_json("atlas/alignment.json", alignment)
+    store.write_json(layout.ALIGNMENT, alignment)
     return {"classes": len(W_by_class)}

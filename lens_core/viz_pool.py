@@ -1,4 +1,4 @@
-"""MACO render pool: feature visualizations of concepts from many classes, rendered in batches.
+"""The MACO render pool: feature visualizations of concepts from many classes, rendered in batches.
 
 One call renders a batch of (class, concept) items in one pass through the network and writes
 ``viz/<class>/<concept>.png`` (RGBA: image + transparency map) and ``<concept>.webp`` (plain).
@@ -15,17 +15,17 @@ from typing import Any
 import numpy as np
 import torch
 
-from lens_core import maco
-from lens_core.crops import encode
+from lens_core import layout, maco
+from lens_core.crops import encode, to_pil
 from lens_core.data import list_images, read_image, sample_images
 from lens_core.device import pick_device
-from lens_core.pipeline import RunInfo, get_split
+from lens_core.model_cache import get_split
+from lens_core.run import RunInfo
+from lens_core.stages import class_fingerprint
 from lens_core.status import write_status
-from lens_core.store import RunStore, filesystem
+from lens_core.store import RunStore
 
 log = logging.getLogger("lens")
-
-MAGNITUDE = "maco/magnitude.npy"
 
 
 def _save_npy(arr: np.ndarray) -> bytes:
@@ -34,15 +34,15 @@ def _save_npy(arr: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def ensure_magnitude(info: RunInfo, max_images: int = 64) -> torch.Tensor:
-    """The run's Fourier magnitude: a configured .npy file, else the mean spectrum of its images."""
+def run_magnitude(info: RunInfo, max_images: int = 64) -> torch.Tensor:
+    """The run's Fourier magnitude: a configured .npy file, else the mean spectrum of its images
+    (estimated once per run and kept in the store)."""
     store = info.store()
     cfg = info.config
-    if store.exists(MAGNITUDE):
-        return torch.from_numpy(np.load(io.BytesIO(store.read_bytes(MAGNITUDE))))
+    if store.exists(layout.MAGNITUDE):
+        return torch.from_numpy(np.load(io.BytesIO(store.read_bytes(layout.MAGNITUDE)), allow_pickle=False))
     if cfg.maco.magnitude:
-        fs, path = filesystem(cfg.maco.magnitude, cfg.storage_options)
-        mag = torch.from_numpy(np.load(io.BytesIO(fs.cat_file(path))))
+        mag = maco.load_magnitude(cfg.maco.magnitude, cfg.storage_options)
     else:
         per_class = max(1, max_images // max(1, len(info.classes)))
         urls: list[str] = []
@@ -59,7 +59,7 @@ def ensure_magnitude(info: RunInfo, max_images: int = 64) -> torch.Tensor:
         if not images:
             raise RuntimeError("no readable image to estimate the MACO magnitude spectrum")
         mag = maco.estimate_magnitude(images, cfg.maco.image_size)
-    store.write_bytes(MAGNITUDE, _save_npy(mag.cpu().numpy().astype(np.float32)))
+    store.write_bytes(layout.MAGNITUDE, _save_npy(mag.cpu().numpy().astype(np.float32)))
     return mag
 
 
@@ -69,7 +69,13 @@ def concept_seed(base: int, slug: str, concept: int) -> int:
 
 
 def viz_done(store: RunStore, slug: str, concept: int) -> bool:
-    return store.exists(f"viz/{slug}/{concept}.png") and store.exists(f"viz/{slug}/{concept}.webp")
+    return store.exists(layout.viz_file(slug, concept, "png")) and store.exists(layout.viz_file(slug, concept, "webp"))
+
+
+def _concepts_ready(store: RunStore, slug: str) -> str | None:
+    """The class fingerprint when its concepts are computed for its current activations, else None."""
+    fp = class_fingerprint(store, slug)
+    return fp if fp is not None and store.is_complete(layout.concepts(slug), fp) else None
 
 
 def pending_items(info: RunInfo, slugs: list[str] | None = None) -> list[tuple[str, int]]:
@@ -77,9 +83,10 @@ def pending_items(info: RunInfo, slugs: list[str] | None = None) -> list[tuple[s
     store = info.store()
     items = []
     for slug in slugs if slugs is not None else info.slugs:
-        if store.files_complete(f"viz/{slug}") or not store.is_complete(f"concepts/{slug}"):
+        fp = _concepts_ready(store, slug)
+        if fp is None or store.files_complete(layout.viz(slug), fp):
             continue
-        k = store.zarr[f"concepts/{slug}/W"].shape[0]
+        k = store.zarr[layout.concepts(slug)]["W"].shape[0]
         items += [(slug, c) for c in range(k) if not viz_done(store, slug, c)]
     return items
 
@@ -92,12 +99,12 @@ def render_batch(info: RunInfo, items: list[tuple[str, int]], device: str | None
         return {"rendered": 0, "skipped": len(items)}
     dev = pick_device(device)
     split = get_split(info, dev)
-    magnitude = ensure_magnitude(info)
+    magnitude = run_magnitude(info)
     W_cache: dict[str, np.ndarray] = {}
     directions = []
     for slug, c in todo:
         if slug not in W_cache:
-            W_cache[slug] = store.zarr[f"concepts/{slug}/W"][:]
+            W_cache[slug] = store.zarr[layout.concepts(slug)]["W"][:]
         directions.append(W_cache[slug][c])
     seeds = [concept_seed(info.config.maco.seed, s, c) for s, c in todo]
     result = maco.render_concepts(
@@ -105,16 +112,10 @@ def render_batch(info: RunInfo, items: list[tuple[str, int]], device: str | None
         split.input_size, device=dev,
     )
     for i, (slug, c) in enumerate(todo):
-        store.write_bytes(f"viz/{slug}/{c}.webp", encode(maco_image(result.images[i]), "webp", 90))
-        store.write_bytes(f"viz/{slug}/{c}.png", maco.encode_rgba_png(result.images[i], result.alpha[i]))
+        store.write_bytes(layout.viz_file(slug, c, "webp"), encode(to_pil(result.images[i]), "webp", 90))
+        store.write_bytes(layout.viz_file(slug, c, "png"), maco.encode_rgba_png(result.images[i], result.alpha[i]))
     return {"rendered": len(todo), "skipped": len(items) - len(todo),
             "objective": [float(v) for v in result.objective]}
-
-
-def maco_image(image: torch.Tensor):
-    from lens_core.crops import to_pil
-
-    return to_pil(image)
 
 
 def finalize_viz(info: RunInfo, slugs: list[str] | None = None) -> list[str]:
@@ -122,11 +123,12 @@ def finalize_viz(info: RunInfo, slugs: list[str] | None = None) -> list[str]:
     store = info.store()
     marked = []
     for slug in slugs if slugs is not None else info.slugs:
-        if store.files_complete(f"viz/{slug}") or not store.is_complete(f"concepts/{slug}"):
+        fp = _concepts_ready(store, slug)
+        if fp is None or store.files_complete(layout.viz(slug), fp):
             continue
-        k = store.zarr[f"concepts/{slug}/W"].shape[0]
+        k = store.zarr[layout.concepts(slug)]["W"].shape[0]
         if all(viz_done(store, slug, c) for c in range(k)):
-            store.mark_files_complete(f"viz/{slug}")
+            store.mark_files_complete(layout.viz(slug), fp)
             write_status(store, slug, "render", "completed", None, concepts=k)
             marked.append(slug)
     return marked

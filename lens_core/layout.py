@@ -1,0 +1,145 @@
+"""The store layout of a run, in one place: paths, stage names, completion markers, run-id inputs.
+
+Everything a run computes lives under ``<store>/runs/<run_id>/`` (DESIGN.md). Every other module
+asks this one for a path instead of spelling it out, so the layout can change here alone.
+
+Class identity. A class is its directory id and its label index (never its slug alone): the
+activations stage records a fingerprint of what it was computed from (class dir, label index,
+the sampled image list) in its completion marker, and every later stage of the class records the
+same fingerprint. A marker whose fingerprint differs from the current one is not complete: the
+stage is recomputed, never reused for another class.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+# per-class stages, in chain order; "render" (MACO, pooled) and "publish" are run-wide
+CLASS_STAGES: tuple[str, ...] = ("activations", "factorize", "importance", "crops")
+STAGES: tuple[str, ...] = (*CLASS_STAGES, "render", "drift")
+STATUS_STAGES: tuple[str, ...] = (*CLASS_STAGES, "render")
+
+# run-level files
+RUN_JSON = "run.json"
+FINISHED = "finished.json"  # written by build-atlas when every class succeeded (read by the watcher)
+ZARR_ROOT = "lens.zarr"
+MAGNITUDE = "maco/magnitude.npy"
+SIMILAR = "atlas/similar.json"
+ALIGNMENT = "atlas/alignment.json"
+LABELS = "labels.json"  # concept labels of this run (lens label)
+DRIFT = "drift"  # drift/<class>.json and drift/summary.json
+SUCCESS = "_SUCCESS"
+RUNS = "runs"
+
+
+# ---- per-class paths (Zarr groups are relative to lens.zarr, files to the run root) --------
+
+def acts(slug: str) -> str:
+    """Zarr group of a class's activations: A, patches, logits, spatial maps."""
+    return f"acts/{slug}"
+
+
+def concepts(slug: str) -> str:
+    """Zarr group of a class's concepts: U, W."""
+    return f"concepts/{slug}"
+
+
+def importance(slug: str) -> str:
+    """Zarr group of a class's importance: sobol, logit_share, order, per-image importance."""
+    return f"importance/{slug}"
+
+
+def crops(slug: str) -> str:
+    """File prefix of a class's crops, thumbnails and attribution maps (index.json inside)."""
+    return f"crops/{slug}"
+
+
+def crops_index(slug: str) -> str:
+    return f"{crops(slug)}/index.json"
+
+
+def crop_file(slug: str, name: str) -> str:
+    return f"{crops(slug)}/{name}"
+
+
+def viz(slug: str) -> str:
+    """File prefix of a class's MACO renders."""
+    return f"viz/{slug}"
+
+
+def viz_file(slug: str, concept: int, ext: str) -> str:
+    """A concept's render: .png (RGBA, alpha = transparency map) or .webp (plain)."""
+    return f"{viz(slug)}/{concept}.{ext}"
+
+
+def status_dir(slug: str) -> str:
+    return f"status/{slug}"
+
+
+def status_file(slug: str, stage: str) -> str:
+    return f"status/{slug}/{stage}.json"
+
+
+def lock(stage: str, slug: str) -> str:
+    """Lease name of one (stage, class): `locks/<stage>/<class>/` in the store."""
+    return f"{stage}/{slug}"
+
+
+def drift_file(slug: str) -> str:
+    return f"{DRIFT}/{slug}.json"
+
+
+DRIFT_SUMMARY = f"{DRIFT}/summary.json"
+
+
+def stage_group(stage: str, slug: str) -> str:
+    """Where a per-class stage's completion marker lives (a Zarr group, or a file prefix)."""
+    return {"activations": acts, "factorize": concepts, "importance": importance, "crops": crops}[stage](slug)
+
+
+FILE_STAGES = frozenset({"crops"})  # marked by a _SUCCESS object; the others by a Zarr attribute
+
+
+# ---- class identity ------------------------------------------------------------------------
+
+def image_key(url: str) -> str:
+    """An image's identity independent of the store it is read from: class dir + file name."""
+    return "/".join(url.rstrip("/").split("/")[-2:])
+
+
+def class_inputs(class_dir: str, label_index: int, image_urls: Iterable[str]) -> dict[str, Any]:
+    """What a class's stages are computed from: recorded in their markers (see module doc)."""
+    from lens_core.config import short_hash
+
+    images = [image_key(u) for u in image_urls]
+    return {
+        "class_dir": class_dir,
+        "label_index": int(label_index),
+        "n_sampled": len(images),
+        "fingerprint": short_hash({"dir": class_dir, "index": int(label_index), "images": images}, 16),
+    }
+
+
+# ---- run-id inputs ----------------------------------------------------------------------------
+
+def toy_data_url(store_url: str, toy_classes: int, toy_images_per_class: int, seed: int) -> str:
+    """Root of the generated toy data set inside a store (its images are under `<root>/images`)."""
+    from lens_core.store import join_url, normalize_url
+
+    return join_url(normalize_url(store_url), "toy-data", f"c{toy_classes}-n{toy_images_per_class}-s{seed}")
+
+
+def planned_data_url(config: Any) -> str:
+    """The data URL a run of `config` reads (part of its run id), without generating anything."""
+    from lens_core.store import join_url, normalize_url
+
+    if config.data.url:
+        return normalize_url(config.data.url)
+    d = config.data
+    return join_url(toy_data_url(config.store, d.toy_classes, d.toy_images_per_class, d.seed), "images")
+
+
+def run_id_inputs(checkpoint_digest: str, data_url: str, config: Any) -> dict[str, Any]:
+    """What a run id hashes: checkpoint digest, data URL and the method config (DESIGN.md)."""
+    return {"ckpt": checkpoint_digest, "data": data_url, "method": config.method_dict()}

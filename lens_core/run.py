@@ -1,0 +1,187 @@
+"""Run set-up: the data, the classes with their label indices, the checkpoint digest, the run id.
+
+``prepare_run`` is called once per run in the flow process (or a notebook); it loads the model
+once (a checkpoint that is missing, corrupt, hostile or for another architecture fails here,
+before any class is submitted) and checks that the class folders match the model's outputs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import platform
+from collections.abc import Iterable
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
+from typing import Any
+
+import torch
+
+from lens_core import layout
+from lens_core.config import AtlasConfig, ConfigError, compute_run_id
+from lens_core.data import ClassIndex, ClassInfo, DataError, list_classes, read_class_index
+from lens_core.models import checkpoint_digest
+from lens_core.store import RunStore
+
+
+@dataclass
+class RunInfo:
+    """Everything a stage needs to find its inputs; small and picklable (sent to Dask workers)."""
+
+    run_id: str
+    config: AtlasConfig
+    data_url: str
+    checkpoint_digest: str
+    num_classes: int  # the model's outputs
+    classes: list[ClassInfo]
+    all_classes: list[ClassInfo] = field(default_factory=list)  # the data set's, for cross-class links
+    _by_slug: dict[str, ClassInfo] = field(default_factory=dict, repr=False)
+
+    def store(self) -> RunStore:
+        return RunStore(self.config.store, self.run_id, self.config.storage_options)
+
+    def cls(self, slug: str) -> ClassInfo:
+        if not self._by_slug:
+            self._by_slug = {c.slug: c for c in self.classes}
+        return self._by_slug[slug]
+
+    @property
+    def slugs(self) -> list[str]:
+        return [c.slug for c in self.classes]
+
+    def narrowed(self, slugs: Iterable[str]) -> RunInfo:
+        """The same run restricted to these classes: what a per-class task needs, cheap to send.
+
+        Prefect walks every task parameter (about 25 ms for a RunInfo of 1,000 classes, at
+        submission and again on the worker); per-class stages only look up their own class.
+        """
+        keep = [self.cls(s) for s in slugs]
+        return replace(self, classes=keep, all_classes=[], _by_slug={})
+
+
+def resolve_data_url(config: AtlasConfig) -> str:
+    """The configured image folder, or the generated toy data set (written once per store)."""
+    url = layout.planned_data_url(config)
+    if config.data.url:
+        return url
+    from lens_core.toy import ensure_toy_dataset
+
+    d = config.data
+    root = layout.toy_data_url(config.store, d.toy_classes, d.toy_images_per_class, d.seed)
+    made = ensure_toy_dataset(root, d.toy_classes, d.toy_images_per_class, d.seed, config.storage_options)
+    if made != url:  # the watcher computes run ids from planned_data_url: they must agree
+        raise RuntimeError(f"toy data set written at {made}, planned at {url}")
+    return url
+
+
+def select_classes(classes: list[ClassInfo], wanted: Iterable[str] | None) -> list[ClassInfo]:
+    """The classes named by id, name, slug or label index (all when `wanted` is empty), label order."""
+    if not wanted:
+        return classes
+    wanted = list(wanted)
+    keys: dict[str, ClassInfo] = {}
+    for c in classes:
+        for key in (c.id, c.name, c.slug, str(c.index)):
+            keys.setdefault(key, c)
+    missing = [w for w in wanted if w not in keys]
+    if missing:
+        known = ", ".join(c.slug for c in classes[:5]) + (", ..." if len(classes) > 5 else "")
+        raise ConfigError(f"unknown classes: {', '.join(map(repr, missing[:10]))} "
+                          f"(give ids, names, slugs or indices; {len(classes)} classes, e.g. {known})")
+    seen, out = set(), []
+    for w in wanted:
+        c = keys[w]
+        if c.slug not in seen:
+            seen.add(c.slug)
+            out.append(c)
+    return sorted(out, key=lambda c: c.index)
+
+
+def model_digest(config: AtlasConfig) -> str:
+    """sha256 of the checkpoint (the shipped toy weights by default), or a random-init tag."""
+    if config.model.checkpoint:
+        return checkpoint_digest(config.model.checkpoint, config.storage_options)
+    if config.model.arch == "toy":
+        from lens_core.toy import TOY_CHECKPOINT
+
+        return hashlib.sha256(TOY_CHECKPOINT.read_bytes()).hexdigest()
+    return f"random-init:{config.model.arch}"
+
+
+def check_label_set(info: RunInfo, class_index: ClassIndex | None) -> int:
+    """The model's number of outputs, checked against the class folders; ConfigError on mismatch.
+
+    Without a class index the label index is the sorted folder position, which is right only when
+    the folders are exactly the model's label set: any other count is refused, never guessed.
+    """
+    from lens_core.model_cache import get_split
+
+    outputs = get_split(info, "cpu").num_classes
+    n = len(info.all_classes)
+    if class_index is None and outputs != n:
+        raise ConfigError(
+            f"the model has {outputs} outputs but {info.data_url} has {n} class folders, so the "
+            "label index of each folder cannot be its sorted position: set data.class_index to a "
+            'JSON file mapping each class folder to its label index ({"<class dir>": <index>}, or '
+            "a list of class dirs in label order)"
+        )
+    beyond = [c for c in info.all_classes if c.index >= outputs]
+    if beyond:
+        shown = ", ".join(f"{c.id}={c.index}" for c in beyond[:5])
+        raise ConfigError(f"data.class_index gives label indices beyond the model's {outputs} outputs: {shown}")
+    return outputs
+
+
+def _class_record(c: ClassInfo) -> dict[str, Any]:
+    return {"index": c.index, "id": c.id, "name": c.name, "slug": c.slug, "synonyms": list(c.synonyms)}
+
+
+def prepare_run(config: AtlasConfig) -> RunInfo:
+    """Resolve data, classes, checkpoint digest and run id; load and check the model; write run.json."""
+    data_url = resolve_data_url(config)
+    so = config.storage_options
+    class_index = read_class_index(config.data.class_index, so) if config.data.class_index else None
+    all_classes = list_classes(data_url, so, config.data.class_names, class_index)
+    if not all_classes:
+        raise DataError(f"no class folders found under {data_url}")
+    classes = select_classes(all_classes, config.classes)
+    digest = model_digest(config)
+    provisional = config.model.num_classes or max(c.index for c in all_classes) + 1
+    info = RunInfo(compute_run_id(digest, data_url, config), config, data_url, digest, provisional,
+                   classes, all_classes)
+    info.num_classes = check_label_set(info, class_index)
+    _record_run(info)
+    return info
+
+
+def _record_run(info: RunInfo) -> None:
+    """Write run.json on first use, and keep its class records current (a slug's class may change)."""
+    store = info.store()
+    config = info.config
+    meta = store.read_json(layout.RUN_JSON)
+    fresh = meta is None
+    if fresh:
+        meta = {
+            "run_id": info.run_id,
+            "created": datetime.now(UTC).isoformat(timespec="seconds"),
+            "checkpoint": config.model.checkpoint,
+            "checkpoint_digest": info.checkpoint_digest,
+            "data_url": info.data_url,
+            "config": config.redacted(),
+            "classes": [],
+            "versions": {"python": platform.python_version(), "torch": torch.__version__},
+        }
+    records = {c["slug"]: c for c in meta["classes"]}
+    current = {c.slug: _class_record(c) for c in info.classes}
+    merged = {**records, **current}
+    if fresh or merged != records:
+        meta["classes"] = sorted(merged.values(), key=lambda c: (c["index"], c["slug"]))
+        store.write_json(layout.RUN_JSON, meta)
+    store.zarr  # noqa: B018 - create lens.zarr's root here, before workers race to create it
+
+
+def check_model(info: RunInfo) -> None:
+    """Load the run's model once (CPU, cached in this process): `prepare_run` already did."""
+    from lens_core.model_cache import get_split
+
+    get_split(info, "cpu")
+

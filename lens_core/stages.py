@@ -1,0 +1,296 @@
+"""The four per-class stages over the run store: activations, factorize, importance, crops.
+
+Each is a `Stage` (lens_core.tracking): what it is computed from, and its body. The body writes
+its outputs, then its completion marker last (recording the class fingerprint), so a re-run skips
+what is done and recomputes what was computed for another class or another image sample.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from lens_core import crops as crops_mod
+from lens_core import layout
+from lens_core.activations import compute_class_activations
+from lens_core.data import EmptyClassError, list_images, read_image, sample_images
+from lens_core.device import pick_device
+from lens_core.extract import make_extractor
+from lens_core.importance import (
+    concept_sobol,
+    deletion_curve,
+    logit_contributions,
+    logit_share,
+    random_deletion_baseline,
+    rank_concepts,
+)
+from lens_core.model_cache import get_split
+from lens_core.tracking import Inputs, Stage, StageError, is_done, mark, run_stage, upstream_inputs
+
+# ---- activations ------------------------------------------------------------------------------
+
+def _activation_inputs(info: Any, slug: str) -> Inputs:
+    """The class dir, its label index and the sampled images (listing the class folder)."""
+    cfg, cls = info.config, info.cls(slug)
+    urls = sample_images(list_images(info.data_url, cls, cfg.storage_options), cfg.data.images_per_class,
+                         cfg.data.seed)
+    return {**layout.class_inputs(cls.id, cls.index, urls), "urls": urls}
+
+
+def _record(inputs: Inputs) -> dict[str, Any]:
+    """What a marker keeps of the inputs: the fingerprint and what it is made of, not the URLs."""
+    return {k: v for k, v in inputs.items() if k not in ("urls", "fingerprint")}
+
+
+def _activations(info: Any, slug: str, inputs: Inputs, device: str | None) -> dict[str, Any]:
+    """Patches of the class's sampled images -> g -> acts/<class> (A, patches, image arrays)."""
+    store, cfg, cls = info.store(), info.config, info.cls(slug)
+    urls = inputs["urls"]
+    if not urls:
+        raise EmptyClassError(f"class {cls.name!r} ({cls.id}) has no images")
+    split = get_split(info, device)
+    group = store.group(layout.acts(slug), fresh=True)
+    summary = compute_class_activations(
+        split, cls.index, urls, group, cfg.patches, cfg.storage_options,
+        spatial_images=max(cfg.importance.images, cfg.crops.attribution_images), device=device,
+    )
+    if summary.n_patches < cfg.concepts.n_concepts:
+        raise StageError(
+            f"class {cls.name!r}: {summary.n_patches} patches from {summary.n_images} readable images "
+            f"is fewer than n_concepts={cfg.concepts.n_concepts}"
+        )
+    mark(store, "activations", slug, inputs, **_record(inputs))
+    return {"status": {"n_images": summary.n_images, "n_patches": summary.n_patches,
+                       "skipped_images": summary.n_skipped}}
+
+
+ACTIVATIONS = Stage("activations", _activation_inputs, _activations)
+
+
+# ---- factorize --------------------------------------------------------------------------------
+
+def _factorize(info: Any, slug: str, inputs: Inputs, device: str | None) -> dict[str, Any]:
+    """Concepts of the class's patch activations: concepts/<class>/U, W and the fit's error."""
+    store = info.store()
+    A = store.zarr[layout.acts(slug)]["A"][:]
+    fit = make_extractor(info.config.concepts).fit(A, device=pick_device(device))
+    store.remove(layout.viz(slug))  # renders of earlier concepts of this slug are not these concepts'
+    group = store.group(layout.concepts(slug), fresh=True)
+    group.create_array("U", data=fit.U, overwrite=True)
+    group.create_array("W", data=fit.W, overwrite=True)
+    mark(store, "factorize", slug, inputs, **fit.attrs)
+    return {"status": fit.attrs}
+
+
+FACTORIZE = Stage("factorize", upstream_inputs, _factorize)
+
+
+# ---- importance -------------------------------------------------------------------------------
+
+def _class_acts(acts: Any, limit: int) -> torch.Tensor:
+    """Activations that h accepts: the stored spatial maps, else pooled whole-image activations."""
+    names = set(acts.array_keys())
+    data = acts["spatial"][:limit] if "spatial" in names else acts["image_A"][:limit]
+    return torch.from_numpy(np.ascontiguousarray(data))
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """(N, C, H, W) -> (N*H*W, C) in (image, y, x) order; (N, C) unchanged."""
+    return x.permute(0, 2, 3, 1).reshape(-1, x.shape[1]) if x.ndim == 4 else x
+
+
+def _percent(scores: np.ndarray) -> np.ndarray:
+    """Scores as percent of their (positive) total: what the page shows without a logit share."""
+    total = float(np.clip(scores, 0, None).sum())
+    return (100.0 * scores / total if total > 0 else np.zeros_like(scores)).astype(np.float32)
+
+
+def _share_or_reason(info: Any, slug: str, split: Any, acts: Any, U: np.ndarray, W: np.ndarray
+                     ) -> tuple[np.ndarray | None, dict[str, Any]]:
+    """The logit share of each concept (percent), or None with the reason it is not defined."""
+    cls, imp = info.cls(slug), info.config.importance
+    if split.head is None:
+        return None, {"basis_reason": "no-linear-head"}
+    weight, bias = (t.detach().cpu().float().numpy() for t in split.head)
+    contrib = logit_contributions(U, W, acts["A"][:], weight, bias, cls.index)
+    share = logit_share(contrib["contributions"], acts["patch_pred"][:] == cls.index,
+                        contrib["residual"], contrib["bias"])
+    if share.n_points < imp.min_share_patches:
+        return None, {"basis_reason": "few-predicted"}
+    if share.denominator <= 0:
+        return None, {"basis_reason": "non-positive-logit"}
+    return np.asarray(share.concepts, np.float32), {
+        "share_residual": float(share.residual), "share_bias": float(share.bias),
+        "predicted_patches": int(share.n_points)}
+
+
+def _importance(info: Any, slug: str, inputs: Inputs, device: str | None) -> dict[str, Any]:
+    """Sobol total indices, logit share (or why not), per-image importance and the deletion curve."""
+    store, cfg, cls = info.store(), info.config, info.cls(slug)
+    dev = pick_device(device)
+    split = get_split(info, dev)
+    acts = store.zarr[layout.acts(slug)]
+    con = store.zarr[layout.concepts(slug)]
+    U, W = con["U"][:], con["W"][:]
+    k = W.shape[0]
+    imp = cfg.importance
+    extractor = make_extractor(cfg.concepts)
+    class_acts = _class_acts(acts, imp.images)
+    class_U = extractor.encode(_rows(class_acts), W, device=dev)
+    sobol = np.asarray(concept_sobol(split.h, class_acts, W, cls.index, n_designs=imp.n_designs,
+                                     sampler=imp.sampler, batch_size=imp.batch_size,
+                                     seed=cfg.concepts.seed, device=dev, U=class_U), np.float32)
+    image_pred, patch_pred = acts["image_pred"][:], acts["patch_pred"][:]
+    counts = {"assigned_images": int((image_pred == cls.index).sum()), "n_images": int(len(image_pred)),
+              "assigned_patches": int((patch_pred == cls.index).sum()), "n_patches": int(len(patch_pred))}
+    share, why = _share_or_reason(info, slug, split, acts, U, W)
+    out: dict[str, np.ndarray] = {"sobol": sobol, "sobol_share": _percent(sobol)}
+    if share is not None:
+        out["logit_share"] = share
+    basis = "logit_share" if share is not None else "sobol"
+    order = rank_concepts(share if share is not None else sobol)
+    out["order"] = order.astype(np.int32)
+    if split.head is not None:
+        direction = W @ split.head[0].detach().cpu().float().numpy()[cls.index]
+    else:
+        direction = sobol
+    assigned = np.flatnonzero(image_pred == cls.index)
+    image_A = acts["image_A"][:]
+    image_U = (np.asarray(extractor.encode(image_A[assigned], W), np.float32) if len(assigned)
+               else np.zeros((0, k), np.float32))
+    image_importance = (image_U * direction[None, :]).astype(np.float32)
+    out["image_positions"] = assigned.astype(np.int32)
+    out["image_U"] = image_U
+    out["image_importance"] = image_importance
+    top = image_importance.argmax(1) if len(image_importance) else np.zeros(0, int)
+    out["n_top_images"] = np.bincount(top, minlength=k).astype(np.int32)
+    curve, auc = deletion_curve(split.h, class_acts, class_U, W, cls.index, order, device=dev)
+    random_curve, random_auc = random_deletion_baseline(split.h, class_acts, class_U, W, cls.index,
+                                                        seed=cfg.concepts.seed, device=dev)
+    out["deletion"] = np.asarray(curve, dtype=np.float32)
+    out["deletion_random"] = np.asarray(random_curve, dtype=np.float32)
+    note = basis_note(why.get("basis_reason"), counts)
+    attrs = {**counts, **why, "importance_basis": basis, "note": note,
+             "deletion_auc": float(auc), "deletion_random_auc": float(random_auc),
+             "important_min_images": imp.important_min_images}
+    group = store.group(layout.importance(slug), fresh=True)
+    for name, arr in out.items():
+        group.create_array(name, data=arr, overwrite=True)
+    mark(store, "importance", slug, inputs, **attrs)
+    scores = out.get("logit_share", out["sobol_share"])
+    top_c = int(order[0])
+    return {"status": {"top_concept": top_c, "top_importance": round(float(scores[top_c]), 3),
+                       "importance_basis": basis, "deletion_auc": float(auc), "note": note, **counts}}
+
+
+def basis_note(reason: str | None, counts: dict[str, int]) -> str:
+    """One line on why a class's percentages are Sobol-based (empty when they are logit shares)."""
+    if reason is None:
+        return ""
+    if reason == "no-linear-head":
+        return ("the model's head is not a linear map of the pooled activations at this layer, so the "
+                "logit cannot be split exactly across concepts: percentages are shares of the summed "
+                "Sobol total indices")
+    seen = (f"the model classifies {counts['assigned_patches']} of {counts['n_patches']} patches "
+            f"({counts['assigned_images']} of {counts['n_images']} images) of this class as the class")
+    if reason == "few-predicted":
+        return (f"rarely predicted: {seen}, too few to define the share of its logit; concepts are "
+                "ranked by Sobol importance instead")
+    return f"{seen}, and their summed class logit is not positive: concepts are ranked by Sobol importance"
+
+
+IMPORTANCE = Stage("importance", upstream_inputs, _importance)
+
+
+# ---- crops ------------------------------------------------------------------------------------
+
+def _crops(info: Any, slug: str, inputs: Inputs, device: str | None) -> dict[str, Any]:
+    """Top crops per concept, thumbnails, attribution overlays and their plain images under crops/<class>/."""
+    store, cfg = info.store(), info.config
+    store.remove(layout.crops(slug))  # files of an earlier computation of this slug
+    acts = store.zarr[layout.acts(slug)]
+    U = store.zarr[layout.concepts(slug)]["U"][:]
+    W = store.zarr[layout.concepts(slug)]["W"][:]
+    imp = store.zarr[layout.importance(slug)]
+    order = imp["order"][:]
+    patches = acts["patches"][:]
+    urls: list[str] = list(acts.attrs["image_urls"])
+    size = int(acts.attrs["image_size"])
+    ext = "webp" if cfg.crops.format == "webp" else "jpg"
+    picks = {c: crops_mod.top_patches(U, patches[:, 0], c, cfg.crops.per_concept, cfg.crops.one_per_image)
+             for c in range(U.shape[1])}
+    thumbs_for = [int(p) for p in imp["image_positions"][:200]]
+    attribution_for = list(range(min(cfg.crops.attribution_images, len(urls))))
+    needed = sorted({int(patches[i, 0]) for ids in picks.values() for i in ids} | set(thumbs_for) | set(attribution_for))
+    images = {pos: read_image(urls[pos], cfg.storage_options, size) for pos in needed}
+    index: dict[str, Any] = {"concepts": {}, "thumbs": {}, "attributions": []}
+
+    def put(name: str, img: Any) -> str:
+        store.write_bytes(layout.crop_file(slug, name), crops_mod.encode(img, cfg.crops.format))
+        return name
+
+    for c, ids in picks.items():
+        index["concepts"][str(c)] = [
+            put(f"{c}_{j}.{ext}", crops_mod.crop_box(images[int(patches[pid, 0])], patches[pid, 1:], cfg.crops.size))
+            for j, pid in enumerate(ids)
+        ]
+    for pos in thumbs_for:
+        index["thumbs"][str(pos)] = put(f"img_{pos}.{ext}", crops_mod.thumbnail(images[pos], 64))
+    if attribution_for and "spatial" in set(acts.array_keys()):
+        spatial = acts["spatial"][: len(attribution_for)]
+        n, C, h, w = spatial.shape
+        coeffs = np.asarray(make_extractor(cfg.concepts).encode(spatial.transpose(0, 2, 3, 1).reshape(-1, C), W))
+        coeffs = coeffs.reshape(n, h, w, -1).transpose(0, 3, 1, 2)
+        side = cfg.crops.size * 2
+        for i, pos in enumerate(attribution_for):
+            overlay = crops_mod.attribution_map(images[pos], coeffs[i], order, side)
+            index["attributions"].append({
+                "image": pos, "url": urls[pos],
+                "file": put(f"attr_{pos}.{ext}", overlay),
+                "plain": put(f"plain_{pos}.{ext}", crops_mod.thumbnail(images[pos], side)),
+                "concepts": crops_mod.dominant_concepts(coeffs[i], order),
+            })
+    store.write_json(layout.crops_index(slug), index)
+    mark(store, "crops", slug, inputs)
+    return {"status": {"crops": sum(len(v) for v in picks.values())}}
+
+
+CROPS = Stage("crops", upstream_inputs, _crops)
+
+CLASS_STAGES: tuple[Stage, ...] = (ACTIVATIONS, FACTORIZE, IMPORTANCE, CROPS)
+BY_NAME = {s.name: s for s in CLASS_STAGES}
+
+
+def stage_activations(info: Any, slug: str, device: str | None = None) -> dict[str, Any]:
+    return run_stage(ACTIVATIONS, info, slug, device)
+
+
+def stage_factorize(info: Any, slug: str, device: str | None = None) -> dict[str, Any]:
+    return run_stage(FACTORIZE, info, slug, device)
+
+
+def stage_importance(info: Any, slug: str, device: str | None = None) -> dict[str, Any]:
+    return run_stage(IMPORTANCE, info, slug, device)
+
+
+def stage_crops(info: Any, slug: str, device: str | None = None) -> dict[str, Any]:
+    return run_stage(CROPS, info, slug, device)
+
+
+def run_class(info: Any, slug: str, device: str | None = None) -> list[dict[str, Any]]:
+    """All per-class stages in order (a notebook convenience; the flow runs them as tasks)."""
+    return [run_stage(stage, info, slug, device) for stage in CLASS_STAGES]
+
+
+def class_fingerprint(store: Any, slug: str) -> str | None:
+    """The fingerprint the class's activations were computed from (None before they exist)."""
+    group = store.get_group(layout.acts(slug))
+    return None if group is None else group.attrs.get("inputs")
+
+
+def class_complete(store: Any, slug: str) -> bool:
+    """Every per-class stage is complete for the class's current activations."""
+    fp = class_fingerprint(store, slug)
+    return fp is not None and all(is_done(store, s.name, slug, fp) for s in CLASS_STAGES)

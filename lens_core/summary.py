@@ -1,0 +1,34 @@
+"""What a run tells about one class, read back from the store: stage states, time, top concept."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from lens_core import layout
+from lens_core.stages import class_fingerprint
+from lens_core.status import class_note, read_status
+
+
+def class_summary(info: Any, slug: str) -> dict[str, Any]:
+    """Per-stage states, total seconds, errors, the top concept and its score, and any note."""
+    store = info.store()
+    stages = read_status(store, [slug]).get(slug, {})
+    top_concept = top_importance = None
+    basis = None
+    fp = class_fingerprint(store, slug)
+    if fp is not None and store.is_complete(layout.importance(slug), fp):
+        imp = store.zarr[layout.importance(slug)]
+        order = imp["order"][:]
+        names = set(imp.array_keys())
+        scores = imp["logit_share"][:] if "logit_share" in names else imp["sobol_share"][:]
+        top_concept, top_importance = int(order[0]), round(float(scores[order[0]]), 3)
+        basis = imp.attrs.get("importance_basis")
+    return {
+        "stages": {s: rec.get("state", "-") for s, rec in stages.items()},
+        "seconds": sum(rec.get("seconds") or 0.0 for rec in stages.values()),
+        "errors": {s: rec["error"] for s, rec in stages.items() if rec.get("error")},
+        "top_concept": top_concept,
+        "top_importance": top_importance,
+        "importance_basis": basis,
+        "note": class_note(stages),
+    }
