@@ -286,7 +286,8 @@ def _finish(info: RunInfo, outcomes: dict[str, dict[str, Any]], site: dict[str, 
         rows.append({"class": slug, "status": "ok" if out["ok"] else "failed",
                      **{s: stages.get(s, "-") for s in ("activations", "factorize", "importance", "crops", "render")},
                      "seconds": round(summary["seconds"], 2), "top_concept": summary["top_concept"],
-                     "importance": summary["top_importance"], "error": out.get("error") or ""})
+                     "importance": summary["top_importance"], "basis": summary.get("importance_basis") or "",
+                     "note": summary.get("note") or "", "error": out.get("error") or ""})
     create_table_artifact(rows, key=f"lens-classes-{info.run_id}", description=f"LENS run {info.run_id}: per-class status")
     site_url = run_site_url(info)
     create_link_artifact(site_url + "/index.html", link_text="LENS atlas site", key=f"lens-site-{info.run_id}")

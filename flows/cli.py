@@ -10,16 +10,23 @@ import threading
 import warnings
 from typing import Any
 
-from lens_core.config import ConfigError, load_config, split_secrets
+from lens_core.config import ConfigError, is_run_id, load_config, make_config, refuse_secrets, split_secrets
 from lens_core.store import RunStore, filesystem, join_url, normalize_url
 
 log = logging.getLogger("lens")
 
 
 def _config(args: argparse.Namespace):
+    """The run's config: the TOML file, then the command-line overrides, all validated."""
     classes = [c for c in (args.classes or "").split(",") if c] or None
-    return load_config(args.config, classes=classes, store=getattr(args, "store", None),
-                       publish=getattr(args, "publish", None))
+    cfg = load_config(args.config, classes=classes, store=getattr(args, "store", None),
+                      publish=getattr(args, "publish", None))
+    checkpoint = getattr(args, "checkpoint", None)
+    if checkpoint:  # through validation, like every other value (URL checks included)
+        data = cfg.model_dump(mode="json")
+        data["model"]["checkpoint"] = checkpoint
+        cfg = make_config(data)
+    return cfg
 
 
 QUIET_ENV = {
@@ -106,15 +113,14 @@ def _api_url_configured() -> bool:
 
 def cmd_run(args: argparse.Namespace) -> int:
     cfg = _config(args)  # a bad config fails here, before anything starts
+    public_options, secret_env = split_secrets(cfg.storage_options)
+    refuse_secrets({"storage_options": public_options}, "storage options")  # the rest would be a flow parameter
     _quiet_console()
-    if args.checkpoint:
-        cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"checkpoint": args.checkpoint})})
     from flows.api import TemporaryAPI, drain_prefect_queues
 
     api = None if _api_url_configured() else TemporaryAPI().start()  # boots while we import and prepare
     cluster: _Cluster | None = None
     try:
-        public_options, secret_env = split_secrets(cfg.storage_options)
         os.environ.update(secret_env)  # Dask workers started below inherit them; parameters never see them
         cfg = cfg.model_copy(update={"storage_options": public_options})
         from prefect.settings import PREFECT_API_URL, temporary_settings
@@ -176,13 +182,15 @@ def _latest_run(store_url: str, storage_options: dict[str, Any]) -> str | None:
             continue
         import json
 
-        runs.append((json.loads(meta).get("created", ""), entry.rstrip("/").rsplit("/", 1)[-1]))
+        name = entry.rstrip("/").rsplit("/", 1)[-1]
+        if is_run_id(name):
+            runs.append((json.loads(meta).get("created", ""), name))
     return max(runs)[1] if runs else None
 
 
 def status_table(store: RunStore) -> list[dict[str, Any]]:
-    """Rows of (class, state, per-stage state, seconds, error) for every class of a run."""
-    from lens_core.status import STAGES, class_state, read_status
+    """Rows of (class, state, per-stage state, seconds, note, error) for every class of a run."""
+    from lens_core.status import STAGES, class_note, class_state, read_status
 
     meta = store.read_json("run.json", {})
     slugs = [c["slug"] for c in meta.get("classes", [])] or store.list("status")
@@ -192,8 +200,19 @@ def status_table(store: RunStore) -> list[dict[str, Any]]:
         rows.append({"class": slug, "state": class_state(stages),
                      **{s: stages.get(s, {}).get("state", "-") for s in STAGES},
                      "seconds": round(sum(r.get("seconds") or 0 for r in stages.values()), 2),
-                     "error": "; ".join(errors)})
+                     "note": class_note(stages), "error": "; ".join(errors)})
     return rows
+
+
+_CONTROL = str.maketrans({c: "\N{REPLACEMENT CHARACTER}" for c in [*range(0, 9), *range(11, 32), 127]})
+
+
+def _cell(value: Any) -> Any:
+    """A table cell shown as plain text: no Rich markup ([/], [link=...]) and no control characters
+    (ESC sequences) from class folders or error messages reach the terminal."""
+    from rich.text import Text
+
+    return Text(str(value).translate(_CONTROL))
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -201,21 +220,24 @@ def cmd_status(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     cfg = load_config(args.config, store=args.store)
+    if args.run and not is_run_id(args.run):
+        raise ConfigError(f"--run: {args.run!r} is not a run id (12 hexadecimal digits)")
     run_id = args.run or _latest_run(normalize_url(cfg.store), cfg.storage_options)
     if not run_id:
         print(f"no run found under {normalize_url(cfg.store)}/runs", file=sys.stderr)
         return 1
     store = RunStore(cfg.store, run_id, cfg.storage_options)
     rows = status_table(store)
-    table = Table(title=f"LENS run {run_id}")
-    for col in ("class", "state", "activations", "factorize", "importance", "crops", "render", "seconds", "error"):
+    table = Table(title=_cell(f"LENS run {run_id}"))
+    columns = ("class", "state", "activations", "factorize", "importance", "crops", "render", "seconds", "note", "error")
+    for col in columns:
         table.add_column(col, overflow="fold")
     for r in rows:
-        table.add_row(*(str(r[c]) for c in ("class", "state", "activations", "factorize", "importance",
-                                             "crops", "render", "seconds", "error")))
+        table.add_row(*(_cell(r[c]) for c in columns))
     Console(width=max(120, Console().width)).print(table)
     failed = sum(r["state"] == "failed" for r in rows)
-    print(f"{len(rows)} classes, {failed} failed")
+    flagged = sum(bool(r["note"]) for r in rows)
+    print(f"{len(rows)} classes, {failed} failed" + (f", {flagged} flagged (see note)" if flagged else ""))
     return 0
 
 

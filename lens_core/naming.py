@@ -6,6 +6,8 @@ import re
 import unicodedata
 
 _UNSAFE = re.compile(r"[^a-z0-9]+")
+MAX_SLUG = 120  # what the site accepts (lens_core.site.schema)
+_BASE = 100  # room left for a "-<n>" suffix that makes a slug unique
 
 
 def safe_token(text: str, max_len: int = 60) -> str:
@@ -16,17 +18,17 @@ def safe_token(text: str, max_len: int = 60) -> str:
 
 
 def class_slug(class_id: str, name: str, index: int) -> str:
-    """Slug = class id + name ('n02012849-crane'); falls back to the index when nothing is left."""
+    """Slug = class id + name ('n02012849-crane'), at most 100 characters; the index when nothing is left."""
     parts = [safe_token(class_id)]
     name_token = safe_token(name)
     if name_token and name_token != parts[0]:
         parts.append(name_token)
-    slug = "-".join(p for p in parts if p)
+    slug = "-".join(p for p in parts if p)[:_BASE].strip("-")
     return slug or f"class-{index:04d}"
 
 
 def unique_slugs(slugs: list[str]) -> list[str]:
-    """Make slugs unique by suffixing repeats with -2, -3, ... in order."""
+    """Make slugs unique by suffixing repeats with -2, -3, ... in order (never over MAX_SLUG)."""
     seen: dict[str, int] = {}
     out = []
     taken = set(slugs)
@@ -36,9 +38,14 @@ def unique_slugs(slugs: list[str]) -> list[str]:
             out.append(s)
             continue
         n = seen[s] + 1
-        while f"{s}-{n}" in taken:
+        while _suffixed(s, n) in taken:
             n += 1
         seen[s] = n
-        taken.add(f"{s}-{n}")
-        out.append(f"{s}-{n}")
+        taken.add(_suffixed(s, n))
+        out.append(_suffixed(s, n))
     return out
+
+
+def _suffixed(slug: str, n: int) -> str:
+    suffix = f"-{n}"
+    return slug[: MAX_SLUG - len(suffix)].rstrip("-") + suffix

@@ -133,7 +133,7 @@ def public_options(options: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         path = f"{prefix}{k}"
         if isinstance(v, dict) and not is_secret_key(k):
             out[k] = public_options(v, path + ".")
-        elif path in PUBLIC_STORAGE_OPTIONS and not is_secret_key(k) and not find_secrets(v):
+        elif path in PUBLIC_STORAGE_OPTIONS and not find_secrets(v):
             out[k] = v
         else:
             out[k] = MASK

@@ -85,7 +85,7 @@ def run_stage(stage: Stage, info: Any, slug: str, device: str | None = None) -> 
         write_status(store, slug, stage.name, "completed", seconds, **result.get("status", {}))
     elif not store.exists(layout.status_file(slug, stage.name)):
         write_status(store, slug, stage.name, "completed", None)
-    return {"stage": stage.name, "class": slug, "seconds": seconds, **result}
+    return {"stage": stage.name, "class": slug, "seconds": seconds, **result, "skipped": bool(result.get("skipped"))}
 
 
 def upstream_inputs(info: Any, slug: str) -> Inputs:
