@@ -2,8 +2,9 @@
 
 Orchestration costs measured on 2 cores and what keeps them small (bench/bench_flow.py):
 one Dask submission per class (tasks/chain.py) carrying a RunInfo narrowed to that class; the
-stage task runs nested in it without a Prefect service per tag set (tasks/tag_limits.py);
-submissions without Dask tokenization or settings re-validation (flows/runner.py); workers
+stage task runs nested in it, tagged by stage only (a Prefect concurrency service per distinct tag
+set: per-class tags made one per task run); submissions without Dask tokenization
+(flows/runner.py); workers
 started without Dask's malloc trim threshold (flows/cluster.py); task runs on the workers
 reporting to this flow's API, never to servers of their own (`_shared_api`). A class's renders
 are queued when its chain ends and submitted in batches across classes (the last ones split over
@@ -35,11 +36,13 @@ from prefect.states import Completed, Failed
 from prefect_dask import DaskTaskRunner
 
 from flows.runner import LensDaskTaskRunner
+from lens_core import layout
 from lens_core.config import AtlasConfig, config_from_parameters
 from lens_core.publish import published
 from lens_core.publish import site_url as run_site_url
 from lens_core.run import RunInfo, check_model, prepare_run
 from lens_core.secrets import error_text
+from lens_core.settings import settings
 from lens_core.status import write_status
 from lens_core.store import normalize_url
 from lens_core.summary import class_summary
@@ -61,10 +64,10 @@ def cluster_spec(workers: int | None = None, gpu: bool | None = None) -> tuple[s
     and no malloc trim threshold (it tripled MACO time on CPU).
     """
     if gpu is None:
-        gpu = os.environ.get("LENS_GPU", "") == "1"
+        gpu = settings().gpu
     if gpu:
         return "flows.cluster.local_cluster", {"gpu": True, "resources": {"GPU": 1}, "dashboard_address": None}
-    n = workers or int(os.environ.get("LENS_WORKERS", "0")) or max(1, min(os.cpu_count() or 1, 4))
+    n = workers or settings().workers or max(1, min(os.cpu_count() or 1, 4))
     return "flows.cluster.local_cluster", {"n_workers": n, "threads_per_worker": 1, "processes": True,
                                            "dashboard_address": None}
 
@@ -78,7 +81,7 @@ def make_task_runner(workers: int | None = None, dask_address: str | None = None
     """
     from flows.cluster import client_kwargs_for
 
-    dask_address = dask_address or os.environ.get("LENS_DASK_ADDRESS") or None
+    dask_address = dask_address or settings().dask_address or None
     if dask_address:
         return LensDaskTaskRunner(address=dask_address, client_kwargs=client_kwargs_for(dask_address))
     cluster_class, kwargs = cluster_spec(workers, gpu)
@@ -87,7 +90,7 @@ def make_task_runner(workers: int | None = None, dask_address: str | None = None
 
 def _gpu_annotation(info: RunInfo) -> dict[str, Any]:
     """Pin tensor work to workers that have a GPU when running on a GPU cluster."""
-    return {"resources": {"GPU": 1}} if os.environ.get("LENS_GPU", "") == "1" else {}
+    return {"resources": {"GPU": 1}} if settings().gpu else {}
 
 
 @contextlib.contextmanager
@@ -302,7 +305,7 @@ def _finish(info: RunInfo, outcomes: dict[str, dict[str, Any]], site: dict[str, 
     # the run's finished marker (read by the checkpoint watcher): written last, only when whole
     store_obj = info.store()
     if not failed:
-        store_obj.write_json("finished.json", {"run_id": info.run_id, "classes": len(slugs), "site": site_url,
+        store_obj.write_json(layout.FINISHED, {"run_id": info.run_id, "classes": len(slugs), "site": site_url,
                                                "checkpoint_digest": info.checkpoint_digest})
     message = f"{len(slugs) - len(failed)}/{len(slugs)} classes explained in {elapsed:.0f} s; site {site_url}"
     if failed and len(failed) == len(slugs):

@@ -10,7 +10,15 @@ import threading
 import warnings
 from typing import Any
 
-from lens_core.config import ConfigError, is_run_id, load_config, make_config, refuse_secrets, split_secrets
+from lens_core.config import (
+    ConfigError,
+    is_run_id,
+    load_config,
+    make_config,
+    refuse_secrets,
+    split_secrets,
+)
+from lens_core.settings import settings
 from lens_core.store import RunStore, filesystem, join_url, normalize_url
 
 log = logging.getLogger("lens")
@@ -41,7 +49,7 @@ def _quiet_console() -> None:
 
     LENS_LOG=INFO (or DEBUG) keeps every library's INFO lines.
     """
-    if os.environ.get("LENS_LOG", "WARNING").upper() in ("INFO", "DEBUG"):
+    if settings().log in ("INFO", "DEBUG"):
         return
     for key, value in QUIET_ENV.items():
         os.environ.setdefault(key, value)  # before Prefect and Dask configure logging; workers inherit it
@@ -126,20 +134,20 @@ def cmd_run(args: argparse.Namespace) -> int:
         from prefect.settings import PREFECT_API_URL, temporary_settings
 
         from flows.atlas import build_atlas, make_task_runner, progress_listener
-        from lens_core.pipeline import check_model, prepare_run
         from lens_core.publish import site_url
+        from lens_core.run import check_model, prepare_run
 
-        address = args.dask_address or os.environ.get("LENS_DASK_ADDRESS")
-        if not address and os.environ.get("LENS_GPU", "") != "1":
+        address = args.dask_address or settings().dask_address
+        if not address and not settings().gpu:
             cluster = _Cluster(args.workers)
         info = prepare_run(cfg)
         check_model(info)  # loaded once here; the flow below finds it in this process's cache
         print(f"LENS run {info.run_id}: {len(info.classes)} classes, model {cfg.model.arch}, "
               f"store {normalize_url(cfg.store)}")
-        settings = {PREFECT_API_URL: api.wait()} if api else {}
+        api_settings = {PREFECT_API_URL: api.wait()} if api else {}
         runner = cluster.runner() if cluster else make_task_runner(workers=args.workers, dask_address=address)
         bars = _Bars(len(info.slugs), enabled=not args.no_progress)
-        with temporary_settings(updates=settings), progress_listener(bars.update), bars.progress:
+        with temporary_settings(updates=api_settings), progress_listener(bars.update), bars.progress:
             state = build_atlas.with_options(task_runner=runner)(
                 config=cfg.model_dump(mode="json", exclude={"classes"}), classes=cfg.classes, return_state=True
             )
@@ -273,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--port", type=int, default=8000)
     serve.set_defaults(fn=cmd_serve)
     args = parser.parse_args(argv)
-    level = os.environ.get("LENS_LOG", "WARNING").upper()
+    level = settings().log
     handler = logging.StreamHandler()
     handler.setLevel(level)  # the root level alone lets other loggers' INFO records through
     logging.basicConfig(level=level, handlers=[handler])

@@ -33,6 +33,8 @@ import distributed  # noqa: F401 - loads its config defaults before we override 
 from distributed.comm.addressing import get_address_host, parse_address
 from distributed.security import Security
 
+from lens_core.settings import settings
+
 PRELOAD = "flows.cluster"  # this module, run by every worker at start (`dask_setup`)
 TRIM = "MALLOC_TRIM_THRESHOLD_"
 HEALTH_ROUTES = ["distributed.http.health"]  # the scheduler's HTTP routes when there is no dashboard
@@ -122,7 +124,7 @@ def local_security() -> Security | None:
     Loopback is no boundary on a shared machine: every local user can connect to 127.0.0.1.
     Measured on 2 cores: +0.07 s at start, about +6 % on trivial tasks and transfers (docs/deploy.md).
     """
-    if os.environ.get(LOCAL_TLS_ENV, "1") == "0":
+    if not settings().dask_local_tls:
         return None
     return Security.temporary()
 
@@ -205,7 +207,7 @@ def client_security(address: str) -> Security | None:
     local = _LOCAL.get(address)
     if local is not None:
         return local.security
-    tls_dir = os.environ.get(TLS_DIR_ENV)
+    tls_dir = settings().dask_tls_dir or None
     if tls_dir and address.startswith("tls://"):
         return tls_security(tls_dir, roles=("client",))
     return None
@@ -229,7 +231,7 @@ def client_kwargs_for(address: str) -> dict[str, Any]:
             raise ValueError(f"the Dask scheduler {address} requires a client certificate: set "
                              f"{TLS_DIR_ENV} to the directory of the cluster's certificates (docs/deploy.md)")
         return {"security": security}
-    if scheme != "inproc" and not _is_loopback(address) and os.environ.get(PLAINTEXT_ENV, "") != "1":
+    if scheme != "inproc" and not _is_loopback(address) and not settings().dask_allow_plaintext:
         raise ValueError(f"refusing the plaintext Dask scheduler {address}: whoever can reach it can run code "
                          f"with this flow's credentials; start it with TLS (docs/deploy.md) or set {PLAINTEXT_ENV}=1")
     return {}

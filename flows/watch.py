@@ -25,24 +25,16 @@ from prefect.deployments import run_deployment
 from prefect.exceptions import ObjectNotFound
 from prefect.runtime import flow_run as current_flow_run
 
+from lens_core import layout
 from lens_core.config import AtlasConfig, compute_run_id, config_from_parameters
+from lens_core.layout import planned_data_url
 from lens_core.models import CheckpointError, checkpoint_digest
 from lens_core.store import RunStore, filesystem, join_url, normalize_url
 
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".safetensors", ".ckpt")
 BUILD_DEPLOYMENT = "build-atlas/build-atlas"
 RUN_TAG = "lens-run:"  # + run id: finds every build-atlas flow run of one LENS run
-FINISHED = "finished.json"
 _PLACEHOLDER = re.compile(r"\{\{\s*\$?([\w.]+)\s*\}\}")
-
-
-def planned_data_url(config: AtlasConfig) -> str:
-    """`resolve_data_url` without side effects: the toy data set is not generated here."""
-    if config.data.url:
-        return normalize_url(config.data.url)
-    d = config.data
-    root = join_url(normalize_url(config.store), "toy-data", f"c{d.toy_classes}-n{d.toy_images_per_class}-s{d.seed}")
-    return join_url(root, "images")  # what ensure_toy_dataset returns
 
 
 def planned_run_id(config: AtlasConfig, digest: str) -> str:
@@ -112,7 +104,7 @@ class DigestCache:
 
 def is_finished(config: AtlasConfig, run_id: str) -> bool:
     """True when build_atlas wrote `<store>/runs/<run_id>/finished.json` (every class succeeded)."""
-    return RunStore(config.store, run_id, config.storage_options).exists(FINISHED)
+    return RunStore(config.store, run_id, config.storage_options).exists(layout.FINISHED)
 
 
 def idempotency_key(run_id: str, attempt: int) -> str:

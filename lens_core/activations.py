@@ -101,6 +101,7 @@ def compute_class_activations(
     spatial_images: int = 16,
     device: str | torch.device | None = None,
     on_batch: Callable[[int], None] | None = None,
+    precision: str = "fp32",
 ) -> ActivationSummary:
     """Stream one class's images through g and fill `group` (caller marks it complete)."""
     dev = pick_device(device)
@@ -122,7 +123,7 @@ def compute_class_activations(
         read_urls.extend(urls)
         crops = extract_patches(images, boxes, split.input_size)
         whole = F.interpolate(images, size=split.input_size, mode="bilinear", antialias=True, align_corners=False)
-        with inference(dev):
+        with inference(dev, precision):
             patch_acts = split.g(crops.contiguous(memory_format=torch.channels_last))
             patch_logits = split.h(patch_acts).float()
             whole_acts = split.g(whole.contiguous(memory_format=torch.channels_last))

@@ -72,6 +72,9 @@ class ModelConfig(_Section):
     input_size: int = Field(64, gt=0, le=MAX_INPUT_SIZE, description="side of the square model input, pixels")
     mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
     std: tuple[float, float, float] = (0.25, 0.25, 0.25)
+    precision: Literal["fp32", "bf16", "fp16"] = Field(
+        "fp32", description="autocast dtype of the model's forward passes (activations, importance, MACO); "
+        "NMF and Sobol statistics stay fp32. fp16 runs as fp32 on CPU")
 
     @field_validator("checkpoint")
     @classmethod

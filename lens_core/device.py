@@ -1,4 +1,8 @@
-"""Device choice and the mixed-precision context used by the GPU stages."""
+"""Device choice and the precision contexts of the tensor stages (model.precision).
+
+fp32 runs as is; bf16/fp16 run g and h under `torch.autocast` (CUDA, and CPU for bf16), and
+callers cast results back to float32: NMF and the Sobol statistics always work in fp32.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +10,9 @@ import contextlib
 from collections.abc import Iterator
 
 import torch
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def pick_device(device: str | torch.device | None = None) -> torch.device:
@@ -15,12 +22,21 @@ def pick_device(device: str | torch.device | None = None) -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def autocast(device: torch.device | str, precision: str = "fp32") -> contextlib.AbstractContextManager:
+    """Mixed precision for model forwards (and their backward, for MACO) on `device`.
+
+    fp16 on CPU is not a supported autocast dtype and runs in fp32; any other unknown value is an error.
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; use one of {PRECISIONS}")
+    dev = torch.device(device)
+    if precision == "fp32" or (dev.type == "cpu" and precision == "fp16"):
+        return contextlib.nullcontext()
+    return torch.autocast(dev.type, dtype=_DTYPES[precision])
+
+
 @contextlib.contextmanager
-def inference(device: torch.device, mixed_precision: bool = True) -> Iterator[None]:
-    """inference_mode, plus fp16 autocast on CUDA; callers cast results back to float32."""
-    with torch.inference_mode():
-        if device.type == "cuda" and mixed_precision:
-            with torch.autocast("cuda", dtype=torch.float16):
-                yield
-        else:
-            yield
+def inference(device: torch.device, precision: str = "fp32") -> Iterator[None]:
+    """inference_mode under the run's precision; callers cast results back to float32."""
+    with torch.inference_mode(), autocast(device, precision):
+        yield

@@ -18,7 +18,6 @@ import importlib
 import inspect
 import io
 import logging
-import os
 import pickle
 import re
 import zipfile
@@ -32,6 +31,7 @@ import torch
 from torch import nn
 
 from lens_core.config import ModelConfig
+from lens_core.settings import settings
 from lens_core.store import StoreAccessError, call, filesystem
 
 log = logging.getLogger(__name__)
@@ -116,7 +116,7 @@ def allowed_factories() -> dict[str, str]:
     allowed = {}
     for ep in entry_points(group=ENTRY_POINT_GROUP):
         allowed[ep.name] = allowed[ep.value] = ep.value
-    for item in os.environ.get(FACTORY_ENV, "").split(","):
+    for item in settings().model_factories.split(","):
         if item.strip():
             allowed[item.strip()] = item.strip()
     return allowed

@@ -40,6 +40,9 @@ class Settings:
     log: str = "WARNING"  # LENS_LOG: console level of `lens` (INFO/DEBUG show library logs)
     model_cache: int = 2  # LENS_MODEL_CACHE: models kept per device in a worker (LRU)
     model_factories: str = ""  # LENS_MODEL_FACTORIES: "module:factory" list a worker allows
+    dask_tls_dir: str = ""  # LENS_DASK_TLS_DIR: the flow side's certificates of a TLS cluster
+    dask_local_tls: bool = True  # LENS_DASK_LOCAL_TLS=0: local clusters without TLS (not recommended)
+    dask_allow_plaintext: bool = False  # LENS_DASK_ALLOW_PLAINTEXT=1: a tcp:// scheduler on another host
 
 
 def settings() -> Settings:
@@ -54,4 +57,7 @@ def settings() -> Settings:
         log=os.environ.get("LENS_LOG", "WARNING").strip().upper() or "WARNING",
         model_cache=max(1, _int("LENS_MODEL_CACHE", 2)),
         model_factories=os.environ.get("LENS_MODEL_FACTORIES", ""),
+        dask_tls_dir=os.environ.get("LENS_DASK_TLS_DIR", "").strip(),
+        dask_local_tls=os.environ.get("LENS_DASK_LOCAL_TLS", "1").strip() != "0",
+        dask_allow_plaintext=os.environ.get("LENS_DASK_ALLOW_PLAINTEXT", "").strip() == "1",
     )

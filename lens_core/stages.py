@@ -55,6 +55,7 @@ def _activations(info: Any, slug: str, inputs: Inputs, device: str | None) -> di
     summary = compute_class_activations(
         split, cls.index, urls, group, cfg.patches, cfg.storage_options,
         spatial_images=max(cfg.importance.images, cfg.crops.attribution_images), device=device,
+        precision=cfg.model.precision,
     )
     if summary.n_patches < cfg.concepts.n_concepts:
         raise StageError(

@@ -10,8 +10,8 @@ from lens_core.config import (
     make_config,
     split_secrets,
 )
-from lens_core.secrets import public_options
 from lens_core.naming import class_slug, safe_token, unique_slugs
+from lens_core.secrets import public_options
 
 
 def test_embedded_default_needs_no_file():

@@ -128,7 +128,6 @@ def _published_class(site: Path, run_id: str, slug: str) -> tuple[dict, dict[str
 
 
 def test_a_new_class_that_takes_an_existing_slug_never_reuses_its_results(toy, tmp_path):
-    names = class_names(N_CLASSES)
     folder = tmp_path / "data" / "images"
     _copy_class(toy, 1, folder / "a")
     _copy_class(toy, 2, folder / "b")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import posixpath
@@ -9,22 +10,30 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
+from fsspec.asyn import sync
 from fsspec.implementations.local import LocalFileSystem
 
 from ..store import filesystem, join_url, normalize_url, write_beside
 from . import render
-from .schema import check_asset_path, normalize_site, referenced_paths
+from .headers import object_headers, takes_headers
+from .schema import SiteError, check_asset_path, normalize_site, referenced_paths
 
 Asset = bytes | Callable[[], bytes]
 BATCH = 64  # files per concurrent put on object stores
+_Group = tuple[dict[str, str], dict[str, bytes]]  # (put arguments, {path: bytes})
 
 
-class _Writer:
-    """Whole-file writes under a root: atomic rename on disk, batched concurrent puts elsewhere."""
+class SiteWriter:
+    """Whole-file writes under a root: atomic rename on disk, batched concurrent puts elsewhere.
+
+    On S3 each object is stored with its Content-Type and Cache-Control (`headers.py`).
+    """
 
     def __init__(self, fs: Any, root: str):
         self.fs, self.root = fs, root.rstrip("/")
         self.local = isinstance(fs, LocalFileSystem)
+        self.headers = takes_headers(fs)
+        self.immutable = render.immutable_paths()
         self.order: list[str] = []
         self.bytes = 0
         self._dirs: set[str] = set()
@@ -38,7 +47,7 @@ class _Writer:
             for rel, data in items:
                 self._write_local(posixpath.join(self.root, rel), data)
         else:
-            self.fs.pipe({posixpath.join(self.root, rel): data for rel, data in items})
+            self._put(items)
         for rel, data in items:
             self.order.append(rel)
             self.bytes += len(data)
@@ -49,6 +58,38 @@ class _Writer:
             os.makedirs(parent, exist_ok=True)
             self._dirs.add(parent)
         os.replace(write_beside(path, data, make_parent=False), path)
+
+    def _groups(self, items: list[tuple[str, bytes]]) -> list[_Group]:
+        """The files by header set: `pipe` gives every file of one call the same put arguments."""
+        groups: dict[tuple[tuple[str, str], ...], dict[str, bytes]] = {}
+        for rel, data in items:
+            headers = object_headers(rel, self.immutable) if self.headers else {}
+            files = groups.setdefault(tuple(sorted(headers.items())), {})
+            files[posixpath.join(self.root, rel)] = data
+        return [(dict(key), files) for key, files in groups.items()]
+
+    def _put(self, items: list[tuple[str, bytes]]) -> None:
+        """One concurrent batch: on an async filesystem, every group's puts are in flight at once."""
+        groups = self._groups(items)
+        if len(groups) > 1 and getattr(self.fs, "async_impl", False):
+            sync(self.fs.loop, _pipe_groups, self.fs, groups)
+            return
+        for headers, files in groups:
+            self.fs.pipe(files, **headers)
+
+
+async def _pipe_groups(fs: Any, groups: list[_Group]) -> None:
+    """Each group's `_pipe` with its put arguments, all at once (as one `pipe` of the batch was)."""
+    await asyncio.gather(*(fs._pipe(files, **headers) for headers, files in groups))
+
+
+def _check_assets(assets: Mapping[str, Asset]) -> None:
+    """Every asset key is a safe path under assets/ that replaces none of the site's own files."""
+    reserved = render.reserved_paths()
+    for rel in assets:
+        check_asset_path(rel)
+        if rel in reserved:
+            raise SiteError(f"asset path {rel!r} is one of the site's own files")
 
 
 def _chunks(items: Iterable[Any], n: int) -> Iterator[list[Any]]:
@@ -87,11 +128,10 @@ def build_pages(
     t0 = time.perf_counter()
     data = normalize_site(site)
     assets = dict(assets or {})
-    for rel in assets:
-        check_asset_path(rel)
+    _check_assets(assets)
     url = normalize_url(publish_url)
     fs, root = filesystem(url, storage_options)
-    out = _Writer(fs, root)
+    out = SiteWriter(fs, root)
     seconds: dict[str, float] = {}
 
     t = time.perf_counter()
@@ -129,7 +169,7 @@ def build_index(site: dict, publish_url: str, storage_options: dict[str, Any] | 
     t0 = time.perf_counter()
     data = normalize_site(site)
     url = normalize_url(publish_url)
-    out = _Writer(*filesystem(url, storage_options))
+    out = SiteWriter(*filesystem(url, storage_options))
     listing = render.class_list(data)
     classes_json = json.dumps(listing, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
     out.write_many(

@@ -15,11 +15,10 @@ from markupsafe import Markup
 from .charts import PALETTE_SIZE, cluster_chart, layout_chart, line_chart
 
 HERE = Path(__file__).parent
-STATIC_FILES = {
-    "assets/lens.css": "lens.css",
-    "assets/lens.js": "lens.js",
-    "assets/favicon.svg": "favicon.svg",
-}
+# the site's own files, by the name templates use: published as assets/<stem>.<hash10>.<ext>
+STATIC_FILES = {"css": "lens.css", "js": "lens.js", "icon": "favicon.svg"}
+# the names earlier versions published them under: still reserved (old cached pages link them)
+LEGACY_STATIC = frozenset({"assets/lens.css", "assets/lens.js", "assets/favicon.svg"})
 STRIP = 6  # crops shown before "all crops" is clicked
 CLASS_PREFIX = "../../"
 
@@ -62,17 +61,40 @@ def environment() -> Environment:
     return env
 
 
-def static_files() -> dict[str, bytes]:
-    """The site's own CSS, JS and icon, keyed by publish-relative path."""
-    return {rel: (HERE / "static" / name).read_bytes() for rel, name in STATIC_FILES.items()}
+def static_name(filename: str, data: bytes) -> str:
+    """Content-addressed publish path of a static file: `assets/<stem>.<sha256[:10]>.<ext>`."""
+    stem, ext = filename.rsplit(".", 1)
+    return f"assets/{stem}.{hashlib.sha256(data).hexdigest()[:10]}.{ext}"
 
 
 @lru_cache(maxsize=1)
-def static_version() -> str:
-    digest = hashlib.sha256()
-    for data in static_files().values():
-        digest.update(data)
-    return digest.hexdigest()[:10]
+def _static() -> dict[str, tuple[str, bytes]]:
+    """Template name -> (hashed publish path, bytes), read once so that names and bytes agree."""
+    out = {}
+    for kind, name in STATIC_FILES.items():
+        data = (HERE / "static" / name).read_bytes()
+        out[kind] = (static_name(name, data), data)
+    return out
+
+
+def static_paths() -> dict[str, str]:
+    """Template name ('css', 'js', 'icon') -> the content-addressed path the pages link."""
+    return {kind: path for kind, (path, _) in _static().items()}
+
+
+def static_files() -> dict[str, bytes]:
+    """The site's own CSS, JS and icon, keyed by their content-addressed publish paths."""
+    return {path: data for path, data in _static().values()}
+
+
+def reserved_paths() -> frozenset[str]:
+    """Publish paths no site asset may take: the static files' names, current and earlier."""
+    return frozenset(static_files()) | LEGACY_STATIC
+
+
+def immutable_paths() -> frozenset[str]:
+    """Publish paths whose bytes never change under that name (a cache may keep them forever)."""
+    return frozenset(static_paths().values())
 
 
 def thumb(cls: dict) -> str | None:
@@ -81,6 +103,11 @@ def thumb(cls: dict) -> str | None:
         return cls["thumb"]
     top = cls["concepts"][0] if cls["concepts"] else None
     return (top["viz_plain"] or top["viz"]) if top else None
+
+
+def _shown(cls: dict, concept: dict) -> float | None:
+    """The percentage a concept shows: its logit share, or its Sobol share on a Sobol-based class."""
+    return concept["sobol_share"] if cls["importance_basis"] == "sobol" else concept["logit_share"]
 
 
 def class_list(data: dict) -> list[dict]:
@@ -99,7 +126,9 @@ def class_list(data: dict) -> list[dict]:
                 "thumb": thumb(c),
                 "viz": top["viz"] if top else None,
                 "top_concept": top["id"] if top else None,
-                "top_share": top["logit_share"] if top else None,
+                "top_share": _shown(c, top) if top else None,
+                "importance_basis": c["importance_basis"],
+                "flag": c["flag"],
                 "n_concepts": len(c["concepts"]),
             }
         )
@@ -108,7 +137,7 @@ def class_list(data: dict) -> list[dict]:
 
 def _page(template: str, data: dict, r: str, **ctx: Any) -> str:
     return (
-        environment().get_template(template).render(run=data["run"], r=r, v=static_version(), **ctx)
+        environment().get_template(template).render(run=data["run"], r=r, static=static_paths(), **ctx)
     )
 
 
@@ -121,6 +150,7 @@ def render_index(data: dict) -> str:
             "q": search_key(c),
             "thumb": thumb(c),
             "failed": c["status"] == "failed",
+            "flag": c["flag"],
         }
         for c in classes
     ]
@@ -142,7 +172,7 @@ def render_class(data: dict, i: int, known: set[str], max_concepts: int = 10) ->
     cls = classes[i]
     top = cls["concepts"][:max_concepts]
     colour = {c["id"]: j for j, c in enumerate(top) if j < PALETTE_SIZE}
-    shares = {c["id"]: c["logit_share"] for c in cls["concepts"]}
+    shares = {c["id"]: _shown(cls, c) for c in cls["concepts"]}
     fid = cls["fidelity"]
     ctx = {
         "slug": cls["slug"],

@@ -19,7 +19,7 @@ from lens_core.secrets import mask_secrets, public_options
 SLUG_RE = re.compile(r"^[a-z0-9]+(?:-[a-z0-9]+)*$")
 PATH_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]*(?:/[A-Za-z0-9_][A-Za-z0-9._-]*)*$")
 MAX_SLUG = 120
-STATIC_RE = re.compile(r"^assets/(lens[.-][^/]*\.(css|js)|favicon[^/]*\.svg)$")  # the site's own files
+STATIC_RE = re.compile(r"^assets/(lens(\.[^/]*)?\.(css|js)|favicon(\.[^/]*)?\.svg)$")  # the site's own files
 
 
 class SiteError(ValueError):
