@@ -49,7 +49,7 @@ def main() -> None:
     settings_as_objects = _settings_variant(LensDaskTaskRunner)
 
     @task(cache_policy=NO_CACHE, persist_result=False)
-    def noop(info: RunInfo, i: int) -> int:
+    def noop(info: RunInfo, i: int) -> int:  # noqa: ARG001 - the RunInfo travels, like a class chain's
         return i
 
     @flow(persist_result=False)
@@ -94,7 +94,7 @@ def _settings_variant(base: type) -> type:
     from prefect.context import SettingsContext
 
     class AsObjects(SettingsContext):
-        def serialize(self, include_secrets: bool = True) -> dict:
+        def serialize(self, include_secrets: bool = True) -> dict:  # noqa: ARG002 - Prefect's signature
             return {"profile": self.profile, "settings": self.settings}
 
     @contextmanager

@@ -88,7 +88,7 @@ def make_task_runner(workers: int | None = None, dask_address: str | None = None
     return LensDaskTaskRunner(cluster_class=cluster_class, cluster_kwargs=kwargs)
 
 
-def _gpu_annotation(info: RunInfo) -> dict[str, Any]:
+def _gpu_annotation() -> dict[str, Any]:
     """Pin tensor work to workers that have a GPU when running on a GPU cluster."""
     return {"resources": {"GPU": 1}} if settings().gpu else {}
 
@@ -130,7 +130,7 @@ def _notify(kind: str, done: int, total: int) -> None:
 @flow(name="build-atlas", task_runner=make_task_runner(), log_prints=True, persist_result=False)
 def build_atlas(
     config_path: str | None = None,
-    config: dict[str, Any] | None = None,
+    config: AtlasConfig | None = None,
     checkpoint: str | None = None,
     classes: list[str] | None = None,
     store: str | None = None,
@@ -140,7 +140,8 @@ def build_atlas(
 
     Args:
         config_path: a TOML AtlasConfig file (local path); empty = the embedded toy default.
-        config: inline AtlasConfig fields (nested dict), applied over the file.
+        config: AtlasConfig fields (the form's sections: model, data, patches, concepts,
+            importance, maco, crops, store, publish); the fields you set apply over the file.
         checkpoint: checkpoint URL (local, file:// or s3://) overriding model.checkpoint.
         classes: restrict to these class ids/names/slugs.
         store: run store URL (fsspec), e.g. s3://bucket/lens.
@@ -166,7 +167,7 @@ def build_atlas(
         timings.update(publish=time.perf_counter() - t,
                        publish_compute=pages.pop("task_seconds") + index.pop("task_seconds"))
         site = published(pages, index)
-    return _finish(info, outcomes, site, timings, t0, logger)
+    return _finish(info, outcomes, site, timings, t0)
 
 
 class _RenderPool:
@@ -192,7 +193,7 @@ class _RenderPool:
         submitted = 0
         while len(self.queue) >= size or (final and self.queue):
             chunk, self.queue = self.queue[:size], self.queue[size:]
-            with dask.annotate(**_gpu_annotation(self.info)):
+            with dask.annotate(**_gpu_annotation()):
                 fut = render_task.submit(self.info, chunk, f"{chunk[0][0]}+{len(chunk) - 1}")
             self.track(fut, "render", chunk)
             submitted += 1
@@ -232,7 +233,7 @@ def _explain_classes(info: RunInfo, cfg: AtlasConfig, logger: Any) -> tuple[dict
     def track(fut: Any, kind: str, payload: Any) -> None:
         fut.add_done_callback(lambda f: done_q.put((kind, payload, f)))
 
-    with dask.annotate(**_gpu_annotation(info)):
+    with dask.annotate(**_gpu_annotation()):
         for s in slugs:  # each chain gets a RunInfo of its own class: cheap to send and to walk
             track(class_chain_task.submit(info.narrowed([s]), s), "class", s)
     outcomes: dict[str, dict[str, Any]] = {}
@@ -277,7 +278,7 @@ def _n_workers() -> int:
 
 
 def _finish(info: RunInfo, outcomes: dict[str, dict[str, Any]], site: dict[str, Any], timings: dict[str, Any],
-            t0: float, logger: Any) -> Any:
+            t0: float) -> Any:
     """Table, link and final state (partial success when some classes failed)."""
     slugs = info.slugs
     t_rows = time.perf_counter()

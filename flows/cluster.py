@@ -91,7 +91,7 @@ def _http_routes(kwargs: dict[str, Any]) -> dict[str, Any]:
     return {"distributed.scheduler.http.routes": HEALTH_ROUTES}
 
 
-def dask_setup(worker: Any) -> None:
+def dask_setup(worker: Any) -> None:  # noqa: ARG001 - Dask's preload API passes the worker
     """Worker preload: import the task code now; at exit, skip the interpreter teardown.
 
     The import runs before the worker registers (in a thread it raced the first task's own

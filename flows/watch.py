@@ -26,7 +26,7 @@ from prefect.exceptions import ObjectNotFound
 from prefect.runtime import flow_run as current_flow_run
 
 from lens_core import layout
-from lens_core.config import AtlasConfig, compute_run_id, config_from_parameters
+from lens_core.config import AtlasConfig, compute_run_id, config_from_parameters, inline_fields
 from lens_core.layout import planned_data_url
 from lens_core.models import CheckpointError, checkpoint_digest
 from lens_core.store import RunStore, filesystem, join_url, normalize_url
@@ -177,7 +177,7 @@ def check_prefix(prefix: str | None) -> str:
 def watch_checkpoints(
     prefix: str,
     config_path: str | None = None,
-    config: dict[str, Any] | None = None,
+    config: AtlasConfig | None = None,
     classes: list[str] | None = None,
     store: str | None = None,
     publish: str | None = None,
@@ -190,7 +190,7 @@ def watch_checkpoints(
         prefix: folder URL (local, file:// or s3://) listed recursively for *.pt, *.pth,
             *.safetensors, *.ckpt; or the URL of one checkpoint (what the event trigger passes).
         config_path: a TOML AtlasConfig file (local path) for the runs; empty = the toy default.
-        config: inline AtlasConfig fields (nested dict), applied over the file.
+        config: AtlasConfig fields for the runs; the fields you set apply over the file.
         classes: restrict the runs to these class ids/names/slugs.
         store: run store URL (fsspec), e.g. s3://bucket/lens.
         publish: site URL (fsspec), e.g. s3://bucket/site.
@@ -210,8 +210,8 @@ def watch_checkpoints(
             logger.warning("skipping %s: %s", ckpt, err)
             results.append(Trigger(ckpt, "", "error", message=str(err)))
             continue
-        params = {"config_path": config_path, "config": config, "checkpoint": ckpt, "classes": classes,
-                  "store": store, "publish": publish}
+        params = {"config_path": config_path, "config": inline_fields(config) or None, "checkpoint": ckpt,
+                  "classes": classes, "store": store, "publish": publish}
         cfg = config_from_parameters(**params)
         run_id = planned_run_id(cfg, digest)
         if is_finished(cfg, run_id):

@@ -65,7 +65,8 @@ def check_url(value: str | None) -> str | None:
 class ModelConfig(_Section):
     """The classifier: architecture, checkpoint and the layer where it is split into g and h."""
 
-    arch: str = Field("toy", description="torchvision name (resnet50, ...), 'toy', or 'package.module:factory'")
+    arch: str = Field("toy", description="torchvision name (resnet50, ...), 'toy', or a factory the worker allows "
+                      "(an entry point of the group lens.models, or a 'package.module:factory' in LENS_MODEL_FACTORIES)")
     checkpoint: str | None = Field(None, description="local path, file:// or s3:// URL; None = shipped toy weights / random init")
     num_classes: int | None = Field(None, gt=0, le=1_000_000, description="model outputs; default: read from the checkpoint, else the class-folder count")
     layer: str = Field("block4", description="named module where the model is split (g: image -> activations, h: activations -> logits)")
@@ -325,9 +326,19 @@ def load_config(path: str | os.PathLike[str] | None = None, **overrides: Any) ->
     return make_config(data, **overrides)
 
 
+def inline_fields(config: AtlasConfig | dict[str, Any] | None) -> dict[str, Any]:
+    """The fields a `config` parameter sets: every key of a dict, or the explicitly set fields of an
+    AtlasConfig (what a form or a JSON object gave), so that they merge over a TOML file."""
+    if config is None:
+        return {}
+    if isinstance(config, AtlasConfig):
+        return config.model_dump(mode="json", exclude_unset=True)
+    return dict(config)
+
+
 def config_from_parameters(
     config_path: str | None = None,
-    config: dict[str, Any] | None = None,
+    config: AtlasConfig | dict[str, Any] | None = None,
     checkpoint: str | None = None,
     classes: list[str] | None = None,
     store: str | None = None,
@@ -339,10 +350,11 @@ def config_from_parameters(
     Parameters are stored by the Prefect API: any that holds a credential is refused
     (`refuse_secrets`); a TOML file on the worker may hold them, it is not a parameter.
     """
-    refuse_secrets({"config": config or {}, "checkpoint": checkpoint, "store": store, "publish": publish,
+    inline = inline_fields(config)
+    refuse_secrets({"config": inline, "checkpoint": checkpoint, "store": store, "publish": publish,
                     "config_path": config_path, "classes": classes or []}, "flow parameters")
     data: dict[str, Any] = load_config(config_path).model_dump(mode="json") if config_path else {}
-    for key, value in (config or {}).items():
+    for key, value in inline.items():
         merge = isinstance(value, dict) and isinstance(data.get(key), dict)
         data[key] = {**data[key], **value} if merge else value
     if checkpoint:

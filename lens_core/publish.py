@@ -53,7 +53,7 @@ def _asset(assets: dict, store: RunStore, src: str, dest: str) -> str:
     return dest
 
 
-def _class_entry(info: RunInfo, store: RunStore, cls: Any, status: dict, similar: dict, alignment: dict,
+def _class_entry(store: RunStore, cls: Any, status: dict, similar: dict, alignment: dict,
                  names: dict[str, str], assets: dict) -> dict[str, Any]:
     slug = cls.slug
     entry: dict[str, Any] = {
@@ -148,7 +148,7 @@ def collect_site_data(info: RunInfo) -> tuple[dict[str, Any], dict[str, Any]]:
     alignment = store.read_json(layout.ALIGNMENT, {})
     names = {c.slug: c.name for c in info.all_classes or info.classes}
     assets: dict[str, Any] = {}
-    classes = [_class_entry(info, store, c, statuses.get(c.slug, {}), similar, alignment, names, assets)
+    classes = [_class_entry(store, c, statuses.get(c.slug, {}), similar, alignment, names, assets)
                for c in info.classes]
     cfg = info.config
     site = {

@@ -207,7 +207,7 @@ IMPORTANCE = Stage("importance", upstream_inputs, _importance)
 
 # ---- crops ------------------------------------------------------------------------------------
 
-def _crops(info: Any, slug: str, inputs: Inputs, device: str | None) -> dict[str, Any]:
+def _crops(info: Any, slug: str, inputs: Inputs, _device: str | None) -> dict[str, Any]:
     """Top crops per concept, thumbnails, attribution overlays and their plain images under crops/<class>/."""
     store, cfg = info.store(), info.config
     store.remove(layout.crops(slug))  # files of an earlier computation of this slug

@@ -51,7 +51,7 @@ def scrubbed(fn: Callable[..., Any]) -> Callable[..., Any]:
     return run
 
 
-def retry_if_transient(task_obj: Any, task_run: Any, state: Any) -> bool:
+def retry_if_transient(_task: Any, _task_run: Any, state: Any) -> bool:
     """Prefect retry condition: retry I/O hiccups (and lost leases) only; bad input fails at once."""
     try:
         state.result(raise_on_failure=True)
@@ -92,7 +92,8 @@ def crops_task(info: RunInfo, slug: str, device: str | None = None) -> dict[str,
 
 @task(name="render", task_run_name="render[{label}]", tags=["stage:render", "gpu"], **_COMMON)
 @scrubbed
-def render_task(info: RunInfo, items: list[tuple[str, int]], label: str, device: str | None = None) -> dict[str, Any]:
+def render_task(info: RunInfo, items: list[tuple[str, int]], label: str,  # noqa: ARG001 - names the task run
+                device: str | None = None) -> dict[str, Any]:
     """Render one pooled batch of concepts (from any classes) with MACO."""
     t0 = time.perf_counter()
     out = viz_pool.render_batch(info, items, device)

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import read_task_runs
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -263,19 +264,6 @@ def _final(st: Stack, flow_run_id: Any, what: str, timeout: float) -> Any:
     return st.wait(what, lambda: (fr := _flow_run(flow_run_id)).state and fr.state.is_final() and fr, timeout)
 
 
-def _task_runs(flow_run_id: Any) -> list[Any]:
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
-
-    with _client() as c:
-        flt = FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
-        for _ in range(20):  # task runs reach the API shortly after the flow ends
-            runs = c.read_task_runs(flow_run_filter=flt, limit=200)
-            if runs and all(r.state is not None and r.state.is_final() for r in runs):
-                return runs
-            time.sleep(0.5)
-        return runs
-
-
 def _put_checkpoint(st: Stack, url: str, epoch: int | None) -> str:
     """The shipped toy checkpoint, or the same weights re-saved with metadata (a new digest)."""
     from safetensors.torch import load, save
@@ -425,6 +413,15 @@ def test_deploy_applies_both_deployments_with_described_parameters(api: Stack) -
     for name in ("config_path", "config", "checkpoint", "classes", "store", "publish"):
         assert len(props[name].get("description") or "") > 10, (name, props[name])
     assert "checkpoint URL" in props["checkpoint"]["description"]
+    # `config` is the typed AtlasConfig: the form shows its sections and fields, with defaults and limits
+    defs = build.parameter_openapi_schema["definitions"]
+    assert props["config"]["anyOf"][0]["$ref"].endswith("/AtlasConfig")
+    sections = defs["AtlasConfig"]["properties"]
+    assert {"model", "data", "patches", "concepts", "importance", "maco", "crops", "store", "publish"} <= set(sections)
+    arch = defs["ModelConfig"]["properties"]["arch"]
+    assert arch["default"] == "toy" and "torchvision" in arch["description"]
+    assert defs["MacoConfig"]["properties"]["image_size"]["maximum"] == 2048
+    assert defs["ModelConfig"]["properties"]["precision"]["enum"] == ["fp32", "bf16", "fp16"]
     assert all(watch.parameter_openapi_schema["properties"][p].get("description") for p in ("prefix", "config_path"))
     # {{ $VAR }} filled from the environment of `prefect deploy`
     assert watch.parameters == {"prefix": api.prefix, "config_path": str(api.config_path)}
@@ -443,7 +440,7 @@ def _agrees_with_lens_status(st: Stack, run_id: str, flow_run_id: Any, cfg: Any,
     from lens_core.store import RunStore
 
     store = RunStore(cfg.store, run_id, {**cfg.storage_options, "key": st.s3.key, "secret": st.s3.secret})
-    by_name = {r.name: r for r in _task_runs(flow_run_id)}
+    by_name = {r.name: r for r in read_task_runs(flow_run_id)}
     rows = {r["class"]: r for r in status_table(store)}
     assert len(rows) == 2, rows
     for slug, row in rows.items():

@@ -38,16 +38,6 @@ MARKERS = {"activations": "acts", "factorize": "concepts", "importance": "import
 # ---- fixtures ------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def prefect_api() -> str:
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    from prefect.settings import PREFECT_API_URL
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=120):
-        yield PREFECT_API_URL.value()
-
-
-@pytest.fixture(scope="module")
 def faults(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The control file `faultkit` reads in every process (Dask workers inherit the variable)."""
     path = tmp_path_factory.mktemp("faults") / "faults.json"

@@ -4,22 +4,13 @@ with the store and the site on a real S3 server (SeaweedFS, authentication on)."
 from __future__ import annotations
 
 import os
-import time
 
 import pytest
+from conftest import read_artifact, read_task_runs
 
 pytestmark = pytest.mark.slow
 
 SECRET_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
-
-
-@pytest.fixture(scope="module")
-def prefect_api():
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
 
 
 @pytest.fixture(scope="module")
@@ -46,29 +37,6 @@ def _config(bucket: str, options: dict) -> dict:
         "publish": f"s3://{bucket}/site",
         "storage_options": options,
     }
-
-
-def _task_runs(flow_run_id):
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
-
-    with get_client(sync_client=True) as client:
-        flt = FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
-        for _ in range(20):  # task runs reach the API shortly after the flow ends
-            runs = client.read_task_runs(flow_run_filter=flt, limit=200)
-            if runs and all(r.state is not None and r.state.is_final() for r in runs):
-                return runs
-            time.sleep(0.5)
-        return runs
-
-
-def _artifact(key: str):
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
-
-    with get_client(sync_client=True) as client:
-        arts = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])))
-    return arts[0] if arts else None
 
 
 def test_build_atlas_on_dask_and_s3_with_a_failing_class(prefect_api, s3, s3_env):
@@ -113,7 +81,7 @@ def test_build_atlas_on_dask_and_s3_with_a_failing_class(prefect_api, s3, s3_env
     assert listed[victim.slug]["status"] == "failed"
 
     flow_run_id = state.state_details.flow_run_id
-    runs = _task_runs(flow_run_id)
+    runs = read_task_runs(flow_run_id)
     by_name = {r.name: r for r in runs}
     for cls in ok:
         for stage in ("activations", "factorize", "importance", "crops"):
@@ -127,12 +95,12 @@ def test_build_atlas_on_dask_and_s3_with_a_failing_class(prefect_api, s3, s3_env
         assert by_name[name].state.is_completed(), (name, by_name[name].state)
     assert by_name["publish-index"].start_time >= by_name["publish-pages"].end_time  # the index only after the pages
 
-    table = _artifact(f"lens-classes-{info.run_id}")
+    table = read_artifact(f"lens-classes-{info.run_id}")
     rows = json.loads(table.data) if isinstance(table.data, str) else table.data
     assert len(rows) == len(classes) and all({"note", "basis"} <= set(r) for r in rows)
     assert {r["class"]: r["status"] for r in rows}[victim.slug] == "failed"
     assert "EmptyClassError" in {r["class"]: r["error"] for r in rows}[victim.slug]
-    assert _artifact(f"lens-site-{info.run_id}") is not None
+    assert read_artifact(f"lens-site-{info.run_id}") is not None
 
     # lens status agrees with the flow, and shows why the class failed
     status = {r["class"]: r for r in status_table(store)}
@@ -172,7 +140,7 @@ def test_a_gpu_limit_of_one_is_honoured_without_deadlock(prefect_api, tmp_path):
         state = build_atlas.with_options(task_runner=make_task_runner(workers=2))(
             config=cfg, classes=["0", "1"], return_state=True)
         assert state.is_completed() and state.name == "Completed", state.message
-        runs = _task_runs(state.state_details.flow_run_id)
+        runs = read_task_runs(state.state_details.flow_run_id)
     finally:
         with get_client(sync_client=True) as client:
             client.delete_concurrency_limit_by_tag("gpu")
@@ -181,6 +149,19 @@ def test_a_gpu_limit_of_one_is_honoured_without_deadlock(prefect_api, tmp_path):
     assert not any("gpu" in r.tags for r in runs if r.name.startswith("class["))  # the chain holds no slot
     for a, b in zip(gpu, gpu[1:], strict=False):
         assert a.end_time <= b.start_time, (a.name, b.name)  # one at a time
+
+
+def test_an_invalid_config_parameter_fails_before_the_run_starts(prefect_api, tmp_path):
+    """The typed `config` parameter is validated by Prefect against AtlasConfig: a bad field is
+    refused before the flow's body runs (no store, no task run)."""
+    from prefect.task_runners import ThreadPoolTaskRunner
+
+    from flows.atlas import build_atlas
+
+    bad = {"store": f"file://{tmp_path}/store", "maco": {"image_size": 10**6}}
+    state = build_atlas.with_options(task_runner=ThreadPoolTaskRunner(max_workers=1))(config=bad, return_state=True)
+    assert state.is_failed() and "image_size" in (state.message or "")
+    assert not (tmp_path / "store").exists()
 
 
 def test_parameters_holding_credentials_are_refused(prefect_api, tmp_path):
@@ -198,7 +179,7 @@ def test_parameters_holding_credentials_are_refused(prefect_api, tmp_path):
     with pytest.raises(Exception, match="Prefect Secret block") as err:
         state.result()
     assert "abc.def.ghi" not in str(err.value) and "storage_options.client_kwargs.headers" in str(err.value)
-    assert _task_runs(state.state_details.flow_run_id) == [] and not (tmp_path / "store").exists()
+    assert read_task_runs(state.state_details.flow_run_id) == [] and not (tmp_path / "store").exists()
     state = watch_checkpoints(prefix=str(tmp_path), config={"storage_options": {"secret": "hunter2"}},
                               return_state=True)
     assert state.is_failed()
@@ -224,5 +205,5 @@ def test_a_checkpoint_for_another_architecture_fails_the_run_once_before_any_cla
     with pytest.raises(Exception, match="does not match architecture 'toy'") as err:
         state.result()
     assert str(ckpt) in str(err.value)
-    assert _task_runs(state.state_details.flow_run_id) == []
+    assert read_task_runs(state.state_details.flow_run_id) == []
     assert not (tmp_path / "site").exists()

@@ -10,7 +10,6 @@ store, the toy CNN's own linear layer, the JSON standard, pixel values in a real
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 from collections import OrderedDict
@@ -320,19 +319,12 @@ def test_concept_colours_are_the_sites_colours():
     assert re.search(r"--ko:\s*(#[0-9a-f]{6})", root).group(1) == crops_mod.OTHER_COLOR
 
 
-CHROMIUM = "/usr/bin/chromium"
-
-
-def test_the_overlay_shows_the_top_concept_where_it_is(scrambled):
+def test_the_overlay_shows_the_top_concept_where_it_is(scrambled, browser):
     """In a real browser: the overlay's pixels differ from the plain image's where the top
     concept dominates, toward the top concept's colour, and the legend uses that colour."""
-    if not os.path.exists(CHROMIUM):
-        pytest.skip("Debian chromium not installed")
     import functools
     import http.server
     import threading
-
-    from playwright import sync_api
 
     good = scrambled["shipped"]
     info, site = good["info"], good["site"]
@@ -358,25 +350,21 @@ def test_the_overlay_shows_the_top_concept_where_it_is(scrambled):
 
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(site)))
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    args = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-            "--disable-component-update", "--disable-sync"]
     try:
-        with sync_api.sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=CHROMIUM, args=args)
-            page = browser.new_page()
-            page.goto(f"http://127.0.0.1:{server.server_address[1]}/classes/{slug}/index.html")
-            fig = page.locator("#attribution figure").first
-            fig.scroll_into_view_if_needed()
-            page.wait_for_function("() => [...document.querySelectorAll('#attribution figure')[0].querySelectorAll('img')]"
-                                   ".every(i => i.complete && i.naturalWidth > 0)", timeout=15000)
-            pixels = page.evaluate(
-                """([x, y]) => [...document.querySelectorAll('#attribution figure')[0].querySelectorAll('img')].map(img => {
-                    const c = document.createElement('canvas'); c.width = img.naturalWidth; c.height = img.naturalHeight;
-                    const g = c.getContext('2d'); g.drawImage(img, 0, 0);
-                    return [...g.getImageData(x, y, 1, 1).data].slice(0, 3); })""", [x, y])
-            swatch = page.evaluate("() => getComputedStyle(document.querySelector('#attribution .legend3 .sw')).backgroundColor")
-            classes = page.evaluate("() => document.querySelector('#attribution .legend3 .sw').className")
-            browser.close()
+        page = browser.new_page()
+        page.goto(f"http://127.0.0.1:{server.server_address[1]}/classes/{slug}/index.html")
+        fig = page.locator("#attribution figure").first
+        fig.scroll_into_view_if_needed()
+        page.wait_for_function("() => [...document.querySelectorAll('#attribution figure')[0].querySelectorAll('img')]"
+                               ".every(i => i.complete && i.naturalWidth > 0)", timeout=15000)
+        pixels = page.evaluate(
+            """([x, y]) => [...document.querySelectorAll('#attribution figure')[0].querySelectorAll('img')].map(img => {
+                const c = document.createElement('canvas'); c.width = img.naturalWidth; c.height = img.naturalHeight;
+                const g = c.getContext('2d'); g.drawImage(img, 0, 0);
+                return [...g.getImageData(x, y, 1, 1).data].slice(0, 3); })""", [x, y])
+        swatch = page.evaluate("() => getComputedStyle(document.querySelector('#attribution .legend3 .sw')).backgroundColor")
+        classes = page.evaluate("() => document.querySelector('#attribution .legend3 .sw').className")
+        page.close()
     finally:
         server.shutdown()
     plain, overlay = (np.array(v, float) for v in pixels)

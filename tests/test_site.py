@@ -6,7 +6,6 @@ import functools
 import http.server
 import json
 import mimetypes
-import os
 import re
 import threading
 import time
@@ -22,16 +21,6 @@ from lens_core.site.render import json_for_html
 
 sync_api = pytest.importorskip("playwright.sync_api")
 
-CHROMIUM = "/usr/bin/chromium"
-ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts" / "site"
 PREFIX = "atlas/run1"  # publish into a sub-folder: every link must be relative
 SCRIPT_NAME = "<script>alert(1)</script>"
@@ -78,16 +67,6 @@ def _bucket_handler(fs, bucket: str):
             self.wfile.write(body)
 
     return Handler
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator:
-    if not os.path.exists(CHROMIUM):
-        pytest.skip("Debian chromium not installed")
-    with sync_api.sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
-        yield b
-        b.close()
 
 
 @pytest.fixture(scope="module")

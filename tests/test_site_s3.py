@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import html.parser
 import json
-import os
 import posixpath
 import re
 import threading
@@ -27,16 +26,6 @@ from lens_core.site.headers import IMAGE, IMMUTABLE, PAGE, REVALIDATE, cache_con
 from lens_core.site.render import immutable_paths, static_paths
 from lens_core.site.runs import list_published_runs, write_runs_index
 
-CHROMIUM = "/usr/bin/chromium"
-ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 RUN_ID = "0123456789ab"  # the form lens_core.config.short_hash gives
 HTML, CSS, JS = "text/html; charset=utf-8", "text/css; charset=utf-8", "text/javascript; charset=utf-8"
 JSON = "application/json; charset=utf-8"
@@ -165,17 +154,6 @@ def test_an_asset_may_not_take_a_static_files_name(tmp_path, key):
 
 
 # ---- the site in a browser ---------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator:
-    sync_api = pytest.importorskip("playwright.sync_api")
-    if not os.path.exists(CHROMIUM):
-        pytest.skip("Debian chromium not installed")
-    with sync_api.sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
-        yield b
-        b.close()
 
 
 @pytest.fixture

@@ -20,7 +20,7 @@ def _scaler(values: Sequence[float], lo: float, hi: float):
     span = vmax - vmin or 1.0
     mid = (lo + hi) / 2
     if vmax == vmin:
-        return lambda v: mid
+        return lambda _v: mid
     return lambda v: lo + (v - vmin) / span * (hi - lo)
 
 

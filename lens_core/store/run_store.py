@@ -1,0 +1,212 @@
+"""The run store: everything one run computes, under ``<store>/runs/<run_id>/``.
+
+Plain files (whole writes, atomic creates), JSON that browsers parse (no NaN), the run's Zarr
+group, and completion markers: a stage writes its outputs, then its marker last (the Zarr group
+attribute ``complete: true``, or a ``_SUCCESS`` object under a file prefix), recording the inputs
+it was computed from. The paths themselves are lens_core.layout's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import posixpath
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
+
+import zarr
+from zarr.errors import ContainsGroupError
+
+from lens_core.store.fs import _cached, filesystem, join_url, normalize_url, write_beside
+from lens_core.store.lease import Lease, check_leases_held
+from lens_core.store.retry import call
+from lens_core.store.zarr_store import zarr_store
+
+SUCCESS = "_SUCCESS"
+T = TypeVar("T")
+
+
+def finite(obj: Any) -> Any:
+    """`obj` with NaN/inf floats (numpy scalars and arrays too) replaced by None, ready for JSON."""
+    if isinstance(obj, dict):
+        return {str(k): finite(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [finite(v) for v in obj]
+    if hasattr(obj, "tolist") and not isinstance(obj, str | bytes):
+        return finite(obj.tolist())
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
+def dumps_json(obj: Any, **kwargs: Any) -> str:
+    """json.dumps of `finite(obj)` with allow_nan=False: valid JSON for browsers, sorted keys."""
+    return json.dumps(finite(obj), sort_keys=True, default=str, allow_nan=False, **kwargs)
+
+
+def _precondition_failed(err: BaseException) -> bool:
+    """An S3 conditional put refused because the object exists (412 / PreconditionFailed)."""
+    if isinstance(err, FileExistsError):
+        return True
+    cause = getattr(err, "__cause__", None) or err
+    response = getattr(cause, "response", None) or {}
+    code = str(response.get("Error", {}).get("Code", ""))
+    status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+    return code in ("PreconditionFailed", "ConditionalRequestConflict") or status in (409, 412)
+
+
+class RunStore:
+    """Everything one run computes, under ``<store>/runs/<run_id>/``."""
+
+    def __init__(self, store_url: str, run_id: str, storage_options: dict[str, Any] | None = None):
+        self.store_url = normalize_url(store_url)
+        self.run_id = run_id
+        self.storage_options = dict(storage_options or {})
+        self.root = join_url(self.store_url, "runs", run_id)
+        self.fs, self.root_path = filesystem(self.root, self.storage_options)
+        self._zarr: zarr.Group | None = None
+
+    @property
+    def local(self) -> bool:
+        proto = self.fs.protocol
+        return "file" in (proto if isinstance(proto, tuple | list) else (proto,))
+
+    def _call(self, op: Callable[[], T], rel: str, action: str) -> T:
+        return call(op, self.url(rel), action, self.storage_options)
+
+    # ---- plain files -------------------------------------------------------------------
+    def url(self, rel: str) -> str:
+        return join_url(self.root, rel)
+
+    def path(self, rel: str) -> str:
+        return posixpath.join(self.root_path, rel.strip("/"))
+
+    def exists(self, rel: str) -> bool:
+        return self._call(lambda: self.fs.exists(self.path(rel)), rel, "checking")
+
+    def write_bytes(self, rel: str, data: bytes) -> None:
+        """Write a file whole: local writes go through a temp name and a rename."""
+        path = self.path(rel)
+        if self.local:
+            os.replace(write_beside(path, data), path)
+        else:
+            self._call(lambda: self.fs.pipe_file(path, data), rel, "writing")
+
+    def create_exclusive(self, rel: str, data: bytes) -> bool:
+        """Create a file with `data` unless it exists, atomically; True when we created it."""
+        path = self.path(rel)
+        if self.local:
+            tmp = write_beside(path, data)
+            try:
+                os.link(tmp, path)  # fails if the name exists: the file appears whole or not at all
+                return True
+            except FileExistsError:
+                return False
+            finally:
+                os.unlink(tmp)
+
+        def put() -> bool:
+            try:
+                self.fs.pipe_file(path, data, mode="create")
+                return True
+            except OSError as err:
+                if _precondition_failed(err):
+                    return False
+                raise
+
+        return self._call(put, rel, "creating")
+
+    def read_bytes(self, rel: str) -> bytes:
+        return self._call(lambda: self.fs.cat_file(self.path(rel)), rel, "reading")
+
+    def write_json(self, rel: str, obj: Any) -> None:
+        """Write JSON that any browser parses: NaN and infinities become null, never bare NaN."""
+        self.write_bytes(rel, dumps_json(obj, indent=1).encode())
+
+    def read_json(self, rel: str, default: Any = None) -> Any:
+        try:
+            return json.loads(self.read_bytes(rel))
+        except FileNotFoundError:
+            return default
+
+    def list(self, rel: str) -> list[str]:
+        """Names directly under a prefix ([] when absent)."""
+        try:
+            found = self._call(lambda: self.fs.ls(self.path(rel), detail=False), rel, "listing")
+        except FileNotFoundError:
+            return []
+        return sorted(posixpath.basename(p.rstrip("/")) for p in found)
+
+    def remove(self, rel: str) -> None:
+        if self.exists(rel):
+            self._call(lambda: self.fs.rm(self.path(rel), recursive=True), rel, "deleting")
+
+    def files_complete(self, prefix: str, inputs: str | None = None) -> bool:
+        """True when the prefix's `_SUCCESS` marker exists (and records `inputs`, when given)."""
+        if inputs is None:
+            return self.exists(join_url(prefix, SUCCESS))
+        try:
+            marker = json.loads(self.read_bytes(join_url(prefix, SUCCESS)) or b"{}")
+        except FileNotFoundError:
+            return False
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return False
+        return isinstance(marker, dict) and marker.get("inputs") == inputs
+
+    def mark_files_complete(self, prefix: str, inputs: str | None = None, **attrs: Any) -> None:
+        """Write the prefix's `_SUCCESS` marker last, recording what the files were computed from."""
+        check_leases_held()
+        self.write_bytes(join_url(prefix, SUCCESS), dumps_json({"inputs": inputs, **attrs}).encode())
+
+    @contextlib.contextmanager
+    def lease(self, name: str, ttl: float | None = None, poll: float | None = None) -> Iterator[Lease]:
+        """Hold the lease `name` (e.g. 'activations/<class>') for the block; waits while another has it."""
+        with Lease(self, name, ttl, poll) as held:
+            yield held
+
+    # ---- zarr ----------------------------------------------------------------------------
+    @property
+    def zarr(self) -> zarr.Group:
+        """The root group of lens.zarr (opened once per process: groups re-read metadata on access)."""
+        if self._zarr is None:
+            url = self.url("lens.zarr")
+
+            def open_root() -> zarr.Group:
+                store = zarr_store(url, self.storage_options)
+                try:
+                    return zarr.open_group(store=store, mode="a", zarr_format=3)
+                except ContainsGroupError:  # another worker created it between zarr's look and its create
+                    return zarr.open_group(store=store, mode="r+", zarr_format=3)
+
+            self._zarr = open_root() if self.local else _cached("zarr", url, self.storage_options, open_root)
+        return self._zarr
+
+    def group(self, path: str, fresh: bool = False) -> zarr.Group:
+        """The Zarr group at `path` (created if missing); `fresh` drops leftovers of a partial run."""
+        root = self.zarr
+        if fresh and path in root:
+            del root[path]
+        return root.require_group(path)
+
+    def get_group(self, path: str) -> zarr.Group | None:
+        try:
+            node = self.zarr[path]
+        except KeyError:
+            return None
+        return node if isinstance(node, zarr.Group) else None
+
+    def is_complete(self, path: str, inputs: str | None = None) -> bool:
+        """True when the group is marked complete (and was computed from `inputs`, when given)."""
+        g = self.get_group(path)
+        if g is None or not g.attrs.get("complete", False):
+            return False
+        return inputs is None or g.attrs.get("inputs") == inputs
+
+    def mark_complete(self, path: str, inputs: str | None = None, **attrs: Any) -> None:
+        """Record the stage's summary attributes and its inputs, then `complete: true` last."""
+        check_leases_held()
+        g = self.zarr.require_group(path)
+        g.attrs.update(finite({**attrs, "inputs": inputs}))
+        g.attrs.update({"complete": True})
