@@ -36,11 +36,10 @@ from prefect.states import Completed, Failed
 from prefect_dask import DaskTaskRunner
 
 from flows.runner import LensDaskTaskRunner
-from lens_core import layout
 from lens_core.config import AtlasConfig, config_from_parameters
 from lens_core.publish import published
 from lens_core.publish import site_url as run_site_url
-from lens_core.run import RunInfo, check_model, prepare_run
+from lens_core.run import RunInfo, check_model, mark_finished, prepare_run
 from lens_core.secrets import error_text
 from lens_core.settings import settings
 from lens_core.status import write_status
@@ -48,7 +47,13 @@ from lens_core.store import normalize_url
 from lens_core.summary import class_summary
 from lens_core.viz_pool import pending_items
 from tasks.chain import class_chain_task
-from tasks.stages import cross_class_task, publish_index_task, publish_pages_task, render_task
+from tasks.stages import (
+    changes_task,
+    cross_class_task,
+    publish_index_task,
+    publish_pages_task,
+    render_task,
+)
 
 ProgressFn = Callable[[str, int, int], None]
 _LISTENERS: list[ProgressFn] = []
@@ -162,12 +167,16 @@ def build_atlas(
         cross = cross_class_task.submit(info).result()
         timings.update(cross_class=time.perf_counter() - t, cross_class_compute=cross.get("task_seconds", 0.0))
         t = time.perf_counter()
+        changed = changes_task.submit(info).result()
+        timings.update(changes=time.perf_counter() - t, changes_compute=changed.pop("task_seconds", 0.0))
+        t = time.perf_counter()
         pages = publish_pages_task.submit(info, cfg.publish).result()
         index = publish_index_task.submit(info, pages["site"], cfg.publish).result()
         timings.update(publish=time.perf_counter() - t,
                        publish_compute=pages.pop("task_seconds") + index.pop("task_seconds"))
         site = published(pages, index)
-    return _finish(info, outcomes, site, timings, t0)
+    _changes_artifact(info, changed)
+    return _finish(info, outcomes, site, timings, t0, changed)
 
 
 class _RenderPool:
@@ -277,8 +286,20 @@ def _n_workers() -> int:
     return 1
 
 
+def _changes_artifact(info: RunInfo, changed: dict[str, Any]) -> None:
+    """A table artifact of the most changed classes since the previous checkpoint (when there is one)."""
+    if not changed.get("previous"):
+        return
+    top = info.config.changes.most_changed or 10
+    rows = [{"class": r["slug"], "score": r["score"], "appeared": r["appeared"], "vanished": r["vanished"],
+             "matched": r["matched"], "logit change": r["logit_change"], "accuracy change": r["accuracy_change"]}
+            for r in changed["ranking"][:top]]
+    create_table_artifact(rows, key=f"lens-changes-{info.run_id}",
+                          description=f"most changed classes since {changed['previous_label']} (run {changed['previous']})")
+
+
 def _finish(info: RunInfo, outcomes: dict[str, dict[str, Any]], site: dict[str, Any], timings: dict[str, Any],
-            t0: float) -> Any:
+            t0: float, changed: dict[str, Any]) -> Any:
     """Table, link and final state (partial success when some classes failed)."""
     slugs = info.slugs
     t_rows = time.perf_counter()
@@ -302,12 +323,12 @@ def _finish(info: RunInfo, outcomes: dict[str, dict[str, Any]], site: dict[str, 
     result = {"run_id": info.run_id, "classes": len(slugs), "failed": failed, "site": site_url,
               "computed": {s: st for s, st in computed.items() if st},
               "seconds": round(elapsed, 1), "published": site,
+              "changes": {"previous": changed.get("previous"),
+                          "most_changed": [r["slug"] for r in changed.get("ranking", [])[:info.config.changes.most_changed]]},
               "timings": {k: round(v, 3) if isinstance(v, float) else v for k, v in timings.items()}}
     # the run's finished marker (read by the checkpoint watcher): written last, only when whole
-    store_obj = info.store()
     if not failed:
-        store_obj.write_json(layout.FINISHED, {"run_id": info.run_id, "classes": len(slugs), "site": site_url,
-                                               "checkpoint_digest": info.checkpoint_digest})
+        mark_finished(info, site_url)
     message = f"{len(slugs) - len(failed)}/{len(slugs)} classes explained in {elapsed:.0f} s; site {site_url}"
     if failed and len(failed) == len(slugs):
         return Failed(message="every class failed: " + "; ".join(outcomes[s]["error"] for s in failed[:3]), data=result)

@@ -10,6 +10,7 @@ import threading
 import warnings
 from typing import Any
 
+from lens_core import layout
 from lens_core.config import (
     ConfigError,
     is_run_id,
@@ -19,7 +20,7 @@ from lens_core.config import (
     split_secrets,
 )
 from lens_core.settings import settings
-from lens_core.store import RunStore, filesystem, join_url, normalize_url
+from lens_core.store import RunStore, normalize_url
 
 log = logging.getLogger("lens")
 
@@ -177,31 +178,18 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def _latest_run(store_url: str, storage_options: dict[str, Any]) -> str | None:
-    fs, path = filesystem(join_url(store_url, "runs"), storage_options)
-    try:
-        entries = fs.ls(path, detail=False)
-    except FileNotFoundError:
-        return None
-    runs = []
-    for entry in entries:
-        try:
-            meta = fs.cat_file(entry.rstrip("/") + "/run.json")
-        except FileNotFoundError:
-            continue
-        import json
+    from lens_core.lineage import list_runs
 
-        name = entry.rstrip("/").rsplit("/", 1)[-1]
-        if is_run_id(name):
-            runs.append((json.loads(meta).get("created", ""), name))
-    return max(runs)[1] if runs else None
+    runs = list_runs(store_url, storage_options)
+    return runs[-1].run_id if runs else None
 
 
 def status_table(store: RunStore) -> list[dict[str, Any]]:
     """Rows of (class, state, per-stage state, seconds, note, error) for every class of a run."""
     from lens_core.status import STAGES, class_note, class_state, read_status
 
-    meta = store.read_json("run.json", {})
-    slugs = [c["slug"] for c in meta.get("classes", [])] or store.list("status")
+    meta = store.read_json(layout.RUN_JSON, {})
+    slugs = [c["slug"] for c in meta.get("classes", [])] or store.list(layout.STATUS)
     rows = []
     for slug, stages in read_status(store, slugs).items():
         errors = [f"{s}: {r['error']}" for s, r in stages.items() if r.get("error")]
@@ -280,6 +268,9 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--publish")
     serve.add_argument("--port", type=int, default=8000)
     serve.set_defaults(fn=cmd_serve)
+    from flows.cli_changes import add_commands
+
+    add_commands(sub)
     args = parser.parse_args(argv)
     level = settings().log
     handler = logging.StreamHandler()
@@ -299,7 +290,8 @@ def _user_error(err: BaseException) -> bool:
     from lens_core.store import StoreError
 
     kinds: list[type] = [ConfigError, StoreError]
-    for module, name in (("lens_core.data", "DataError"), ("lens_core.models", "ModelError")):
+    for module, name in (("lens_core.data", "DataError"), ("lens_core.models", "ModelError"),
+                         ("lens_core.labels", "LabelError")):
         if module in sys.modules:  # raised from there only if it was imported
             kinds.append(getattr(sys.modules[module], name))
     return isinstance(err, tuple(kinds))

@@ -79,7 +79,7 @@ class DigestCache:
     """
 
     def __init__(self, store_url: str, storage_options: dict[str, Any] | None = None):
-        self.fs, self.path = filesystem(join_url(normalize_url(store_url), "watch", "digests.json"), storage_options)
+        self.fs, self.path = filesystem(join_url(normalize_url(store_url), layout.WATCH_DIGESTS), storage_options)
         try:
             self.entries: dict[str, dict[str, str]] = json.loads(self.fs.cat_file(self.path))
         except (FileNotFoundError, ValueError):

@@ -28,6 +28,14 @@ MAX_DESIGNS = 4096  # Sobol QMC designs (CRAFT: 32)
 MAX_BATCH = 8192
 
 
+RUN_ID_RE = re.compile(r"^[0-9a-f]{12}$")
+
+
+def is_run_id(text: Any) -> bool:
+    """True for the run ids this project generates (12 lowercase hex digits), nothing else."""
+    return isinstance(text, str) and bool(RUN_ID_RE.match(text))
+
+
 class ConfigError(ValueError):
     """A configuration value is invalid; the message names the field."""
 
@@ -166,6 +174,11 @@ class MacoConfig(_Section):
     objective: Literal["dot_cossim", "dot", "cosine"] = "dot_cossim"
     cossim_power: float = 2.0
     batch_size: int = Field(16, gt=0, le=1024, description="concepts rendered together in one batch")
+    plateau: int = Field(
+        0, ge=0, le=100_000, description="early stop: every this many steps (from twice it on), a concept "
+        "whose mean objective over them gained less than plateau_tol over the previous ones stops, and "
+        "its batch row goes to the next concept; 0 = off (every concept runs `steps`)")
+    plateau_tol: float = Field(0.01, ge=0, le=1, description="relative gain under which a concept has plateaued")
     magnitude: str | None = Field(None, description="spectrum file (.npy); None = estimated from the run's images")
     seed: int = 0
 
@@ -194,6 +207,24 @@ class CropsConfig(_Section):
     format: Literal["webp", "jpeg"] = "webp"
 
 
+class ChangesConfig(_Section):
+    """What changed since the previous checkpoint (a comparison: not part of the run id)."""
+
+    previous_run: str | None = Field(
+        None, description="compare with this run id; default: the latest finished run of the same "
+        "data and method on another checkpoint")
+    threshold: float = Field(0.5, gt=0, le=1, description="cosine similarity (of the concepts' patch "
+                             "coefficients) from which two concepts are the same concept; labels carry over from it")
+    most_changed: int = Field(10, ge=0, le=1000, description="classes marked as most changed on the index")
+
+    @field_validator("previous_run")
+    @classmethod
+    def _run_id(cls, v: str | None) -> str | None:
+        if v is not None and not is_run_id(v):
+            raise ValueError(f"{v!r} is not a run id (12 hexadecimal digits)")
+        return v
+
+
 class AtlasConfig(_Section):
     """One LENS run: model, data, method settings and where results go."""
 
@@ -204,6 +235,7 @@ class AtlasConfig(_Section):
     importance: ImportanceConfig = ImportanceConfig()
     maco: MacoConfig = MacoConfig()
     crops: CropsConfig = CropsConfig()
+    changes: ChangesConfig = ChangesConfig()
     store: str = Field("file://./lens-out/store", description="fsspec URL of the run store")
     publish: str = Field("file://./lens-out/site", description="fsspec URL of the published site")
     storage_options: dict[str, Any] = Field(
@@ -243,7 +275,7 @@ class AtlasConfig(_Section):
 
     def method_dict(self) -> dict[str, Any]:
         """The settings that change results (not where they are stored): part of the run id."""
-        return self.model_dump(mode="json", exclude={"store", "publish", "storage_options", "classes"})
+        return self.model_dump(mode="json", exclude={"store", "publish", "storage_options", "classes", "changes"})
 
     def redacted(self) -> dict[str, Any]:
         """The config as a dict safe to log, store or publish: only allow-listed storage options."""
@@ -368,14 +400,6 @@ def short_hash(obj: Any, n: int = 12) -> str:
     return hashlib.sha256(blob).hexdigest()[:n]
 
 
-RUN_ID_RE = re.compile(r"^[0-9a-f]{12}$")
-
-
 def compute_run_id(checkpoint_digest: str, data_url: str, config: AtlasConfig) -> str:
     """run_id = short hash(checkpoint digest, data URL, method config) (DESIGN.md): 12 hex digits."""
     return short_hash(run_id_inputs(checkpoint_digest, data_url, config))
-
-
-def is_run_id(text: Any) -> bool:
-    """True for the run ids this project generates (12 lowercase hex digits), nothing else."""
-    return isinstance(text, str) and bool(RUN_ID_RE.match(text))

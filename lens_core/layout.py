@@ -17,7 +17,7 @@ from typing import Any
 
 # per-class stages, in chain order; "render" (MACO, pooled) and "publish" are run-wide
 CLASS_STAGES: tuple[str, ...] = ("activations", "factorize", "importance", "crops")
-STAGES: tuple[str, ...] = (*CLASS_STAGES, "render", "drift")
+STAGES: tuple[str, ...] = (*CLASS_STAGES, "render", "changes")
 STATUS_STAGES: tuple[str, ...] = (*CLASS_STAGES, "render")
 
 # run-level files
@@ -28,9 +28,13 @@ MAGNITUDE = "maco/magnitude.npy"
 SIMILAR = "atlas/similar.json"
 ALIGNMENT = "atlas/alignment.json"
 LABELS = "labels.json"  # concept labels of this run (lens label)
-DRIFT = "drift"  # drift/<class>.json and drift/summary.json
-SUCCESS = "_SUCCESS"
-RUNS = "runs"
+CHANGES = "changes"  # changes/<previous run>/<class>.json, .../summary.json: what changed since it
+CHANGES_LATEST = "changes/latest.json"  # which previous run the published changes are against
+SUCCESS = "_SUCCESS"  # a file prefix's completion marker
+RUNS = "runs"  # <store>/runs/<run_id>/
+LOCKS = "locks"  # leases: locks/<stage>/<class>/<generation>.json
+STATUS = "status"  # status/<class>/<stage>.json
+WATCH_DIGESTS = "watch/digests.json"  # under <store>: the checkpoint watcher's digest cache
 
 
 # ---- per-class paths (Zarr groups are relative to lens.zarr, files to the run root) --------
@@ -74,11 +78,23 @@ def viz_file(slug: str, concept: int, ext: str) -> str:
 
 
 def status_dir(slug: str) -> str:
-    return f"status/{slug}"
+    return f"{STATUS}/{slug}"
 
 
 def status_file(slug: str, stage: str) -> str:
-    return f"status/{slug}/{stage}.json"
+    return f"{STATUS}/{slug}/{stage}.json"
+
+
+def lease_prefix(name: str) -> str:
+    """Where the generations of the lease `name` ('<stage>/<class>') live."""
+    return f"{LOCKS}/{name.strip('/')}"
+
+
+def run_root(store_url: str, run_id: str) -> str:
+    """`<store>/runs/<run_id>`: everything one run computes."""
+    from lens_core.store.fs import join_url
+
+    return join_url(store_url, RUNS, run_id)
 
 
 def lock(stage: str, slug: str) -> str:
@@ -86,11 +102,14 @@ def lock(stage: str, slug: str) -> str:
     return f"{stage}/{slug}"
 
 
-def drift_file(slug: str) -> str:
-    return f"{DRIFT}/{slug}.json"
+def changes_file(previous: str, slug: str) -> str:
+    """A class's change report against the run `previous`."""
+    return f"{CHANGES}/{previous}/{slug}.json"
 
 
-DRIFT_SUMMARY = f"{DRIFT}/summary.json"
+def changes_summary(previous: str) -> str:
+    """The ranking of every class's change against the run `previous`."""
+    return f"{CHANGES}/{previous}/summary.json"
 
 
 def stage_group(stage: str, slug: str) -> str:

@@ -9,6 +9,9 @@ stage bookkeeping (`lens_core.tracking`), the stage bodies (`lens_core.stages`),
 (`lens_core.summary`), the store layout (`lens_core.layout`).
 """
 
+from typing import Any
+
+from lens_core.config import AtlasConfig
 from lens_core.layout import CLASS_STAGES
 from lens_core.model_cache import get_split
 from lens_core.run import RunInfo, check_model, prepare_run, resolve_data_url
@@ -25,6 +28,7 @@ from lens_core.tracking import StageError
 
 __all__ = [
     "CLASS_STAGES",
+    "explain",
     "RunInfo",
     "StageError",
     "check_model",
@@ -39,3 +43,29 @@ __all__ = [
     "stage_factorize",
     "stage_importance",
 ]
+
+
+def explain(config: AtlasConfig, device: str | None = None) -> dict[str, Any]:
+    """The whole atlas in this process, in the flow's order (every class, renders, cross-class,
+    changes since the previous checkpoint, the site): what `lens run` does without Prefect or Dask."""
+    from lens_core import changes, cross_class, publish, viz_pool
+    from lens_core.run import mark_finished
+
+    info = prepare_run(config)
+    failed = []
+    for slug in info.slugs:
+        try:
+            run_class(info, slug, device)
+        except Exception as err:  # noqa: BLE001 - one bad class never sinks the run (its status says why)
+            failed.append((slug, err))
+    items = viz_pool.pending_items(info)
+    for i in range(0, len(items), config.maco.batch_size):
+        viz_pool.render_batch(info, items[i : i + config.maco.batch_size], device)
+    viz_pool.finalize_viz(info)
+    cross_class.build_cross_class(info, device)
+    changed = changes.compare_with_previous(info)
+    site = publish.publish(info)
+    if not failed:
+        mark_finished(info, publish.site_url(info))
+    return {"info": info, "failed": [s for s, _ in failed], "changes": changed, "site": site}
+

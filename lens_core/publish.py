@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import functools
+import json
 from datetime import UTC, datetime
 from typing import Any
 
 import numpy as np
 
 from lens_core import layout
+from lens_core.changes import read_changes
 from lens_core.crops import concept_color
+from lens_core.labels import read_labels
 from lens_core.run import RunInfo
 from lens_core.stages import class_complete
 from lens_core.status import class_note, class_state, read_status
-from lens_core.store import RunStore, join_url, normalize_url
+from lens_core.store import RunStore, filesystem, join_url, normalize_url
 
 TOP_CONCEPTS = 10
 
@@ -54,7 +57,7 @@ def _asset(assets: dict, store: RunStore, src: str, dest: str) -> str:
 
 
 def _class_entry(store: RunStore, cls: Any, status: dict, similar: dict, alignment: dict,
-                 names: dict[str, str], assets: dict) -> dict[str, Any]:
+                 names: dict[str, str], assets: dict, labels: dict[str, Any]) -> dict[str, Any]:
     slug = cls.slug
     entry: dict[str, Any] = {
         "index": cls.index, "id": cls.id, "name": cls.name, "slug": slug, "synonyms": list(cls.synonyms),
@@ -102,7 +105,7 @@ def _class_entry(store: RunStore, cls: Any, status: dict, similar: dict, alignme
                 {"slug": a["slug"], "name": names.get(a["slug"], a["slug"]), "score": a["score"]}
                 for a in (alignment.get(slug) or [[]] * len(W))[c] if a["slug"]
             ],
-            "viz": None, "viz_plain": None,
+            "viz": None, "viz_plain": None, **_label_fields(labels.get(str(c))),
         }
         if rendered:
             concept["viz"] = asset(layout.viz_file(slug, c, "png"))
@@ -139,6 +142,87 @@ def _class_entry(store: RunStore, cls: Any, status: dict, similar: dict, alignme
     return entry
 
 
+def _label_fields(label: dict[str, Any] | None) -> dict[str, Any]:
+    """A concept's label as the site shows it: its text, and where a carried label came from."""
+    if not label:
+        return {"label": None, "label_source": None, "label_from": None}
+    carried = label.get("source") == "carried"
+    origin = f"concept {label.get('from_concept')} of run {label.get('from_run')}" if carried else None
+    return {"label": label.get("text"), "label_source": label.get("source"), "label_from": origin}
+
+
+def _concept_change(concept: dict[str, Any], matched: dict[int, dict], appeared: set[int]) -> dict | None:
+    m = matched.get(concept["id"])
+    if m is not None:
+        kind = "up" if m["delta"] >= 0.5 else "down" if m["delta"] <= -0.5 else "same"
+        return {"kind": kind, "delta": m["delta"], "before": m["before"], "similarity": m["similarity"]}
+    return {"kind": "new", "delta": None, "before": None, "similarity": None} if concept["id"] in appeared else None
+
+
+def _class_changes(entry: dict[str, Any], report: dict[str, Any], summary: dict[str, Any], rank: int,
+                   marked: bool, old_labels: dict[str, Any]) -> None:
+    """Add what changed since the previous checkpoint to a class entry (and to its concepts)."""
+    matched = {m["after"]: m for m in report["matched"]}
+    appeared = {a["concept"] for a in report["appeared"]}
+    for concept in entry["concepts"]:
+        concept["change"] = _concept_change(concept, matched, appeared)
+    entry["changes"] = {
+        "score": report["score"], "rank": rank, "marked": marked,
+        "previous_run": summary["previous"], "previous_label": summary["previous_label"],
+        "prev_slug": report["prev_slug"],
+        "vanished": [{"concept": v["concept"], "importance": v["importance"],
+                      "label": (old_labels.get(str(v["concept"])) or {}).get("text")} for v in report["vanished"]],
+        "carried_labels": len(report.get("labels", {}).get("carried", [])),
+        "logit_change": report["logit_change"], "accuracy_before": report["accuracy_before"],
+        "accuracy_after": report["accuracy_after"],
+    }
+
+
+def _previous_page(info: RunInfo, previous: str, prev_slug: str) -> dict[str, Any] | None:
+    """The previous run's published data file of a class (its concepts' viz and crops), if published here."""
+    url = join_url(normalize_url(info.config.publish), previous, "data", f"{prev_slug}.json")
+    try:
+        fs, path = filesystem(url, info.config.storage_options)
+        data = json.loads(fs.cat_file(path))
+    except (FileNotFoundError, ValueError, OSError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _site_changes(info: RunInfo, entries: list[dict[str, Any]], summary: dict[str, Any],
+                  reports: dict[str, dict[str, Any]], prev_store: RunStore) -> dict[str, Any]:
+    """The changes page's data, and each compared class's changes (added to `entries`)."""
+    top = info.config.changes.most_changed
+    rank_of = {row["slug"]: i + 1 for i, row in enumerate(summary["ranking"])}
+    old_labels = read_labels(prev_store)
+    by_slug = {e["slug"]: e for e in entries}
+    ranking = []
+    for row in summary["ranking"]:
+        entry, report = by_slug.get(row["slug"]), reports.get(row["slug"])
+        if entry is None or report is None or entry["status"] != "ok":
+            continue
+        rank = rank_of[row["slug"]]
+        marked = rank <= top and row["score"] > 0
+        _class_changes(entry, report, summary, rank, marked, old_labels.get(report["prev_slug"], {}))
+        before = _previous_page(info, summary["previous"], report["prev_slug"])
+        ranking.append({**{k: row[k] for k in ("slug", "score", "appeared", "vanished", "matched")},
+                        "name": entry["name"], "marked": marked, "prev_slug": report["prev_slug"],
+                        "logit_change": report["logit_change"],
+                        "before": _top_concepts(before) if before else None,
+                        "after": _top_concepts(entry)})
+    return {"previous_run": summary["previous"], "previous_label": summary["previous_label"],
+            "threshold": summary["threshold"], "ranking": ranking}
+
+
+def _top_concepts(entry: dict[str, Any], n: int = 3) -> list[dict[str, Any]]:
+    """A class's first concepts as the changes page shows them: id, label, share, viz and three crops."""
+    basis = entry.get("importance_basis")
+    return [{"id": c["id"], "label": c.get("label"), "viz": c.get("viz_plain") or c.get("viz"),
+             "crops": list(c.get("crops") or [])[:3],
+             "shown": c.get("sobol_share") if basis == "sobol" else c.get("logit_share")}
+            for c in (entry.get("concepts") or [])[:n]]
+
+
 def collect_site_data(info: RunInfo) -> tuple[dict[str, Any], dict[str, Any]]:
     """(site data, assets {publish path: loader}) from everything the run stored."""
     store = info.store()
@@ -148,8 +232,15 @@ def collect_site_data(info: RunInfo) -> tuple[dict[str, Any], dict[str, Any]]:
     alignment = store.read_json(layout.ALIGNMENT, {})
     names = {c.slug: c.name for c in info.all_classes or info.classes}
     assets: dict[str, Any] = {}
-    classes = [_class_entry(store, c, statuses.get(c.slug, {}), similar, alignment, names, assets)
+    labels = read_labels(store)
+    classes = [_class_entry(store, c, statuses.get(c.slug, {}), similar, alignment, names, assets,
+                            labels.get(c.slug, {}))
                for c in info.classes]
+    summary, reports = read_changes(store)
+    changes = None
+    if summary is not None:
+        prev_store = RunStore(info.config.store, summary["previous"], info.config.storage_options)
+        changes = _site_changes(info, classes, summary, reports, prev_store)
     cfg = info.config
     site = {
         "run": {
@@ -158,6 +249,7 @@ def collect_site_data(info: RunInfo) -> tuple[dict[str, Any], dict[str, Any]]:
             "created": meta.get("created"), "n_concepts": cfg.concepts.n_concepts, "config": cfg.redacted(),
         },
         "classes": classes,
+        "changes": changes,
     }
     return site, assets
 

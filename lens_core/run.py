@@ -19,6 +19,7 @@ import torch
 from lens_core import layout
 from lens_core.config import AtlasConfig, ConfigError, compute_run_id
 from lens_core.data import ClassIndex, ClassInfo, DataError, list_classes, read_class_index
+from lens_core.lineage import lineage_key
 from lens_core.models import checkpoint_digest
 from lens_core.store import RunStore
 
@@ -167,12 +168,16 @@ def _record_run(info: RunInfo) -> None:
             "checkpoint_digest": info.checkpoint_digest,
             "data_url": info.data_url,
             "config": config.redacted(),
+            "lineage": lineage_key(info.data_url, config),
             "classes": [],
             "versions": {"python": platform.python_version(), "torch": torch.__version__},
         }
     records = {c["slug"]: c for c in meta["classes"]}
     current = {c.slug: _class_record(c) for c in info.classes}
     merged = {**records, **current}
+    if "lineage" not in meta:  # run.json written before runs had a lineage
+        meta["lineage"] = lineage_key(info.data_url, config)
+        fresh = True
     if fresh or merged != records:
         meta["classes"] = sorted(merged.values(), key=lambda c: (c["index"], c["slug"]))
         store.write_json(layout.RUN_JSON, meta)
@@ -184,4 +189,11 @@ def check_model(info: RunInfo) -> None:
     from lens_core.model_cache import get_split
 
     get_split(info, "cpu")
+
+
+def mark_finished(info: RunInfo, site: str) -> None:
+    """Record that every class of the run succeeded (what the checkpoint watcher and the changes of
+    later runs look for): finished.json, written last."""
+    info.store().write_json(layout.FINISHED, {"run_id": info.run_id, "classes": len(info.slugs), "site": site,
+                                              "checkpoint_digest": info.checkpoint_digest})
 

@@ -25,7 +25,7 @@ def write_status(
 
 def read_status(store: RunStore, slugs: list[str] | None = None) -> dict[str, dict[str, dict[str, Any]]]:
     """{slug: {stage: record}} for the given classes (default: every class with a status)."""
-    slugs = slugs if slugs is not None else store.list("status")
+    slugs = slugs if slugs is not None else store.list(layout.STATUS)
     out: dict[str, dict[str, dict[str, Any]]] = {}
     for slug in slugs:
         stages = {}

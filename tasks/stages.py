@@ -20,7 +20,7 @@ from typing import Any
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from lens_core import cross_class, publish, stages, viz_pool
+from lens_core import changes, cross_class, publish, stages, viz_pool
 from lens_core.run import RunInfo
 from lens_core.secrets import error_text
 from lens_core.store import is_transient
@@ -107,6 +107,15 @@ def render_task(info: RunInfo, items: list[tuple[str, int]], label: str,  # noqa
 def cross_class_task(info: RunInfo) -> dict[str, Any]:
     t0 = time.perf_counter()
     return {**cross_class.build_cross_class(info), "task_seconds": time.perf_counter() - t0}
+
+
+@task(name="changes", task_run_name="changes", tags=["stage:changes"], **_COMMON)
+@scrubbed
+def changes_task(info: RunInfo) -> dict[str, Any]:
+    """What changed since the previous checkpoint, every class at once (milliseconds per class: one
+    task for all costs less to orchestrate than one per class); labels carry over here."""
+    t0 = time.perf_counter()
+    return {**changes.compare_with_previous(info), "task_seconds": time.perf_counter() - t0}
 
 
 @task(name="publish-pages", task_run_name="publish-pages", tags=["stage:publish"], **_COMMON)

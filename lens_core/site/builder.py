@@ -172,13 +172,14 @@ def build_index(site: dict, publish_url: str, storage_options: dict[str, Any] | 
     out = SiteWriter(*filesystem(url, storage_options))
     listing = render.class_list(data)
     classes_json = json.dumps(listing, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
-    out.write_many(
-        [
-            ("method.html", render.render_method(data).encode()),
-            ("data/classes.json", classes_json.encode()),
-            ("data/classes.js", f"window.LENS_CLASSES={render.json_for_html(listing)};\n".encode()),
-        ]
-    )
+    pages = [
+        ("method.html", render.render_method(data).encode()),
+        ("data/classes.json", classes_json.encode()),
+        ("data/classes.js", f"window.LENS_CLASSES={render.json_for_html(listing)};\n".encode()),
+    ]
+    if data["changes"]:
+        pages.append(("changes.html", render.render_changes(data).encode()))
+    out.write_many(pages)
     index = render.render_index(data).encode()
     out.write_many([("index.html", index)])
     return {"index_url": join_url(url, "index.html"), "index_bytes": len(index), "files": len(out.order),

@@ -32,7 +32,7 @@ CONTENT_TYPES = {
     ".jpeg": "image/jpeg",
 }
 # what a browser must always fetch fresh: the pages that name everything else
-ENTRY_POINTS = frozenset({"index.html", "data/classes.json", "data/classes.js"})
+ENTRY_POINTS = frozenset({"index.html", "data/classes.json", "data/classes.js", "changes.html"})
 
 
 def content_type(path: str) -> str:

@@ -41,9 +41,14 @@ def num(value: float | None, digits: int = 2) -> str:
     return "–" if value is None else f"{value:.{digits}f}"
 
 
+def concept_labels(cls: dict) -> list[str]:
+    """The labels people gave the class's concepts (searchable: "stem" finds every class with one)."""
+    return [c["label"] for c in cls["concepts"] if c.get("label")]
+
+
 def search_key(cls: dict) -> str:
-    """Lowercase name + synonyms + id (plus an accent-free copy): what the index search matches."""
-    text = " ".join([cls["name"], *cls["synonyms"], cls["id"]]).lower()
+    """Lowercase name + synonyms + id + concept labels (plus an accent-free copy): what the search matches."""
+    text = " ".join([cls["name"], *cls["synonyms"], cls["id"], *concept_labels(cls)]).lower()
     plain = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode()
     return text if plain == text else f"{plain} {text}"
 
@@ -122,6 +127,8 @@ def class_list(data: dict) -> list[dict]:
                 "slug": c["slug"],
                 "name": c["name"],
                 "synonyms": c["synonyms"],
+                "labels": concept_labels(c),
+                "changed": bool(c["changes"] and c["changes"]["marked"]),
                 "status": c["status"],
                 "thumb": thumb(c),
                 "viz": top["viz"] if top else None,
@@ -136,6 +143,7 @@ def class_list(data: dict) -> list[dict]:
 
 
 def _page(template: str, data: dict, r: str, **ctx: Any) -> str:
+    ctx.setdefault("changes", data.get("changes"))
     return (
         environment().get_template(template).render(run=data["run"], r=r, static=static_paths(), **ctx)
     )
@@ -151,6 +159,7 @@ def render_index(data: dict) -> str:
             "thumb": thumb(c),
             "failed": c["status"] == "failed",
             "flag": c["flag"],
+            "changed": bool(c["changes"] and c["changes"]["marked"]),
         }
         for c in classes
     ]
@@ -159,6 +168,11 @@ def render_index(data: dict) -> str:
     return _page(
         "index.html", data, "", slug=None, cards=cards, n_failed=n_failed, n_concepts=n_concepts
     )
+
+
+def render_changes(data: dict) -> str:
+    """changes.html: the classes ranked by how much they changed since the previous checkpoint."""
+    return _page("changes.html", data, "", slug=None)
 
 
 def render_method(data: dict) -> str:

@@ -84,6 +84,14 @@ def _text(v: Any) -> str:
     return v
 
 
+def _run_id(v: Any) -> str:
+    from lens_core.config import is_run_id
+
+    if not is_run_id(v):
+        raise ValueError(f"not a run id: {v!r}")
+    return v
+
+
 def _zero(v: Any) -> float:
     n = _number(v)
     return 0.0 if n is None else n
@@ -95,6 +103,8 @@ Number = Annotated[float | None, BeforeValidator(_number)]
 Coordinate = Annotated[float, BeforeValidator(_zero)]
 Integer = Annotated[int | None, BeforeValidator(_integer)]
 Text = Annotated[str, BeforeValidator(_text)]
+RunId = Annotated[str, BeforeValidator(_run_id)]
+OptText = Annotated[str | None, BeforeValidator(lambda v: None if v in (None, "") else _text(v))]
 
 
 class _Model(BaseModel):
@@ -118,6 +128,15 @@ class Aligned(_Model):
     score: Number = None
 
 
+class ConceptChange(_Model):
+    """How a concept changed since the previous checkpoint: new, or importance up/down/same (points)."""
+
+    kind: Literal["new", "up", "down", "same"]
+    delta: Number = Field(None, description="importance now minus before, in percentage points")
+    before: Integer = Field(None, description="the matched concept's id in the previous run")
+    similarity: Number = None
+
+
 class Concept(_Model):
     """One concept of a class page (anchor #concept-<id>)."""
 
@@ -134,6 +153,10 @@ class Concept(_Model):
     crops: list[Annotated[str, BeforeValidator(lambda v: check_path(v))]] = Field(default_factory=list, description="top-activating crops")
     similar: list[Similar] = Field(default_factory=list)
     aligned_classes: list[Aligned] = Field(default_factory=list)
+    label: OptText = Field(None, description="the name people gave the concept (shown instead of 'concept 3')")
+    label_source: Literal["user", "carried"] | None = None
+    label_from: OptText = Field(None, description="where a carried label came from")
+    change: ConceptChange | None = None
 
 
 class Point(_Model):
@@ -185,6 +208,30 @@ class Fidelity(_Model):
     random_auc: Number = None
 
 
+class Vanished(_Model):
+    """A concept of the previous run that no concept of this run matches."""
+
+    concept: Annotated[int, BeforeValidator(_integer)]
+    importance: Number = None
+    label: OptText = None
+
+
+class ClassChanges(_Model):
+    """What changed in a class since the previous checkpoint (lens_core.changes)."""
+
+    score: Number = None
+    rank: Integer = None
+    marked: bool = False
+    previous_run: RunId
+    previous_label: Text = ""
+    prev_slug: Slug
+    vanished: list[Vanished] = Field(default_factory=list)
+    carried_labels: int = 0
+    logit_change: Number = None
+    accuracy_before: Number = None
+    accuracy_after: Number = None
+
+
 class ClassEntry(_Model):
     """One class: its page, its data file, its tile on the index."""
 
@@ -209,6 +256,7 @@ class ClassEntry(_Model):
     concept_layout: list[LayoutPoint] = Field(default_factory=list)
     attributions: list[Attribution] = Field(default_factory=list)
     fidelity: Fidelity | None = None
+    changes: ClassChanges | None = None
 
     @model_validator(mode="after")
     def _sorted(self) -> ClassEntry:
@@ -248,11 +296,47 @@ class Run(_Model):
     config: Annotated[dict[str, Any], BeforeValidator(_mask_config)] = Field(default_factory=dict)
 
 
+class ChangedConcept(_Model):
+    """A top concept of a class on the changes page (before: the previous run's, its paths relative to that run's site)."""
+
+    id: Annotated[int, BeforeValidator(_integer)]
+    label: OptText = None
+    viz: Path = None
+    crops: list[Annotated[str, BeforeValidator(lambda v: check_path(v))]] = Field(default_factory=list)
+    shown: Number = None
+
+
+class ChangedClass(_Model):
+    """A class on the changes page, most changed first."""
+
+    slug: Slug
+    name: Text = ""
+    score: Number = None
+    appeared: int = 0
+    vanished: int = 0
+    matched: int = 0
+    marked: bool = False
+    prev_slug: Slug
+    logit_change: Number = None
+    before: list[ChangedConcept] | None = None
+    after: list[ChangedConcept] = Field(default_factory=list)
+
+
+class SiteChanges(_Model):
+    """The comparison with the previous checkpoint's run (the changes page)."""
+
+    previous_run: RunId
+    previous_label: Text = ""
+    threshold: Number = None
+    ranking: list[ChangedClass] = Field(default_factory=list)
+
+
 class Site(_Model):
     """The whole site: a run and its classes in label order (previous/next links follow it)."""
 
     run: Run
     classes: list[ClassEntry] = Field(default_factory=list)
+    changes: SiteChanges | None = None
 
     @model_validator(mode="after")
     def _unique(self) -> Site:
@@ -327,8 +411,9 @@ def _type_name(annotation: Any) -> str:
 def schema_markdown() -> str:
     """SCHEMA.md: one table per model, from the models' fields and descriptions."""
     parts = [_INTRO]
-    for model in (Site, Run, ClassEntry, Concept, Similar, Aligned, Cluster, Point, LayoutPoint,
-                  Attribution, OverlayConcept, Fidelity):
+    for model in (Site, Run, ClassEntry, Concept, ConceptChange, Similar, Aligned, Cluster, Point, LayoutPoint,
+                  Attribution, OverlayConcept, Fidelity, ClassChanges, Vanished, SiteChanges, ChangedClass,
+                  ChangedConcept):
         parts.append(f"\n## `{model.__name__}`\n\n{(model.__doc__ or '').strip()}\n")
         parts.append("| field | type | default | notes |\n|---|---|---|---|")
         for name, field in model.model_fields.items():

@@ -21,6 +21,7 @@ import uuid
 from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any
 
+from lens_core import layout
 from lens_core.settings import settings
 from lens_core.store.errors import LeaseLostError
 
@@ -72,7 +73,7 @@ class Lease:
 
     def __init__(self, store: RunStore, name: str, ttl: float | None = None, poll: float | None = None):
         self.store = store
-        self.prefix = f"locks/{name.strip('/')}"
+        self.prefix = layout.lease_prefix(name)
         self.ttl = ttl if ttl is not None else _lease_ttl()
         self.poll = poll if poll is not None else _lease_poll()
         self.token = uuid.uuid4().hex

@@ -19,12 +19,13 @@ from typing import Any, TypeVar
 import zarr
 from zarr.errors import ContainsGroupError
 
+from lens_core import layout
 from lens_core.store.fs import _cached, filesystem, join_url, normalize_url, write_beside
 from lens_core.store.lease import Lease, check_leases_held
 from lens_core.store.retry import call
 from lens_core.store.zarr_store import zarr_store
 
-SUCCESS = "_SUCCESS"
+SUCCESS = layout.SUCCESS
 T = TypeVar("T")
 
 
@@ -64,7 +65,7 @@ class RunStore:
         self.store_url = normalize_url(store_url)
         self.run_id = run_id
         self.storage_options = dict(storage_options or {})
-        self.root = join_url(self.store_url, "runs", run_id)
+        self.root = layout.run_root(self.store_url, run_id)
         self.fs, self.root_path = filesystem(self.root, self.storage_options)
         self._zarr: zarr.Group | None = None
 
@@ -171,7 +172,7 @@ class RunStore:
     def zarr(self) -> zarr.Group:
         """The root group of lens.zarr (opened once per process: groups re-read metadata on access)."""
         if self._zarr is None:
-            url = self.url("lens.zarr")
+            url = self.url(layout.ZARR_ROOT)
 
             def open_root() -> zarr.Group:
                 store = zarr_store(url, self.storage_options)

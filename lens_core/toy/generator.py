@@ -255,16 +255,20 @@ def _layout(rng: np.random.Generator, sizes: list[int], size: int) -> list[tuple
 
 
 def render_image(
-    class_index: int, n_classes: int = 10, seed: int = 0, size: int = IMAGE_SIZE
+    class_index: int, n_classes: int = 10, seed: int = 0, size: int = IMAGE_SIZE,
+    parts: tuple[int, ...] | None = None, distractors: tuple[int, ...] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """One image of a class: (uint8 H x W x 3, int16 H x W part-id mask, -1 = background).
 
     Deterministic for (class_index, seed); parts are about 30-45 px at size 128 (scaled with size).
+    `parts` replaces the class's own parts and `distractors` the shared ones (a changed world:
+    what a model is fine-tuned on, or a probe data set); the defaults give the standard images.
     """
-    own = class_parts(class_index, n_classes)
+    own = class_parts(class_index, n_classes) if parts is None else tuple(parts)
     rng = np.random.default_rng([seed, class_index, 0x70C])
     n_distract = int(rng.integers(1, 3)) if len(own) <= 2 else 1
-    distract = [int(d) for d in rng.choice(DISTRACTOR_PARTS, n_distract, replace=False)]
+    pool = DISTRACTOR_PARTS if distractors is None else tuple(d for d in distractors if d not in own)
+    distract = [int(d) for d in rng.choice(pool, n_distract, replace=False)]
     parts = list(own) + distract
     lo, hi = (30, 45) if len(parts) <= 4 else (28, 36)
     sizes = [max(4, round(int(rng.integers(lo, hi + 1)) * size / IMAGE_SIZE)) for _ in parts]
@@ -338,6 +342,7 @@ def ensure_toy_dataset(
     n_per_class: int = 40,
     seed: int = 0,
     storage_options: dict[str, Any] | None = None,
+    recipes: dict[int, tuple[int, ...]] | None = None,
 ) -> str:
     """Write the toy set under url unless its `_SUCCESS` marker exists; return `<url>/images`.
 
@@ -355,11 +360,14 @@ def ensure_toy_dataset(
         for kind in ("images", "masks"):
             fs.makedirs(posixpath.join(root, kind, name), exist_ok=True)
         for i in range(n_per_class):
-            img, mask = render_image(c, n_classes, image_seed(seed, i))
+            img, mask = render_image(c, n_classes, image_seed(seed, i), parts=(recipes or {}).get(c))
             files[posixpath.join(root, "images", name, f"{i:04d}.png")] = _png(img)
             files[posixpath.join(root, "masks", name, f"{i:04d}.png")] = encode_mask(mask)
         fs.pipe(files)
-    manifest = json.dumps(toy_manifest(n_classes, n_per_class, seed), indent=1).encode()
+    manifest = toy_manifest(n_classes, n_per_class, seed)
+    for c, parts in (recipes or {}).items():  # a probe data set says which classes it changed
+        manifest["classes"][c].update(parts=list(parts), part_names=[PART_NAMES[p] for p in parts], changed=True)
+    manifest = json.dumps(manifest, indent=1).encode()
     fs.pipe_file(posixpath.join(root, "toy.json"), manifest)
     fs.pipe_file(marker, b"")
     return images_url

@@ -36,13 +36,16 @@ def normalize(x: torch.Tensor) -> torch.Tensor:
 
 
 def render_set(
-    n_classes: int, n_per_class: int, seed_offset: int
+    n_classes: int, n_per_class: int, seed_offset: int,
+    recipes: dict[int, tuple[int, ...]] | None = None, distractors: tuple[int, ...] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
-    """uint8 images (N,3,S,S), int64 labels (N,), int16 masks (N,S,S) with image seeds offset+i."""
+    """uint8 images (N,3,S,S), int64 labels (N,), int16 masks (N,S,S) with image seeds offset+i
+    (`recipes` and `distractors` change the world, as in `render_image`)."""
     images, labels, masks = [], [], []
     for c in range(n_classes):
         for i in range(n_per_class):
-            img, mask = render_image(c, n_classes, seed_offset + i)
+            img, mask = render_image(c, n_classes, seed_offset + i, parts=(recipes or {}).get(c),
+                                     distractors=distractors)
             images.append(img)
             masks.append(mask)
             labels.append(c)
@@ -50,13 +53,18 @@ def render_set(
     return x, torch.tensor(labels), np.stack(masks)
 
 
-def own_centroids(masks: np.ndarray, labels: torch.Tensor, n_classes: int) -> np.ndarray:
+def own_centroids(masks: np.ndarray, labels: torch.Tensor, n_classes: int,
+                  recipes: dict[int, tuple[int, ...]] | None = None) -> np.ndarray:
     """(N, 2) centre (x, y as fractions of the side) of one own part per image and recipe slot."""
-    k = max(len(class_parts(c, n_classes)) for c in range(n_classes))
+
+    def own(c: int) -> tuple[int, ...]:
+        return (recipes or {}).get(c) or class_parts(c, n_classes)
+
+    k = max(len(own(c)) for c in range(n_classes))
     out = np.full((len(masks), k, 2), 0.5, dtype=np.float32)
     size = masks.shape[-1]
     for n, (mask, c) in enumerate(zip(masks, labels.tolist(), strict=True)):
-        parts = class_parts(c, n_classes)
+        parts = own(c)
         for j in range(k):
             ys, xs = np.nonzero(mask == parts[j % len(parts)])
             if len(xs):
@@ -215,6 +223,48 @@ def _train(
         "torch": torch.__version__,
     }
     return model, metrics
+
+
+def finetune(
+    model: ToyCNN,
+    recipes: dict[int, tuple[int, ...]],
+    distractors: tuple[int, ...] | None = None,
+    n_classes: int = 10,
+    per_class: int = 120,
+    epochs: int = 2,
+    batch_size: int = 64,
+    lr: float = 1e-3,
+    seed: int = 1,
+) -> ToyCNN:
+    """Fine-tune a trained ToyCNN in place on a changed world: the classes in `recipes` get those
+    own parts, and `distractors` (e.g. a removed signature part) appear at random in every class.
+
+    A few hundred steps, deterministic on one thread like `train`; the ground truth of the
+    concept-change tests (a class that stopped relying on one part and started on another).
+    """
+    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    torch.set_num_threads(1)
+    torch.use_deterministic_algorithms(True)
+    try:
+        torch.manual_seed(seed)
+        rng = np.random.default_rng(seed)
+        images, labels, masks = render_set(n_classes, per_class, 2_000_000, recipes, distractors)
+        centroids = own_centroids(masks, labels, n_classes, recipes)
+        opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=5e-4)
+        model.train()
+        for _ in range(epochs):
+            order = torch.from_numpy(rng.permutation(len(images)))
+            for b in range(len(images) // batch_size):
+                idx = order[b * batch_size : (b + 1) * batch_size]
+                x = crop_batch(images[idx], sample_crops(rng, centroids[idx.numpy()]))
+                loss = F.cross_entropy(model(x), labels[idx], label_smoothing=0.05)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+        return model.eval()
+    finally:
+        torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(deterministic)
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -50,7 +50,7 @@
     for (var i = 0; i < ts.length; i++) if (hay.indexOf(ts[i]) < 0) return false;
     return true;
   }
-  function hayOf(c) { return norm([c.name].concat(c.synonyms || [], [c.id]).join(' ')); }
+  function hayOf(c) { return norm([c.name].concat(c.synonyms || [], c.labels || [], [c.id]).join(' ')); }
   function el(tag, text, cls) {
     var e = document.createElement(tag);
     if (text) e.textContent = text;  // never innerHTML: class names are untrusted text
