@@ -207,3 +207,38 @@ def test_a_checkpoint_for_another_architecture_fails_the_run_once_before_any_cla
     assert str(ckpt) in str(err.value)
     assert read_task_runs(state.state_details.flow_run_id) == []
     assert not (tmp_path / "site").exists()
+
+
+def test_a_second_checkpoint_publishes_what_changed(prefect_api, tmp_path):
+    """build-atlas on a second checkpoint of the same lineage compares it with the first: a
+    `changes` task run, a table artifact of the most changed classes, and the changes page."""
+    import json
+
+    from prefect.task_runners import ThreadPoolTaskRunner
+    from safetensors.torch import load_file, save_file
+
+    from flows.atlas import build_atlas
+    from lens_core.toy import TOY_CHECKPOINT
+
+    state = load_file(str(TOY_CHECKPOINT))
+    state["fc.weight"][1] *= 0.5  # another checkpoint: class 1 relies less on everything
+    ckpt = tmp_path / "epoch-2.safetensors"
+    save_file(state, str(ckpt))
+    cfg = {**_config("unused", {}), "store": f"file://{tmp_path}/store", "publish": f"file://{tmp_path}/site",
+           "storage_options": {}}
+    flow = build_atlas.with_options(task_runner=ThreadPoolTaskRunner(max_workers=2))
+    first = flow(config=cfg, classes=["0", "1"], return_state=True)
+    assert first.is_completed() and first.result()["changes"]["previous"] is None
+    second = flow(config=cfg, classes=["0", "1"], checkpoint=str(ckpt), return_state=True)
+    assert second.is_completed() and second.name == "Completed", second.message
+    result = second.result()
+    run1, run2 = first.result()["run_id"], result["run_id"]
+    assert result["changes"]["previous"] == run1 and len(result["changes"]["most_changed"]) == 2
+    names = {r.name: r for r in read_task_runs(second.state_details.flow_run_id)}
+    assert names["changes"].state.is_completed()
+    table = read_artifact(f"lens-changes-{run2}")
+    rows = json.loads(table.data) if isinstance(table.data, str) else table.data
+    assert [r["class"] for r in rows] and {"score", "appeared", "vanished", "matched"} <= set(rows[0])
+    assert "toy_cnn.safetensors" in table.description or run1 in table.description
+    changes = (tmp_path / "site" / run2 / "changes.html").read_text()
+    assert f"../{run1}/index.html" in changes and all(f'id="changed-{r["class"]}"' in changes for r in rows)
