@@ -88,13 +88,15 @@ def dominance(coeffs: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
     """(dominant concept (S,S), strength in [0,1] (S,S)) of coefficient maps (k,h,w) upsampled to size.
 
     Each concept's map is upsampled (bilinear) before the argmax, so regions have smooth borders
-    and one colour each; strength is the dominant coefficient over its 99th percentile.
+    and one colour each; strength is the dominant coefficient scaled from its 40th percentile (0:
+    the weakest locations stay clear) to its 99th (1), so the overlay shows where concepts are.
     """
     maps = torch.from_numpy(np.ascontiguousarray(coeffs, dtype=np.float32))[None]
     up = F.interpolate(maps, size=(size, size), mode="bilinear", align_corners=False)[0].clamp_(min=0)
     strength, dominant = up.max(0)
-    scale = float(torch.quantile(strength.flatten(), 0.99)) or 1.0
-    return dominant.numpy(), (strength / scale).clamp_(0, 1).numpy()
+    lo, hi = (float(v) for v in torch.quantile(strength.flatten(), torch.tensor([0.4, 0.99])))
+    scaled = (strength - lo) / (hi - lo) if hi > lo else (strength > 0).float()
+    return dominant.numpy(), scaled.clamp_(0, 1).numpy()
 
 
 def attribution_map(image: torch.Tensor, coeffs: np.ndarray, concept_rank: Sequence[int], size: int) -> Image.Image:
