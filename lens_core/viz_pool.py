@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -78,15 +79,19 @@ def _concepts_ready(store: RunStore, slug: str) -> str | None:
     return fp if fp is not None and store.is_complete(layout.concepts(slug), fp) else None
 
 
+def _unrendered(store: RunStore, slugs: list[str]) -> Iterator[tuple[str, str, int]]:
+    """(class, fingerprint, concepts) of the classes whose renders are not all marked done."""
+    for slug in slugs:
+        fp = _concepts_ready(store, slug)
+        if fp is not None and not store.files_complete(layout.viz(slug), fp):
+            yield slug, fp, store.zarr[layout.concepts(slug)]["W"].shape[0]
+
+
 def pending_items(info: RunInfo, slugs: list[str] | None = None) -> list[tuple[str, int]]:
     """(class, concept) pairs with concepts but no render yet, in class order."""
     store = info.store()
     items = []
-    for slug in slugs if slugs is not None else info.slugs:
-        fp = _concepts_ready(store, slug)
-        if fp is None or store.files_complete(layout.viz(slug), fp):
-            continue
-        k = store.zarr[layout.concepts(slug)]["W"].shape[0]
+    for slug, _, k in _unrendered(store, slugs if slugs is not None else info.slugs):
         items += [(slug, c) for c in range(k) if not viz_done(store, slug, c)]
     return items
 
@@ -122,11 +127,7 @@ def finalize_viz(info: RunInfo, slugs: list[str] | None = None) -> list[str]:
     """Mark viz/<class> complete where every concept is rendered; returns the classes marked."""
     store = info.store()
     marked = []
-    for slug in slugs if slugs is not None else info.slugs:
-        fp = _concepts_ready(store, slug)
-        if fp is None or store.files_complete(layout.viz(slug), fp):
-            continue
-        k = store.zarr[layout.concepts(slug)]["W"].shape[0]
+    for slug, fp, k in _unrendered(store, slugs if slugs is not None else info.slugs):
         if all(viz_done(store, slug, c) for c in range(k)):
             store.mark_files_complete(layout.viz(slug), fp)
             write_status(store, slug, "render", "completed", None, concepts=k)

@@ -141,6 +141,17 @@ def patch_accuracy(
     return hits / max(covered, 1), total_hits / total, covered
 
 
+def _step(model: ToyCNN, opt: torch.optim.Optimizer, images: torch.Tensor, labels: torch.Tensor,
+          centroids: np.ndarray, rng: np.random.Generator) -> float:
+    """One optimizer step on random crops of a batch (half patch-sized, often on an own part)."""
+    x = crop_batch(images, sample_crops(rng, centroids))
+    loss = F.cross_entropy(model(x), labels, label_smoothing=0.05)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return loss.item()
+
+
 def train(
     n_classes: int = 10,
     per_class: int = 400,
@@ -184,13 +195,9 @@ def _train(
         seen, loss_sum = 0, 0.0
         for b in range(steps_per_epoch):
             idx = order[b * batch_size : (b + 1) * batch_size]
-            x = crop_batch(images[idx], sample_crops(rng, centroids[idx.numpy()]))
-            loss = F.cross_entropy(model(x), labels[idx], label_smoothing=0.05)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            loss = _step(model, opt, images[idx], labels[idx], centroids[idx.numpy()], rng)
             sched.step()
-            loss_sum += loss.item() * len(idx)
+            loss_sum += loss * len(idx)
             seen += len(idx)
         print(f"epoch {epoch + 1}/{epochs} loss {loss_sum / seen:.4f} "
               f"({time.perf_counter() - start:.0f} s)", flush=True)
@@ -256,11 +263,7 @@ def finetune(
             order = torch.from_numpy(rng.permutation(len(images)))
             for b in range(len(images) // batch_size):
                 idx = order[b * batch_size : (b + 1) * batch_size]
-                x = crop_batch(images[idx], sample_crops(rng, centroids[idx.numpy()]))
-                loss = F.cross_entropy(model(x), labels[idx], label_smoothing=0.05)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
+                _step(model, opt, images[idx], labels[idx], centroids[idx.numpy()], rng)
         return model.eval()
     finally:
         torch.set_num_threads(threads)
