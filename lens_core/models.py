@@ -66,6 +66,8 @@ class SplitModel:
     spatial: bool
     head: tuple[torch.Tensor, torch.Tensor] | None = None
     digest: str = ""
+    min_activation: float = 0.0  # the least value g gave on the split's test batch (NMF needs >= 0)
+    max_activation: float = 0.0
 
     def to(self, device: str | torch.device) -> SplitModel:
         """Move g, h (in place, channels_last conv weights) and the head to `device`."""
@@ -496,7 +498,9 @@ def probe_linear_head(h: nn.Module, acts: torch.Tensor, ref: torch.Tensor | None
         for s in range(0, c, chunk):
             columns.append((h(constant(eye[s : s + chunk])).float() - bias).T)
         weight = torch.cat(columns, dim=1)
-        if not _close(ref, pooled @ weight.T + bias):
+        # float error grows with the terms that cancel, not with the logits: scale the tolerance by them
+        terms = (pooled.abs() @ weight.abs().T + bias.abs()).max().item()
+        if not _close(ref, pooled @ weight.T + bias, terms):
             return None
     return weight, bias
 
@@ -559,14 +563,28 @@ def split_model(model: nn.Module, layer: str, model_cfg: ModelConfig) -> SplitMo
     if head is None:
         log.info("h at %r is not a linear map of the pooled activations: concepts are ranked by "
                  "Sobol importance (no logit share)", layer)
-    return SplitModel(g, h, layer, model_cfg.input_size, int(ref.shape[1]), spatial, head)
+    return SplitModel(g, h, layer, model_cfg.input_size, int(ref.shape[1]), spatial, head,
+                      min_activation=float(acts.min()), max_activation=float(acts.max()))
 
 
-def _close(ref: torch.Tensor, out: torch.Tensor) -> bool:
+def check_nonnegative(split: SplitModel) -> None:
+    """ModelError unless the split layer's activations are non-negative (CRAFT's NMF needs A >= 0):
+    refused at set-up, before any class pays for its activations."""
+    if split.min_activation < -1e-6 * max(1.0, abs(split.max_activation)):
+        raise ModelError(
+            f"layer {split.layer!r} gives negative activations (minimum {split.min_activation:.3g} on a test "
+            "batch): concepts are found by non-negative matrix factorization, so the layer must come after "
+            "a ReLU (or another non-negative activation); pick such a layer, e.g. a block's output in "
+            "ResNets ('layer4'), not a normalization or a residual sum without activation"
+        )
+
+
+def _close(ref: torch.Tensor, out: torch.Tensor, scale: float | None = None) -> bool:
+    """out equals ref up to float error: 1e-4 of the largest magnitude involved (logits, or `scale`)."""
     if ref.shape != out.shape:
         return False
     err = (ref.float() - out.float()).abs().max().item()
-    return err <= 1e-4 * (1.0 + ref.abs().max().item())
+    return err <= 1e-4 * (1.0 + max(ref.abs().max().item(), scale or 0.0))
 
 
 def _verify(ref: torch.Tensor, out: torch.Tensor, what: str) -> None:

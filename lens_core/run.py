@@ -20,7 +20,7 @@ from lens_core import layout
 from lens_core.config import AtlasConfig, ConfigError, compute_run_id
 from lens_core.data import ClassIndex, ClassInfo, DataError, list_classes, read_class_index
 from lens_core.lineage import lineage_key
-from lens_core.models import checkpoint_digest
+from lens_core.models import check_nonnegative, checkpoint_digest
 from lens_core.store import RunStore
 
 
@@ -116,7 +116,9 @@ def check_label_set(info: RunInfo, class_index: ClassIndex | None) -> int:
     """
     from lens_core.model_cache import get_split
 
-    outputs = get_split(info, "cpu").num_classes
+    split = get_split(info, "cpu")
+    check_nonnegative(split)
+    outputs = split.num_classes
     n = len(info.all_classes)
     if class_index is None and outputs != n:
         raise ConfigError(
