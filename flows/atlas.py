@@ -36,6 +36,7 @@ from prefect.states import Completed, Failed
 from prefect_dask import DaskTaskRunner
 
 from flows.runner import LensDaskTaskRunner
+from lens_core import layout
 from lens_core.config import AtlasConfig, config_from_parameters
 from lens_core.publish import published
 from lens_core.publish import site_url as run_site_url
@@ -309,7 +310,7 @@ def _finish(info: RunInfo, outcomes: dict[str, dict[str, Any]], site: dict[str, 
         summary = out.get("summary") or class_summary(info, slug)  # chains read theirs on the worker
         stages = {**summary["stages"], **({"render": out["render"]} if out.get("render") else {})}
         rows.append({"class": slug, "status": "ok" if out["ok"] else "failed",
-                     **{s: stages.get(s, "-") for s in ("activations", "factorize", "importance", "crops", "render")},
+                     **{s: stages.get(s, "-") for s in layout.STATUS_STAGES},
                      "seconds": round(summary["seconds"], 2), "top_concept": summary["top_concept"],
                      "importance": summary["top_importance"], "basis": summary.get("importance_basis") or "",
                      "note": summary.get("note") or "", "error": out.get("error") or ""})

@@ -225,7 +225,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     store = RunStore(cfg.store, run_id, cfg.storage_options)
     rows = status_table(store)
     table = Table(title=_cell(f"LENS run {run_id}"))
-    columns = ("class", "state", "activations", "factorize", "importance", "crops", "render", "seconds", "note", "error")
+    columns = ("class", "state", *layout.STATUS_STAGES, "seconds", "note", "error")
     for col in columns:
         table.add_column(col, overflow="fold")
     for r in rows:
