@@ -51,9 +51,15 @@ def local_cluster(gpu: bool = False, **kwargs: Any) -> Any:
 
     It speaks TLS with fresh credentials (`local_security`) unless `security` is given; clients
     in this process that connect by its address alone get them through `security_loader`. No
-    dashboard unless `dashboard_address` is given.
+    dashboard unless `dashboard_address` is given. With gpu and no dask-cuda installed, a
+    `GPUCluster`: one plain worker per visible GPU, pinned to it (`gpu_devices`).
     """
-    if gpu:
+    devices: list[str] | None = None
+    cuda_cluster = _dask_cuda() if gpu else None
+    if gpu and cuda_cluster is None:
+        devices = gpu_devices()
+        n = len(devices)
+    elif gpu:
         import torch
 
         n = torch.cuda.device_count() or 1
@@ -70,10 +76,10 @@ def local_cluster(gpu: bool = False, **kwargs: Any) -> Any:
     os.environ.update(env)
     try:
         with dask.config.set({"distributed.nanny.pre-spawn-environ": env, **_http_routes(kwargs)}):
-            if gpu:
-                from dask_cuda import LocalCUDACluster
-
-                return _register_local(LocalCUDACluster(**kwargs))
+            if devices is not None:
+                return _register_local(GPUCluster(devices, **kwargs))
+            if cuda_cluster is not None:
+                return _register_local(cuda_cluster(**kwargs))
             return _register_local(distributed.LocalCluster(**kwargs))
     finally:
         for k, v in saved.items():
@@ -81,6 +87,61 @@ def local_cluster(gpu: bool = False, **kwargs: Any) -> Any:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+def _dask_cuda() -> Any | None:
+    """dask-cuda's LocalCUDACluster, or None when dask-cuda is not installed."""
+    try:
+        from dask_cuda import LocalCUDACluster
+    except ImportError:
+        return None
+    return LocalCUDACluster
+
+
+def gpu_devices(visible: str | None = None, count: int | None = None) -> list[str]:
+    """The GPUs of this machine a GPU cluster starts one worker for: CUDA_VISIBLE_DEVICES's entries
+    (ids or UUIDs) when it is set, else 0..count-1 (count: torch.cuda.device_count()).
+
+    No GPU is an error that says so, rather than a cluster of workers that cannot run GPU tasks.
+    """
+    if visible is None:
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if count is None:
+        import torch
+
+        count = torch.cuda.device_count()
+    ids = [v.strip() for v in visible.split(",") if v.strip()] if visible is not None else []
+    devices = ids[:count] if visible is not None else [str(i) for i in range(count)]
+    if not devices:
+        seen = f"CUDA_VISIBLE_DEVICES={visible!r}" if visible is not None else "torch.cuda.device_count() = 0"
+        raise RuntimeError(f"LENS_GPU=1 but no CUDA device is visible ({seen}): unset LENS_GPU to run on the CPU")
+    return devices
+
+
+class GPUCluster(distributed.LocalCluster):
+    """dask-cuda's worker pinning for a plain LocalCluster (used when dask-cuda is not installed):
+    one worker per device, started with CUDA_VISIBLE_DEVICES set to that device alone (it is
+    cuda:0 inside the worker) and `resources={"GPU": 1}` (the tensor stages are annotated with it).
+    """
+
+    def __init__(self, devices: list[str], **kwargs: Any):
+        self.devices = list(devices)
+        kwargs["n_workers"] = 0  # then scaled through new_worker_spec, as dask-cuda does
+        kwargs.setdefault("threads_per_worker", 1)
+        kwargs.setdefault("processes", True)
+        kwargs.setdefault("resources", {"GPU": 1})
+        super().__init__(**kwargs)
+        self.scale(len(self.devices))
+        self.wait_for_workers(len(self.devices))
+
+    def new_worker_spec(self) -> dict[Any, dict[str, Any]]:
+        spec = super().new_worker_spec()
+        name, worker = next(iter(spec.items()))
+        used = {s["options"].get("env", {}).get("CUDA_VISIBLE_DEVICES") for s in self.worker_spec.values()}
+        free = [d for d in self.devices if d not in used] or self.devices
+        options = dict(worker["options"])
+        options["env"] = {**(options.get("env") or {}), "CUDA_VISIBLE_DEVICES": free[0]}
+        return {name: {**worker, "options": options}}
 
 
 def _http_routes(kwargs: dict[str, Any]) -> dict[str, Any]:

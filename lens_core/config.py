@@ -174,11 +174,6 @@ class MacoConfig(_Section):
     objective: Literal["dot_cossim", "dot", "cosine"] = "dot_cossim"
     cossim_power: float = 2.0
     batch_size: int = Field(16, gt=0, le=1024, description="concepts rendered together in one batch")
-    plateau: int = Field(
-        0, ge=0, le=100_000, description="early stop: every this many steps (from twice it on), a concept "
-        "whose mean objective over them gained less than plateau_tol over the previous ones stops, and "
-        "its batch row goes to the next concept; 0 = off (every concept runs `steps`)")
-    plateau_tol: float = Field(0.01, ge=0, le=1, description="relative gain under which a concept has plateaued")
     magnitude: str | None = Field(None, description="spectrum file (.npy); None = estimated from the run's images")
     seed: int = 0
 

@@ -22,6 +22,15 @@ Randomness is per concept: concept ``b`` draws its initial phase, crop boxes and
 own ``torch.Generator`` seeded with ``seeds[b]``, and every op is per-sample (the colour mix is
 elementwise, not a matmul), so on CPU a batch and one-by-one renders are bit-identical.
 
+Precision. ``model.precision`` (bf16/fp16) is the autocast dtype of g's forward and so of its
+backward; the phase, the image, NAdam's state, the objective, the transparency map and the final
+objective stay fp32 (bf16 on the toy CNN: mean final objective within 5% of fp32's, tests/test_maco.py).
+
+Budget. bench/bench_maco_budget.py measures the objective against steps and crops per step; an
+early stop on a plateau of each concept's objective was measured there too (replayed on the
+recorded objective) and not kept: at the chosen budget of 256 steps it saves little, and it needed
+an optimizer of our own (one step count per batch row) instead of torch's NAdam.
+
 One deviation from Horama: each concept's phase gradient is scaled to unit norm before NAdam.
 Without it a single gradient spike can inflate NAdam's second moment and freeze the phase, so the
 objective ends below its start (seen at 40 steps on the toy model); with it that no longer
@@ -32,7 +41,7 @@ from __future__ import annotations
 
 import io
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,6 +53,7 @@ from PIL import Image
 from torch import Tensor, nn
 
 from lens_core.config import MacoConfig
+from lens_core.device import autocast
 
 # Square root of the ImageNet colour correlation (the fixed decorrelation of Lucid and Horama):
 # a decorrelated pixel row z (1x3) becomes an RGB row z @ COLOR_SQRT.
@@ -63,7 +73,7 @@ _EPS = 1e-4
 @dataclass
 class MacoResult:
     """Images (B,3,S,S) and alpha (B,1,S,S) in [0,1]; history (steps,B): the objective per step
-    (mean over crops); objective (B,): the final image's, unaugmented (``evaluate_images``)."""
+    (mean over crops); objective (B,): the final image's, unaugmented, in fp32 (``evaluate_images``)."""
 
     images: Tensor
     alpha: Tensor
@@ -322,6 +332,9 @@ def _model_device(g: nn.Module) -> torch.device:
     return p.device if p is not None else torch.device("cpu")
 
 
+SnapshotFn = Callable[[int, list[int], Tensor], None]
+
+
 def _render_chunk(
     g: nn.Module,
     directions: Tensor,
@@ -330,6 +343,10 @@ def _render_chunk(
     seeds: Sequence[int],
     input_size: int,
     device: torch.device,
+    precision: str,
+    snapshot_steps: frozenset[int],
+    on_snapshot: SnapshotFn | None,
+    first: int,
 ) -> MacoResult:
     b, size = directions.shape[0], cfg.image_size
     gens = _generators(seeds, device)
@@ -339,8 +356,10 @@ def _render_chunk(
     grad_sum = torch.zeros(b, 1, size, size, device=device)
     history = torch.zeros(cfg.steps, b)
     for step in range(cfg.steps):
-        image = phase_to_image(phase, magnitude)
-        acts = pool(g(augment(image, gens, cfg, input_size)))
+        image = phase_to_image(phase, magnitude)  # fp32: the spectrum and the pixels
+        crops = augment(image, gens, cfg, input_size).contiguous(memory_format=torch.channels_last)
+        with autocast(device, precision):  # only g's forward (and so its backward) in bf16/fp16
+            acts = pool(g(crops).float())
         obj = objective(acts, dirs, cfg.objective, cfg.cossim_power).view(b, cfg.crops).mean(1)
         # Concepts are independent: d(sum)/d(phase_b) only involves concept b.
         g_phase, g_image = torch.autograd.grad(-obj.sum(), [phase, image])
@@ -348,8 +367,11 @@ def _render_chunk(
         g_phase = g_phase / (g_phase.flatten(1).norm(dim=1).view(-1, 1, 1, 1) + 1e-12)
         phase.grad = g_phase
         opt.step()
-        grad_sum += g_image.abs().sum(1, keepdim=True)
+        grad_sum += g_image.float().abs().sum(1, keepdim=True)
         history[step] = obj.detach().float().cpu()
+        if on_snapshot is not None and step + 1 in snapshot_steps:
+            with torch.no_grad():
+                on_snapshot(step + 1, list(range(first, first + b)), phase_to_image(phase.detach(), magnitude))
     with torch.no_grad():
         images = phase_to_image(phase, magnitude)
     final = evaluate_images(g, images, directions, input_size, cfg.objective, cfg.cossim_power)
@@ -364,12 +386,19 @@ def render_concepts(
     seeds: Sequence[int],
     input_size: int,
     device: torch.device | str | None = None,
+    precision: str = "fp32",
+    snapshot_steps: Collection[int] = (),
+    on_snapshot: SnapshotFn | None = None,
 ) -> MacoResult:
     """Render B concept directions (B,C) of g's output in batches of cfg.batch_size.
 
     ``g`` maps images (N,3,s,s) in [0,1] to (N,C,H,W) (mean-pooled) or (N,C); it should be in
     eval mode (no batch coupling). Concept b uses ``seeds[b]`` only, so chunking does not change
     results. Gradients are taken w.r.t. the phase only; g's parameters are left untouched.
+    ``precision`` (``model.precision``) is the autocast dtype of g's forward and backward; the
+    phase, NAdam's state, the objective, the transparency map and the final objective (evaluated
+    in fp32) are float32 whatever it is. ``on_snapshot(step, concept indices, their images)`` is
+    called after each step listed in ``snapshot_steps`` (the budget study; nothing is kept).
     """
     directions = torch.as_tensor(directions).float()
     if directions.ndim != 2:
@@ -379,6 +408,8 @@ def render_concepts(
             f"need one seed per concept: {len(seeds)} seeds for {directions.shape[0]} concepts"
         )
     dev = torch.device(device) if device is not None else _model_device(g)
+    autocast(dev, precision)  # an unknown precision fails here, before any work
+    marks = frozenset(int(t) for t in snapshot_steps)
     parts = []
     # Callers may hold inference_mode/no_grad (a GPU worker does): optimization needs autograd.
     with torch.inference_mode(False), torch.enable_grad():
@@ -386,7 +417,8 @@ def render_concepts(
         directions = directions.to(dev).clone()
         for i in range(0, directions.shape[0], cfg.batch_size):
             j = i + cfg.batch_size
-            parts.append(_render_chunk(g, directions[i:j], cfg, mag, seeds[i:j], input_size, dev))
+            parts.append(_render_chunk(g, directions[i:j], cfg, mag, seeds[i:j], input_size, dev,
+                                       precision, marks, on_snapshot, i))
     return MacoResult(
         images=torch.cat([p.images for p in parts]),
         alpha=torch.cat([p.alpha for p in parts]),

@@ -114,7 +114,7 @@ def render_batch(info: RunInfo, items: list[tuple[str, int]], device: str | None
     seeds = [concept_seed(info.config.maco.seed, s, c) for s, c in todo]
     result = maco.render_concepts(
         split.g, torch.from_numpy(np.stack(directions)), info.config.maco, magnitude, seeds,
-        split.input_size, device=dev,
+        split.input_size, device=dev, precision=info.config.model.precision,
     )
     for i, (slug, c) in enumerate(todo):
         store.write_bytes(layout.viz_file(slug, c, "webp"), encode(to_pil(result.images[i]), "webp", 90))
