@@ -15,14 +15,15 @@ import hashlib
 import io
 import json
 import logging
+import os
 import posixpath
 import struct
 import warnings
-from collections import Counter
-from collections.abc import Iterable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections import Counter, deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -41,7 +42,10 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
 MAX_PIXELS = 40_000_000  # 24 MP camera photos pass; Pillow's own bomb limit is 89 M
 MAX_IMAGE_BYTES = 64 << 20
 DECODERS = ("JPEG", "PNG", "WEBP", "GIF", "BMP")  # content is sniffed, but only these formats decode
-_READ_AHEAD = 16  # images fetched concurrently from remote stores
+_READ_AHEAD = 16  # images in flight from remote stores
+_REMOTE_READERS = 8  # threads reading a remote store
+T = TypeVar("T")
+R = TypeVar("R")
 
 
 class DataError(ValueError):
@@ -105,15 +109,20 @@ def _entries(url: str, storage_options: dict[str, Any] | None) -> list[dict[str,
         raise DataError(f"data URL not found: {url}") from None
 
 
-def read_class_names(url: str, storage_options: dict[str, Any] | None = None) -> dict[str, list[str]]:
-    """Class-name map from JSON {dir: name | [name, synonym, ...]}; "a, b" strings split on commas."""
+def _read_json(url: str, what: str, storage_options: dict[str, Any] | None) -> Any:
+    """A JSON file of the data set (`what`: "class-name file", ...); DataError naming it otherwise."""
     fs, path = filesystem(url, storage_options)
     try:
-        raw = json.loads(_io(lambda: fs.cat_file(path), url, "reading", storage_options))
+        return json.loads(_io(lambda: fs.cat_file(path), url, "reading", storage_options))
     except FileNotFoundError:
-        raise DataError(f"class-name file not found: {url}") from None
+        raise DataError(f"{what} not found: {url}") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise DataError(f"class-name file {url} is not valid JSON: {err}") from None
+        raise DataError(f"{what} {url} is not valid JSON: {err}") from None
+
+
+def read_class_names(url: str, storage_options: dict[str, Any] | None = None) -> dict[str, list[str]]:
+    """Class-name map from JSON {dir: name | [name, synonym, ...]}; "a, b" strings split on commas."""
+    raw = _read_json(url, "class-name file", storage_options)
     if not isinstance(raw, dict):
         raise DataError(f"class-name file {url} must map class dirs to names")
     out: dict[str, list[str]] = {}
@@ -143,19 +152,13 @@ def _index_entry(key: str, value: Any, url: str) -> tuple[str, int, list[str]]:
     # Keras' imagenet_class_index.json: {"0": ["n01440764", "tench"], ...}
     if not (key.isdigit() and value and all(isinstance(v, str) for v in value)):
         raise DataError(f"class-index file {url}: entry {key!r} must be an index or [class_dir, name]")
-    return value[0], int(key), list(value[1:])
+    return value[0], int(key), [v.replace("_", " ") for v in value[1:]]  # "great_white_shark"
 
 
 def read_class_index(url: str, storage_options: dict[str, Any] | None = None) -> ClassIndex:
     """Class dir -> label index from JSON: {dir: index}, [dir, ...] in label order, or Keras'
     {"<index>": [dir, name]}. Indices must be non-negative and unique."""
-    fs, path = filesystem(url, storage_options)
-    try:
-        raw = json.loads(_io(lambda: fs.cat_file(path), url, "reading", storage_options))
-    except FileNotFoundError:
-        raise DataError(f"class-index file not found: {url}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise DataError(f"class-index file {url} is not valid JSON: {err}") from None
+    raw = _read_json(url, "class-index file", storage_options)
     if isinstance(raw, list):
         if not all(isinstance(d, str) and d for d in raw):
             raise DataError(f"class-index file {url}: a list must hold class dir names")
@@ -366,13 +369,10 @@ def read_image(url: str, storage_options: dict[str, Any] | None = None, size: in
     return image if size is None else resize_square(image, size)
 
 
-def _fetch_many(urls: Sequence[str], storage_options: dict[str, Any] | None) -> Iterator[tuple[str, bytes | ImageReadError]]:
-    """(url, bytes or the read error) in order; remote stores are read concurrently in chunks."""
-    if not urls:
-        return
+def _reader(urls: Sequence[str], storage_options: dict[str, Any] | None) -> tuple[Any, Callable[[str], bytes | ImageReadError]]:
+    """(filesystem of the first URL, get): get(url) is the file's bytes or its ImageReadError
+    (access errors and an unreachable store raise)."""
     fs, _ = filesystem(urls[0], storage_options)
-    local = "file" in fs.protocol
-    pool = None if local else ThreadPoolExecutor(max_workers=8)
 
     def get(url: str) -> bytes | ImageReadError:
         try:
@@ -380,35 +380,121 @@ def _fetch_many(urls: Sequence[str], storage_options: dict[str, Any] | None) -> 
         except ImageReadError as err:
             return err
 
+    return fs, get
+
+
+def _is_local(fs: Any) -> bool:
+    return "file" in fs.protocol
+
+
+def _in_order(fn: Callable[[T], R], items: Iterable[T], ahead: int, workers: int) -> Iterator[tuple[T, R]]:
+    """(item, fn(item)) in the order of `items`, fn running on a thread pool of `workers` threads.
+
+    At most `ahead` items are submitted and not yet yielded (memory stays bounded whatever the
+    number of items); an exception of fn raises here at its item's position, as a plain loop would.
+    Closing the generator early cancels what has not started and does not wait for the rest.
+    """
+    ahead, workers = max(1, ahead), max(1, min(workers, ahead))
+    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="lens-read")
+    pending: deque[tuple[T, Future[R]]] = deque()
+    finished = False
     try:
-        for start in range(0, len(urls), _READ_AHEAD):
-            chunk = urls[start : start + _READ_AHEAD]
-            results = list(pool.map(get, chunk)) if pool else [get(u) for u in chunk]
-            yield from zip(chunk, results, strict=True)
+        for item in items:
+            pending.append((item, pool.submit(fn, item)))
+            if len(pending) >= ahead:
+                first, future = pending.popleft()
+                yield first, future.result()
+        while pending:
+            first, future = pending.popleft()
+            yield first, future.result()
+        finished = True
     finally:
-        if pool is not None:
-            pool.shutdown(wait=True, cancel_futures=True)
+        for _, future in pending:
+            future.cancel()
+        pool.shutdown(wait=finished, cancel_futures=True)
+
+
+def _fetch_many(urls: Sequence[str], storage_options: dict[str, Any] | None) -> Iterator[tuple[str, bytes | ImageReadError]]:
+    """(url, bytes or the read error) in order; remote stores are read concurrently (_READ_AHEAD
+    files in flight at most)."""
+    if not urls:
+        return
+    fs, get = _reader(urls, storage_options)
+    if _is_local(fs):
+        yield from ((url, get(url)) for url in urls)
+    else:
+        yield from _in_order(get, urls, _READ_AHEAD, _REMOTE_READERS)
+
+
+def _decoded(data: bytes | ImageReadError, url: str, size: int) -> torch.Tensor | ImageReadError:
+    """The (3, size, size) image of a file's bytes, or why it is unreadable."""
+    if isinstance(data, ImageReadError):
+        return data
+    try:
+        return resize_square(decode_image(data, url, size), size)
+    except ImageReadError as err:
+        return err
+
+
+def available_cpus() -> int:
+    """CPUs this process may run on (its affinity mask, not the machine's count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def decode_workers() -> int:
+    """Decoder threads for local files: half the CPUs this process may use (the rest run the
+    model on CPU), at least 1 and at most 8."""
+    return max(1, min(8, available_cpus() // 2))
+
+
+def _prefetched(
+    urls: Sequence[str], storage_options: dict[str, Any] | None, size: int, ahead: int, workers: int | None
+) -> Iterator[tuple[str, torch.Tensor | ImageReadError]]:
+    """(url, image or read error) in order, read and decoded by a thread pool up to `ahead` images
+    ahead of the consumer (remote stores: at least _READ_AHEAD, so reads overlap their latency)."""
+    if not urls:
+        return
+    fs, get = _reader(urls, storage_options)
+    if _is_local(fs):
+        n_workers = decode_workers() if workers is None else workers
+    else:
+        ahead = max(ahead, _READ_AHEAD)
+        n_workers = _REMOTE_READERS if workers is None else workers
+    yield from _in_order(lambda url: _decoded(get(url), url, size), urls, ahead, n_workers)
 
 
 def iter_images(
-    urls: Sequence[str], storage_options: dict[str, Any] | None, size: int, stats: ReadStats
+    urls: Sequence[str], storage_options: dict[str, Any] | None, size: int, stats: ReadStats,
+    *, prefetch: int = 0, workers: int | None = None,
 ) -> Iterator[tuple[int, str, torch.Tensor]]:
     """Yield (position in urls, url, (3,size,size) tensor), skipping unreadable images into `stats`.
 
     Access errors (wrong credentials) are raised, not skipped. Call stats.require(name) after the
     pass to turn "nothing readable" into EmptyClassError.
+
+    prefetch > 0: a pool of `workers` threads (default: `decode_workers()` for local files, 8 for
+    remote stores) reads, decodes and resizes up to `prefetch` images ahead while the caller works
+    on the current ones (Pillow and torch release the GIL). The images, their order, the skipped
+    list and the errors raised are exactly those of the sequential pass (prefetch=0).
     """
-    for pos, (url, data) in enumerate(_fetch_many(list(urls), storage_options)):
-        try:
-            if isinstance(data, ImageReadError):
-                raise data
-            image = resize_square(decode_image(data, url, size), size)
-        except ImageReadError as err:
-            log.warning("skipping unreadable image %s: %s", url, err.reason)
-            stats.skipped.append((url, err.reason))
-            continue
-        stats.read += 1
-        yield pos, url, image
+    urls = list(urls)
+    if prefetch > 0:
+        results = _prefetched(urls, storage_options, size, prefetch, workers)
+    else:
+        results = ((url, _decoded(data, url, size)) for url, data in _fetch_many(urls, storage_options))
+    try:
+        for pos, (url, image) in enumerate(results):
+            if isinstance(image, ImageReadError):
+                log.warning("skipping unreadable image %s: %s", url, image.reason)
+                stats.skipped.append((url, image.reason))
+                continue
+            stats.read += 1
+            yield pos, url, image
+    finally:
+        results.close()  # closing this pass early stops its readers now, not at garbage collection
 
 
 # ---- patches ---------------------------------------------------------------------------------

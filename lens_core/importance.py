@@ -2,6 +2,10 @@
 
 Sobol: quasi-Monte Carlo matrices A, B and the Saltelli replicates A_B^i (A with column i from B);
 the Jansen estimator ST_i = E[(f(A) - f(A_B^i))^2] / (2 Var f(A)), as in CRAFT (Fel et al. 2023).
+
+`precision` (model.precision) applies to h's forward passes only: the masked inputs (U * mask) W
+are built in float32, h runs under autocast (lens_core.device), its logits are read back as
+float64, and the Sobol statistics are computed in float64.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import numpy as np
 import torch
 from scipy.stats import qmc
 
+from lens_core.device import autocast
 from lens_core.factorize import project_nnls
 
 # a point whose output variance is below this fraction of its mean square counts as constant
@@ -153,8 +158,10 @@ def _masked_logits(
     shape: tuple[int, ...],
     batch_size: int,
     residual: torch.Tensor | None = None,
+    precision: str = "fp32",
 ) -> np.ndarray:
-    """Class logit of h((U * mask) W [+ residual]) for every (mask, image): array (M, N)."""
+    """Class logit of h((U * mask) W [+ residual]) for every (mask, image): array (M, N); h under
+    autocast in `precision`."""
     n, L, _ = U3.shape
     m = masks.shape[0]
     out = torch.empty(m * n, dtype=torch.float64, device=U3.device)
@@ -168,7 +175,9 @@ def _masked_logits(
             x = x.reshape(len(pair), shape[2], shape[3], -1).permute(0, 3, 1, 2)
         else:
             x = x[:, 0, :]
-        out[s : s + len(pair)] = h(x)[:, class_index].double()
+        with autocast(U3.device, precision):
+            logits = h(x)
+        out[s : s + len(pair)] = logits[:, class_index].double()
     return out.reshape(m, n).cpu().numpy()
 
 
@@ -185,6 +194,7 @@ def concept_sobol(
     *,
     U: np.ndarray | torch.Tensor | None = None,
     scramble: bool = False,
+    precision: str = "fp32",
 ) -> np.ndarray:
     """CRAFT importance (k,): total Sobol index of each concept for the class logit, image-averaged.
 
@@ -192,12 +202,15 @@ def concept_sobol(
     (or pass U, (N * H * W, k) in (image, y, x) order); a mask scales each concept's coefficient
     at all locations of an image, h sees (U * mask) W (no residual, as in CRAFT). h should be in
     eval mode (a SplitModel is accepted for h: its .h is used); batch_size is the number of
-    perturbed images per h call; designs as in saltelli_masks.
+    perturbed images per h call; designs as in saltelli_masks. precision: autocast dtype of h's
+    forwards ("fp32", "bf16", "fp16"); the estimator itself is float64.
     """
     h, dev, _, shape, Wt, U3 = _prepare(h, acts, W, U, device)
+    autocast(dev, precision)  # an unknown precision fails here, before any work
     k = Wt.shape[0]
     masks = saltelli_masks(k, n_designs, sampler, seed, scramble)
-    y = _masked_logits(h, U3, Wt, torch.from_numpy(masks).to(dev), class_index, shape, batch_size)
+    y = _masked_logits(h, U3, Wt, torch.from_numpy(masks).to(dev), class_index, shape, batch_size,
+                       precision=precision)
     return jansen_total(y, n_designs, k)
 
 
@@ -283,14 +296,17 @@ def deletion_curve(
     keep_residual: bool = False,
     batch_size: int = 256,
     device: str | torch.device | None = None,
+    precision: str = "fp32",
 ) -> tuple[np.ndarray, float]:
     """Mean class logit as concepts are removed in `order`: curve (k + 1,) and its area.
 
     curve[s] = mean over images of h(U W with the first s concepts of `order` zeroed [+ the fixed
     residual A - U W]); auc = trapezoid area with the x axis scaled to [0, 1] (in logit units;
-    lower = the order finds the logit's support faster). U as in concept_sobol (None = NNLS).
+    lower = the order finds the logit's support faster). U as in concept_sobol (None = NNLS);
+    precision: autocast dtype of h's forwards.
     """
     h, dev, rows, shape, Wt, U3 = _prepare(h, acts, W, U, device)
+    autocast(dev, precision)  # an unknown precision fails here, before any work
     k = Wt.shape[0]
     order = [int(i) for i in order]
     if sorted(order) != list(range(k)):
@@ -302,7 +318,8 @@ def deletion_curve(
     if keep_residual:
         residual = rows.reshape(U3.shape[0], U3.shape[1], -1) - U3 @ Wt
     y = _masked_logits(
-        h, U3, Wt, torch.from_numpy(masks).to(dev), class_index, shape, batch_size, residual
+        h, U3, Wt, torch.from_numpy(masks).to(dev), class_index, shape, batch_size, residual,
+        precision=precision,
     )
     curve = y.mean(axis=1)
     return curve, float(np.trapezoid(curve, dx=1.0 / k))
@@ -318,7 +335,8 @@ def random_deletion_baseline(
     seed: int = 0,
     **kwargs: object,
 ) -> tuple[np.ndarray, float]:
-    """Deletion curve and area averaged over n_orders random orders (the chance baseline)."""
+    """Deletion curve and area averaged over n_orders random orders (the chance baseline);
+    kwargs go to deletion_curve (keep_residual, batch_size, device, precision)."""
     k = torch.as_tensor(W).shape[0]
     if U is None:  # project once, not once per order
         dev = _model_device(_head(h), kwargs.get("device"), acts)  # type: ignore[arg-type]

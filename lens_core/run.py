@@ -108,6 +108,15 @@ def model_digest(config: AtlasConfig) -> str:
     return f"random-init:{config.model.arch}"
 
 
+def _toy_index(config: AtlasConfig) -> ClassIndex | None:
+    """The generated toy data's class index: folder i holds the toy's class i, whatever the count."""
+    if config.data.url:
+        return None
+    from lens_core.toy import class_names
+
+    return ClassIndex({name: i for i, name in enumerate(class_names(config.data.toy_classes))}, url="the toy data")
+
+
 def check_label_set(info: RunInfo, class_index: ClassIndex | None) -> int:
     """The model's number of outputs, checked against the class folders; ConfigError on mismatch.
 
@@ -142,7 +151,7 @@ def prepare_run(config: AtlasConfig) -> RunInfo:
     """Resolve data, classes, checkpoint digest and run id; load and check the model; write run.json."""
     data_url = resolve_data_url(config)
     so = config.storage_options
-    class_index = read_class_index(config.data.class_index, so) if config.data.class_index else None
+    class_index = read_class_index(config.data.class_index, so) if config.data.class_index else _toy_index(config)
     all_classes = list_classes(data_url, so, config.data.class_names, class_index)
     if not all_classes:
         raise DataError(f"no class folders found under {data_url}")

@@ -142,7 +142,8 @@ def _importance(info: Any, slug: str, inputs: Inputs, device: str | None) -> dic
     class_U = extractor.encode(_rows(class_acts), W, device=dev)
     sobol = np.asarray(concept_sobol(split.h, class_acts, W, cls.index, n_designs=imp.n_designs,
                                      sampler=imp.sampler, batch_size=imp.batch_size,
-                                     seed=cfg.concepts.seed, device=dev, U=class_U), np.float32)
+                                     seed=cfg.concepts.seed, device=dev, U=class_U,
+                                     precision=cfg.model.precision), np.float32)
     image_pred, patch_pred = acts["image_pred"][:], acts["patch_pred"][:]
     counts = {"assigned_images": int((image_pred == cls.index).sum()), "n_images": int(len(image_pred)),
               "assigned_patches": int((patch_pred == cls.index).sum()), "n_patches": int(len(patch_pred))}
@@ -167,9 +168,11 @@ def _importance(info: Any, slug: str, inputs: Inputs, device: str | None) -> dic
     out["image_importance"] = image_importance
     top = image_importance.argmax(1) if len(image_importance) else np.zeros(0, int)
     out["n_top_images"] = np.bincount(top, minlength=k).astype(np.int32)
-    curve, auc = deletion_curve(split.h, class_acts, class_U, W, cls.index, order, device=dev)
+    curve, auc = deletion_curve(split.h, class_acts, class_U, W, cls.index, order, device=dev,
+                                precision=cfg.model.precision)
     random_curve, random_auc = random_deletion_baseline(split.h, class_acts, class_U, W, cls.index,
-                                                        seed=cfg.concepts.seed, device=dev)
+                                                        seed=cfg.concepts.seed, device=dev,
+                                                        precision=cfg.model.precision)
     out["deletion"] = np.asarray(curve, dtype=np.float32)
     out["deletion_random"] = np.asarray(random_curve, dtype=np.float32)
     note = basis_note(why.get("basis_reason"), counts)

@@ -1,6 +1,7 @@
 """Test-only fault injection for LENS runs that cross process boundaries (Dask workers, flow processes).
 
-`toy` is a model factory (`model.arch = "faultkit:toy"`): the embedded toy CNN whose first block
+`toy` is a model factory (`model.arch = "faultkit:toy"`, allowed through LENS_MODEL_FACTORIES,
+which the `faults` fixture sets for every process of a test): the embedded toy CNN whose first block
 reads a control file (path in env ``LENS_TEST_FAULTS``, JSON) on every real batch:
   {"slow": seconds}                      sleep that long per batch (stretch a stage)
   {"kill": "/path/marker", "after": n}   on the n-th batch of a process, create the marker file
@@ -39,7 +40,7 @@ def control() -> dict[str, Any]:
 
 def _fault_hook(module: Any, args: tuple) -> None:
     global _batches
-    if args[0].shape[0] <= 2:  # split_model's two-image check, not real work
+    if args[0].shape[0] <= 4:  # split_model's four-image check, not real work
         return
     _batches += 1
     ctl = control()

@@ -15,18 +15,12 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from tiny import TINY as _TINY
 
 from flows.cli import main
 
 LENS = str(Path(sys.executable).with_name("lens"))
-TINY = {
-    "data": {"toy_images_per_class": 2, "images_per_class": 2},
-    "patches": {"grid": 2},
-    "concepts": {"n_concepts": 3},
-    "importance": {"n_designs": 4, "images": 2},
-    "crops": {"per_concept": 2, "attribution_images": 1},
-    "maco": {"steps": 2, "image_size": 64, "crops": 2},
-}
+TINY = {**_TINY, "data": {"toy_images_per_class": 2, "images_per_class": 2}}
 
 
 @pytest.fixture(scope="module")

@@ -42,14 +42,16 @@ def faults(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The control file `faultkit` reads in every process (Dask workers inherit the variable)."""
     path = tmp_path_factory.mktemp("faults") / "faults.json"
     path.write_text("{}")
-    old = os.environ.get(faultkit.CONTROL_ENV)
+    old = {k: os.environ.get(k) for k in (faultkit.CONTROL_ENV, "LENS_MODEL_FACTORIES")}
     os.environ[faultkit.CONTROL_ENV] = str(path)
+    os.environ["LENS_MODEL_FACTORIES"] = "faultkit:toy"  # the worker's allow-list (inherited by its processes)
     yield path
     path.write_text("{}")
-    if old is None:
-        os.environ.pop(faultkit.CONTROL_ENV, None)
-    else:
-        os.environ[faultkit.CONTROL_ENV] = old
+    for key, value in old.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
 
 
 @pytest.fixture(scope="module")

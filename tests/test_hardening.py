@@ -19,18 +19,12 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from tiny import TINY
 
 from lens_core.config import AtlasConfig, ConfigError, config_from_parameters, make_config
 from lens_core.models import CheckpointError, ModelError, build_model, load_model
 from lens_core.secrets import error_text, public_options, scrub
 
-TINY = {
-    "data": {"toy_images_per_class": 3, "images_per_class": 3},
-    "patches": {"grid": 2},
-    "concepts": {"n_concepts": 3},
-    "importance": {"n_designs": 4, "images": 2},
-    "crops": {"per_concept": 2, "attribution_images": 1},
-}
 BEARER = "Bearer eyJhbGciOiJIUzI1NiJ9.c2VjcmV0LXBheWxvYWQ.sig-abc123"
 ACCOUNT_KEY = "Zm9vYmFyYmF6cXV4c2VjcmV0a2V5MTIzNDU2Nzg5MA=="
 CREDENTIAL = "sekrit-credential-42"

@@ -177,10 +177,6 @@ def test_render_beats_random_phase_and_rises(subject: Subject, magnitude, render
 def test_each_visualization_is_selective_for_its_concept(subject: Subject, rendered) -> None:
     """Visualization b projects more on unit direction b than on any other (>= 70% of b), and
     direction b is reached most by its own visualization (>= 70% of b)."""
-    if subject.name != "toy":
-        pytest.skip(
-            "selectivity needs a trained model: random nets are not selective under a fixed spectrum"
-        )
     k = len(subject.directions)
     proj = _acts(subject, rendered.images) @ F.normalize(subject.directions, dim=1).T
     rows = (proj.argmax(1) == torch.arange(k)).float().mean()

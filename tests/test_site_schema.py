@@ -8,17 +8,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from tiny import TINY
 
 from lens_core.site.schema import SiteError, normalize_site, schema_markdown
-
-TINY = {
-    "data": {"toy_images_per_class": 3, "images_per_class": 3},
-    "patches": {"grid": 2},
-    "concepts": {"n_concepts": 3},
-    "importance": {"n_designs": 4, "images": 2},
-    "crops": {"per_concept": 2, "attribution_images": 1},
-    "maco": {"steps": 2, "image_size": 64, "crops": 2},
-}
 
 
 def test_schema_md_is_generated_from_the_models():
