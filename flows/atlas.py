@@ -2,8 +2,8 @@
 
 Orchestration costs measured on 2 cores and what keeps them small (bench/bench_flow.py):
 one Dask submission per class (tasks/chain.py) carrying a RunInfo narrowed to that class; the
-stage task runs nested in it, tagged by stage only (a Prefect concurrency service per distinct tag
-set: per-class tags made one per task run); submissions without Dask tokenization
+stage task runs nested in it, tagged only with what a concurrency limit names (flows/limits.py:
+each tag costs an API call per task run); submissions without Dask tokenization
 (flows/runner.py); workers
 started without Dask's malloc trim threshold (flows/cluster.py); task runs on the workers
 reporting to this flow's API, never to servers of their own (`_shared_api`). A class's renders
@@ -35,6 +35,7 @@ from prefect.settings import PREFECT_API_URL, temporary_settings
 from prefect.states import Completed, Failed
 from prefect_dask import DaskTaskRunner
 
+from flows.limits import limited_tags
 from flows.runner import LensDaskTaskRunner
 from lens_core import layout
 from lens_core.config import AtlasConfig, config_from_parameters
@@ -54,6 +55,7 @@ from tasks.stages import (
     publish_index_task,
     publish_pages_task,
     render_task,
+    tagged,
 )
 
 ProgressFn = Callable[[str, int, int], None]
@@ -162,17 +164,18 @@ def build_atlas(
     logger.info("run %s: %d classes, model %s (%s), store %s", info.run_id, len(info.slugs), cfg.model.arch,
                 info.checkpoint_digest[:12], normalize_url(cfg.store))
     with _shared_api():
-        outcomes, timings = _explain_classes(info, cfg, logger)
+        limited = limited_tags(logger)
+        outcomes, timings = _explain_classes(info, cfg, logger, limited)
         timings["prepare"] = t_prepare
         t = time.perf_counter()
-        cross = cross_class_task.submit(info).result()
+        cross = tagged(cross_class_task, limited).submit(info).result()
         timings.update(cross_class=time.perf_counter() - t, cross_class_compute=cross.get("task_seconds", 0.0))
         t = time.perf_counter()
-        changed = changes_task.submit(info).result()
+        changed = tagged(changes_task, limited).submit(info).result()
         timings.update(changes=time.perf_counter() - t, changes_compute=changed.pop("task_seconds", 0.0))
         t = time.perf_counter()
-        pages = publish_pages_task.submit(info, cfg.publish).result()
-        index = publish_index_task.submit(info, pages["site"], cfg.publish).result()
+        pages = tagged(publish_pages_task, limited).submit(info, cfg.publish).result()
+        index = tagged(publish_index_task, limited).submit(info, pages["site"], cfg.publish).result()
         timings.update(publish=time.perf_counter() - t,
                        publish_compute=pages.pop("task_seconds") + index.pop("task_seconds"))
         site = published(pages, index)
@@ -183,8 +186,10 @@ def build_atlas(
 class _RenderPool:
     """MACO renders pooled across classes: batches of `batch` concepts, submitted as classes finish."""
 
-    def __init__(self, info: RunInfo, batch: int, track: Callable[[Any, str, Any], None]):
+    def __init__(self, info: RunInfo, batch: int, track: Callable[[Any, str, Any], None],
+                 limited: tuple[str, ...] = ()):
         self.info, self.batch, self.track = info, batch, track
+        self.render = tagged(render_task, limited)
         self.queue: list[tuple[str, int]] = []
         self.left: dict[str, int] = {}  # concepts of a class not rendered yet in this run
         self.failed: set[str] = set()
@@ -204,7 +209,7 @@ class _RenderPool:
         while len(self.queue) >= size or (final and self.queue):
             chunk, self.queue = self.queue[:size], self.queue[size:]
             with dask.annotate(**_gpu_annotation()):
-                fut = render_task.submit(self.info, chunk, f"{chunk[0][0]}+{len(chunk) - 1}")
+                fut = self.render.submit(self.info, chunk, f"{chunk[0][0]}+{len(chunk) - 1}")
             self.track(fut, "render", chunk)
             submitted += 1
         self.batches += submitted
@@ -232,7 +237,8 @@ class _RenderPool:
         return "completed" if self.left[slug] == 0 else "pending"
 
 
-def _explain_classes(info: RunInfo, cfg: AtlasConfig, logger: Any) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
+def _explain_classes(info: RunInfo, cfg: AtlasConfig, logger: Any,
+                     limited: tuple[str, ...] = ()) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
     """Per-class chains, and the pooled renders submitted as soon as a class has its concepts."""
     slugs = info.slugs
     t_start = time.perf_counter()
@@ -243,11 +249,12 @@ def _explain_classes(info: RunInfo, cfg: AtlasConfig, logger: Any) -> tuple[dict
     def track(fut: Any, kind: str, payload: Any) -> None:
         fut.add_done_callback(lambda f: done_q.put((kind, payload, f)))
 
+    chain = tagged(class_chain_task, limited)
     with dask.annotate(**_gpu_annotation()):
         for s in slugs:  # each chain gets a RunInfo of its own class: cheap to send and to walk
-            track(class_chain_task.submit(info.narrowed([s]), s), "class", s)
+            track(chain.submit(info.narrowed([s]), s, limited=limited), "class", s)
     outcomes: dict[str, dict[str, Any]] = {}
-    pool = _RenderPool(info, cfg.maco.batch_size, track)
+    pool = _RenderPool(info, cfg.maco.batch_size, track, limited)
     pending = len(slugs)
     last_progress = 0.0
     while pending:

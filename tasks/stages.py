@@ -5,16 +5,17 @@ markers), so a re-run returns at once for everything already done. A task's fail
 Prefect (its state message, its logs) as `StageFailed` with the error text scrubbed of
 credentials: Prefect stores task states.
 
-Tags: `stage:<stage>` on every task, and `gpu` on the units that compute on the GPU (the
-activations, importance and render tasks), once: a Prefect concurrency limit on `gpu` bounds them
-without deadlocking the class chains that contain them (tasks/chain.py carries no `gpu` tag).
+Tags are for concurrency limits only (`tagged`): `stage:<stage>` on every task, and `gpu` on the
+units that compute on the GPU (the activations, importance and render tasks), once: a Prefect
+concurrency limit on `gpu` bounds them without deadlocking the class chains that contain them
+(the chain's only candidate is `stage:class`). A tag that no limit names is left off.
 """
 
 from __future__ import annotations
 
 import functools
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any
 
 from prefect import task
@@ -62,35 +63,68 @@ def retry_if_transient(_task: Any, _task_run: Any, state: Any) -> bool:
     return False
 
 
+# The tags each task may carry, by task name; `tagged` applies those that a limit names.
+CANDIDATE_TAGS: dict[str, tuple[str, ...]] = {
+    "class": ("stage:class",),
+    "activations": ("stage:activations", "gpu"),
+    "factorize": ("stage:factorize",),
+    "importance": ("stage:importance", "gpu"),
+    "crops": ("stage:crops",),
+    "render": ("stage:render", "gpu"),
+    "cross-class": ("stage:cross-class",),
+    "changes": ("stage:changes",),
+    "publish-pages": ("stage:publish",),
+    "publish-index": ("stage:publish",),
+}
+_VARIANTS: dict[tuple[str, tuple[str, ...]], Any] = {}
+
+
+def tagged(task_obj: Any, limited: Collection[str]) -> Any:
+    """`task_obj` carrying those of its candidate tags that a Prefect concurrency limit names.
+
+    Prefect 3.8 asks the API for a slot on every tag of a task run; on the default SQLite server
+    that call met SQLITE_BUSY (a 503, retried after ~2 s) for nearly every tagged task run under
+    two Dask workers: 2.45 s of overhead per class against 0.62 untagged (bench/bench_flow.py,
+    20 classes). A tag that nothing limits buys nothing there, so it is left off.
+    """
+    tags = tuple(t for t in CANDIDATE_TAGS[task_obj.name] if t in limited)
+    if not tags:
+        return task_obj
+    key = (task_obj.name, tags)
+    if key not in _VARIANTS:
+        _VARIANTS[key] = task_obj.with_options(tags=list(tags))
+    return _VARIANTS[key]
+
+
 _COMMON = {"retries": 3, "retry_delay_seconds": [1, 4, 10], "retry_condition_fn": retry_if_transient,
            "cache_policy": NO_CACHE, "persist_result": False}
 
 
-@task(name="activations", task_run_name="activations[{slug}]", tags=["stage:activations", "gpu"], **_COMMON)
+@task(name="activations", task_run_name="activations[{slug}]", **_COMMON)
 @scrubbed
 def activations_task(info: RunInfo, slug: str, device: str | None = None) -> dict[str, Any]:
     return stages.stage_activations(info, slug, device)
 
 
-@task(name="factorize", task_run_name="factorize[{slug}]", tags=["stage:factorize"], **_COMMON)
+@task(name="factorize", task_run_name="factorize[{slug}]", **_COMMON)
 @scrubbed
 def factorize_task(info: RunInfo, slug: str, device: str | None = None) -> dict[str, Any]:
     return stages.stage_factorize(info, slug, device)
 
 
-@task(name="importance", task_run_name="importance[{slug}]", tags=["stage:importance", "gpu"], **_COMMON)
+@task(name="importance", task_run_name="importance[{slug}]", **_COMMON)
 @scrubbed
 def importance_task(info: RunInfo, slug: str, device: str | None = None) -> dict[str, Any]:
     return stages.stage_importance(info, slug, device)
 
 
-@task(name="crops", task_run_name="crops[{slug}]", tags=["stage:crops"], **_COMMON)
+@task(name="crops", task_run_name="crops[{slug}]", **_COMMON)
 @scrubbed
 def crops_task(info: RunInfo, slug: str, device: str | None = None) -> dict[str, Any]:
     return stages.stage_crops(info, slug, device)
 
 
-@task(name="render", task_run_name="render[{label}]", tags=["stage:render", "gpu"], **_COMMON)
+@task(name="render", task_run_name="render[{label}]", **_COMMON)
 @scrubbed
 def render_task(info: RunInfo, items: list[tuple[str, int]], label: str,  # noqa: ARG001 - names the task run
                 device: str | None = None) -> dict[str, Any]:
@@ -102,14 +136,14 @@ def render_task(info: RunInfo, items: list[tuple[str, int]], label: str,  # noqa
     return out
 
 
-@task(name="cross-class", task_run_name="cross-class", tags=["stage:cross-class"], **_COMMON)
+@task(name="cross-class", task_run_name="cross-class", **_COMMON)
 @scrubbed
 def cross_class_task(info: RunInfo) -> dict[str, Any]:
     t0 = time.perf_counter()
     return {**cross_class.build_cross_class(info), "task_seconds": time.perf_counter() - t0}
 
 
-@task(name="changes", task_run_name="changes", tags=["stage:changes"], **_COMMON)
+@task(name="changes", task_run_name="changes", **_COMMON)
 @scrubbed
 def changes_task(info: RunInfo) -> dict[str, Any]:
     """What changed since the previous checkpoint, every class at once (milliseconds per class: one
@@ -118,7 +152,7 @@ def changes_task(info: RunInfo) -> dict[str, Any]:
     return {**changes.compare_with_previous(info), "task_seconds": time.perf_counter() - t0}
 
 
-@task(name="publish-pages", task_run_name="publish-pages", tags=["stage:publish"], **_COMMON)
+@task(name="publish-pages", task_run_name="publish-pages", **_COMMON)
 @scrubbed
 def publish_pages_task(info: RunInfo, publish_url: str | None = None) -> dict[str, Any]:
     """Class pages, data files and assets of the run's site (batched writes: one task, not one per page)."""
@@ -126,7 +160,7 @@ def publish_pages_task(info: RunInfo, publish_url: str | None = None) -> dict[st
     return {**publish.publish_pages(info, publish_url), "task_seconds": time.perf_counter() - t0}
 
 
-@task(name="publish-index", task_run_name="publish-index", tags=["stage:publish"], **_COMMON)
+@task(name="publish-index", task_run_name="publish-index", **_COMMON)
 @scrubbed
 def publish_index_task(info: RunInfo, site: dict[str, Any], publish_url: str | None = None) -> dict[str, Any]:
     """The run's index, search data and method page, then the runs page: only after every page is written."""
