@@ -152,6 +152,31 @@ def test_a_gpu_limit_of_one_is_honoured_without_deadlock(prefect_api, tmp_path):
         assert a.end_time <= b.start_time, (a.name, b.name)  # one at a time
 
 
+def test_tags_fall_back_to_all_candidates_when_the_limits_cannot_be_listed():
+    """If the API cannot list its limits, every candidate tag is applied (Prefect's own behaviour:
+    slower, never unbounded), and the reason is logged; the tagged variant carries them."""
+    import logging
+
+    from prefect.settings import PREFECT_API_URL, PREFECT_CLIENT_MAX_RETRIES, temporary_settings
+
+    from flows.limits import limited_tags
+    from tasks.stages import CANDIDATE_TAGS, activations_task, factorize_task, tagged
+
+    said: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: said.append(record.getMessage())  # Prefect reconfigures root logging
+    logger = logging.getLogger("lens.test.limits")
+    logger.addHandler(handler)
+    with temporary_settings({PREFECT_API_URL: "http://127.0.0.1:9/api", PREFECT_CLIENT_MAX_RETRIES: 0}):
+        limited = limited_tags(logger)
+    logger.removeHandler(handler)
+    assert set(limited) == {t for tags in CANDIDATE_TAGS.values() for t in tags}
+    assert any("could not list Prefect concurrency limits" in m for m in said), said
+    assert set(tagged(activations_task, limited).tags) == {"stage:activations", "gpu"}
+    assert tagged(factorize_task, ("gpu",)) is factorize_task  # nothing limited on it: the task as defined
+    assert not factorize_task.tags
+
+
 def test_an_invalid_config_parameter_fails_before_the_run_starts(prefect_api, tmp_path):
     """The typed `config` parameter is validated by Prefect against AtlasConfig: a bad field is
     refused before the flow's body runs (no store, no task run)."""
