@@ -414,18 +414,6 @@ def _in_order(fn: Callable[[T], R], items: Iterable[T], ahead: int, workers: int
         pool.shutdown(wait=finished, cancel_futures=True)
 
 
-def _fetch_many(urls: Sequence[str], storage_options: dict[str, Any] | None) -> Iterator[tuple[str, bytes | ImageReadError]]:
-    """(url, bytes or the read error) in order; remote stores are read concurrently (_READ_AHEAD
-    files in flight at most)."""
-    if not urls:
-        return
-    fs, get = _reader(urls, storage_options)
-    if _is_local(fs):
-        yield from ((url, get(url)) for url in urls)
-    else:
-        yield from _in_order(get, urls, _READ_AHEAD, _REMOTE_READERS)
-
-
 def _decoded(data: bytes | ImageReadError, url: str, size: int) -> torch.Tensor | ImageReadError:
     """The (3, size, size) image of a file's bytes, or why it is unreadable."""
     if isinstance(data, ImageReadError):
@@ -450,20 +438,25 @@ def decode_workers() -> int:
     return max(1, min(8, available_cpus() // 2))
 
 
-def _prefetched(
-    urls: Sequence[str], storage_options: dict[str, Any] | None, size: int, ahead: int, workers: int | None
+def _images(
+    urls: Sequence[str], storage_options: dict[str, Any] | None, size: int, prefetch: int, workers: int | None
 ) -> Iterator[tuple[str, torch.Tensor | ImageReadError]]:
-    """(url, image or read error) in order, read and decoded by a thread pool up to `ahead` images
-    ahead of the consumer (remote stores: at least _READ_AHEAD, so reads overlap their latency)."""
+    """(url, image or read error) in order (see iter_images for prefetch and workers). Without
+    prefetch, a remote store is still read _READ_AHEAD files at a time (its latency overlaps) and
+    decoded here; local files are read and decoded here, one by one."""
     if not urls:
         return
     fs, get = _reader(urls, storage_options)
-    if _is_local(fs):
-        n_workers = decode_workers() if workers is None else workers
+    local = _is_local(fs)
+    if prefetch > 0:
+        ahead = prefetch if local else max(prefetch, _READ_AHEAD)
+        if workers is None:
+            workers = decode_workers() if local else _REMOTE_READERS
+        yield from _in_order(lambda url: _decoded(get(url), url, size), urls, ahead, workers)
+    elif local:
+        yield from ((url, _decoded(get(url), url, size)) for url in urls)
     else:
-        ahead = max(ahead, _READ_AHEAD)
-        n_workers = _REMOTE_READERS if workers is None else workers
-    yield from _in_order(lambda url: _decoded(get(url), url, size), urls, ahead, n_workers)
+        yield from ((url, _decoded(data, url, size)) for url, data in _in_order(get, urls, _READ_AHEAD, _REMOTE_READERS))
 
 
 def iter_images(
@@ -480,11 +473,7 @@ def iter_images(
     on the current ones (Pillow and torch release the GIL). The images, their order, the skipped
     list and the errors raised are exactly those of the sequential pass (prefetch=0).
     """
-    urls = list(urls)
-    if prefetch > 0:
-        results = _prefetched(urls, storage_options, size, prefetch, workers)
-    else:
-        results = ((url, _decoded(data, url, size)) for url, data in _fetch_many(urls, storage_options))
+    results = _images(list(urls), storage_options, size, prefetch, workers)
     try:
         for pos, (url, image) in enumerate(results):
             if isinstance(image, ImageReadError):
