@@ -20,6 +20,7 @@ from lens_core import layout
 from lens_core.config import AtlasConfig, ConfigError, compute_run_id
 from lens_core.data import ClassIndex, ClassInfo, DataError, list_classes, read_class_index
 from lens_core.lineage import lineage_key
+from lens_core.model_cache import get_split
 from lens_core.models import check_nonnegative, checkpoint_digest
 from lens_core.store import RunStore
 
@@ -117,17 +118,12 @@ def _toy_index(config: AtlasConfig) -> ClassIndex | None:
     return ClassIndex({name: i for i, name in enumerate(class_names(config.data.toy_classes))}, url="the toy data")
 
 
-def check_label_set(info: RunInfo, class_index: ClassIndex | None) -> int:
-    """The model's number of outputs, checked against the class folders; ConfigError on mismatch.
+def check_label_set(info: RunInfo, class_index: ClassIndex | None, outputs: int) -> None:
+    """The model's number of outputs checked against the class folders; ConfigError on mismatch.
 
     Without a class index the label index is the sorted folder position, which is right only when
     the folders are exactly the model's label set: any other count is refused, never guessed.
     """
-    from lens_core.model_cache import get_split
-
-    split = get_split(info, "cpu")
-    check_nonnegative(split)
-    outputs = split.num_classes
     n = len(info.all_classes)
     if class_index is None and outputs != n:
         raise ConfigError(
@@ -140,7 +136,6 @@ def check_label_set(info: RunInfo, class_index: ClassIndex | None) -> int:
     if beyond:
         shown = ", ".join(f"{c.id}={c.index}" for c in beyond[:5])
         raise ConfigError(f"data.class_index gives label indices beyond the model's {outputs} outputs: {shown}")
-    return outputs
 
 
 def _class_record(c: ClassInfo) -> dict[str, Any]:
@@ -160,7 +155,10 @@ def prepare_run(config: AtlasConfig) -> RunInfo:
     provisional = config.model.num_classes or max(c.index for c in all_classes) + 1
     info = RunInfo(compute_run_id(digest, data_url, config), config, data_url, digest, provisional,
                    classes, all_classes)
-    info.num_classes = check_label_set(info, class_index)
+    split = get_split(info, "cpu")  # loaded once here; the cache serves this process's stages
+    check_nonnegative(split)
+    check_label_set(info, class_index, split.num_classes)
+    info.num_classes = split.num_classes
     _record_run(info)
     return info
 
@@ -197,8 +195,6 @@ def _record_run(info: RunInfo) -> None:
 
 def check_model(info: RunInfo) -> None:
     """Load the run's model once (CPU, cached in this process): `prepare_run` already did."""
-    from lens_core.model_cache import get_split
-
     get_split(info, "cpu")
 
 
