@@ -49,3 +49,12 @@ def unique_slugs(slugs: list[str]) -> list[str]:
 def _suffixed(slug: str, n: int) -> str:
     suffix = f"-{n}"
     return slug[: MAX_SLUG - len(suffix)].rstrip("-") + suffix
+
+
+def plain_text(text: str) -> str:
+    """Text without format (Cf: bidi overrides, zero-width) or control (Cc) characters.
+
+    Such characters let a label or class name reorder the page around it ("\u202e" reverses what
+    follows), so names shown on the site, in `lens status` and in labels pass through this.
+    """
+    return "".join(ch for ch in text if unicodedata.category(ch) not in ("Cf", "Cc"))
