@@ -156,9 +156,17 @@ class ImportanceConfig(_Section):
     batch_size: int = Field(256, gt=0, le=MAX_BATCH)
     images: int = Field(16, ge=1, le=1024, description="class images whose spatial activations feed the Sobol estimate")
     important_min_images: int = Field(3, ge=1, description="a concept is 'important' when it is the top concept of at least this many images")
-    min_share_patches: int = Field(
-        8, ge=1, description="the logit share is defined only when at least this many of the class's "
-        "patches are classified as the class; below it concepts are ranked by Sobol importance")
+    min_share_images: int = Field(
+        3, ge=1, description="the logit share is summed over the class's images that the model "
+        "classifies as the class; with fewer such images, concepts are ranked by Sobol importance")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "min_share_patches" in data:
+            raise ValueError("importance.min_share_patches is gone: the logit share is summed over "
+                             "images now; set importance.min_share_images (default 3) instead")
+        return data
 
 
 class MacoConfig(_Section):

@@ -86,6 +86,8 @@ def _class_entry(store: RunStore, cls: Any, status: dict, similar: dict, alignme
         skipped_images=len(acts.attrs.get("skipped", [])),
         assigned_images=imp.attrs.get("assigned_images"), assigned_patches=imp.attrs.get("assigned_patches"),
         importance_basis=basis, note=imp.attrs.get("note") or class_note(status) or None,
+        share_residual=_rounded(imp.attrs.get("share_residual")),
+        share_bias=_rounded(imp.attrs.get("share_bias")),
         flag="rarely-predicted" if imp.attrs.get("basis_reason") == "few-predicted" else None,
     )
 
@@ -140,6 +142,11 @@ def _class_entry(store: RunStore, cls: Any, status: dict, similar: dict, alignme
         "random_auc": round(float(imp.attrs["deletion_random_auc"]), 4),
     }
     return entry
+
+
+def _rounded(value: Any) -> float | None:
+    """A stored percentage for the page (two decimals), None when it was not computed."""
+    return None if value is None else round(float(value), 2)
 
 
 def _label_fields(label: dict[str, Any] | None) -> dict[str, Any]:

@@ -108,23 +108,27 @@ def _percent(scores: np.ndarray) -> np.ndarray:
     return (100.0 * scores / total if total > 0 else np.zeros_like(scores)).astype(np.float32)
 
 
-def _share_or_reason(info: Any, slug: str, split: Any, acts: Any, U: np.ndarray, W: np.ndarray
-                     ) -> tuple[np.ndarray | None, dict[str, Any]]:
-    """The logit share of each concept (percent), or None with the reason it is not defined."""
-    cls, imp = info.cls(slug), info.config.importance
+def _share_or_reason(info: Any, split: Any, acts: Any, cls: Any, image_U: np.ndarray,
+                     W: np.ndarray) -> tuple[np.ndarray | None, dict[str, Any]]:
+    """Each concept's percent share of the class logit summed over the images the model assigns to
+    the class (Lens's points), or None with the reason it is not defined.
+
+    An image's coefficients ū are those of its pooled activation (image_U), so that
+    logit_c(x) = sum_k ū_k (W_k . w_c) + residual(x) + bias exactly for a pooled-linear head.
+    """
     if split.head is None:
         return None, {"basis_reason": "no-linear-head"}
     weight, bias = (t.detach().cpu().float().numpy() for t in split.head)
-    contrib = logit_contributions(U, W, acts["A"][:], weight, bias, cls.index)
-    share = logit_share(contrib["contributions"], acts["patch_pred"][:] == cls.index,
+    contrib = logit_contributions(image_U, W, acts["image_A"][:], weight, bias, cls.index)
+    share = logit_share(contrib["contributions"], acts["image_pred"][:] == cls.index,
                         contrib["residual"], contrib["bias"])
-    if share.n_points < imp.min_share_patches:
+    if share.n_points < info.config.importance.min_share_images:
         return None, {"basis_reason": "few-predicted"}
     if share.denominator <= 0:
         return None, {"basis_reason": "non-positive-logit"}
     return np.asarray(share.concepts, np.float32), {
         "share_residual": float(share.residual), "share_bias": float(share.bias),
-        "predicted_patches": int(share.n_points)}
+        "share_images": int(share.n_points)}
 
 
 def _importance(info: Any, slug: str, inputs: Inputs, device: str | None) -> dict[str, Any]:
@@ -134,7 +138,7 @@ def _importance(info: Any, slug: str, inputs: Inputs, device: str | None) -> dic
     split = get_split(info, dev)
     acts = store.zarr[layout.acts(slug)]
     con = store.zarr[layout.concepts(slug)]
-    U, W = con["U"][:], con["W"][:]
+    W = con["W"][:]
     k = W.shape[0]
     imp = cfg.importance
     extractor = make_extractor(cfg.concepts)
@@ -147,7 +151,9 @@ def _importance(info: Any, slug: str, inputs: Inputs, device: str | None) -> dic
     image_pred, patch_pred = acts["image_pred"][:], acts["patch_pred"][:]
     counts = {"assigned_images": int((image_pred == cls.index).sum()), "n_images": int(len(image_pred)),
               "assigned_patches": int((patch_pred == cls.index).sum()), "n_patches": int(len(patch_pred))}
-    share, why = _share_or_reason(info, slug, split, acts, U, W)
+    image_A = acts["image_A"][:]
+    image_U = np.asarray(extractor.encode(image_A, W, device=dev), np.float32)
+    share, why = _share_or_reason(info, split, acts, cls, image_U, W)
     out: dict[str, np.ndarray] = {"sobol": sobol, "sobol_share": _percent(sobol)}
     if share is not None:
         out["logit_share"] = share
@@ -159,12 +165,9 @@ def _importance(info: Any, slug: str, inputs: Inputs, device: str | None) -> dic
     else:
         direction = sobol
     assigned = np.flatnonzero(image_pred == cls.index)
-    image_A = acts["image_A"][:]
-    image_U = (np.asarray(extractor.encode(image_A[assigned], W), np.float32) if len(assigned)
-               else np.zeros((0, k), np.float32))
-    image_importance = (image_U * direction[None, :]).astype(np.float32)
+    image_importance = (image_U[assigned] * direction[None, :]).astype(np.float32)
     out["image_positions"] = assigned.astype(np.int32)
-    out["image_U"] = image_U
+    out["image_U"] = image_U[assigned]
     out["image_importance"] = image_importance
     top = image_importance.argmax(1) if len(image_importance) else np.zeros(0, int)
     out["n_top_images"] = np.bincount(top, minlength=k).astype(np.int32)
@@ -197,8 +200,8 @@ def basis_note(reason: str | None, counts: dict[str, int]) -> str:
         return ("the model's head is not a linear map of the pooled activations at this layer, so the "
                 "logit cannot be split exactly across concepts: percentages are shares of the summed "
                 "Sobol total indices")
-    seen = (f"the model classifies {counts['assigned_patches']} of {counts['n_patches']} patches "
-            f"({counts['assigned_images']} of {counts['n_images']} images) of this class as the class")
+    seen = (f"the model classifies {counts['assigned_images']} of {counts['n_images']} images "
+            f"of this class as the class")
     if reason == "few-predicted":
         return (f"rarely predicted: {seen}, too few to define the share of its logit; concepts are "
                 "ranked by Sobol importance instead")

@@ -4,8 +4,8 @@ runs end to end, two classes, on a tiny image folder and checkpoint of the same 
 Only URLs and sizes are overridden: the architecture, layer, number of outputs, concepts,
 normalization and every method choice are the example's own. The checkpoint is the architecture
 at seeded random init (no pretrained weights) whose classifier rows for the two classes point from
-one class's mean patch features to the other's, so the model predicts each class on most of its
-own patches. The logit share then exists, and only if LENS gives each class the label index of the
+one class's mean image features to the other's, so the model classifies most of each class's
+images as the class. The logit share then exists, and only if LENS gives each class the label index of the
 class-index file: the other class's row takes about a quarter of the patches, any other row none.
 """
 
@@ -153,17 +153,20 @@ def _write_images(ex: Example, root: Path) -> Path:
 
 
 def _patches(data: Path, cfg: AtlasConfig) -> torch.Tensor:
-    """A 4x4 grid of patches of every image of a class folder, at the model input, normalized."""
+    """A 4x4 grid of patches of every image of a class folder, and the whole images, at the model
+    input, normalized (what the activation stage feeds the model): (patches, images)."""
     s, side = cfg.patches.image_size, round(cfg.patches.fraction * cfg.patches.image_size)
     starts = [j * (s - side) // 3 for j in range(4)]
     mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in (cfg.model.mean, cfg.model.std))
-    out = []
+    out, wholes = [], []
     for path in sorted(data.iterdir()):
         img = torch.from_numpy(np.asarray(Image.open(path).convert("RGB"), np.float32) / 255)
         img = F.interpolate(img.permute(2, 0, 1)[None], size=(s, s), mode="bilinear", antialias=True)
         crops = torch.cat([img[:, :, y:y + side, x:x + side] for y in starts for x in starts])
-        out.append(F.interpolate(crops, size=cfg.model.input_size, mode="bilinear", antialias=True))
-    return (torch.cat(out) - mean) / std
+        size = cfg.model.input_size
+        out.append(F.interpolate(crops, size=size, mode="bilinear", antialias=True))
+        wholes.append(F.interpolate(img, size=size, mode="bilinear", antialias=True))
+    return (torch.cat(out) - mean) / std, (torch.cat(wholes) - mean) / std
 
 
 def _checkpoint(ex: Example, data: Path, cfg: AtlasConfig, indices: tuple[int, int], path: Path) -> None:
@@ -172,7 +175,7 @@ def _checkpoint(ex: Example, data: Path, cfg: AtlasConfig, indices: tuple[int, i
     set so each class is predicted on its own patches; saved as a plain state dict."""
     torch.manual_seed(0)
     model = torchvision.models.get_model(ex.arch, weights=None, num_classes=ex.outputs)
-    patches = [_patches(data / d, cfg) for d in ex.classes]
+    patches, images = zip(*(_patches(data / d, cfg) for d in ex.classes), strict=True)
     for bn in model.modules():
         if isinstance(bn, nn.BatchNorm2d):
             bn.reset_running_stats()
@@ -182,18 +185,26 @@ def _checkpoint(ex: Example, data: Path, cfg: AtlasConfig, indices: tuple[int, i
         model.train()(torch.cat(patches))
         model.eval()
         with autocast("cpu", cfg.model.precision):  # the features the run will see (bf16 for ImageNet)
-            feats = [body(x).flatten(1).float() for x in patches]
-        mu = [f.mean(0) for f in feats]
-        d, mid = mu[0] - mu[1], (mu[0] + mu[1]) / 2
-        # orthogonal to the features' common (all-positive) direction: the logit is not a difference
-        # of two large numbers, which bf16 (the ImageNet example's precision) could not resolve
-        common = torch.nn.functional.normalize(torch.cat(feats).mean(0), dim=0)
-        d_perp = d - (d @ common) * common
+            feats = [body(x).flatten(1).float() for x in images]
+        # a separating direction (least squares on the two classes' images) orthogonal to the
+        # features' common (all-positive) direction: the logit is not a difference of two large
+        # numbers, which bf16 (the ImageNet example's precision) could not resolve
+        X = torch.cat(feats).double()
+        y = torch.cat([torch.ones(len(feats[0])), -torch.ones(len(feats[1]))]).double()
+        common = torch.nn.functional.normalize(X.mean(0), dim=0)
+        Xp = X - (X @ common)[:, None] * common
+        d = torch.linalg.lstsq(torch.cat([Xp, torch.ones(len(X), 1, dtype=X.dtype)], 1),
+                               y[:, None]).solution[:-1, 0]
+        d = d - (d @ common) * common
+        proj = Xp @ d
+        low, high = proj[y < 0].max(), proj[y > 0].min()
+        assert high > low, "the two classes' images are not separable"
+        mid = (low + high) / 2
         others = model.fc(torch.cat(feats)).abs().max()  # the largest logit any other row gives
-        weight = 20 * others * d_perp / (d_perp @ d / 2)  # +-20x that logit at the class means
+        scale = 20 * others / ((high - low) / 2)  # +-20x that logit at the closest images
         for sign, row in zip((1, -1), indices, strict=True):
-            model.fc.weight[row] = sign * weight
-            model.fc.bias[row] = -sign * weight @ mid
+            model.fc.weight[row] = (sign * scale * d).float()
+            model.fc.bias[row] = float(-sign * scale * mid)
     torch.save(model.state_dict(), path)
 
 
@@ -243,8 +254,8 @@ def test_the_example_explains_two_classes_end_to_end(ex: Example, tmp_path: Path
     for cls in info.classes:
         imp = store.zarr[f"importance/{cls.slug}"].attrs
         assert imp["importance_basis"] == "logit_share", imp.get("note")
-        # most of its patches are predicted as the class-index file's label (module docstring)
-        assert 2 * imp["assigned_patches"] > imp["n_patches"], imp
+        # most of its images are classified as the class-index file's label (module docstring)
+        assert 2 * imp["assigned_images"] > imp["n_images"] and imp["share_images"] >= 3, imp
         page = (site / "classes" / cls.slug / "index.html").read_text()
         assert len(re.findall(r'<li id="concept-\d+" class="concept', page)) == 10
         want = names[cls.id]

@@ -280,7 +280,7 @@ def test_a_class_the_model_no_longer_recognises_gets_a_clear_notice(scrambled):
     good, bad = scrambled["shipped"], scrambled["scrambled"]
     victim = bad["info"].classes[1]
     imp = bad["info"].store().zarr[f"importance/{victim.slug}"]
-    assert imp.attrs["assigned_patches"] < 8 <= good["info"].store().zarr[f"importance/{victim.slug}"].attrs["assigned_patches"]
+    assert imp.attrs["assigned_images"] < 3 <= good["info"].store().zarr[f"importance/{victim.slug}"].attrs["assigned_images"]
     assert imp.attrs["basis_reason"] == "few-predicted" and "logit_share" not in set(imp.array_keys())
 
     page = (bad["site"] / "classes" / victim.slug / "index.html").read_text()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import posixpath
 from collections.abc import Sequence
 
@@ -78,10 +79,11 @@ def layout_chart(
     height: int = 240,
     pad: int = 28,
 ) -> list[dict]:
-    """Concept-similarity map: one node per concept, radius by logit share, same colours as above."""
+    """Concept-similarity map: one node per concept, radius by the size of its share (a concept
+    that argues against the class is as big as its share and marked `against`), same colours."""
     sx = _scaler([p["x"] for p in layout], pad, width - pad)
     sy = _scaler([p["y"] for p in layout], height - pad, pad)
-    top = max([s for s in shares.values() if s] or [1.0])
+    top = max([abs(s) for s in shares.values() if s] or [1.0])
     nodes = []
     for p in layout:
         share = shares.get(p["concept"]) or 0.0
@@ -90,9 +92,10 @@ def layout_chart(
                 "concept": p["concept"],
                 "x": _f(sx(p["x"])),
                 "y": _f(sy(p["y"])),
-                "r": _f(6 + 16 * (share / top) ** 0.5),
+                "r": _f(6 + 16 * math.sqrt(abs(share) / top)),
                 "k": colour.get(p["concept"], OTHER),
                 "in_top": p["concept"] in colour,
+                "against": share < 0,
             }
         )
     return nodes

@@ -143,7 +143,7 @@ class Concept(_Model):
     id: Annotated[int, BeforeValidator(_integer)]
     rank: Integer = Field(None, description="rank by importance (1 = first); tie-break only")
     color: str | None = Field(None, description="its colour on maps and charts (by rank)")
-    logit_share: Number = Field(None, description="percent of the summed class logit over the points classified as the class; negative = argues against the class")
+    logit_share: Number = Field(None, description="percent of the summed class logit over the images classified as the class; negative = argues against the class")
     sobol: Number = Field(None, description="Sobol total index")
     sobol_share: Number = Field(None, description="percent of the class's summed Sobol total indices (shown when there is no logit share)")
     important: bool = False
@@ -248,6 +248,8 @@ class ClassEntry(_Model):
     assigned_images: Integer = Field(None, description="of the class's images, how many the model classifies as the class")
     assigned_patches: Integer = Field(None, description="the same for patches")
     importance_basis: Literal["logit_share", "sobol"] | None = Field(None, description="what the percentages are")
+    share_residual: Number = Field(None, description="with a logit share: the percent of the summed class logit that the concepts do not reconstruct")
+    share_bias: Number = Field(None, description="with a logit share: the head's bias, in percent of the summed class logit")
     note: str | None = Field(None, description="why the percentages are Sobol-based, or another finding")
     flag: str | None = Field(None, description="a finding flagged on the index, e.g. rarely-predicted")
     thumb: Path = None
