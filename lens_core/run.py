@@ -19,7 +19,7 @@ import torch
 from lens_core import layout
 from lens_core.config import AtlasConfig, ConfigError, compute_run_id
 from lens_core.data import ClassIndex, ClassInfo, DataError, list_classes, read_class_index
-from lens_core.lineage import lineage_key
+from lens_core.lineage import find_run, lineage_key
 from lens_core.model_cache import get_split
 from lens_core.models import check_nonnegative, checkpoint_digest
 from lens_core.store import RunStore
@@ -144,6 +144,7 @@ def _class_record(c: ClassInfo) -> dict[str, Any]:
 
 def prepare_run(config: AtlasConfig) -> RunInfo:
     """Resolve data, classes, checkpoint digest and run id; load and check the model; write run.json."""
+    _check_previous_run(config)
     data_url = resolve_data_url(config)
     so = config.storage_options
     class_index = read_class_index(config.data.class_index, so) if config.data.class_index else _toy_index(config)
@@ -164,33 +165,49 @@ def prepare_run(config: AtlasConfig) -> RunInfo:
 
 
 def _record_run(info: RunInfo) -> None:
-    """Write run.json on first use, and keep its class records current (a slug's class may change)."""
+    """Write run.json on first use, and keep its class records current (a slug's class may change).
+
+    Several processes of one run (`lens run --classes a`, `--classes b`, ...) record their classes
+    at once: one `RunStore.update_json` (S3 conditional put, a file lock on disk) merges each
+    process's classes into what is stored, so none is lost.
+    """
     store = info.store()
     config = info.config
-    meta = store.read_json(layout.RUN_JSON)
-    fresh = meta is None
-    if fresh:
-        meta = {
-            "run_id": info.run_id,
-            "created": datetime.now(UTC).isoformat(timespec="seconds"),
-            "checkpoint": config.model.checkpoint,
-            "checkpoint_digest": info.checkpoint_digest,
-            "data_url": info.data_url,
-            "config": config.redacted(),
-            "lineage": lineage_key(info.data_url, config),
-            "classes": [],
-            "versions": {"python": platform.python_version(), "torch": torch.__version__},
-        }
-    records = {c["slug"]: c for c in meta["classes"]}
     current = {c.slug: _class_record(c) for c in info.classes}
-    merged = {**records, **current}
-    if "lineage" not in meta:  # run.json written before runs had a lineage
-        meta["lineage"] = lineage_key(info.data_url, config)
-        fresh = True
-    if fresh or merged != records:
+
+    def merge(meta: dict[str, Any] | None) -> dict[str, Any]:
+        if not isinstance(meta, dict):
+            meta = {
+                "run_id": info.run_id,
+                "created": datetime.now(UTC).isoformat(timespec="seconds"),
+                "checkpoint": config.model.checkpoint,
+                "checkpoint_digest": info.checkpoint_digest,
+                "data_url": info.data_url,
+                "config": config.redacted(),
+                "classes": [],
+                "versions": {"python": platform.python_version(), "torch": torch.__version__},
+            }
+        if "lineage" not in meta:  # run.json written before runs had a lineage
+            meta["lineage"] = lineage_key(info.data_url, config)
+        merged = {**{c["slug"]: c for c in meta.get("classes", [])}, **current}
         meta["classes"] = sorted(merged.values(), key=lambda c: (c["index"], c["slug"]))
-        store.write_json(layout.RUN_JSON, meta)
+        return meta
+
+    store.update_json(layout.RUN_JSON, merge)
     store.zarr  # noqa: B018 - create lens.zarr's root here, before workers race to create it
+
+
+def _check_previous_run(config: AtlasConfig) -> None:
+    """`changes.previous_run` must name a run of the store: refused at set-up, before any class
+    is computed (else the comparison fails after every class's work)."""
+    wanted = config.changes.previous_run
+    if not wanted:
+        return
+    try:
+        find_run(config.store, wanted, config.storage_options)
+    except ValueError as err:
+        raise ConfigError(f"changes.previous_run: {err} (give the id of a run in this store, or leave "
+                          "it unset to compare with the latest finished run of the same data and method)") from None
 
 
 def check_model(info: RunInfo) -> None:
