@@ -70,6 +70,8 @@ def cmd_diff(args: argparse.Namespace) -> int:
     Console(width=max(120, Console().width)).print(table)
     if summary["not_compared"]:
         print(f"not compared (missing in one run): {', '.join(summary['not_compared'][:20])}")
+    for row in summary.get("not_comparable", [])[:20]:
+        print(_cell(f"not comparable: {row['slug']} ({row['reason']})"))
     return 0
 
 

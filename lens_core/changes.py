@@ -24,6 +24,9 @@ assignment (Hungarian algorithm) pairs them; a pair below `threshold` is no matc
 
 The report does not depend on the order of either run's concepts (the assignment is optimal, the
 score needs no assignment at all).
+
+The comparison is per class: a class whose two runs share no patch (its images changed between
+them) is reported "not comparable", with the reason, and every other class is still compared.
 """
 
 from __future__ import annotations
@@ -38,6 +41,10 @@ from lens_core import layout
 from lens_core.store import RunStore
 
 DEFAULT_THRESHOLD = 0.5
+
+
+class NotComparable(ValueError):
+    """One class of two runs cannot be compared (they share no patch); the message says why."""
 
 
 @dataclass
@@ -122,7 +129,7 @@ def _aligned(a: ClassSide, b: ClassSide) -> tuple[np.ndarray, np.ndarray]:
     where = {r: i for i, r in enumerate(b.rows)}
     common = [(i, where[r]) for i, r in enumerate(a.rows) if r in where]
     if not common:
-        raise ValueError(f"class {b.slug!r}: the two runs share no patch; they are not in one lineage")
+        raise NotComparable("its images changed between the two runs: they share no patch")
     ia, ib = (np.array(x) for x in zip(*common, strict=True))
     return a.U[ia], b.U[ib]
 
@@ -194,7 +201,9 @@ def compare(store_url: str, storage_options: dict[str, Any] | None, before: Any,
     Classes are paired by class dir and label index (slugs may differ between runs); `slugs`
     restricts to some of `after`'s. With `write`, each report and the ranking are stored under
     `after`'s changes/<before>/ and labels carry over; a class whose two fingerprints are
-    unchanged since its stored report is not recomputed.
+    unchanged since its stored report is not recomputed, but labels added to `before` since then
+    still carry. A class that cannot be compared is listed in the summary's `not_comparable` with
+    its reason (and stored as such), never in the ranking; the other classes are compared.
     """
     from lens_core.config import short_hash
     from lens_core.labels import carry_labels
@@ -204,7 +213,7 @@ def compare(store_url: str, storage_options: dict[str, Any] | None, before: Any,
     prev_slugs = {(c.get("id"), c.get("index")): c.get("slug") for c in before.meta.get("classes", [])}
     wanted = set(slugs) if slugs is not None else None
     reports: dict[str, dict[str, Any]] = {}
-    skipped = []
+    skipped, not_comparable = [], []
     for cls in after.meta.get("classes", []):
         slug = cls.get("slug")
         if wanted is not None and slug not in wanted:
@@ -217,22 +226,35 @@ def compare(store_url: str, storage_options: dict[str, Any] | None, before: Any,
             continue
         path = layout.changes_file(before.run_id, slug)
         inputs = short_hash([side_before.fingerprint, side_after.fingerprint, threshold], 16)
-        report = store.read_json(path) if write else None
-        if not (isinstance(report, dict) and report.get("inputs") == inputs):
-            report = compare_class(side_before, side_after, threshold)
-            report.update({"class": cls.get("id"), "name": cls.get("name"), "slug": slug, "prev_slug": prev_slug,
-                           "inputs": inputs})
-            if write:
-                report["labels"] = carry_labels(store, prev_store, slug, prev_slug, report)
-                store.write_json(path, report)
-        reports[slug] = report
+        stored = store.read_json(path) if write else None
+        cached = isinstance(stored, dict) and stored.get("inputs") == inputs
+        report = dict(stored) if cached else _class_report(side_before, side_after, threshold)
+        report.update({"class": cls.get("id"), "name": cls.get("name"), "slug": slug, "prev_slug": prev_slug,
+                       "inputs": inputs})
+        if report.get("comparable") is False:
+            not_comparable.append({"slug": slug, "name": cls.get("name"), "reason": report.get("reason")})
+        elif write:  # carried even when the report is cached: the previous run may have new labels
+            done = (stored.get("labels") or {}).get("carried", []) if cached else []
+            report["labels"] = carry_labels(store, prev_store, slug, prev_slug, report, done)
+        if write and report != stored:
+            store.write_json(path, report)
+        if report.get("comparable") is not False:
+            reports[slug] = report
     summary = {"run_id": after.run_id, "previous": before.run_id, "previous_label": before.label,
                "previous_created": before.created, "threshold": threshold, "ranking": ranked(reports),
-               "not_compared": skipped}
+               "not_compared": skipped, "not_comparable": not_comparable}
     if write:
         store.write_json(layout.changes_summary(before.run_id), summary)
         store.write_json(layout.CHANGES_LATEST, {"previous": before.run_id})
     return summary, reports
+
+
+def _class_report(before: ClassSide, after: ClassSide, threshold: float) -> dict[str, Any]:
+    """One class's report, or {"comparable": False, "reason"} when its two runs cannot be compared."""
+    try:
+        return {"comparable": True, **compare_class(before, after, threshold)}
+    except NotComparable as err:
+        return {"comparable": False, "reason": str(err)}
 
 
 def read_changes(store: RunStore) -> tuple[dict[str, Any] | None, dict[str, dict[str, Any]]]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import posixpath
 from datetime import UTC, datetime
 from typing import Any
 
@@ -185,9 +186,9 @@ def _class_changes(entry: dict[str, Any], report: dict[str, Any], summary: dict[
     }
 
 
-def _previous_page(info: RunInfo, previous: str, prev_slug: str) -> dict[str, Any] | None:
+def _previous_page(info: RunInfo, previous: str, prev_slug: str, base: str) -> dict[str, Any] | None:
     """The previous run's published data file of a class (its concepts' viz and crops), if published here."""
-    url = join_url(normalize_url(info.config.publish), previous, "data", f"{prev_slug}.json")
+    url = join_url(base, previous, "data", f"{prev_slug}.json")
     try:
         fs, path = filesystem(url, info.config.storage_options)
         data = json.loads(fs.cat_file(path))
@@ -196,10 +197,25 @@ def _previous_page(info: RunInfo, previous: str, prev_slug: str) -> dict[str, An
     return data if isinstance(data, dict) else None
 
 
+def _previous_site(info: RunInfo, previous: str, base: str) -> tuple[bool, set[str]]:
+    """(whether the previous run's site index exists beside this one, the slugs of its class pages
+    there): pages link to the previous run's pages only when those exist (issue 21)."""
+    try:
+        fs, root = filesystem(join_url(base, previous), info.config.storage_options)
+        index = fs.exists(posixpath.join(root, "index.html"))
+        classes = posixpath.join(root.rstrip("/"), "classes")
+        found = fs.find(classes)  # one listing, whatever the number of classes
+    except (FileNotFoundError, OSError):
+        return False, set()
+    pages = (posixpath.dirname(p) for p in found if posixpath.basename(p) == "index.html")
+    return index, {posixpath.basename(d) for d in pages if posixpath.dirname(d) == classes}
+
+
 def _site_changes(info: RunInfo, entries: list[dict[str, Any]], summary: dict[str, Any],
-                  reports: dict[str, dict[str, Any]], prev_store: RunStore) -> dict[str, Any]:
+                  reports: dict[str, dict[str, Any]], prev_store: RunStore, base: str) -> dict[str, Any]:
     """The changes page's data, and each compared class's changes (added to `entries`)."""
     top = info.config.changes.most_changed
+    previous_site, previous_pages = _previous_site(info, summary["previous"], base)
     rank_of = {row["slug"]: i + 1 for i, row in enumerate(summary["ranking"])}
     old_labels = read_labels(prev_store)
     by_slug = {e["slug"]: e for e in entries}
@@ -211,14 +227,19 @@ def _site_changes(info: RunInfo, entries: list[dict[str, Any]], summary: dict[st
         rank = rank_of[row["slug"]]
         marked = rank <= top and row["score"] > 0
         _class_changes(entry, report, summary, rank, marked, old_labels.get(report["prev_slug"], {}))
-        before = _previous_page(info, summary["previous"], report["prev_slug"])
+        entry["changes"]["previous_page"] = report["prev_slug"] in previous_pages
+        before = _previous_page(info, summary["previous"], report["prev_slug"], base)
         ranking.append({**{k: row[k] for k in ("slug", "score", "appeared", "vanished", "matched")},
                         "name": entry["name"], "marked": marked, "prev_slug": report["prev_slug"],
                         "logit_change": report["logit_change"],
                         "before": _top_concepts(before) if before else None,
                         "after": _top_concepts(entry)})
+    names = {e["slug"]: e["name"] for e in entries}
+    not_comparable = [{"slug": row["slug"], "name": names.get(row["slug"], row["slug"]), "reason": row["reason"]}
+                      for row in summary.get("not_comparable", []) if row.get("slug") in names]
     return {"previous_run": summary["previous"], "previous_label": summary["previous_label"],
-            "threshold": summary["threshold"], "ranking": ranking}
+            "previous_site": previous_site, "threshold": summary["threshold"], "ranking": ranking,
+            "not_comparable": not_comparable}
 
 
 def _top_concepts(entry: dict[str, Any], n: int = 3) -> list[dict[str, Any]]:
@@ -230,8 +251,9 @@ def _top_concepts(entry: dict[str, Any], n: int = 3) -> list[dict[str, Any]]:
             for c in (entry.get("concepts") or [])[:n]]
 
 
-def collect_site_data(info: RunInfo) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(site data, assets {publish path: loader}) from everything the run stored."""
+def collect_site_data(info: RunInfo, publish_url: str | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(site data, assets {publish path: loader}) from everything the run stored, for a site
+    published under `publish_url` (default: the configured one)."""
     store = info.store()
     meta = store.read_json(layout.RUN_JSON, {})
     statuses = read_status(store, info.slugs)
@@ -247,7 +269,8 @@ def collect_site_data(info: RunInfo) -> tuple[dict[str, Any], dict[str, Any]]:
     changes = None
     if summary is not None:
         prev_store = RunStore(info.config.store, summary["previous"], info.config.storage_options)
-        changes = _site_changes(info, classes, summary, reports, prev_store)
+        changes = _site_changes(info, classes, summary, reports, prev_store,
+                                normalize_url(publish_url or info.config.publish))
     cfg = info.config
     site = {
         "run": {
@@ -278,7 +301,7 @@ def publish_pages(info: RunInfo, publish_url: str | None = None) -> dict[str, An
     from lens_core.site.builder import build_pages
 
     base = normalize_url(publish_url or info.config.publish)
-    site, assets = collect_site_data(info)
+    site, assets = collect_site_data(info, base)
     summary = build_pages(site, site_url(info, base), info.config.storage_options, assets)
     return {**{k: summary[k] for k in _KEEP if k in summary}, "site": site,
             "failed_classes": [c["slug"] for c in site["classes"] if c["status"] != "ok"]}

@@ -20,13 +20,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from safetensors.torch import load_file, save_file
+from tiny import TINY
 
-from lens_core.changes import compare, read_changes
-from lens_core.config import make_config
+from lens_core.changes import compare, compare_with_previous, read_changes
+from lens_core.config import ConfigError, make_config
 from lens_core.labels import read_labels, set_label
 from lens_core.lineage import find_run, list_runs, previous_run
 from lens_core.pipeline import explain
+from lens_core.publish import publish
+from lens_core.run import prepare_run
 from lens_core.store import RunStore
 from lens_core.toy import TOY_CHECKPOINT, ToyCNN, ensure_toy_dataset, read_mask
 from lens_core.toy.generator import DISTRACTOR_PARTS
@@ -278,3 +282,97 @@ def test_lens_diff_on_a_local_and_an_s3_store(lineage, s3, tmp_path):
     assert out.returncode == 0, out.stderr
     assert [(r["slug"], r["score"]) for r in json.loads(out.stdout)] == [(r["slug"], r["score"]) for r in rows]
     assert {r.run_id for r in list_runs(f"s3://{bucket}/store", s3.storage_options)} >= {a, b}
+
+
+# ---- issue 21: one class never sinks the comparison; links only to what exists; late labels carry ----
+def test_a_previous_run_that_does_not_exist_is_refused_at_set_up(tmp_path):
+    cfg = make_config({**TINY, "store": f"file://{tmp_path}/store", "publish": f"file://{tmp_path}/site",
+                       "changes": {"previous_run": "0123456789ab"}})
+    with pytest.raises(ConfigError, match=r"changes\.previous_run: no run 0123456789ab under"):
+        prepare_run(cfg)
+    assert not (tmp_path / "store" / "runs").exists()  # refused before anything was computed
+
+
+@pytest.fixture(scope="module")
+def edited(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """Two runs of three toy classes on two checkpoints (the second: the toy CNN with a little noise).
+    Between them, class 2's images were replaced (new files), so that class shares no patch with the
+    previous run. Run A is published under site-a, run B under site-b (not beside A)."""
+    root = tmp_path_factory.mktemp("edited")
+    data = ensure_toy_dataset(f"file://{root}/data", 10, 3, 0)
+    weights = load_file(str(TOY_CHECKPOINT))
+    gen = torch.Generator().manual_seed(0)
+    noisy = {k: v + 0.02 * v.abs().mean() * torch.randn(v.shape, generator=gen) if v.is_floating_point() else v
+             for k, v in weights.items()}
+    ckpt = root / "toy-noisy.safetensors"
+    save_file({k: v.contiguous() for k, v in noisy.items()}, str(ckpt))
+    base = {**TINY, "data": {"url": data, "images_per_class": 3}, "store": f"file://{root}/store"}
+    classes = ["0", "1", "2"]
+    a = explain(make_config({**base, "publish": f"file://{root}/site-a",
+                             "model": {"checkpoint": str(TOY_CHECKPOINT)}}, classes=classes))
+    changed = a["info"].slugs[2]
+    folder = Path(data[len("file://"):]) / a["info"].cls(changed).id
+    for image in sorted(folder.iterdir()):
+        image.rename(folder / f"new-{image.name}")
+    b = explain(make_config({**base, "publish": f"file://{root}/site-b", "model": {"checkpoint": str(ckpt)}},
+                            classes=classes))
+    return {"root": root, "a": a["info"], "b": b["info"], "b_result": b, "changed": changed}
+
+
+def test_a_class_whose_images_changed_is_not_comparable_and_the_others_publish(edited):
+    a, b, changed = edited["a"], edited["b"], edited["changed"]
+    summary = edited["b_result"]["changes"]
+    assert summary["previous"] == a.run_id
+    assert [row["slug"] for row in summary["not_comparable"]] == [changed]
+    assert "share no patch" in summary["not_comparable"][0]["reason"]
+    assert sorted(row["slug"] for row in summary["ranking"]) == sorted(s for s in b.slugs if s != changed)
+    report = b.store().read_json(f"changes/{a.run_id}/{changed}.json")
+    assert report["comparable"] is False and "share no patch" in report["reason"]
+    assert not edited["b_result"]["failed"] and b.store().exists("finished.json")
+    site = edited["root"] / "site-b" / b.run_id
+    assert all((site / "classes" / slug / "index.html").exists() for slug in b.slugs)
+    changes = (site / "changes.html").read_text()
+    assert re.findall(r'<li id="changed-([a-z0-9-]+)"', changes) == [row["slug"] for row in summary["ranking"]]
+    line = re.search(rf'<li id="not-comparable-{changed}">.*?</li>', changes).group(0)
+    assert "not comparable" in line and "share no patch" in line
+
+
+def _hrefs_into(page: Path, run_id: str) -> list[Path]:
+    """The files that a page's links and images into run `run_id`'s site point to."""
+    refs = re.findall(r'(?:href|src)="([^"#]+)', page.read_text())
+    return [(page.parent / ref).resolve() for ref in refs if f"{run_id}/" in ref]
+
+
+def test_pages_link_to_the_previous_run_only_where_its_site_exists(edited):
+    a, b, root = edited["a"], edited["b"], edited["root"]
+    site_b = root / "site-b" / b.run_id  # run A is not published under site-b
+    pages = [site_b / "changes.html", *(site_b / "classes" / slug / "index.html" for slug in b.slugs)]
+    assert "Since the previous checkpoint" in pages[1].read_text()
+    for page in pages:
+        assert _hrefs_into(page, a.run_id) == [], page
+    # published beside run A, the same pages link to A's pages, and every such link resolves
+    publish(edited["b"], f"file://{root}/site-a")
+    site = root / "site-a" / b.run_id
+    pages = [site / "changes.html", *(site / "classes" / slug / "index.html" for slug in b.slugs)]
+    links = [target for page in pages for target in _hrefs_into(page, a.run_id)]
+    assert any(t.name == "index.html" and t.parent.parent.name == "classes" for t in links), links
+    assert all(t.exists() for t in links), [t for t in links if not t.exists()]
+
+
+def test_a_label_added_to_the_previous_run_after_the_comparison_carries(edited):
+    a, b = edited["a"], edited["b"]
+    slug = b.slugs[0]
+    report = b.store().read_json(f"changes/{a.run_id}/{slug}.json")
+    pair = report["matched"][0]
+    set_label(a.store(), report["prev_slug"], pair["before"], "Late label")
+    summary = compare_with_previous(b)  # the stored comparison is reused (same fingerprints)
+    assert slug in {row["slug"] for row in summary["ranking"]}
+    label = read_labels(b.store())[slug][str(pair["after"])]
+    assert label["text"] == "Late label" and label["source"] == "carried" and label["from_run"] == a.run_id
+    again = b.store().read_json(f"changes/{a.run_id}/{slug}.json")
+    assert again["inputs"] == report["inputs"] and again["matched"] == report["matched"]  # not recomputed
+    assert {"concept": pair["after"], "from_concept": pair["before"], "text": "Late label"} in again["labels"]["carried"]
+    # a carried label the user removed stays removed when the comparison runs again
+    set_label(b.store(), slug, pair["after"], "")
+    compare_with_previous(b)
+    assert str(pair["after"]) not in read_labels(b.store()).get(slug, {})

@@ -230,6 +230,8 @@ class ClassChanges(_Model):
     logit_change: Number = None
     accuracy_before: Number = None
     accuracy_after: Number = None
+    previous_page: bool = Field(False, description="the previous run's page of the class is published beside this "
+                                "site (links go there only then)")
 
 
 class ClassEntry(_Model):
@@ -324,13 +326,23 @@ class ChangedClass(_Model):
     after: list[ChangedConcept] = Field(default_factory=list)
 
 
+class NotComparable(_Model):
+    """A class that could not be compared with the previous run (its images changed), and why."""
+
+    slug: Slug
+    name: Text = ""
+    reason: Text = ""
+
+
 class SiteChanges(_Model):
     """The comparison with the previous checkpoint's run (the changes page)."""
 
     previous_run: RunId
     previous_label: Text = ""
+    previous_site: bool = Field(False, description="the previous run's site is published beside this one")
     threshold: Number = None
     ranking: list[ChangedClass] = Field(default_factory=list)
+    not_comparable: list[NotComparable] = Field(default_factory=list)
 
 
 class Site(_Model):
@@ -415,7 +427,7 @@ def schema_markdown() -> str:
     parts = [_INTRO]
     for model in (Site, Run, ClassEntry, Concept, ConceptChange, Similar, Aligned, Cluster, Point, LayoutPoint,
                   Attribution, OverlayConcept, Fidelity, ClassChanges, Vanished, SiteChanges, ChangedClass,
-                  ChangedConcept):
+                  ChangedConcept, NotComparable):
         parts.append(f"\n## `{model.__name__}`\n\n{(model.__doc__ or '').strip()}\n")
         parts.append("| field | type | default | notes |\n|---|---|---|---|")
         for name, field in model.model_fields.items():
