@@ -269,8 +269,10 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--port", type=int, default=8000)
     serve.set_defaults(fn=cmd_serve)
     from flows.cli_changes import add_commands
+    from flows.cli_confusions import add_confusions_command
 
     add_commands(sub)
+    add_confusions_command(sub)
     args = parser.parse_args(argv)
     level = settings().log
     handler = logging.StreamHandler()

@@ -228,6 +228,16 @@ class ChangesConfig(_Section):
         return v
 
 
+class MistakesConfig(_Section):
+    """Mistakes explained by concepts (a cross-class step over stored results: not part of the run id)."""
+
+    examples: int = Field(3, ge=0, le=20, description="example images per pair of classes, each with the "
+                          "overlay of the predicted class's concepts")
+    example_pairs: int = Field(300, ge=0, le=100_000, description="pairs (most frequent first) that get examples")
+    bias_min_classes: int = Field(2, ge=2, le=1000, description="a concept is flagged as a bias candidate when it "
+                                  "carries most of the mistaken logit for images of at least this many other classes")
+
+
 class AtlasConfig(_Section):
     """One LENS run: model, data, method settings and where results go."""
 
@@ -239,6 +249,7 @@ class AtlasConfig(_Section):
     maco: MacoConfig = MacoConfig()
     crops: CropsConfig = CropsConfig()
     changes: ChangesConfig = ChangesConfig()
+    mistakes: MistakesConfig = MistakesConfig()
     store: str = Field("file://./lens-out/store", description="fsspec URL of the run store")
     publish: str = Field("file://./lens-out/site", description="fsspec URL of the published site")
     storage_options: dict[str, Any] = Field(
@@ -278,7 +289,8 @@ class AtlasConfig(_Section):
 
     def method_dict(self) -> dict[str, Any]:
         """The settings that change results (not where they are stored): part of the run id."""
-        return self.model_dump(mode="json", exclude={"store", "publish", "storage_options", "classes", "changes"})
+        return self.model_dump(mode="json", exclude={"store", "publish", "storage_options", "classes", "changes",
+                                                         "mistakes"})
 
     def redacted(self) -> dict[str, Any]:
         """The config as a dict safe to log, store or publish: only allow-listed storage options."""

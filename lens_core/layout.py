@@ -27,6 +27,7 @@ ZARR_ROOT = "lens.zarr"
 MAGNITUDE = "maco/magnitude.npy"
 SIMILAR = "atlas/similar.json"
 ALIGNMENT = "atlas/alignment.json"
+CONFUSIONS = "atlas/confusions.json"  # mistakes explained by concepts (written last by its step)
 LABELS = "labels.json"  # concept labels of this run (lens label)
 CHANGES = "changes"  # changes/<previous run>/<class>.json, .../summary.json: what changed since it
 CHANGES_LATEST = "changes/latest.json"  # which previous run the published changes are against
@@ -75,6 +76,11 @@ def viz(slug: str) -> str:
 def viz_file(slug: str, concept: int, ext: str) -> str:
     """A concept's render: .png (RGBA, alpha = transparency map) or .webp (plain)."""
     return f"{viz(slug)}/{concept}.{ext}"
+
+
+def confusion_file(true_slug: str, predicted_slug: str, name: str) -> str:
+    """An example image of a mistake (true class -> predicted class): overlay or plain image."""
+    return f"confusions/{true_slug}/{predicted_slug}/{name}"
 
 
 def status_dir(slug: str) -> str:

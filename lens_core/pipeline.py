@@ -47,8 +47,8 @@ __all__ = [
 
 def explain(config: AtlasConfig, device: str | None = None) -> dict[str, Any]:
     """The whole atlas in this process, in the flow's order (every class, renders, cross-class,
-    changes since the previous checkpoint, the site): what `lens run` does without Prefect or Dask."""
-    from lens_core import changes, cross_class, publish, viz_pool
+    changes since the previous checkpoint, mistakes explained by concepts, the site): what `lens run` does without Prefect or Dask."""
+    from lens_core import changes, confusions, cross_class, publish, viz_pool
     from lens_core.run import mark_finished
 
     info = prepare_run(config)
@@ -64,8 +64,10 @@ def explain(config: AtlasConfig, device: str | None = None) -> dict[str, Any]:
     viz_pool.finalize_viz(info)
     cross_class.build_cross_class(info, device)
     changed = changes.compare_with_previous(info)
+    mistakes = confusions.build_confusions(info, device)
     site = publish.publish(info)
     if not failed:
         mark_finished(info, publish.site_url(info))
-    return {"info": info, "failed": [s for s, _ in failed], "changes": changed, "site": site}
+    return {"info": info, "failed": [s for s, _ in failed], "changes": changed, "mistakes": mistakes,
+            "site": site}
 

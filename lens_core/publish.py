@@ -12,6 +12,7 @@ import numpy as np
 
 from lens_core import layout
 from lens_core.changes import read_changes
+from lens_core.confusions import read_confusions
 from lens_core.crops import concept_color
 from lens_core.labels import read_labels
 from lens_core.run import RunInfo
@@ -251,6 +252,35 @@ def _top_concepts(entry: dict[str, Any], n: int = 3) -> list[dict[str, Any]]:
             for c in (entry.get("concepts") or [])[:n]]
 
 
+def _site_mistakes(store: RunStore, entries: list[dict[str, Any]], assets: dict) -> dict[str, Any] | None:
+    """The mistakes page's data from the stored confusions (example images as assets), and each
+    bias candidate flagged on its concept card (`bias`)."""
+    report = read_confusions(store)
+    if report is None:
+        return None
+    ok = {e["slug"]: e for e in entries if e["status"] == "ok"}
+    pairs = []
+    for pair in report.get("pairs", []):
+        if pair["true"] not in ok:
+            continue
+        predicted = pair["predicted"] if pair["predicted"] in ok else None
+        examples = [{"concepts": ex.get("concepts", []), **{
+            kind: _asset(assets, store, layout.confusion_file(pair["true"], pair["predicted"], ex[kind]),
+                         f"assets/{layout.confusion_file(pair['true'], pair['predicted'], ex[kind])}")
+            for kind in ("overlay", "plain") if ex.get(kind)}}
+            for ex in pair.get("examples", [])] if predicted else []
+        pairs.append({**{k: pair.get(k) for k in ("true", "true_name", "predicted_name", "images", "basis",
+                                                  "note", "residual", "bias")},
+                      "predicted": predicted, "examples": examples,
+                      "concepts": pair.get("concepts", []) if predicted else []})
+    for slug, flags in report.get("bias", {}).items():
+        for concept in ok.get(slug, {}).get("concepts", []):
+            flag = flags.get(str(concept["id"]))
+            if flag:
+                concept["bias"] = {**flag, "pairs": [t for t in flag["pairs"] if t in ok]}
+    return {"mistaken": report.get("mistaken", 0), "n_images": report.get("n_images", 0), "pairs": pairs}
+
+
 def collect_site_data(info: RunInfo, publish_url: str | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
     """(site data, assets {publish path: loader}) from everything the run stored, for a site
     published under `publish_url` (default: the configured one)."""
@@ -280,6 +310,7 @@ def collect_site_data(info: RunInfo, publish_url: str | None = None) -> tuple[di
         },
         "classes": classes,
         "changes": changes,
+        "mistakes": _site_mistakes(store, classes, assets),
     }
     return site, assets
 

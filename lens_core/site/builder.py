@@ -179,6 +179,8 @@ def build_index(site: dict, publish_url: str, storage_options: dict[str, Any] | 
     ]
     if data["changes"]:
         pages.append(("changes.html", render.render_changes(data).encode()))
+    if data["mistakes"] is not None:
+        pages.append(("mistakes.html", render.render_mistakes(data).encode()))
     out.write_many(pages)
     index = render.render_index(data).encode()
     out.write_many([("index.html", index)])

@@ -37,6 +37,11 @@ def pct(value: float | None) -> str:
     return "–" if value is None else f"{value:.1f}%"
 
 
+def pct_of(fraction: float | None) -> str:
+    """A fraction (0.25) as a whole percent ("25%")."""
+    return "–" if fraction is None else f"{100 * fraction:.0f}%"
+
+
 def num(value: float | None, digits: int = 2) -> str:
     return "–" if value is None else f"{value:.{digits}f}"
 
@@ -62,7 +67,7 @@ def environment() -> Environment:
         lstrip_blocks=True,
         undefined=StrictUndefined,
     )
-    env.filters.update(pct=pct, num=num, json_html=lambda o: Markup(json_for_html(o)))
+    env.filters.update(pct=pct, pct_of=pct_of, num=num, json_html=lambda o: Markup(json_for_html(o)))
     return env
 
 
@@ -144,6 +149,7 @@ def class_list(data: dict) -> list[dict]:
 
 def _page(template: str, data: dict, r: str, **ctx: Any) -> str:
     ctx.setdefault("changes", data.get("changes"))
+    ctx.setdefault("mistakes", data.get("mistakes"))
     return (
         environment().get_template(template).render(run=data["run"], r=r, static=static_paths(), **ctx)
     )
@@ -175,6 +181,12 @@ def render_changes(data: dict) -> str:
     return _page("changes.html", data, "", slug=None)
 
 
+def render_mistakes(data: dict) -> str:
+    """mistakes.html: pairs of classes the model confuses, most images first, with their concepts."""
+    known = {c["slug"] for c in data["classes"] if c["status"] == "ok"}
+    return _page("mistakes.html", data, "", slug=None, known=known)
+
+
 def render_method(data: dict) -> str:
     config = json.dumps(data["run"]["config"], indent=2, sort_keys=True, default=str)
     return _page("method.html", data, "", slug=None, config_json=config)
@@ -188,6 +200,7 @@ def render_class(data: dict, i: int, known: set[str], max_concepts: int = 10) ->
     colour = {c["id"]: j for j, c in enumerate(top) if j < PALETTE_SIZE}
     shares = {c["id"]: _shown(cls, c) for c in cls["concepts"]}
     fid = cls["fidelity"]
+    pairs = data["mistakes"]["pairs"] if data.get("mistakes") else []
     ctx = {
         "slug": cls["slug"],
         "c": cls,
@@ -207,6 +220,9 @@ def render_class(data: dict, i: int, known: set[str], max_concepts: int = 10) ->
         "fid_chart": line_chart(fid["curve"], fid["random_curve"])
         if fid and fid["curve"]
         else None,
+        "name_by_slug": {c["slug"]: c["name"] for c in classes},
+        "mistaken_for": [m for m in pairs if m["predicted"] == cls["slug"]],
+        "went": [m for m in pairs if m["true"] == cls["slug"]],
     }
     return _page("class.html", data, CLASS_PREFIX, **ctx)
 

@@ -137,6 +137,14 @@ class ConceptChange(_Model):
     similarity: Number = None
 
 
+class ConceptBias(_Model):
+    """How many mistaken images of how many other classes a concept is the top concept of."""
+
+    images: int = 0
+    classes: int = 0
+    pairs: list[Slug] = Field(default_factory=list, description="the true classes of those images, most first")
+
+
 class Concept(_Model):
     """One concept of a class page (anchor #concept-<id>)."""
 
@@ -157,6 +165,8 @@ class Concept(_Model):
     label_source: Literal["user", "carried"] | None = None
     label_from: OptText = Field(None, description="where a carried label came from")
     change: ConceptChange | None = None
+    bias: ConceptBias | None = Field(None, description="a bias candidate: the concept carries most of the "
+                                     "mistaken logit for images of several other classes")
 
 
 class Point(_Model):
@@ -345,12 +355,54 @@ class SiteChanges(_Model):
     not_comparable: list[NotComparable] = Field(default_factory=list)
 
 
+class MistakeConcept(_Model):
+    """A concept of the predicted class in a mistake's explanation."""
+
+    concept: Annotated[int, BeforeValidator(_integer)]
+    share: Number = Field(None, description="percent of the mistaken logit (or of the summed Sobol indices)")
+    rank: Integer = Field(None, description="its rank on the predicted class's page (0 = first): its colour")
+    label: OptText = None
+
+
+class MistakeExample(_Model):
+    """A mistaken image, with the overlay of the predicted class's concepts."""
+
+    overlay: Path = None
+    plain: Path = None
+    concepts: list[OverlayConcept] = Field(default_factory=list)
+
+
+class MistakePair(_Model):
+    """Images of class `true` that the model assigns to class `predicted`, and why."""
+
+    true: Slug
+    true_name: Text = ""
+    predicted: Slug | None = Field(None, description="None when the predicted class is not in this run")
+    predicted_name: Text = ""
+    images: int = 0
+    basis: Literal["logit_share", "sobol"] | None = None
+    note: OptText = None
+    residual: Number = None
+    bias: Number = None
+    concepts: list[MistakeConcept] = Field(default_factory=list, description="largest share first")
+    examples: list[MistakeExample] = Field(default_factory=list)
+
+
+class SiteMistakes(_Model):
+    """The mistakes page: pairs of classes ranked by how many images the model confuses."""
+
+    mistaken: int = 0
+    n_images: int = 0
+    pairs: list[MistakePair] = Field(default_factory=list)
+
+
 class Site(_Model):
     """The whole site: a run and its classes in label order (previous/next links follow it)."""
 
     run: Run
     classes: list[ClassEntry] = Field(default_factory=list)
     changes: SiteChanges | None = None
+    mistakes: SiteMistakes | None = None
 
     @model_validator(mode="after")
     def _unique(self) -> Site:
@@ -427,7 +479,8 @@ def schema_markdown() -> str:
     parts = [_INTRO]
     for model in (Site, Run, ClassEntry, Concept, ConceptChange, Similar, Aligned, Cluster, Point, LayoutPoint,
                   Attribution, OverlayConcept, Fidelity, ClassChanges, Vanished, SiteChanges, ChangedClass,
-                  ChangedConcept, NotComparable):
+                  ChangedConcept, NotComparable, ConceptBias, SiteMistakes, MistakePair,
+                  MistakeConcept, MistakeExample):
         parts.append(f"\n## `{model.__name__}`\n\n{(model.__doc__ or '').strip()}\n")
         parts.append("| field | type | default | notes |\n|---|---|---|---|")
         for name, field in model.model_fields.items():

@@ -222,8 +222,28 @@
     });
   }
 
+  function initMistakes() {
+    var input = document.getElementById('mfilter');
+    if (!input) return;
+    var rows = Array.prototype.slice.call(document.querySelectorAll('#pairs > li'));
+    var count = document.getElementById('mcount');
+    function filter() {
+      var ts = terms(input.value), shown = 0;
+      rows.forEach(function (li) {
+        li.hidden = !matches(ts, norm(li.getAttribute('data-classes')));
+        if (!li.hidden) shown++;
+      });
+      if (count) count.textContent = shown + ' of ' + rows.length + ' pairs';
+    }
+    var wanted = new URLSearchParams(location.search).get('class');
+    if (wanted) input.value = wanted;
+    input.addEventListener('input', filter);
+    filter();
+  }
+
   document.addEventListener('DOMContentLoaded', function () {
     initTheme();
+    initMistakes();
     initRandom();
     var input = document.getElementById('q');
     if (input) (document.getElementById('grid') ? initGrid : initSuggest)(input);

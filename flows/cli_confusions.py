@@ -1,0 +1,83 @@
+"""`lens confusions`: the pairs of classes a run's model confuses, and the concepts that carried it."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+from lens_core.config import ConfigError, load_config
+from lens_core.naming import plain_text
+
+
+def _rows(report: dict[str, Any], wanted: str | None) -> list[dict[str, Any]]:
+    """The pairs as `lens confusions --json` prints them, most images first; one class's with `wanted`."""
+    rows = []
+    for pair in report.get("pairs", []):
+        if wanted and wanted not in (pair["true"], pair["predicted"]):
+            continue
+        rows.append({
+            "true": pair["true"], "predicted": pair["predicted"],
+            "predicted_index": pair["predicted_index"], "true_name": pair["true_name"],
+            "predicted_name": pair["predicted_name"], "images": pair["images"], "basis": pair["basis"],
+            "concepts": [{"concept": c["concept"], "share": c["share"], "label": c["label"]}
+                         for c in pair["concepts"]],
+            "residual": pair["residual"], "bias": pair["bias"], "note": pair["note"],
+            "examples": [{"image": e["image"], "overlay": e.get("overlay"), "plain": e.get("plain")}
+                         for e in pair["examples"]],
+        })
+    return sorted(rows, key=lambda r: -r["images"])
+
+
+def _line(row: dict[str, Any]) -> str:
+    top = ", ".join(f"{c['label'] or 'concept ' + str(c['concept'])} {c['share']:.1f}%"
+                    for c in row["concepts"][:3]) or (row["note"] or "")
+    return plain_text(f"{row['images']:>5}  {row['true_name']} -> {row['predicted_name']}  {top}")
+
+
+def cmd_confusions(args: argparse.Namespace) -> int:
+    """Print the confusions of the latest (or a named) run: a line per pair, or JSON."""
+    from lens_core.confusions import read_confusions
+    from lens_core.lineage import find_run, list_runs
+    from lens_core.store import RunStore
+
+    cfg = load_config(args.config, store=args.store)
+    try:
+        runs = [find_run(cfg.store, args.run, cfg.storage_options)] if args.run else \
+            list_runs(cfg.store, cfg.storage_options)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    if not runs:
+        raise ConfigError(f"no run found under {cfg.store}")
+    record = runs[-1]
+    report = read_confusions(RunStore(cfg.store, record.run_id, cfg.storage_options))
+    if report is None:
+        raise ConfigError(f"run {record.run_id} has no confusions yet (they are computed after "
+                          "every class has finished)")
+    wanted = None
+    if args.cls:
+        known = {c["slug"]: c for c in record.meta.get("classes", [])}
+        match = [s for s, c in known.items() if args.cls in (s, c.get("id"), c.get("name"))]
+        if not match:
+            raise ConfigError(f"no class {args.cls!r} in run {record.run_id}")
+        wanted = match[0]
+    rows = _rows(report, wanted)
+    if args.json:
+        print(json.dumps(rows, indent=1, allow_nan=False, ensure_ascii=False))
+        return 0
+    print(f"run {record.run_id}: {report.get('mistaken', 0)} of {report.get('n_images', 0)} sampled "
+          "images assigned to another class")
+    for row in rows:
+        print(_line(row))
+    return 0
+
+
+def add_confusions_command(sub: Any) -> None:
+    """Register `lens confusions` on the CLI's subparsers."""
+    p = sub.add_parser("confusions", help="which classes the model confuses, explained by concepts")
+    p.add_argument("--store", help="run store URL")
+    p.add_argument("--config", help="AtlasConfig TOML (store and storage options)")
+    p.add_argument("--run", help="run id (default: the latest run in the store)")
+    p.add_argument("--class", dest="cls", help="only the pairs of this class (slug, id or name)")
+    p.add_argument("--json", action="store_true", help="print JSON: a list of pairs, most images first")
+    p.set_defaults(fn=cmd_confusions)
