@@ -8,6 +8,7 @@ appending. Writes into a Zarr group (see DESIGN.md, ``acts/<class>``):
   image_A  (n_images, C) float32    pooled activations of each whole image
   image_logit, image_pred           the same for whole images
   spatial  (m, C, H, W) float32     spatial activations of the first m images (importance, maps)
+  spatial_extra (m, T, C) float32   a token model's class/register tokens of those images (h needs them)
 and attrs: image_urls (readable images in order), skipped [(url, reason)], layer, counts.
 """
 
@@ -35,6 +36,7 @@ from lens_core.data import (
 )
 from lens_core.device import autocast, inference, pick_device
 from lens_core.models import SplitModel
+from lens_core.tokens import extra_tokens
 
 
 @dataclass
@@ -266,6 +268,9 @@ class _Run:
                                image_pred=logits.argmax(1))
                 if self.spatial_left > 0 and acts.ndim == 4:
                     results["spatial"] = acts[: self.spatial_left].float()
+                    extra = extra_tokens(self.split.g, acts)  # a token model's class token
+                    if extra is not None:
+                        results["spatial_extra"] = extra[: self.spatial_left].float()
                     self.spatial_left -= len(results["spatial"])
         if not results:
             return None
@@ -300,5 +305,7 @@ def _store(out: _Appender, batch: _Launched, boxes: np.ndarray, on_batch: Callab
         out.add("image_pred", r["image_pred"].astype(np.int32))
     if "spatial" in r:
         out.add("spatial", np.ascontiguousarray(r["spatial"], dtype=np.float32))
+    if "spatial_extra" in r:
+        out.add("spatial_extra", np.ascontiguousarray(r["spatial_extra"], dtype=np.float32))
     if on_batch is not None and len(batch.positions):
         on_batch(len(batch.positions))

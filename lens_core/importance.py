@@ -159,9 +159,10 @@ def _masked_logits(
     batch_size: int,
     residual: torch.Tensor | None = None,
     precision: str = "fp32",
+    extra: torch.Tensor | None = None,
 ) -> np.ndarray:
     """Class logit of h((U * mask) W [+ residual]) for every (mask, image): array (M, N); h under
-    autocast in `precision`."""
+    autocast in `precision`; a token model's h also gets each image's `extra` tokens (N, T, C)."""
     n, L, _ = U3.shape
     m = masks.shape[0]
     out = torch.empty(m * n, dtype=torch.float64, device=U3.device)
@@ -176,9 +177,13 @@ def _masked_logits(
         else:
             x = x[:, 0, :]
         with autocast(U3.device, precision):
-            logits = h(x)
+            logits = h(x) if extra is None else h(x, extra[ii])
         out[s : s + len(pair)] = logits[:, class_index].double()
     return out.reshape(m, n).cpu().numpy()
+
+
+def _extra(extra: np.ndarray | torch.Tensor | None, dev: torch.device) -> torch.Tensor | None:
+    return None if extra is None else torch.as_tensor(extra).to(dev, torch.float32)
 
 
 def concept_sobol(
@@ -195,6 +200,7 @@ def concept_sobol(
     U: np.ndarray | torch.Tensor | None = None,
     scramble: bool = False,
     precision: str = "fp32",
+    extra: np.ndarray | torch.Tensor | None = None,
 ) -> np.ndarray:
     """CRAFT importance (k,): total Sobol index of each concept for the class logit, image-averaged.
 
@@ -203,14 +209,15 @@ def concept_sobol(
     at all locations of an image, h sees (U * mask) W (no residual, as in CRAFT). h should be in
     eval mode (a SplitModel is accepted for h: its .h is used); batch_size is the number of
     perturbed images per h call; designs as in saltelli_masks. precision: autocast dtype of h's
-    forwards ("fp32", "bf16", "fp16"); the estimator itself is float64.
+    forwards ("fp32", "bf16", "fp16"); the estimator itself is float64. extra: a token model's
+    class/register tokens per image (N, T, C), kept as they are while the map is masked.
     """
     h, dev, _, shape, Wt, U3 = _prepare(h, acts, W, U, device)
     autocast(dev, precision)  # an unknown precision fails here, before any work
     k = Wt.shape[0]
     masks = saltelli_masks(k, n_designs, sampler, seed, scramble)
     y = _masked_logits(h, U3, Wt, torch.from_numpy(masks).to(dev), class_index, shape, batch_size,
-                       precision=precision)
+                       precision=precision, extra=_extra(extra, dev))
     return jansen_total(y, n_designs, k)
 
 
@@ -297,13 +304,14 @@ def deletion_curve(
     batch_size: int = 256,
     device: str | torch.device | None = None,
     precision: str = "fp32",
+    extra: np.ndarray | torch.Tensor | None = None,
 ) -> tuple[np.ndarray, float]:
     """Mean class logit as concepts are removed in `order`: curve (k + 1,) and its area.
 
     curve[s] = mean over images of h(U W with the first s concepts of `order` zeroed [+ the fixed
     residual A - U W]); auc = trapezoid area with the x axis scaled to [0, 1] (in logit units;
     lower = the order finds the logit's support faster). U as in concept_sobol (None = NNLS);
-    precision: autocast dtype of h's forwards.
+    precision: autocast dtype of h's forwards; extra: a token model's tokens, as in concept_sobol.
     """
     h, dev, rows, shape, Wt, U3 = _prepare(h, acts, W, U, device)
     autocast(dev, precision)  # an unknown precision fails here, before any work
@@ -319,7 +327,7 @@ def deletion_curve(
         residual = rows.reshape(U3.shape[0], U3.shape[1], -1) - U3 @ Wt
     y = _masked_logits(
         h, U3, Wt, torch.from_numpy(masks).to(dev), class_index, shape, batch_size, residual,
-        precision=precision,
+        precision=precision, extra=_extra(extra, dev),
     )
     curve = y.mean(axis=1)
     return curve, float(np.trapezoid(curve, dx=1.0 / k))
@@ -336,7 +344,7 @@ def random_deletion_baseline(
     **kwargs: object,
 ) -> tuple[np.ndarray, float]:
     """Deletion curve and area averaged over n_orders random orders (the chance baseline);
-    kwargs go to deletion_curve (keep_residual, batch_size, device, precision)."""
+    kwargs go to deletion_curve (keep_residual, batch_size, device, precision, extra)."""
     k = torch.as_tensor(W).shape[0]
     if U is None:  # project once, not once per order
         dev = _model_device(_head(h), kwargs.get("device"), acts)  # type: ignore[arg-type]

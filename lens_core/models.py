@@ -30,6 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lens_core import tokens
 from lens_core.config import ModelConfig
 from lens_core.settings import settings
 from lens_core.store import StoreAccessError, call, filesystem
@@ -526,11 +527,15 @@ def split_model(model: nn.Module, layer: str, model_cfg: ModelConfig) -> SplitMo
     _freeze(model)
     head_spec = None
     if hasattr(model, "lens_split"):
-        parts = model.lens_split(layer)
+        try:
+            parts = model.lens_split(layer)
+        except Exception as err:  # noqa: BLE001 - the model's own code: one clear line
+            raise ModelError(f"{type(model).__name__}.lens_split({layer!r}) failed: "
+                             f"{type(err).__name__}: {_first_line(err)}") from None
         g_body, h = parts[0], parts[1]
         head_spec = parts[2] if len(parts) > 2 else None
     else:
-        g_body, h = _sequential_split(model, layer)
+        g_body, h = _token_or_sequential_split(model, layer, model_cfg.input_size)
     norm = Normalize(model_cfg.mean, model_cfg.std)
     g = _freeze(nn.Sequential(norm, g_body))
     h = _freeze(h)
@@ -541,30 +546,95 @@ def split_model(model: nn.Module, layer: str, model_cfg: ModelConfig) -> SplitMo
     gen = torch.Generator().manual_seed(0)
     x = torch.rand(4, 3, model_cfg.input_size, model_cfg.input_size, generator=gen).to(device, dtype)
     with torch.no_grad():
-        ref = model(norm(x))
+        try:
+            ref = model(norm(x))
+        except Exception as err:  # noqa: BLE001 - any failure of the model itself is a model error
+            raise ModelError(
+                f"{type(model).__name__} fails on a test batch of {model_cfg.input_size}x"
+                f"{model_cfg.input_size} images ({type(err).__name__}: {_first_line(err)}): check "
+                "model.input_size"
+            ) from None
+        if hasattr(model, "lens_split") and _gives_extra(g_body, norm(x)):
+            g_body, h = tokens.wrap(g_body, h)  # lens_split's g returns (map, extra tokens)
+            g = _freeze(nn.Sequential(norm, g_body))
         try:
             acts = g(x)
+            _check_map(acts, model, layer)
             out = h(acts)
-        except RuntimeError as err:
+        except ModelError:
+            raise
+        except Exception as err:  # noqa: BLE001 - one clear line, never a traceback
             raise ModelError(
                 f"split of {type(model).__name__} at {layer!r} fails on a test batch "
-                f"({str(err)[:200]}): its forward is not a plain sequence of its children; give "
-                "the model a lens_split(layer) -> (g, h) method or pick another layer"
+                f"({type(err).__name__}: {_first_line(err)}): its forward is not a plain sequence "
+                "of its children there; give the model a lens_split(layer) -> (g, h) method or "
+                "pick another layer"
             ) from None
     _verify(ref, out, f"split of {type(model).__name__} at {layer!r}")
     spatial = acts.ndim == 4
     head = _as_head(head_spec)
+    if tokens.needs_extra(h):  # h reads the class token too: not a map of the pooled activations
+        head_spec = head = None
     pooled = acts.float().mean(dim=(2, 3)) if spatial else acts.float().flatten(1)
     if head is not None and not _close(ref, pooled @ head[0].float().T + head[1].float()):
         log.warning("the head handed over by lens_split(%r) does not reproduce h: probing h instead", layer)
         head = None
-    if head is None:
+    if head is None and not tokens.needs_extra(h):
         head = probe_linear_head(h, acts, ref)
     if head is None:
         log.info("h at %r is not a linear map of the pooled activations: concepts are ranked by "
                  "Sobol importance (no logit share)", layer)
     return SplitModel(g, h, layer, model_cfg.input_size, int(ref.shape[1]), spatial, head,
                       min_activation=float(acts.min()), max_activation=float(acts.max()))
+
+
+def _token_or_sequential_split(model: nn.Module, layer: str, input_size: int) -> tuple[nn.Module, nn.Module]:
+    """(g body, h): a vision transformer's patch tokens as a map (lens_core.tokens), a Swin's
+    channels-last maps permuted to (N, C, H, W), else the plain sequence of children."""
+    try:
+        if tokens.is_vit(model):
+            return tokens.vit_split(model, layer, input_size)
+        g_body, h = _sequential_split(model, layer)
+        if tokens.is_swin(model) and tokens.swin_channels_last(layer):
+            return nn.Sequential(g_body, tokens.ChannelsFirst()), nn.Sequential(tokens.ChannelsLast(), h)
+        return g_body, h
+    except tokens.TokenError as err:
+        raise ModelError(str(err)) from None
+
+
+def _gives_extra(g_body: nn.Module, x: torch.Tensor) -> bool:
+    """True when a lens_split g returns (map, extra tokens) rather than a map."""
+    try:
+        out = g_body(x)
+    except Exception:  # noqa: BLE001 - reported by the split's own test batch
+        return False
+    return isinstance(out, tuple | list) and len(out) == 2 and all(isinstance(t, torch.Tensor) for t in out)
+
+
+def _check_map(acts: Any, model: nn.Module, layer: str) -> None:
+    """ModelError unless g gives a map (N, C, H, W) or a vector (N, C) per image."""
+    where = f"layer {layer!r} of {type(model).__name__}"
+    if not isinstance(acts, torch.Tensor):
+        raise ModelError(
+            f"{where} gives a {type(acts).__name__}, not a tensor: pick a layer whose output is "
+            "a map (N, C, H, W), or give the model a lens_split(layer) -> (g, h) method"
+        )
+    if acts.ndim == 3:
+        raise ModelError(
+            f"{where} gives tokens {tuple(acts.shape)}, not a map (N, C, H, W): give the model a "
+            "lens_split(layer) whose g returns the patch tokens arranged on their grid (N, C, H, W) "
+            "and the other tokens aside, (map, extra), and whose h takes (map, extra)"
+        )
+    if acts.ndim not in (2, 4):
+        raise ModelError(
+            f"{where} gives an output of shape {tuple(acts.shape)}: LENS needs a map (N, C, H, W) "
+            "or a vector (N, C) per image; pick another layer"
+        )
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return text[0][:200] if text else ""
 
 
 def check_nonnegative(split: SplitModel) -> None:

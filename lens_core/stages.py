@@ -97,6 +97,13 @@ def _class_acts(acts: Any, limit: int) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(data))
 
 
+def _class_extra(acts: Any, limit: int) -> torch.Tensor | None:
+    """A token model's class/register tokens of the stored spatial maps (None for other models)."""
+    if "spatial_extra" not in set(acts.array_keys()):
+        return None
+    return torch.from_numpy(np.ascontiguousarray(acts["spatial_extra"][:limit]))
+
+
 def _rows(x: torch.Tensor) -> torch.Tensor:
     """(N, C, H, W) -> (N*H*W, C) in (image, y, x) order; (N, C) unchanged."""
     return x.permute(0, 2, 3, 1).reshape(-1, x.shape[1]) if x.ndim == 4 else x
@@ -143,11 +150,12 @@ def _importance(info: Any, slug: str, inputs: Inputs, device: str | None) -> dic
     imp = cfg.importance
     extractor = make_extractor(cfg.concepts)
     class_acts = _class_acts(acts, imp.images)
+    extra = _class_extra(acts, imp.images)
     class_U = extractor.encode(_rows(class_acts), W, device=dev)
     sobol = np.asarray(concept_sobol(split.h, class_acts, W, cls.index, n_designs=imp.n_designs,
                                      sampler=imp.sampler, batch_size=imp.batch_size,
                                      seed=cfg.concepts.seed, device=dev, U=class_U,
-                                     precision=cfg.model.precision), np.float32)
+                                     precision=cfg.model.precision, extra=extra), np.float32)
     image_pred, patch_pred = acts["image_pred"][:], acts["patch_pred"][:]
     counts = {"assigned_images": int((image_pred == cls.index).sum()), "n_images": int(len(image_pred)),
               "assigned_patches": int((patch_pred == cls.index).sum()), "n_patches": int(len(patch_pred))}
@@ -172,10 +180,10 @@ def _importance(info: Any, slug: str, inputs: Inputs, device: str | None) -> dic
     top = image_importance.argmax(1) if len(image_importance) else np.zeros(0, int)
     out["n_top_images"] = np.bincount(top, minlength=k).astype(np.int32)
     curve, auc = deletion_curve(split.h, class_acts, class_U, W, cls.index, order, device=dev,
-                                precision=cfg.model.precision)
+                                precision=cfg.model.precision, extra=extra)
     random_curve, random_auc = random_deletion_baseline(split.h, class_acts, class_U, W, cls.index,
                                                         seed=cfg.concepts.seed, device=dev,
-                                                        precision=cfg.model.precision)
+                                                        precision=cfg.model.precision, extra=extra)
     out["deletion"] = np.asarray(curve, dtype=np.float32)
     out["deletion_random"] = np.asarray(random_curve, dtype=np.float32)
     note = basis_note(why.get("basis_reason"), counts)
