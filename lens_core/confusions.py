@@ -34,6 +34,7 @@ from lens_core.labels import read_labels
 from lens_core.model_cache import get_split
 from lens_core.run import RunInfo
 from lens_core.stages import class_fingerprint
+from lens_core.tokens import extra_tokens
 from lens_core.tracking import is_done
 
 SOBOL_NOTE = ("the model's head is not a linear map of the pooled activations at this layer: "
@@ -100,10 +101,18 @@ def _images_at(info: RunInfo, urls: list[str], size: int) -> torch.Tensor:
 
 def _spatial(split: Any, images: torch.Tensor, device: torch.device) -> torch.Tensor:
     """g of whole images, resized to the model input exactly as the activations stage does."""
+    return _spatial_extra(split, images, device)[0]
+
+
+def _spatial_extra(split: Any, images: torch.Tensor,
+                   device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(g's maps, a token model's class tokens set aside for them, which its h needs, or None)."""
     x = F.interpolate(images, size=split.input_size, mode="bilinear", antialias=True,
                       align_corners=False).to(device)
     with torch.inference_mode():
-        return split.g(x).float().cpu()
+        m = split.g(x)
+        extra = extra_tokens(split.g, m)
+        return m.float().cpu(), None if extra is None else extra.float().cpu()
 
 
 def _percent(scores: np.ndarray) -> np.ndarray:
@@ -181,14 +190,14 @@ def explain_confusions(info: RunInfo, classes: dict[str, ClassImages], by_index:
             pair.update(basis="logit_share", residual=float(res["residual"]), bias=float(res["bias"]))
         else:
             chosen = positions[: cfg.importance.images]
-            spatial = _spatial(split, _images_at(info, [t.urls[i] for i in chosen],
-                                                       cfg.patches.image_size), dev)
+            spatial, extra = _spatial_extra(split, _images_at(info, [t.urls[i] for i in chosen],
+                                                              cfg.patches.image_size), dev)
             sobol = np.asarray(concept_sobol(split.h, spatial, d.W, p_index,
                                              n_designs=cfg.importance.n_designs,
                                              sampler=cfg.importance.sampler,
                                              batch_size=cfg.importance.batch_size,
                                              seed=cfg.concepts.seed, device=dev,
-                                             precision=cfg.model.precision))
+                                             precision=cfg.model.precision, extra=extra))
             shares = _percent(sobol)
             tops = [int(np.argmax(sobol))] * len(positions)
             pair.update(basis="sobol", note=SOBOL_NOTE)
