@@ -34,6 +34,7 @@ from lens_core import tokens
 from lens_core.config import ModelConfig
 from lens_core.settings import settings
 from lens_core.store import StoreAccessError, call, filesystem
+from lens_core.store.fs import NotRegularFile, TooLarge, iter_bounded, open_regular
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +43,9 @@ ENTRY_POINT_GROUP = "lens.models"  # installed packages register named factories
 # a checkpoint may hold the weights plus optimizer moments (Adam: 2 more copies) and a little more
 CHECKPOINT_SIZE_FACTOR = 3.5
 CHECKPOINT_SIZE_MARGIN = 64 << 20
+# the most bytes read or hashed of any checkpoint before its architecture is known (the digest):
+# 4x the largest torchvision weights (vit_h_14, 2.5 GB) with room; a device never ends
+MAX_CHECKPOINT_BYTES = 16 << 30
 _PREFIXES = ("module.", "_orig_mod.")  # DataParallel / DistributedDataParallel, torch.compile
 _NESTED_KEYS = ("state_dict", "model", "model_state_dict", "net")
 _SHOW = 10
@@ -182,6 +186,8 @@ def _reading(url: str) -> Iterator[None]:
         yield
     except FileNotFoundError:
         raise CheckpointError(f"checkpoint not found: {url}") from None
+    except NotRegularFile as err:
+        raise CheckpointError(f"refusing checkpoint: {err}") from None
     except StoreAccessError:
         raise CheckpointError(f"access denied reading checkpoint {url} (check credentials)") from None
     except PermissionError as err:
@@ -192,18 +198,35 @@ def _reading(url: str) -> Iterator[None]:
         raise CheckpointError(f"cannot read checkpoint {url}: {type(err).__name__}: {err}") from None
 
 
+def _too_large(url: str, size: str, limit: int | None) -> CheckpointError:
+    if limit is None:
+        return CheckpointError(f"refusing checkpoint {url}: {size} is more than any checkpoint LENS reads "
+                               f"({MAX_CHECKPOINT_BYTES >> 30} GiB)")
+    return CheckpointError(
+        f"refusing checkpoint {url}: {size} is more than this architecture's weights can fill "
+        f"({limit / 2**20:.1f} MiB with optimizer state); is it for another model?"
+    )
+
+
 def _read_bytes(url: str, storage_options: dict[str, Any] | None, limit: int | None = None) -> bytes:
-    """The checkpoint's bytes; CheckpointError before reading when the file exceeds `limit`."""
+    """The checkpoint's bytes. CheckpointError for what is not a regular file (a device never ends)
+    and for more than `limit` bytes (MAX_CHECKPOINT_BYTES without one): before reading when the
+    reported size says so, and counted while reading, since a device reports 0."""
+    cap = MAX_CHECKPOINT_BYTES if limit is None else min(limit, MAX_CHECKPOINT_BYTES)
     with _reading(url):
         fs, path = filesystem(url, storage_options)
-        if limit is not None:
-            size = call(lambda: fs.size(path), url, "reading checkpoint", storage_options)
-            if size is not None and size > limit:
-                raise CheckpointError(
-                    f"refusing checkpoint {url}: {size / 2**20:.1f} MiB is more than this architecture's "
-                    f"weights can fill ({limit / 2**20:.1f} MiB with optimizer state); is it for another model?"
-                )
-        return call(lambda: fs.cat_file(path), url, "reading checkpoint", storage_options)
+        size = call(lambda: fs.size(path), url, "reading checkpoint", storage_options)
+        if size is not None and size > cap:
+            raise _too_large(url, f"{size / 2**20:.1f} MiB", limit)
+
+        def read() -> bytes:
+            with open_regular(fs, path, url) as f:
+                return b"".join(iter_bounded(f, cap, url))
+
+        try:
+            return call(read, url, "reading checkpoint", storage_options)
+        except TooLarge:
+            raise _too_large(url, f"more than {cap / 2**20:.1f} MiB", limit) from None
 
 
 def expected_bytes(model: nn.Module) -> int:
@@ -242,18 +265,22 @@ def check_archive(data: bytes, url: str, limit: int) -> None:
 
 
 def checkpoint_digest(url: str, storage_options: dict[str, Any] | None = None) -> str:
-    """sha256 hex of the checkpoint's bytes (the run id depends on it), streamed in 8 MiB blocks."""
+    """sha256 hex of the checkpoint's bytes (the run id depends on it), streamed in 8 MiB blocks;
+    a device or FIFO is refused and at most MAX_CHECKPOINT_BYTES are hashed (CheckpointError)."""
 
     def stream() -> str:
         digest = hashlib.sha256()
-        with fs.open(path, "rb") as f:
-            while block := f.read(8 << 20):
+        with open_regular(fs, path, url) as f:
+            for block in iter_bounded(f, MAX_CHECKPOINT_BYTES, url):
                 digest.update(block)
         return digest.hexdigest()
 
     with _reading(url):
         fs, path = filesystem(url, storage_options)
-        return call(stream, url, "reading checkpoint", storage_options)
+        try:
+            return call(stream, url, "reading checkpoint", storage_options)
+        except TooLarge:
+            raise _too_large(url, f"more than {MAX_CHECKPOINT_BYTES / 2**20:.1f} MiB", None) from None
 
 
 def _is_safetensors(data: bytes, url: str) -> bool:
@@ -534,6 +561,9 @@ def split_model(model: nn.Module, layer: str, model_cfg: ModelConfig) -> SplitMo
                              f"{type(err).__name__}: {_first_line(err)}") from None
         g_body, h = parts[0], parts[1]
         head_spec = parts[2] if len(parts) > 2 else None
+        if not (isinstance(g_body, nn.Module) and isinstance(h, nn.Module)):
+            raise ModelError(f"{type(model).__name__}.lens_split({layer!r}) must return nn.Modules "
+                             f"(g, h), got ({type(g_body).__name__}, {type(h).__name__})")
     else:
         g_body, h = _token_or_sequential_split(model, layer, model_cfg.input_size)
     norm = Normalize(model_cfg.mean, model_cfg.std)

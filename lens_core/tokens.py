@@ -215,7 +215,8 @@ def vit_split(vit: nn.Module, layer: str, input_size: int) -> tuple[nn.Module, n
     name = type(vit).__name__
     if input_size != vit.image_size:
         raise TokenError(
-            f"{name} takes {vit.image_size}x{vit.image_size} images (its position embedding has "
+            f"{name} (layer {layer!r}) takes {vit.image_size}x{vit.image_size} images (its "
+            "position embedding has "
             f"one entry per patch of that size): set model.input_size = {vit.image_size}"
         )
     blocks = list(vit.encoder.layers.named_children())
