@@ -30,8 +30,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 
-from lens_core.naming import class_slug, unique_slugs
+from lens_core.naming import class_slug, plain_text, unique_slugs
 from lens_core.store import StoreAccessError, call, filesystem, join_url, normalize_url
+from lens_core.store.fs import ReadRefused, read_bounded
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +42,8 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
 # 8-bit (JPEG: decoded at 1/2-1/8 scale), before any float conversion.
 MAX_PIXELS = 40_000_000  # 24 MP camera photos pass; Pillow's own bomb limit is 89 M
 MAX_IMAGE_BYTES = 64 << 20
+# a class-name or class-index JSON file: ImageNet-21k's 21,841 classes take about 2 MiB
+MAX_JSON_BYTES = 32 << 20
 DECODERS = ("JPEG", "PNG", "WEBP", "GIF", "BMP")  # content is sniffed, but only these formats decode
 _READ_AHEAD = 16  # images in flight from remote stores
 _REMOTE_READERS = 8  # threads reading a remote store
@@ -111,17 +114,21 @@ def _entries(url: str, storage_options: dict[str, Any] | None) -> list[dict[str,
 
 def _read_json(url: str, what: str, storage_options: dict[str, Any] | None) -> Any:
     """A JSON file of the data set (`what`: "class-name file", ...); DataError naming it otherwise."""
-    fs, path = filesystem(url, storage_options)
     try:
-        return json.loads(_io(lambda: fs.cat_file(path), url, "reading", storage_options))
+        return json.loads(_io(lambda: read_bounded(url, storage_options, MAX_JSON_BYTES), url, "reading",
+                              storage_options))
     except FileNotFoundError:
         raise DataError(f"{what} not found: {url}") from None
+    except ReadRefused as err:
+        raise DataError(f"refusing {what}: {err}") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise DataError(f"{what} {url} is not valid JSON: {err}") from None
 
 
 def read_class_names(url: str, storage_options: dict[str, Any] | None = None) -> dict[str, list[str]]:
-    """Class-name map from JSON {dir: name | [name, synonym, ...]}; "a, b" strings split on commas."""
+    """Class-name map from JSON {dir: name | [name, synonym, ...]}; "a, b" strings split on commas.
+    Names lose Unicode format and control characters (`plain_text`): a bidi override would reverse
+    the page around a name."""
     raw = _read_json(url, "class-name file", storage_options)
     if not isinstance(raw, dict):
         raise DataError(f"class-name file {url} must map class dirs to names")
@@ -130,8 +137,8 @@ def read_class_names(url: str, storage_options: dict[str, Any] | None = None) ->
         names = [value] if isinstance(value, str) else value
         if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
             raise DataError(f"class-name file {url}: entry {key!r} must be a name or a list of names")
-        parts = [p.strip() for n in names for p in n.split(",") if p.strip()]
-        out[str(key)] = list(dict.fromkeys(parts)) or [str(key)]
+        parts = [p.strip() for n in names for p in plain_text(n).split(",") if p.strip()]
+        out[str(key)] = list(dict.fromkeys(parts)) or [plain_text(str(key)) or f"class {key!r}"]
     return out
 
 
@@ -152,7 +159,8 @@ def _index_entry(key: str, value: Any, url: str) -> tuple[str, int, list[str]]:
     # Keras' imagenet_class_index.json: {"0": ["n01440764", "tench"], ...}
     if not (key.isdigit() and value and all(isinstance(v, str) for v in value)):
         raise DataError(f"class-index file {url}: entry {key!r} must be an index or [class_dir, name]")
-    return value[0], int(key), [v.replace("_", " ") for v in value[1:]]  # "great_white_shark"
+    shown = [" ".join(plain_text(v).replace("_", " ").split()) for v in value[1:]]  # "great_white_shark"
+    return value[0], int(key), [v for v in shown if v]
 
 
 def read_class_index(url: str, storage_options: dict[str, Any] | None = None) -> ClassIndex:
@@ -218,7 +226,7 @@ def list_classes(
     infos = []
     for d in sorted(dirs, key=lambda d: labels[d]):
         i = labels[d]
-        syn = names.get(d, [d])
+        syn = names.get(d) or [plain_text(d) or f"class {i}"]  # a folder name is shown too
         infos.append((i, d, syn[0], class_slug(d, syn[0], i), tuple(syn)))
     slugs = unique_slugs([slug for _, _, _, slug, _ in infos])
     return [ClassInfo(i, d, n, s, syn) for (i, d, n, _, syn), s in zip(infos, slugs, strict=True)]

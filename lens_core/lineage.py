@@ -15,6 +15,7 @@ from typing import Any
 
 from lens_core import layout
 from lens_core.config import AtlasConfig, is_run_id, short_hash
+from lens_core.secrets import url_label
 from lens_core.store import RunStore, filesystem, join_url, normalize_url
 
 
@@ -50,7 +51,7 @@ class RunRecord:
         """How people name the run: its checkpoint's file name, else the start of its digest."""
         ckpt = self.meta.get("checkpoint")
         if ckpt:
-            return posixpath.basename(str(ckpt).rstrip("/"))
+            return url_label(str(ckpt))  # never its query (a run.json from before queries were checked)
         return f"weights {self.checkpoint_digest[:12]}" if self.checkpoint_digest else f"run {self.run_id}"
 
 

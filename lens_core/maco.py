@@ -54,6 +54,7 @@ from torch import Tensor, nn
 
 from lens_core.config import MacoConfig
 from lens_core.device import autocast
+from lens_core.store.fs import ReadRefused, read_bounded
 
 # Square root of the ImageNet colour correlation (the fixed decorrelation of Lucid and Horama):
 # a decorrelated pixel row z (1x3) becomes an RGB row z @ COLOR_SQRT.
@@ -68,6 +69,8 @@ ALPHA_PERCENTILE = 90.0  # the alpha map is divided by this percentile of itself
 ALPHA_BLUR = 1.0 / 128  # Gaussian blur sigma of the alpha map, as a fraction of the image side
 CENTER_STD = 0.15  # crop centres ~ N(0.5, 0.15) of the side, clamped inside the image (Horama)
 _EPS = 1e-4
+# a magnitude spectrum (3, h, w//2+1): float64 at the largest render (2048) is 50 MiB
+MAX_MAGNITUDE_BYTES = 128 << 20
 
 
 @dataclass
@@ -146,9 +149,13 @@ def save_magnitude(
 
 
 def load_magnitude(url: str, storage_options: dict[str, Any] | None = None) -> Tensor:
-    """Read a magnitude spectrum .npy (3,h,w) from a local path or fsspec URL as float32."""
-    with fsspec.open(url, "rb", **(storage_options or {})) as f:
-        arr = np.load(io.BytesIO(f.read()), allow_pickle=False)
+    """Read a magnitude spectrum .npy (3,h,w) from a local path or fsspec URL as float32; a device,
+    a FIFO or more than MAX_MAGNITUDE_BYTES is refused (ValueError) before it fills memory."""
+    try:
+        data = read_bounded(url, storage_options, MAX_MAGNITUDE_BYTES)
+    except ReadRefused as err:
+        raise ValueError(f"refusing maco.magnitude: {err}") from None
+    arr = np.load(io.BytesIO(data), allow_pickle=False)
     if arr.ndim != 3 or arr.shape[0] != 3:
         raise ValueError(f"magnitude spectrum must be (3,h,w), got {arr.shape} in {url}")
     return torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))

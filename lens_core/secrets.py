@@ -3,8 +3,11 @@
 The site is public by design, so anything that reaches it is published. Three rules:
 - what is stored or published of the storage options is an allow-list (`public_options`);
   every other value is masked;
-- URLs never carry credentials (`check_url_secrets`: no `user:password@`, no signature or
-  credential query parameters);
+- URLs never carry credentials (`check_url_secrets`): no `user:password@`, and a query only
+  when every parameter is on `PUBLIC_QUERY_PARAMS` (an allow-list, like the options: a deny-list
+  of credential names missed `sas_token`, `client_secret`, `code`, `sig[]`, ...). Such a URL is
+  refused, not published with its query removed: it would already be a Prefect parameter, a
+  log line and part of the run's identity before anything could strip it;
 - every error text that leaves the process (status files, logs, the site's failed-class box,
   the flow's artifacts) goes through `scrub`.
 """
@@ -12,9 +15,10 @@ The site is public by design, so anything that reaches it is published. Three ru
 from __future__ import annotations
 
 import os
+import posixpath
 import re
 from typing import Any
-from urllib.parse import parse_qsl, urlsplit
+from urllib.parse import unquote, unquote_plus
 
 MASK = "***"
 SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_ACCESS_KEY_ID", "AWS_SESSION_TOKEN")
@@ -29,25 +33,25 @@ PUBLIC_STORAGE_OPTIONS = frozenset({
     "config_kwargs.retries", "config_kwargs.s3", "config_kwargs.max_pool_connections",
 })
 
-# option names that hold a credential (matched on the last path segment, case-insensitive)
+# option names that hold a credential (matched anywhere in the last path segment, case-insensitive):
+# stems rather than a list of names, so `sastoken`, `pkey`, `ssh_passphrase`, `oauth2_refresh`,
+# `client_secret` are caught; a short stem (`sig`, `sas`, `pat`) only as a whole word
 SECRET_KEY_RE = re.compile(
-    r"(^|[_.-])(key|secret|token|password|passwd|pwd|credentials?|authorization|auth|cookie|"
-    r"connection_?string|sas|signature|private|session)([_.-]|$)|access_?key|account_?key|api_?key|secret",
+    r"key|secret|token|pass|pwd|cred|auth|jwt|bearer|cookie|private|session|signature|refresh|"
+    r"connection_?string|(^|[^a-z])(sig|sas|pat|otp)([^a-z]|$)",
     re.IGNORECASE,
 )
-# query parameters of signed or credentialed URLs (S3 presigned, Azure SAS, GCS signed, tokens)
-SECRET_QUERY_RE = re.compile(
-    r"^(x-amz-(signature|credential|security-token)|x-goog-(signature|credential)|signature|sig|"
-    r"awsaccesskeyid|access_?token|token|key|api_?key|password|secret)$",
-    re.IGNORECASE,
-)
+# the query parameters a stored or published URL may keep: they select a version of one object
+# and grant nothing (s3fs `versionId`, gcsfs `generation`, a model hub's `revision`/`version`);
+# every other parameter may be a credential whatever its name (SAS `sig`, OAuth `code`, ...)
+PUBLIC_QUERY_PARAMS = frozenset({"versionId", "generation", "version", "revision"})
+# their values: an opaque version id (S3's are URL-safe base64-like, at most 1024 bytes)
+_PUBLIC_QUERY_VALUE = re.compile(r"[A-Za-z0-9._~+/=-]{1,1024}")
 _URL_USERINFO = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://)([^/@\s?#]+)@")
 _TEXT_PATTERNS = (
     (re.compile(r"(?i)\b(bearer|basic|token)\s+[A-Za-z0-9._~+/=-]{8,}"), r"\1 " + MASK),
     (re.compile(r"(?i)\b(AccountKey|SharedAccessSignature|SharedAccessKey|Password|Pwd|"
                 r"aws_secret_access_key|aws_session_token|secret_?key)\s*[=:]\s*[^;&\s'\",}]+"), r"\1=" + MASK),
-    (re.compile(r"(?i)([?&](?:X-Amz-Signature|X-Amz-Credential|X-Amz-Security-Token|X-Goog-Signature|"
-                r"X-Goog-Credential|Signature|sig|AWSAccessKeyId|access_token|token)=)[^&\s'\"]+"), r"\1" + MASK),
     (re.compile(r"-----BEGIN [A-Z ]*PRIVATE KEY-----.*?-----END [A-Z ]*PRIVATE KEY-----", re.DOTALL), MASK),
 )
 
@@ -61,20 +65,78 @@ def is_secret_key(name: str) -> bool:
     return bool(SECRET_KEY_RE.search(str(name)))
 
 
+def _decoded(text: str, rounds: int = 4) -> str:
+    """`text` with percent-escapes decoded until none is left (`%2573` -> `%73` -> `s`)."""
+    for _ in range(rounds):
+        plain = unquote(text)
+        if plain == text:
+            break
+        text = plain
+    return text
+
+
+def _param_name(raw: str) -> str:
+    """A query parameter's name as a server would read it: decoded, `+` as space, spaces and
+    `[]` suffixes dropped (`sig%20`, `sig+`, `sig[]`, `%73ig` are all `sig`)."""
+    name = _decoded(unquote_plus(raw)).strip()
+    return re.sub(r"(\[[^\]]*\])+$", "", name).strip()
+
+
+def public_param(name: str, value: str) -> bool:
+    """True when a query parameter may be stored and published: an allow-listed name with a plain value."""
+    return _param_name(name) in PUBLIC_QUERY_PARAMS and bool(_PUBLIC_QUERY_VALUE.fullmatch(_decoded(value)))
+
+
+def _query_pieces(query: str) -> list[tuple[str, str | None]]:
+    """(name, value) of each `&`/`;`-separated piece; value None for a piece without `=`."""
+    pieces = []
+    for piece in re.split(r"[&;]", query):
+        if piece:
+            name, eq, value = piece.partition("=")
+            pieces.append((name, value if eq else None))
+    return pieces
+
+
+def _shown_name(name: str, value: str | None) -> str:
+    """A refused parameter's name for an error message; a piece without `=` may be the token itself."""
+    name = _param_name(name)
+    if value is None or not re.fullmatch(r"[A-Za-z0-9_.\[\] -]{1,40}", name):
+        return "a parameter without a plain name"
+    return name
+
+
 def url_secret(url: str) -> str | None:
-    """Why a URL carries a credential (userinfo, a signature or credential query), or None."""
-    if not isinstance(url, str) or "://" not in url and "?" not in url:
+    """Why a URL may carry a credential (userinfo, a query parameter not on PUBLIC_QUERY_PARAMS,
+    a fragment with parameters), or None. Only the name of what is refused is told, never a value."""
+    if not isinstance(url, str):
         return None
-    if _URL_USERINFO.search(url):
+    if _URL_USERINFO.search(url) or _URL_USERINFO.search(_decoded(url)):
         return "a user:password@ part"
-    try:
-        query = urlsplit(url).query
-    except ValueError:
-        return None
-    names = sorted({k for k, _ in parse_qsl(query, keep_blank_values=True) if SECRET_QUERY_RE.match(k)})
-    if names:
-        return f"signature or credential query parameters ({', '.join(names)})"
+    head, _, query = url.partition("?")
+    fragment = head.partition("#")[2] if "://" in head else ""
+    query = query.replace("#", "&")  # a fragment after the query is read like the query
+    bad = [_shown_name(n, v) for n, v in _query_pieces(query) if v is None or not public_param(n, v)]
+    bad += [_shown_name(n, v) for n, v in _query_pieces(fragment) if v is not None]
+    if bad:
+        shown = ", ".join(sorted(set(bad)))
+        return (f"query parameters other than {', '.join(sorted(PUBLIC_QUERY_PARAMS))} ({shown}); "
+                "a query may hold a signature or a token")
     return None
+
+
+def public_url(url: str) -> str:
+    """What may be shown of a URL: scheme, host and path, and its query only when every parameter is
+    on the allow-list (a run.json written before URLs were checked may hold one that is not)."""
+    url = _URL_USERINFO.sub(r"\1", url)
+    if url_secret(url):
+        head = url.partition("?")[0]
+        return head.partition("#")[0] if "://" in head else head
+    return url
+
+
+def url_label(url: str) -> str:
+    """The file name of a URL's path, for people (`epoch-7.pt`): never its query."""
+    return posixpath.basename(public_url(url).partition("?")[0].rstrip("/"))
 
 
 def check_url_secrets(url: str) -> str:
@@ -90,7 +152,7 @@ def value_secret(value: Any) -> str | None:
     """Why a string value looks like a credential (a bearer token, a key=..., a signed URL), or None."""
     if not isinstance(value, str):
         return None
-    why = url_secret(value)
+    why = url_secret(value) if "://" in value else None  # any other text may hold a `?`
     if why:
         return why
     for pattern, _ in _TEXT_PATTERNS:
@@ -157,13 +219,53 @@ def _known_values(storage_options: dict[str, Any] | None) -> list[str]:
     return sorted({v for v in values if len(v) >= 4}, key=len, reverse=True)
 
 
+_QUERY_PARAM = re.compile(r"(?<=[?&#])([^=&?#\s'\"<>]{1,200}?)(\s*=\s*)([^&#\s'\"<>]*)")
+
+
+def _mask_query(match: re.Match[str]) -> str:
+    name, eq, value = match.groups()
+    if not value or public_param(name, value):
+        return match.group(0)
+    return f"{_param_name(name) or name}{eq}{MASK}"
+
+
+_URL_IN_TEXT = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"<>?]*\?[^\s'\"<>]*")
+
+
+def _mask_url_query(match: re.Match[str]) -> str:
+    """A URL in error text with each query piece that is not allow-listed masked, a bare one too."""
+    head, _, query = match.group(0).partition("?")
+    out = []
+    for piece in re.split(r"([&;#])", query):
+        if piece in ("", "&", ";", "#"):
+            out.append(piece)
+            continue
+        name, eq, value = piece.partition("=")
+        if not eq:
+            out.append(MASK)
+        elif public_param(name, value):
+            out.append(piece)
+        else:
+            out.append(f"{name}={MASK}")
+    return f"{head}?{''.join(out)}"
+
+
 def scrub(text: str, storage_options: dict[str, Any] | None = None) -> str:
     """`text` with every credential we know of masked: option and AWS_* environment values, URL
-    userinfo, signature/credential query parameters, bearer tokens, key=value secrets, private keys."""
+    userinfo, every query parameter not on PUBLIC_QUERY_PARAMS, bearer tokens, key=value secrets,
+    private keys. Percent-escapes are decoded first (`%73ig=` is `sig=`), and the text is returned
+    decoded: a value masked in its escaped form would otherwise survive in its plain one."""
+    known = _known_values(storage_options)
     text = str(text)
-    for value in _known_values(storage_options):
+    for value in known:
+        text = text.replace(value, MASK)
+    # the escaped form first (`%26` stays inside a value), then the decoded one (`%73ig=` is `sig=`)
+    text = _QUERY_PARAM.sub(_mask_query, _URL_IN_TEXT.sub(_mask_url_query, text))
+    text = _decoded(text)
+    for value in known:
         text = text.replace(value, MASK)
     text = _URL_USERINFO.sub(r"\1" + MASK + "@", text)
+    text = _QUERY_PARAM.sub(_mask_query, _URL_IN_TEXT.sub(_mask_url_query, text))
     for pattern, repl in _TEXT_PATTERNS:
         text = pattern.sub(repl, text)
     return text

@@ -82,7 +82,7 @@ def test_urls_with_credentials_are_refused_everywhere(url):
     for field in ({"store": url}, {"model": {"checkpoint": url}}, {"data": {"url": url}}):
         with pytest.raises(ConfigError, match="credentials in URLs are refused") as err:
             make_config(field)
-        assert "hunter2" not in str(err.value) or "user:password" in str(err.value)
+        assert "hunter2" not in str(err.value) and "deadbeefcafe" not in str(err.value)
     with pytest.raises(ConfigError, match="storage_options.*endpoint_url: credentials in URLs"):
         make_config({"storage_options": {"endpoint_url": "https://admin:hunter2@minio.local"}})
 
@@ -295,7 +295,7 @@ def test_a_long_class_name_gets_a_short_safe_slug_and_the_site_publishes(tmp_pat
     (tmp_path / "names.json").write_text(json.dumps({long_id: name, long_id + "y": name}))
     classes = list_classes(str(root), None, str(tmp_path / "names.json"))
     slugs = [c.slug for c in classes]
-    assert len(set(slugs)) == 3 and all(len(s) <= MAX_SLUG and SLUG_RE.match(s) for s in slugs), slugs
+    assert len(set(slugs)) == 3 and all(len(s) <= MAX_SLUG and SLUG_RE.fullmatch(s) for s in slugs), slugs
     site = {"run": {"run_id": "abcdefabcdef"}, "classes": [
         {"index": c.index, "id": c.id, "name": c.name, "slug": c.slug, "status": "failed", "error": "x"}
         for c in classes]}
@@ -311,12 +311,12 @@ def test_lens_status_shows_markup_and_escapes_as_plain_text(tmp_path):
     store.write_json("run.json", {"run_id": "0123456789ab", "created": "x", "classes": [
         {"slug": "evil", "index": 0, "id": "[/]", "name": "n"}]})
     write_status(store, "evil", "activations", "failed", 0.1,
-                 "boom [/] [link=https://evil.example]click[/link] \x1b[31mred\x1b]8;;https://x\x07")
+                 "boom [/] [link=https://evil.example]click[/link] \x1b[31mred\x1b]8;;https://x\x07 \u202eevil")
     out = subprocess.run([LENS, "status", "--store", f"file://{tmp_path}/store", "--run", "0123456789ab"],
                          capture_output=True, text=True, timeout=120, env={**os.environ, "COLUMNS": "300"})
     assert out.returncode == 0, out.stderr[-2000:]
     assert "[/]" in out.stdout and "[link=https://evil.example]click[/link]" in out.stdout
-    assert "\x1b" not in out.stdout and "\x07" not in out.stdout
+    assert "\x1b" not in out.stdout and "\x07" not in out.stdout and "\u202e" not in out.stdout
     bad = subprocess.run([LENS, "status", "--store", f"file://{tmp_path}/store", "--run", "../../etc"],
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "is not a run id" in bad.stderr
@@ -334,3 +334,195 @@ def test_json_never_carries_nan(tmp_path):
     record = json.loads(text, parse_constant=lambda name: pytest.fail(f"{name} in JSON"))
     assert record["seconds"] is None and record["top_importance"] is None and record["shares"] == [1.0, None]
     assert io.StringIO(text).read().count("NaN") == 0
+
+
+# ---- issue 21: what still leaked or hung ------------------------------------------------------
+
+# credentials in query parameters whose names no deny-list knew (issue 21, item 7)
+HIDDEN_QUERIES = ("sas_token=s3cr3t-sas", "access_key=s3cr3t-ak", "client_secret=s3cr3t-cs",
+                  "refresh_token=s3cr3t-rt", "private_token=s3cr3t-pt", "code=s3cr3t-code",
+                  "auth=s3cr3t-auth", "credential=s3cr3t-cred", "sig[]=s3cr3t-sig", "sig%20=s3cr3t-sp",
+                  "%73ig=s3cr3t-esc", "versionId=1&api-secret=s3cr3t-2nd", "versionId=1;sig=s3cr3t-semi",
+                  "s3cr3t-bare-token")
+
+
+@pytest.mark.parametrize("query", HIDDEN_QUERIES)
+def test_a_url_query_survives_only_when_every_parameter_is_allow_listed(query):
+    secret = query.rsplit("=", 1)[-1]
+    for url in (f"https://models.example.org/ckpt/model.pt?{query}", f"s3://bucket/data?{query}"):
+        for field in ({"store": url}, {"publish": url}, {"model": {"checkpoint": url}},
+                      {"data": {"url": url}}, {"data": {"class_names": url}}, {"maco": {"magnitude": url}}):
+            with pytest.raises(ConfigError, match="credentials in URLs are refused") as err:
+                make_config(field)
+            assert secret not in str(err.value)
+        with pytest.raises(ConfigError) as err:  # a Prefect parameter is stored on the server
+            config_from_parameters(checkpoint=url)
+        assert secret not in str(err.value)
+        with pytest.raises(ConfigError, match="credentials in URLs"):
+            make_config({"storage_options": {"endpoint_url": url}})
+
+
+def test_allow_listed_query_parameters_still_name_an_object_version():
+    for url in ("s3://bucket/ckpt/model.pt?versionId=3HL4kqtJlcpXroDTDmJ.rmSp-Xd3_dIbrHY",
+                "gs://bucket/model.pt?generation=1700000000000000",
+                "https://models.example.org/model.pt?revision=v2&version=7"):
+        assert make_config({"model": {"checkpoint": url}}).model.checkpoint == url
+
+
+def test_the_changes_label_of_a_run_never_shows_its_query():
+    from lens_core.lineage import RunRecord
+
+    rec = RunRecord("0123456789ab", {"checkpoint": "https://h.example/ck/epoch-7.pt?access_key=AK&x=s3cr3t"}, True)
+    assert rec.label == "epoch-7.pt"
+
+
+@pytest.mark.parametrize("name", ["passphrase", "pkey", "sastoken", "jwt", "bearer", "cred", "creds",
+                                  "oauth2_refresh", "sig", "ssh_passphrase", "client_kwargs.pkey"])
+def test_scrub_masks_the_values_of_every_credential_like_option(name):
+    from lens_core.secrets import is_secret_key
+
+    value = "opt-value-9f8e7d6c"
+    options: dict = {}
+    node = options
+    *parents, leaf = name.split(".")
+    for p in parents:
+        node = node.setdefault(p, {})
+    node[leaf] = value
+    assert is_secret_key(leaf)
+    assert value not in scrub(f"connect failed with {value}", options)
+    assert public_options(options) != options
+
+
+def test_scrub_decodes_percent_escapes_and_masks_any_query_not_allow_listed():
+    for query in HIDDEN_QUERIES:
+        secret = query.rsplit("=", 1)[-1]
+        text = scrub(f"GET https://h.example/x.pt?{query} failed; retry GET s3://b/k?{query}")
+        assert secret not in text, (query, text)
+    assert scrub("GET https://h.example/x.pt?%2573ig=s3cr3t-twice").count("s3cr3t") == 0
+    kept = scrub("GET s3://bucket/model.pt?versionId=abc123 failed")
+    assert "versionId=abc123" in kept
+    public = {"endpoint_url": "http://127.0.0.1:9", "config_kwargs": {"signature_version": "s3v4"}}
+    assert public_options(public) == public
+
+
+# a checkpoint, class-name file, class index or spectrum that is a device or a FIFO (item 8)
+_DEVICE_SCRIPT = """
+import resource, sys, json
+from lens_core.config import make_config
+from lens_core.pipeline import prepare_run
+from lens_core import data, maco, models
+
+def vm_bytes():
+    return int(open('/proc/self/statm').read().split()[0]) * resource.getpagesize()
+resource.setrlimit(resource.RLIMIT_AS, (vm_bytes() + (1 << 30), resource.RLIM_INFINITY))
+cfg, fifo, zero = json.loads(sys.argv[1]), sys.argv[2], sys.argv[3]
+out = {}
+def attempt(name, fn):
+    try:
+        fn()
+        out[name] = "read"
+    except Exception as err:
+        out[name] = type(err).__name__ + ": " + str(err)
+attempt("prepare_run", lambda: prepare_run(make_config(cfg)))
+attempt("load_model", lambda: models.load_model(make_config(cfg).model, 10))
+attempt("digest fifo", lambda: models.checkpoint_digest(fifo))
+attempt("class_names", lambda: data.read_class_names(fifo))
+attempt("class_index", lambda: data.read_class_index(zero))
+attempt("magnitude", lambda: maco.load_magnitude(fifo))
+print(json.dumps(out))
+"""
+
+
+def test_a_device_or_fifo_is_refused_not_read_forever(tmp_path):
+    zero = tmp_path / "model.pt"
+    zero.symlink_to("/dev/zero")
+    fifo = tmp_path / "names.json"
+    os.mkfifo(fifo)
+    cfg = {**TINY, "model": {"checkpoint": str(zero)}, "store": f"file://{tmp_path}/store"}
+    try:
+        out = subprocess.run([sys.executable, "-c", _DEVICE_SCRIPT, json.dumps(cfg), str(fifo), str(zero)],
+                             capture_output=True, text=True, timeout=240, cwd=tmp_path)
+    except subprocess.TimeoutExpired:
+        pytest.fail("reading a device or a FIFO never ended")
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    for name, got in result.items():
+        assert "not a regular file" in got, (name, got)
+    assert result["prepare_run"].startswith("CheckpointError") and "model.pt" in result["prepare_run"]
+    assert result["class_names"].startswith("DataError")
+    assert not (tmp_path / "store" / "runs").exists()
+
+
+def test_reads_are_bounded_by_the_bytes_read_not_the_size_reported(tmp_path, monkeypatch):
+    """fs.size() says 0 for a device: the cap must count what is read."""
+    from fsspec.implementations.local import LocalFileSystem
+
+    from lens_core import data, maco, models
+    from lens_core.data import DataError
+
+    monkeypatch.setattr(LocalFileSystem, "size", lambda self, path: 0)
+    ckpt = tmp_path / "ck.pt"
+    torch.save(build_model("toy", 10).state_dict(), ckpt)
+    with pytest.raises(CheckpointError, match="more than"):
+        models._read_bytes(str(ckpt), None, 1000)
+    monkeypatch.setattr(models, "MAX_CHECKPOINT_BYTES", 1000, raising=False)
+    with pytest.raises(CheckpointError, match="more than"):
+        models.checkpoint_digest(str(ckpt))
+    names = tmp_path / "names.json"
+    names.write_text(json.dumps({f"c{i}": f"name {i}" for i in range(1000)}))
+    monkeypatch.setattr(data, "MAX_JSON_BYTES", 1000, raising=False)
+    with pytest.raises(DataError, match="more than"):
+        data.read_class_names(str(names))
+    with pytest.raises(DataError, match="more than"):
+        data.read_class_index(str(names))
+    spectrum = tmp_path / "mag.npy"
+    maco.save_magnitude(torch.ones(3, 64, 33), str(spectrum))
+    monkeypatch.setattr(maco, "MAX_MAGNITUDE_BYTES", 1000, raising=False)
+    with pytest.raises(ValueError, match="more than"):
+        maco.load_magnitude(str(spectrum))
+
+
+# Unicode format characters (bidi overrides) never reach a page or the terminal (item 9)
+BIDI = "stem \u202e1 tnatropmi\u2066\u200b"
+
+
+def test_class_names_drop_unicode_format_characters(tmp_path):
+    import unicodedata
+
+    from lens_core.data import list_classes, read_class_index, read_class_names
+
+    (tmp_path / "names.json").write_text(json.dumps({"a": BIDI, "b": ["ok", "syn\u202eonym"]}))
+    names = read_class_names(str(tmp_path / "names.json"))
+    (tmp_path / "index.json").write_text(json.dumps({"0": ["a", BIDI], "1": ["b\u202e", "bee"]}))
+    index = read_class_index(str(tmp_path / "index.json"))
+    root = tmp_path / "images"
+    for d in ("a", "b\u202e"):
+        (root / d).mkdir(parents=True)
+    classes = list_classes(str(root), None, None, str(tmp_path / "index.json"))
+    shown = [*names["a"], *names["b"], *index.names["a"], *[c.name for c in classes],
+             *[s for c in classes for s in c.synonyms]]
+    for text in shown:
+        assert not any(unicodedata.category(ch) == "Cf" for ch in text), ascii(text)
+    assert names["a"] == ["stem 1 tnatropmi"] and names["b"] == ["ok", "synonym"]
+    assert "b\u202e" in index.index  # the folder is still found by its real name
+
+
+def test_lens_status_cells_drop_unicode_format_characters():
+    from flows.cli import _cell
+
+    assert _cell(f"boom {BIDI}").plain == "boom stem 1 tnatropmi"
+    assert "\u202e" not in _cell("x\u202e\x1b[31m").plain
+
+
+# validators match the whole value: no trailing newline slips through (item 10)
+@pytest.mark.parametrize("bad", ["\n"])
+def test_validators_refuse_a_trailing_newline(bad):
+    from lens_core.config import is_run_id
+    from lens_core.site.schema import SiteError, check_path, check_slug
+
+    assert is_run_id("4701adbed259") and not is_run_id("4701adbed259" + bad)
+    assert check_slug("n01440764-tench") and check_path("classes/a/index.html")
+    with pytest.raises(SiteError):
+        check_slug("n01440764-tench" + bad)
+    with pytest.raises(SiteError):
+        check_path("classes/a/index.html" + bad)

@@ -1,18 +1,22 @@
 """URLs and filesystems: normalized fsspec URLs, one S3 client per process and credentials,
-and whole-file local writes (a temp name next to the file, then a rename or a link)."""
+whole-file local writes (a temp name next to the file, then a rename or a link), and bounded
+reads of regular files (`read_bounded`)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import posixpath
+import stat
 import threading
 import uuid
-from collections.abc import Callable
-from typing import Any, TypeVar
+from collections.abc import Callable, Iterator
+from typing import IO, Any, TypeVar
 
 import fsspec
 from fsspec.core import url_to_fs
+from fsspec.implementations.local import LocalFileSystem
 
 from lens_core.secrets import SECRET_ENV
 
@@ -71,3 +75,74 @@ def write_beside(path: str, data: bytes, make_parent: bool = True) -> str:
     with open(tmp, "wb") as f:
         f.write(data)
     return tmp
+
+
+class ReadRefused(ValueError):
+    """A file that is not a regular file (a device, a FIFO), or longer than its reader's cap."""
+
+
+class NotRegularFile(ReadRefused):
+    """A device, FIFO, socket or directory where a file was expected."""
+
+
+class TooLarge(ReadRefused):
+    """More bytes than the reader's cap were read."""
+
+
+READ_BLOCK = 8 << 20
+
+
+def _describe_mode(mode: int) -> str:
+    kinds = ((stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+             (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"), (stat.S_ISDIR, "a directory"))
+    return next((name for test, name in kinds if test(mode)), "not a plain file")
+
+
+@contextlib.contextmanager
+def open_regular(fs: fsspec.AbstractFileSystem, path: str, url: str) -> Iterator[IO[bytes]]:
+    """A local file opened for reading only when it is a regular file (symlinks followed): a device
+    (`/dev/zero`) never ends and reports size 0, a FIFO blocks on open. The check is made on the
+    opened descriptor (non-blocking open), so a link swapped after a check cannot slip through.
+    Remote files are opened as they are: their reads are bounded by the caller's count."""
+    if isinstance(fs, LocalFileSystem):
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOCTTY", 0))
+        try:
+            mode = os.fstat(fd).st_mode
+            if not stat.S_ISREG(mode):
+                raise NotRegularFile(f"{url} is not a regular file ({_describe_mode(mode)})")
+            os.set_blocking(fd, True)
+            f = os.fdopen(fd, "rb")
+        except BaseException:
+            os.close(fd)
+            raise
+        with f:
+            yield f
+        return
+    with fs.open(path, "rb") as f:
+        yield f
+
+
+def iter_bounded(f: IO[bytes], limit: int, url: str, block: int = READ_BLOCK) -> Iterator[bytes]:
+    """The blocks of an open file, ReadRefused once more than `limit` bytes were read: the count
+    is of the bytes actually read, never a size the filesystem reports."""
+    total = 0
+    while True:
+        data = f.read(min(block, limit + 1 - total))
+        if not data:
+            return
+        total += len(data)
+        if total > limit:
+            raise TooLarge(f"{url} holds more than {_size(limit)}")
+        yield data
+
+
+def read_bounded(url: str, storage_options: dict[str, Any] | None, limit: int) -> bytes:
+    """All bytes of one regular file, at most `limit` of them (ReadRefused otherwise): the one
+    reader of small side files (class names, class index, MACO spectrum) and checkpoints."""
+    fs, path = filesystem(url, storage_options)
+    with open_regular(fs, path, url) as f:
+        return b"".join(iter_bounded(f, limit, url))
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB" if n >= 1 << 20 else f"{n} bytes"
