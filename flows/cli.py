@@ -204,11 +204,15 @@ _CONTROL = str.maketrans({c: "\N{REPLACEMENT CHARACTER}" for c in [*range(0, 9),
 
 
 def _cell(value: Any) -> Any:
-    """A table cell shown as plain text: no Rich markup ([/], [link=...]) and no control characters
-    (ESC sequences) from class folders or error messages reach the terminal."""
+    """A table cell shown as plain text: no Rich markup ([/], [link=...]), no control characters
+    (ESC sequences, shown as U+FFFD) and no Unicode format characters (bidi overrides that reverse
+    the row, zero-width marks) from class folders or error messages reach the terminal."""
     from rich.text import Text
 
-    return Text(str(value).translate(_CONTROL))
+    from lens_core.naming import plain_text
+
+    lines = str(value).translate(_CONTROL).split("\n")
+    return Text("\n".join(plain_text(line) for line in lines))
 
 
 def cmd_status(args: argparse.Namespace) -> int:

@@ -28,12 +28,12 @@ MAX_DESIGNS = 4096  # Sobol QMC designs (CRAFT: 32)
 MAX_BATCH = 8192
 
 
-RUN_ID_RE = re.compile(r"^[0-9a-f]{12}$")
+RUN_ID_RE = re.compile(r"[0-9a-f]{12}")  # matched whole (fullmatch): no trailing newline
 
 
 def is_run_id(text: Any) -> bool:
     """True for the run ids this project generates (12 lowercase hex digits), nothing else."""
-    return isinstance(text, str) and bool(RUN_ID_RE.match(text))
+    return isinstance(text, str) and bool(RUN_ID_RE.fullmatch(text))
 
 
 class ConfigError(ValueError):
@@ -42,9 +42,6 @@ class ConfigError(ValueError):
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
-
-
-_USERINFO = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://[^/@?#]*@")
 
 
 def check_url(value: str | None) -> str | None:

@@ -16,10 +16,10 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationEr
 
 from lens_core.secrets import mask_secrets, public_options
 
-SLUG_RE = re.compile(r"^[a-z0-9]+(?:-[a-z0-9]+)*$")
-PATH_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]*(?:/[A-Za-z0-9_][A-Za-z0-9._-]*)*$")
+SLUG_RE = re.compile(r"[a-z0-9]+(?:-[a-z0-9]+)*")  # every pattern here is matched whole (fullmatch)
+PATH_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]*(?:/[A-Za-z0-9_][A-Za-z0-9._-]*)*")
 MAX_SLUG = 120
-STATIC_RE = re.compile(r"^assets/(lens(\.[^/]*)?\.(css|js)|favicon(\.[^/]*)?\.svg)$")  # the site's own files
+STATIC_RE = re.compile(r"assets/(lens(\.[^/]*)?\.(css|js)|favicon(\.[^/]*)?\.svg)")  # the site's own files
 
 
 class SiteError(ValueError):
@@ -28,14 +28,14 @@ class SiteError(ValueError):
 
 def check_slug(slug: Any, where: str = "slug") -> str:
     """A slug is [a-z0-9] words joined by single dashes: never '/', '.', '..' or markup."""
-    if not isinstance(slug, str) or len(slug) > MAX_SLUG or not SLUG_RE.match(slug):
+    if not isinstance(slug, str) or len(slug) > MAX_SLUG or not SLUG_RE.fullmatch(slug):
         raise SiteError(f"unsafe {where}: {slug!r} (only [a-z0-9-] allowed)")
     return slug
 
 
 def check_path(path: Any, where: str = "path") -> str:
     """A publish-relative path: no scheme, no leading '/', no '.'/'..' segments, plain characters."""
-    if not isinstance(path, str) or len(path) > 512 or not PATH_RE.match(path):
+    if not isinstance(path, str) or len(path) > 512 or not PATH_RE.fullmatch(path):
         raise SiteError(f"unsafe {where}: {path!r} (must be a plain publish-relative path)")
     return path
 
@@ -43,7 +43,7 @@ def check_path(path: Any, where: str = "path") -> str:
 def check_asset_path(path: Any) -> str:
     """An asset key lives under assets/ and must not overwrite the site's own CSS/JS/icon."""
     check_path(path, "asset path")
-    if not path.startswith("assets/") or STATIC_RE.match(path):
+    if not path.startswith("assets/") or STATIC_RE.fullmatch(path):
         raise SiteError(f"asset path {path!r} must be under assets/ and not one of the site's own files")
     return path
 
