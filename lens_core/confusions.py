@@ -161,6 +161,14 @@ def explain_confusions(info: RunInfo, classes: dict[str, ClassImages], by_index:
             if int(p) != ci.index:
                 groups[(slug, int(p))] = np.flatnonzero(ci.pred == p)
     dictionaries: dict[str, Dictionary] = {}
+
+    def dictionary(p_slug: str) -> Dictionary:
+        if p_slug not in dictionaries:
+            imp = store.zarr[layout.importance(p_slug)]
+            dictionaries[p_slug] = Dictionary(store.zarr[layout.concepts(p_slug)]["W"][:], imp["order"][:])
+        return dictionaries[p_slug]
+
+    codes = {} if split.head is None else _codes(groups, classes, by_index, dictionary, extractor, dev)
     pairs = []
     for (t_slug, p_index), positions in sorted(groups.items(), key=lambda kv: (-len(kv[1]), kv[0])):
         t = classes[t_slug]
@@ -174,18 +182,11 @@ def explain_confusions(info: RunInfo, classes: dict[str, ClassImages], by_index:
             pair["note"] = "the predicted class is not explained in this run"
             pairs.append(pair)
             continue
-        if p_slug not in dictionaries:
-            imp = store.zarr[layout.importance(p_slug)]
-            dictionaries[p_slug] = Dictionary(store.zarr[layout.concepts(p_slug)]["W"][:],
-                                              imp["order"][:])
-        d = dictionaries[p_slug]
-        if not isinstance(t.pooled, np.ndarray):
-            t.pooled = np.asarray(t.pooled[:], np.float32)  # read once per class
-        pooled = t.pooled[positions]
+        d = dictionary(p_slug)
         if split.head is not None:
             weight, bias = (x.detach().cpu().float().numpy() for x in split.head)
-            U = np.asarray(extractor.encode(pooled, d.W, device=dev), np.float32)
-            res = pair_split(U, d.W, pooled, weight, bias, p_index)
+            res = pair_split(codes[(t_slug, p_index)], d.W, _pooled(t)[positions], weight, bias,
+                             p_index)
             shares, tops = res["shares"], [int(k) for k in res["top"]]
             pair.update(basis="logit_share", residual=float(res["residual"]), bias=float(res["bias"]))
         else:
@@ -211,6 +212,32 @@ def explain_confusions(info: RunInfo, classes: dict[str, ClassImages], by_index:
     _examples(info, split, extractor, classes, dictionaries, pairs, dev)
     return {"pairs": pairs, "mistaken": int(sum(p["images"] for p in pairs)), "n_images": n_images,
             "bias": bias_candidates(pairs, cfg.mistakes.bias_min_classes)}
+
+
+def _pooled(ci: ClassImages) -> np.ndarray:
+    """A class's pooled image activations, read from the store once."""
+    if not isinstance(ci.pooled, np.ndarray):
+        ci.pooled = np.asarray(ci.pooled[:], np.float32)
+    return ci.pooled
+
+
+def _codes(groups: dict[tuple[str, int], np.ndarray], classes: dict[str, ClassImages],
+           by_index: dict[int, str], dictionary: Any, extractor: Any,
+           dev: torch.device) -> dict[tuple[str, int], np.ndarray]:
+    """ū of every pair's images on the predicted class's dictionary: one NNLS call per predicted
+    class, not per pair (the per-call cost dominates at ImageNet's ~4,600 pairs)."""
+    by_pred: dict[int, list[tuple[str, int]]] = defaultdict(list)
+    for key in groups:
+        if key[1] in by_index:
+            by_pred[key[1]].append(key)
+    out = {}
+    for p_index, keys in by_pred.items():
+        rows = np.concatenate([_pooled(classes[t])[groups[(t, p)]] for t, p in keys])
+        U = np.asarray(extractor.encode(rows, dictionary(by_index[p_index]).W, device=dev), np.float32)
+        ends = np.cumsum([len(groups[key]) for key in keys])
+        for key, part in zip(keys, np.split(U, ends[:-1]), strict=True):
+            out[key] = part
+    return out
 
 
 def bias_candidates(pairs: list[dict[str, Any]], min_classes: int) -> dict[str, dict[str, Any]]:
