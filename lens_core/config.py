@@ -136,13 +136,23 @@ class PatchConfig(_Section):
 
 
 class ConceptConfig(_Section):
-    """NMF concept extraction A ~= U W."""
+    """Concept extraction A ~= U W with U >= 0: NMF (W >= 0) or semi-NMF (W signed)."""
 
+    method: Literal["auto", "nmf", "semi-nmf"] = Field(
+        "auto", description="'nmf' (CRAFT) needs a non-negative layer (after a ReLU); 'semi-nmf' "
+        "keeps U >= 0 and lets W be signed, for layers after GELU, SiLU or a normalization; 'auto' "
+        "picks NMF when the layer is non-negative on the set-up probe, semi-NMF otherwise")
     n_concepts: int = Field(10, ge=1, le=1024)
-    solver: Literal["torch", "sklearn"] = "torch"
+    solver: Literal["torch", "sklearn"] = Field(
+        "torch", description="NMF solver: 'torch' (HALS, CPU or GPU) or 'sklearn' (the reference); "
+        "semi-NMF has the torch solver only")
     max_iter: int = Field(500, gt=0, le=100_000)
     tol: float = Field(1e-4, ge=0)
     seed: int = 0
+    sparsity: float = Field(
+        0.05, ge=0, le=1, description="semi-NMF: L1 weight on U (relative to the RMS activation "
+        "row) that picks the tightest set of concepts among equally good fits; its bias is removed "
+        "by a last unpenalized step")
 
 
 class ImportanceConfig(_Section):

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-NEG_TOL = 1e-6  # negatives down to -NEG_TOL * max|A| are float noise and clipped to 0
+NEG_TOL = 1e-6  # negatives down to -NEG_TOL * max|A| are float noise and clipped to 0 (is_nonnegative)
 _BLOCK = 8192  # rows per block when a full residual is formed
 _WARM_SWEEPS = 50  # coordinate-descent passes that guess the NNLS support before pivoting
 _EXACT_BELOW = 0.1  # below this relative error, convergence is tested on the exact residual
@@ -42,6 +42,16 @@ def _resolve_device(device: str | torch.device | None, *arrays: object) -> torch
     return torch.device("cpu")
 
 
+def is_nonnegative(lo: float, hi: float) -> bool:
+    """True when values ranging over [lo, hi] are non-negative up to rounding noise.
+
+    The one tolerance rule of the project: negatives no larger than NEG_TOL * max|x| are float
+    noise (clipped to 0 before NMF), anything below is a signed layer. The set-up probe of a layer
+    and the factorization both decide with it, so they never disagree.
+    """
+    return lo >= -NEG_TOL * max(abs(lo), abs(hi))
+
+
 def as_nonneg_matrix(
     A: np.ndarray | torch.Tensor, device: torch.device, name: str = "A"
 ) -> torch.Tensor:
@@ -54,10 +64,13 @@ def as_nonneg_matrix(
     t = t.to(device=device, dtype=torch.float32)
     if not bool(torch.isfinite(t).all()):
         raise ValueError(f"{name} contains NaN or infinite values")
-    lo = float(t.min())
+    lo, hi = float(t.min()), float(t.max())
     if lo < 0:
-        if lo < -NEG_TOL * float(t.abs().max()):
-            raise ValueError(f"{name} must be non-negative (NMF); its minimum is {lo:.4g}")
+        if not is_nonnegative(lo, hi):
+            raise ValueError(
+                f"{name} must be non-negative (NMF); its minimum is {lo:.4g} against a maximum of "
+                f"{hi:.4g}: a signed layer needs concepts.method = 'semi-nmf' (or 'auto')"
+            )
         t = t.clamp(min=0)
     return t
 

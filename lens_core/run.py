@@ -19,9 +19,10 @@ import torch
 from lens_core import layout
 from lens_core.config import AtlasConfig, ConfigError, compute_run_id
 from lens_core.data import ClassIndex, ClassInfo, DataError, list_classes, read_class_index
+from lens_core.extract import SignedLayerError, choose_method
 from lens_core.lineage import find_run, lineage_key
 from lens_core.model_cache import get_split
-from lens_core.models import check_nonnegative, checkpoint_digest
+from lens_core.models import ModelError, SplitModel, checkpoint_digest
 from lens_core.store import RunStore
 
 
@@ -138,6 +139,29 @@ def check_label_set(info: RunInfo, class_index: ClassIndex | None, outputs: int)
         raise ConfigError(f"data.class_index gives label indices beyond the model's {outputs} outputs: {shown}")
 
 
+def resolve_concept_method(config: AtlasConfig, split: SplitModel) -> AtlasConfig:
+    """The config with concepts.method decided for the split layer, once per run.
+
+    The decision reads the set-up probe (g on a fixed, seeded test batch, so it is reproducible)
+    with the factorization's own tolerance rule: 'auto' becomes 'nmf' on a non-negative layer and
+    'semi-nmf' on a signed one. The run id is computed from the setting as given ('auto'), which,
+    with the checkpoint and the layer it hashes, determines the method; run.json's config and every
+    stage see the method chosen. ModelError for 'nmf' on a signed layer, before any class runs.
+    """
+    concepts = config.concepts
+    try:
+        method = choose_method(concepts.method, split.min_activation, split.max_activation)
+    except SignedLayerError as err:
+        raise ModelError(f"layer {split.layer!r} {err}") from None
+    if method == "semi-nmf" and concepts.solver != "torch":
+        raise ConfigError(f"layer {split.layer!r} gives negative activations, so concepts are found by "
+                          f"semi-NMF, which has the 'torch' solver only: set concepts.solver = 'torch' "
+                          f"(not {concepts.solver!r})")
+    if method == concepts.method:
+        return config
+    return config.model_copy(update={"concepts": concepts.model_copy(update={"method": method})})
+
+
 def _class_record(c: ClassInfo) -> dict[str, Any]:
     return {"index": c.index, "id": c.id, "name": c.name, "slug": c.slug, "synonyms": list(c.synonyms)}
 
@@ -157,7 +181,7 @@ def prepare_run(config: AtlasConfig) -> RunInfo:
     info = RunInfo(compute_run_id(digest, data_url, config), config, data_url, digest, provisional,
                    classes, all_classes)
     split = get_split(info, "cpu")  # loaded once here; the cache serves this process's stages
-    check_nonnegative(split)
+    info.config = resolve_concept_method(info.config, split)
     check_label_set(info, class_index, split.num_classes)
     info.num_classes = split.num_classes
     _record_run(info)

@@ -394,12 +394,13 @@ def test_a_negative_share_has_its_own_look_and_explanation(tmp_path):
 
 
 def test_a_layer_with_negative_activations_is_refused_at_set_up(toy, tmp_path):
-    """ConvNeXt's `features` end without an activation: NMF cannot factorize them, and the run says
-    so before any class pays for its activations (it used to fail every class at factorize)."""
+    """ConvNeXt's `features` end without an activation: with concepts.method = 'nmf' (explicit; 'auto'
+    picks semi-NMF there) the run says so before any class pays for its activations."""
     from lens_core.models import ModelError
 
     cfg = _cfg(tmp_path, str(toy))
     cfg["model"] = {"arch": "convnext_tiny", "layer": "features", "num_classes": N_CLASSES}
+    cfg["concepts"] = {**cfg["concepts"], "method": "nmf"}
     with pytest.raises(ModelError, match=r"negative activations.*after a ReLU"):
         prepare_run(make_config(cfg))
     assert not (tmp_path / "store" / "runs").exists() or not any((tmp_path / "store" / "runs").rglob("acts"))
