@@ -73,6 +73,7 @@ class SplitModel:
     digest: str = ""
     min_activation: float = 0.0  # the least value g gave on the split's test batch (NMF needs >= 0)
     max_activation: float = 0.0
+    norm_head: NormHead | None = None  # set when h = pool, LayerNorm, linear (ConvNeXt); head is None
 
     def to(self, device: str | torch.device) -> SplitModel:
         """Move g, h (in place, channels_last conv weights) and the head to `device`."""
@@ -80,6 +81,29 @@ class SplitModel:
         h = self.h.to(device=device, memory_format=torch.channels_last)
         head = None if self.head is None else (self.head[0].to(device), self.head[1].to(device))
         return dataclasses.replace(self, g=g, h=h, head=head)
+
+
+@dataclass
+class NormHead:
+    """A head that normalizes the pooled activation p before its linear layer (ConvNeXt):
+    logits = s(p) (p . weight.T) + bias exactly, with s(p) = 1 / sqrt(var(p) + eps) over channels,
+    weight = the linear weight times the norm's scale, centred per row (so p's mean drops out), and
+    bias = the linear bias plus the linear weight applied to the norm's shift. Held at an image's
+    scale s(p), the logit is linear in p: the logit share splits it exactly (see the method page)."""
+
+    weight: torch.Tensor  # (K, C), float32 on the CPU
+    bias: torch.Tensor  # (K,)
+    eps: float
+
+    def scale(self, pooled: Any) -> Any:
+        """s(p) per row of pooled activations (N, C), numpy or torch."""
+        p = torch.as_tensor(pooled, dtype=torch.float64)
+        s = 1.0 / torch.sqrt(p.var(dim=1, unbiased=False) + self.eps)
+        return s.numpy() if not isinstance(pooled, torch.Tensor) else s.to(pooled.dtype)
+
+    def logits(self, pooled: torch.Tensor) -> torch.Tensor:
+        p = pooled.float()
+        return self.scale(p)[:, None] * (p @ self.weight.T) + self.bias
 
 
 class Normalize(nn.Module):
@@ -611,11 +635,51 @@ def split_model(model: nn.Module, layer: str, model_cfg: ModelConfig) -> SplitMo
         head = None
     if head is None and not tokens.needs_extra(h):
         head = probe_linear_head(h, acts, ref)
-    if head is None:
+    norm_head = None if head is not None or tokens.needs_extra(h) else probe_norm_head(h, acts, ref)
+    if head is None and norm_head is None:
         log.info("h at %r is not a linear map of the pooled activations: concepts are ranked by "
                  "Sobol importance (no logit share)", layer)
     return SplitModel(g, h, layer, model_cfg.input_size, int(ref.shape[1]), spatial, head,
-                      min_activation=float(acts.min()), max_activation=float(acts.max()))
+                      min_activation=float(acts.min()), max_activation=float(acts.max()),
+                      norm_head=norm_head)
+
+
+def probe_norm_head(h: nn.Module, acts: torch.Tensor, ref: torch.Tensor) -> NormHead | None:
+    """The NormHead of h when h = spatial mean, LayerNorm over channels, linear layer (ConvNeXt's
+    avgpool + classifier), else None.
+
+    The candidate is read off h's only LayerNorm and only Linear, then must hold for what h
+    computes: h ignores where a value sits (shuffled locations give the same logits) and the
+    candidate reproduces h on `acts` (tolerance as the split check). A LayerNorm applied per
+    location before the pooling (Swin's `norm` seen from `features`) fails that check.
+    """
+    if acts.ndim != 4:
+        return None
+    norms = [m for m in h.modules() if isinstance(m, nn.LayerNorm)]
+    linears = [m for m in h.modules() if isinstance(m, nn.Linear)]
+    c = acts.shape[1]
+    if len(norms) != 1 or len(linears) != 1:
+        return None
+    ln, lin = norms[0], linears[0]
+    if tuple(ln.normalized_shape) != (c,) or lin.in_features != c:
+        return None
+    with torch.no_grad():
+        w = lin.weight.detach().float().cpu()
+        gamma = ln.weight.detach().float().cpu() if ln.weight is not None else torch.ones(c)
+        beta = ln.bias.detach().float().cpu() if ln.bias is not None else torch.zeros(c)
+        b = lin.bias.detach().float().cpu() if lin.bias is not None else torch.zeros(w.shape[0])
+        wg = w * gamma[None, :]
+        head = NormHead(wg - wg.mean(dim=1, keepdim=True), b + w @ beta, float(ln.eps))
+        a = acts.detach().float()
+        n, _, hh, ww = a.shape
+        perm = torch.randperm(hh * ww, generator=torch.Generator().manual_seed(0)).to(a.device)
+        if not _close(ref, h(a.flatten(2)[:, :, perm].reshape(a.shape)).float()):
+            return None
+        pooled = a.mean(dim=(2, 3)).cpu()
+        terms = (head.scale(pooled)[:, None] * (pooled.abs() @ head.weight.abs().T)).max().item()
+        if not _close(ref.cpu(), head.logits(pooled), terms + head.bias.abs().max().item()):
+            return None
+    return head
 
 
 def _token_or_sequential_split(model: nn.Module, layer: str, input_size: int) -> tuple[nn.Module, nn.Module]:

@@ -121,21 +121,39 @@ def _share_or_reason(info: Any, split: Any, acts: Any, cls: Any, image_U: np.nda
     the class (Lens's points), or None with the reason it is not defined.
 
     An image's coefficients ū are those of its pooled activation (image_U), so that
-    logit_c(x) = sum_k ū_k (W_k . w_c) + residual(x) + bias exactly for a pooled-linear head.
+    logit_c(x) = sum_k ū_k (W_k . w_c) + residual(x) + bias exactly for a pooled-linear head; for
+    a head that normalizes the pooled activation first (NormHead), each image's terms are scaled by
+    its normalization scale s(x), which keeps the split exact.
     """
-    if split.head is None:
+    linear = _linear_head(split, acts["image_A"][:])
+    if linear is None:
         return None, {"basis_reason": "no-linear-head"}
-    weight, bias = (t.detach().cpu().float().numpy() for t in split.head)
-    contrib = logit_contributions(image_U, W, acts["image_A"][:], weight, bias, cls.index)
+    weight, bias, scale = linear
+    contrib = logit_contributions(image_U * scale[:, None], W, acts["image_A"][:] * scale[:, None],
+                                  weight, bias, cls.index)
     share = logit_share(contrib["contributions"], acts["image_pred"][:] == cls.index,
                         contrib["residual"], contrib["bias"])
     if share.n_points < info.config.importance.min_share_images:
         return None, {"basis_reason": "few-predicted"}
     if share.denominator <= 0:
         return None, {"basis_reason": "non-positive-logit"}
+    extra = {"share_head": "normalized-linear"} if split.head is None else {}
     return np.asarray(share.concepts, np.float32), {
         "share_residual": float(share.residual), "share_bias": float(share.bias),
-        "share_images": int(share.n_points)}
+        "share_images": int(share.n_points), **extra}
+
+
+def _linear_head(split: Any, pooled: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """(weight, bias, per-image scale) with logits = scale * (pooled @ weight.T) + bias, exactly:
+    scale 1 for a pooled-linear head, the normalization's 1/std for a NormHead; None otherwise."""
+    if split.head is not None:
+        weight, bias = (t.detach().cpu().float().numpy() for t in split.head)
+        return weight, bias, np.ones(len(pooled), np.float32)
+    norm = getattr(split, "norm_head", None)
+    if norm is None:
+        return None
+    return (norm.weight.numpy(), norm.bias.numpy(),
+            np.asarray(norm.scale(np.asarray(pooled, np.float64)), np.float32))
 
 
 def _importance(info: Any, slug: str, inputs: Inputs, device: str | None) -> dict[str, Any]:
@@ -168,12 +186,14 @@ def _importance(info: Any, slug: str, inputs: Inputs, device: str | None) -> dic
     basis = "logit_share" if share is not None else "sobol"
     order = rank_concepts(share if share is not None else sobol)
     out["order"] = order.astype(np.int32)
-    if split.head is not None:
-        direction = W @ split.head[0].detach().cpu().float().numpy()[cls.index]
+    linear = _linear_head(split, image_A)
+    if linear is not None:  # each image's exact logit terms (times its normalization scale, if any)
+        direction = W @ linear[0][cls.index]
+        per_image = image_U * linear[2][:, None]
     else:
-        direction = sobol
+        direction, per_image = sobol, image_U
     assigned = np.flatnonzero(image_pred == cls.index)
-    image_importance = (image_U[assigned] * direction[None, :]).astype(np.float32)
+    image_importance = (per_image[assigned] * direction[None, :]).astype(np.float32)
     out["image_positions"] = assigned.astype(np.int32)
     out["image_U"] = image_U[assigned]
     out["image_importance"] = image_importance
@@ -186,7 +206,8 @@ def _importance(info: Any, slug: str, inputs: Inputs, device: str | None) -> dic
                                                         precision=cfg.model.precision, extra=extra)
     out["deletion"] = np.asarray(curve, dtype=np.float32)
     out["deletion_random"] = np.asarray(random_curve, dtype=np.float32)
-    note = basis_note(why.get("basis_reason"), counts)
+    note = basis_note(why.get("basis_reason"), counts) or (
+        NORMALIZED_NOTE if why.get("share_head") == "normalized-linear" else "")
     attrs = {**counts, **why, "importance_basis": basis, "note": note,
              "deletion_auc": float(auc), "deletion_random_auc": float(random_auc),
              "important_min_images": imp.important_min_images}
@@ -198,6 +219,11 @@ def _importance(info: Any, slug: str, inputs: Inputs, device: str | None) -> dic
     top_c = int(order[0])
     return {"status": {"top_concept": top_c, "top_importance": round(float(scores[top_c]), 3),
                        "importance_basis": basis, "deletion_auc": float(auc), "note": note, **counts}}
+
+
+NORMALIZED_NOTE = ("the model's head normalizes the pooled activation (LayerNorm) before its linear "
+                   "layer: each image's terms are taken at its own normalization scale, so shares, "
+                   "residual and bias still add up to the class logit exactly")
 
 
 def basis_note(reason: str | None, counts: dict[str, int]) -> str:

@@ -229,8 +229,9 @@ def test_swin_t_split_permutes_its_channels_last_maps_and_is_the_model(layer, sh
     with torch.no_grad():
         m = split.g(x)
     assert tuple(m.shape[1:]) == shape  # (N, C, H, W): channels first, the stage's token grid
-    # only after the final LayerNorm is h pooled-linear: then its head is the model's own
-    assert (split.head is not None) == exact
+    # only after the final LayerNorm is h pooled-linear: then its head is the model's own; before
+    # it, the LayerNorm acts on every token before the pooling: no exact split of the logit at all
+    assert (split.head is not None) == exact and split.norm_head is None
     if exact:
         torch.testing.assert_close(split.head[0], model.head.weight, rtol=1e-3, atol=1e-4)
 
@@ -249,6 +250,35 @@ def test_a_lens_split_model_whose_g_sets_the_class_token_aside(monkeypatch):
             torch.testing.assert_close(split.h(m.clone(), extra), _logits(model, x, cfg),
                                        rtol=1e-5, atol=1e-5)
         assert tuple(m.shape) == (3, 32, 4, 4) and split.head is None
+
+
+def test_convnext_head_normalizes_then_is_linear_so_each_images_logit_splits_exactly():
+    """ConvNeXt's h = avgpool, LayerNorm2d, Linear is not pooled-linear, but at each image's
+    normalization scale it is: scale * (pooled . w_hat) + b_hat is the model's logit, and the
+    share's terms (any concepts U, W; the residual takes the rest) add up to it."""
+    from lens_core.importance import logit_contributions
+    from lens_core.stages import _linear_head
+
+    torch.manual_seed(0)
+    model = torchvision.models.convnext_tiny(weights=None, num_classes=K).eval()
+    cfg = _cfg("features", 64)
+    split = split_model(model, "features", cfg)
+    assert split.head is None and split.norm_head is not None
+    x = _images(3, 64)
+    ref = _logits(model, x, cfg)
+    with torch.no_grad():
+        pooled = split.g(x).mean(dim=(2, 3)).numpy()
+    weight, bias, scale = _linear_head(split, pooled)
+    rng = np.random.default_rng(0)
+    W = rng.normal(size=(4, pooled.shape[1])).astype(np.float32)
+    U = rng.uniform(size=(3, 4)).astype(np.float32)
+    for c in (0, 7):
+        parts = logit_contributions(U * scale[:, None], W, pooled * scale[:, None], weight, bias, c)
+        total = parts["contributions"].sum(1) + parts["residual"] + parts["bias"]
+        np.testing.assert_allclose(total, ref[:, c].numpy(), rtol=1e-4, atol=1e-5)
+    # the scale is the normalization's: doubling the pooled activation leaves the logits alone
+    np.testing.assert_allclose(split.norm_head.logits(torch.from_numpy(2 * pooled)).numpy(),
+                               ref.numpy(), rtol=1e-4, atol=1e-5)
 
 
 # ---- unsupported splits: one line, never a traceback -------------------------------------------
@@ -283,7 +313,7 @@ FAMILIES = {
     # family: (arch, layer, input size, whether h is pooled-linear)
     "vit": (f"{__name__}:tiny_vit", "encoder.layers.encoder_layer_1", 32, False),
     "swin": (f"{__name__}:tiny_swin", "features", 32, False),
-    "convnext": (f"{__name__}:tiny_convnext", "features", 32, False),
+    "convnext": (f"{__name__}:tiny_convnext", "features", 32, True),  # a normalized-linear head
     "efficientnet": ("efficientnet_b0", "features", 64, True),
 }
 
@@ -311,6 +341,10 @@ def test_each_family_runs_the_whole_atlas(family, tmp_path, monkeypatch):
     assert np.isfinite(imp["sobol"][:]).all() and sorted(imp["order"][:]) == [0, 1, 2]
     if pooled_linear:
         assert imp.attrs.get("basis_reason") != "no-linear-head"
+        if "logit_share" in set(imp.array_keys()):  # enough images predicted as the class
+            total = imp["logit_share"][:].sum() + imp.attrs["share_residual"] + imp.attrs["share_bias"]
+            assert total == pytest.approx(100, abs=1e-3)
+            assert ("normalizes" in imp.attrs["note"]) == (family == "convnext")
     else:
         assert imp.attrs["importance_basis"] == "sobol" and imp.attrs["basis_reason"] == "no-linear-head"
     acts = store.zarr[layout.acts(slug)]
