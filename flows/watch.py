@@ -26,8 +26,8 @@ from prefect.exceptions import ObjectNotFound
 from prefect.runtime import flow_run as current_flow_run
 
 from lens_core import layout
-from lens_core.config import AtlasConfig, compute_run_id, config_from_parameters, inline_fields
-from lens_core.layout import planned_data_url
+from lens_core.config import AtlasConfig, config_from_parameters, inline_fields
+from lens_core.identity import compute_run_id, planned_data_url
 from lens_core.models import CheckpointError, checkpoint_digest
 from lens_core.store import RunStore, filesystem, join_url, normalize_url
 

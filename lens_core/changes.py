@@ -38,6 +38,7 @@ import numpy as np
 from scipy.optimize import linear_sum_assignment
 
 from lens_core import layout
+from lens_core.identity import image_key
 from lens_core.store import RunStore
 
 DEFAULT_THRESHOLD = 0.5
@@ -75,7 +76,7 @@ def read_side(store: RunStore, slug: str) -> ClassSide | None:
     names = set(imp.array_keys())
     shown = imp["logit_share"][:] if "logit_share" in names else imp["sobol_share"][:]
     urls = list(acts.attrs["image_urls"])
-    keys = [layout.image_key(u) for u in urls]
+    keys = [image_key(u) for u in urls]
     patches = acts["patches"][:]
     rows = [(keys[int(p[0])], *(int(v) for v in p[1:])) for p in patches]
     index = int(acts.attrs.get("label_index", -1))
@@ -205,7 +206,7 @@ def compare(store_url: str, storage_options: dict[str, Any] | None, before: Any,
     still carry. A class that cannot be compared is listed in the summary's `not_comparable` with
     its reason (and stored as such), never in the ranking; the other classes are compared.
     """
-    from lens_core.config import short_hash
+    from lens_core.identity import short_hash
     from lens_core.labels import carry_labels
 
     store = RunStore(store_url, after.run_id, storage_options)

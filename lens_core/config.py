@@ -6,17 +6,14 @@ stored and published under ``./lens-out``.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
-import re
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from lens_core.layout import run_id_inputs
+from lens_core.identity import is_run_id
 from lens_core.secrets import public_options, url_secret
 
 # upper bounds: a form field of the Prefect UI or a TOML typo must not allocate terabytes
@@ -26,14 +23,6 @@ MAX_RENDER_SIZE = 2048  # MACO image side (Horama: 1280)
 MAX_CROP_SIZE = 1024
 MAX_DESIGNS = 4096  # Sobol QMC designs (CRAFT: 32)
 MAX_BATCH = 8192
-
-
-RUN_ID_RE = re.compile(r"[0-9a-f]{12}")  # matched whole (fullmatch): no trailing newline
-
-
-def is_run_id(text: Any) -> bool:
-    """True for the run ids this project generates (12 lowercase hex digits), nothing else."""
-    return isinstance(text, str) and bool(RUN_ID_RE.fullmatch(text))
 
 
 class ConfigError(ValueError):
@@ -415,13 +404,3 @@ def config_from_parameters(
         data["model"] = {**data.get("model", {}), "checkpoint": checkpoint}
     return make_config(data, classes=classes or None, store=store, publish=publish)
 
-
-def short_hash(obj: Any, n: int = 12) -> str:
-    """Stable short hash of a JSON-serializable object."""
-    blob = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str).encode()
-    return hashlib.sha256(blob).hexdigest()[:n]
-
-
-def compute_run_id(checkpoint_digest: str, data_url: str, config: AtlasConfig) -> str:
-    """run_id = short hash(checkpoint digest, data URL, method config) (DESIGN.md): 12 hex digits."""
-    return short_hash(run_id_inputs(checkpoint_digest, data_url, config))

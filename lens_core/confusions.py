@@ -25,10 +25,10 @@ import torch.nn.functional as F
 
 from lens_core import crops as crops_mod
 from lens_core import layout
-from lens_core.config import short_hash
 from lens_core.data import read_image
 from lens_core.device import pick_device
 from lens_core.extract import make_extractor
+from lens_core.identity import short_hash
 from lens_core.importance import concept_sobol, logit_contributions, logit_share
 from lens_core.labels import read_labels
 from lens_core.model_cache import get_split

@@ -12,8 +12,7 @@ stage is recomputed, never reused for another class.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from typing import Any
+from lens_core.urls import join_url
 
 # per-class stages, in chain order; "render" (MACO, pooled) and "publish" are run-wide
 CLASS_STAGES: tuple[str, ...] = ("activations", "factorize", "importance", "crops")
@@ -98,8 +97,6 @@ def lease_prefix(name: str) -> str:
 
 def run_root(store_url: str, run_id: str) -> str:
     """`<store>/runs/<run_id>`: everything one run computes."""
-    from lens_core.store.fs import join_url
-
     return join_url(store_url, RUNS, run_id)
 
 
@@ -124,47 +121,3 @@ def stage_group(stage: str, slug: str) -> str:
 
 
 FILE_STAGES = frozenset({"crops"})  # marked by a _SUCCESS object; the others by a Zarr attribute
-
-
-# ---- class identity ------------------------------------------------------------------------
-
-def image_key(url: str) -> str:
-    """An image's identity independent of the store it is read from: class dir + file name."""
-    return "/".join(url.rstrip("/").split("/")[-2:])
-
-
-def class_inputs(class_dir: str, label_index: int, image_urls: Iterable[str]) -> dict[str, Any]:
-    """What a class's stages are computed from: recorded in their markers (see module doc)."""
-    from lens_core.config import short_hash
-
-    images = [image_key(u) for u in image_urls]
-    return {
-        "class_dir": class_dir,
-        "label_index": int(label_index),
-        "n_sampled": len(images),
-        "fingerprint": short_hash({"dir": class_dir, "index": int(label_index), "images": images}, 16),
-    }
-
-
-# ---- run-id inputs ----------------------------------------------------------------------------
-
-def toy_data_url(store_url: str, toy_classes: int, toy_images_per_class: int, seed: int) -> str:
-    """Root of the generated toy data set inside a store (its images are under `<root>/images`)."""
-    from lens_core.store import join_url, normalize_url
-
-    return join_url(normalize_url(store_url), "toy-data", f"c{toy_classes}-n{toy_images_per_class}-s{seed}")
-
-
-def planned_data_url(config: Any) -> str:
-    """The data URL a run of `config` reads (part of its run id), without generating anything."""
-    from lens_core.store import join_url, normalize_url
-
-    if config.data.url:
-        return normalize_url(config.data.url)
-    d = config.data
-    return join_url(toy_data_url(config.store, d.toy_classes, d.toy_images_per_class, d.seed), "images")
-
-
-def run_id_inputs(checkpoint_digest: str, data_url: str, config: Any) -> dict[str, Any]:
-    """What a run id hashes: checkpoint digest, data URL and the method config (DESIGN.md)."""
-    return {"ckpt": checkpoint_digest, "data": data_url, "method": config.method_dict()}

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from lens_core import layout
-from lens_core.config import AtlasConfig, is_run_id, short_hash
+from lens_core.config import AtlasConfig
+from lens_core.identity import is_run_id, short_hash
 from lens_core.secrets import url_label
 from lens_core.store import RunStore, filesystem, join_url, normalize_url
 

@@ -17,9 +17,10 @@ from typing import Any
 import torch
 
 from lens_core import layout
-from lens_core.config import AtlasConfig, ConfigError, compute_run_id
+from lens_core.config import AtlasConfig, ConfigError
 from lens_core.data import ClassIndex, ClassInfo, DataError, list_classes, read_class_index
 from lens_core.extract import SignedLayerError, choose_method
+from lens_core.identity import compute_run_id, planned_data_url, toy_data_url
 from lens_core.lineage import find_run, lineage_key
 from lens_core.model_cache import get_split
 from lens_core.models import ModelError, SplitModel, checkpoint_digest
@@ -63,13 +64,13 @@ class RunInfo:
 
 def resolve_data_url(config: AtlasConfig) -> str:
     """The configured image folder, or the generated toy data set (written once per store)."""
-    url = layout.planned_data_url(config)
+    url = planned_data_url(config)
     if config.data.url:
         return url
     from lens_core.toy import ensure_toy_dataset
 
     d = config.data
-    root = layout.toy_data_url(config.store, d.toy_classes, d.toy_images_per_class, d.seed)
+    root = toy_data_url(config.store, d.toy_classes, d.toy_images_per_class, d.seed)
     made = ensure_toy_dataset(root, d.toy_classes, d.toy_images_per_class, d.seed, config.storage_options)
     if made != url:  # the watcher computes run ids from planned_data_url: they must agree
         raise RuntimeError(f"toy data set written at {made}, planned at {url}")

@@ -18,6 +18,7 @@ from lens_core.activations import compute_class_activations
 from lens_core.data import EmptyClassError, list_images, read_image, sample_images
 from lens_core.device import pick_device
 from lens_core.extract import make_extractor
+from lens_core.identity import class_inputs
 from lens_core.importance import (
     concept_sobol,
     deletion_curve,
@@ -36,7 +37,7 @@ def _activation_inputs(info: Any, slug: str) -> Inputs:
     cfg, cls = info.config, info.cls(slug)
     urls = sample_images(list_images(info.data_url, cls, cfg.storage_options), cfg.data.images_per_class,
                          cfg.data.seed)
-    return {**layout.class_inputs(cls.id, cls.index, urls), "urls": urls}
+    return {**class_inputs(cls.id, cls.index, urls), "urls": urls}
 
 
 def _record(inputs: Inputs) -> dict[str, Any]:

@@ -5,11 +5,11 @@ import pytest
 from lens_core.config import (
     AtlasConfig,
     ConfigError,
-    compute_run_id,
     load_config,
     make_config,
     split_secrets,
 )
+from lens_core.identity import compute_run_id
 from lens_core.naming import class_slug, safe_token, unique_slugs
 from lens_core.secrets import public_options
 

@@ -517,7 +517,7 @@ def test_lens_status_cells_drop_unicode_format_characters():
 # validators match the whole value: no trailing newline slips through (item 10)
 @pytest.mark.parametrize("bad", ["\n"])
 def test_validators_refuse_a_trailing_newline(bad):
-    from lens_core.config import is_run_id
+    from lens_core.identity import is_run_id
     from lens_core.site.schema import SiteError, check_path, check_slug
 
     assert is_run_id("4701adbed259") and not is_run_id("4701adbed259" + bad)

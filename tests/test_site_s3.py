@@ -26,7 +26,7 @@ from lens_core.site.headers import IMAGE, IMMUTABLE, PAGE, REVALIDATE, cache_con
 from lens_core.site.render import immutable_paths, static_paths
 from lens_core.site.runs import list_published_runs, write_runs_index
 
-RUN_ID = "0123456789ab"  # the form lens_core.config.short_hash gives
+RUN_ID = "0123456789ab"  # the form lens_core.identity.short_hash gives
 HTML, CSS, JS = "text/html; charset=utf-8", "text/css; charset=utf-8", "text/javascript; charset=utf-8"
 JSON = "application/json; charset=utf-8"
 

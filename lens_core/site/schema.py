@@ -85,7 +85,7 @@ def _text(v: Any) -> str:
 
 
 def _run_id(v: Any) -> str:
-    from lens_core.config import is_run_id
+    from lens_core.identity import is_run_id
 
     if not is_run_id(v):
         raise ValueError(f"not a run id: {v!r}")

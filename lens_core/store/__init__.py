@@ -4,11 +4,12 @@ filesystems (`fs`), the Zarr store (`zarr_store`), leases (`lease`) and the run 
 
 from lens_core.secrets import scrub
 from lens_core.store.errors import LeaseLostError, StoreAccessError, StoreError
-from lens_core.store.fs import filesystem, join_url, normalize_url, write_beside
+from lens_core.store.fs import filesystem, write_beside
 from lens_core.store.lease import Lease, check_leases_held
 from lens_core.store.retry import acall, call, is_transient, is_unreachable, retry_seconds
 from lens_core.store.run_store import SUCCESS, RunStore, dumps_json, finite
 from lens_core.store.zarr_store import RetryingStore, zarr_store
+from lens_core.urls import join_url, normalize_url
 
 __all__ = [
     "SUCCESS", "Lease", "LeaseLostError", "RetryingStore", "RunStore", "StoreAccessError", "StoreError",

@@ -19,22 +19,9 @@ from fsspec.core import url_to_fs
 from fsspec.implementations.local import LocalFileSystem
 
 from lens_core.secrets import SECRET_ENV
+from lens_core.urls import normalize_url
 
 T = TypeVar("T")
-
-
-def normalize_url(url: str) -> str:
-    """Absolute URL with a protocol: plain and relative paths become file:///abs/path."""
-    if "://" not in url:
-        return "file://" + os.path.abspath(url)
-    proto, rest = url.split("://", 1)
-    if proto == "file":
-        return "file://" + os.path.abspath(rest)
-    return url.rstrip("/")
-
-
-def join_url(base: str, *parts: str) -> str:
-    return posixpath.join(base.rstrip("/"), *[p.strip("/") for p in parts if p])
 
 
 _CACHE: dict[str, Any] = {}

@@ -19,14 +19,10 @@ import threading
 import time
 import uuid
 from contextvars import ContextVar
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
-from lens_core import layout
 from lens_core.settings import settings
 from lens_core.store.errors import LeaseLostError
-
-if TYPE_CHECKING:
-    from lens_core.store.run_store import RunStore
 
 log = logging.getLogger("lens_core.store")
 
@@ -64,6 +60,22 @@ def check_leases_held() -> None:
                                  "this attempt's work is left unmarked")
 
 
+class LeaseStore(Protocol):
+    """What a lease needs of a store: files under run-relative paths, one created exclusively."""
+
+    def list(self, rel: str) -> list[str]: ...
+
+    def read_bytes(self, rel: str) -> bytes: ...
+
+    def write_bytes(self, rel: str, data: bytes) -> None: ...
+
+    def create_exclusive(self, rel: str, data: bytes) -> bool: ...
+
+    def delete(self, rel: str) -> None: ...
+
+    def prune(self, rel: str) -> None: ...
+
+
 class Lease:
     """An exclusive claim on one unit of work (a stage of a class) across every process on the store.
 
@@ -71,9 +83,10 @@ class Lease:
     creating generation 0 (none exists) or the next one (the current holder is gone), atomically.
     """
 
-    def __init__(self, store: RunStore, name: str, ttl: float | None = None, poll: float | None = None):
+    def __init__(self, store: LeaseStore, prefix: str, ttl: float | None = None,
+                 poll: float | None = None):
         self.store = store
-        self.prefix = layout.lease_prefix(name)
+        self.prefix = prefix.rstrip("/")
         self.ttl = ttl if ttl is not None else _lease_ttl()
         self.poll = poll if poll is not None else _lease_poll()
         self.token = uuid.uuid4().hex
@@ -137,7 +150,7 @@ class Lease:
                 self.waited = time.monotonic() - t0
                 for old in gens:  # generations of dead holders
                     with contextlib.suppress(Exception):
-                        self.store.fs.rm(self.store.path(self._rel(old)))
+                        self.store.delete(self._rel(old))
                 self._start_heartbeat()
                 return self
 
@@ -179,10 +192,9 @@ class Lease:
             with contextlib.suppress(Exception):
                 rec = json.loads(self.store.read_bytes(self._rel(self.generation)))
                 if rec.get("token") == self.token:
-                    self.store.fs.rm(self.store.path(self._rel(self.generation)))
-            if self.store.local:  # no empty lock folders left behind
-                with contextlib.suppress(OSError):
-                    os.rmdir(self.store.path(self.prefix))
+                    self.store.delete(self._rel(self.generation))
+            with contextlib.suppress(OSError):
+                self.store.prune(self.prefix)  # no empty lock folders left behind
             self.generation = None
 
     def __enter__(self) -> Lease:

@@ -25,10 +25,11 @@ from zarr.errors import ContainsGroupError
 
 from lens_core import layout
 from lens_core.store.errors import StoreError
-from lens_core.store.fs import _cached, filesystem, join_url, normalize_url, write_beside
+from lens_core.store.fs import _cached, filesystem, write_beside
 from lens_core.store.lease import Lease, check_leases_held
 from lens_core.store.retry import call, retry_seconds
 from lens_core.store.zarr_store import zarr_store
+from lens_core.urls import join_url, normalize_url
 
 SUCCESS = layout.SUCCESS
 T = TypeVar("T")
@@ -255,6 +256,15 @@ class RunStore:
             return []
         return sorted(posixpath.basename(p.rstrip("/")) for p in found)
 
+    def delete(self, rel: str) -> None:
+        """Delete one file (a lease generation, a marker)."""
+        self._call(lambda: self.fs.rm(self.path(rel)), rel, "deleting")
+
+    def prune(self, rel: str) -> None:
+        """Remove an empty folder on disk (object stores have no folders); OSError if not empty."""
+        if self.local:
+            os.rmdir(self.path(rel))
+
     def remove(self, rel: str) -> None:
         if self.exists(rel):
             self._call(lambda: self.fs.rm(self.path(rel), recursive=True), rel, "deleting")
@@ -279,7 +289,7 @@ class RunStore:
     @contextlib.contextmanager
     def lease(self, name: str, ttl: float | None = None, poll: float | None = None) -> Iterator[Lease]:
         """Hold the lease `name` (e.g. 'activations/<class>') for the block; waits while another has it."""
-        with Lease(self, name, ttl, poll) as held:
+        with Lease(self, layout.lease_prefix(name), ttl, poll) as held:
             yield held
 
     # ---- zarr ----------------------------------------------------------------------------

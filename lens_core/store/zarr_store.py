@@ -11,8 +11,8 @@ import zarr
 from zarr.abc.store import Store
 from zarr.storage import WrapperStore
 
-from lens_core.store.fs import join_url, normalize_url
 from lens_core.store.retry import acall
+from lens_core.urls import join_url, normalize_url
 
 T = TypeVar("T")
 
