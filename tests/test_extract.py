@@ -251,3 +251,28 @@ def test_set_up_resolves_the_method_once_per_run(tmp_path):
     assert plain.config.concepts.method == "nmf"
     explicit = make_config({**cfg, "concepts": {**cfg["concepts"], "method": "nmf"}})
     assert prepare_run(explicit).run_id != plain.run_id  # the setting is part of the run id
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ["efficientnet_b0", "convnext_tiny"])
+def test_signed_families_run_end_to_end_at_random_init(tmp_path, arch):
+    """EfficientNet's and ConvNeXt's `features` (SiLU, LayerNorm: signed) at random init, on the
+    toy data at tiny budgets: set-up picks semi-NMF, and the class gets concepts, importance and
+    crops (ConvNeXt's head normalizes before its linear layer: Sobol ranks its concepts)."""
+    from lens_core import layout
+    from lens_core.pipeline import prepare_run, run_class
+
+    cfg = {**_tiny(tmp_path), "model": {"arch": arch, "layer": "features"}}
+    info = prepare_run(make_config(cfg, classes=["0"]))
+    assert info.config.concepts.method == "semi-nmf"
+    slug = info.slugs[0]
+    run_class(info, slug)
+    store = info.store()
+    con = store.zarr[layout.concepts(slug)]
+    assert con.attrs["method"] == "semi-nmf" and con.attrs["dead"] == 0
+    assert (con["U"][:] >= 0).all() and (con["W"][:] < 0).any()
+    imp = store.zarr[layout.importance(slug)]
+    sobol = imp["sobol"][:]
+    assert sobol.shape == (TINY["concepts"]["n_concepts"],) and np.isfinite(sobol).all()
+    index = store.read_json(layout.crops_index(slug))
+    assert index["concepts"] and all(index["concepts"].values())
