@@ -10,7 +10,7 @@ The set-aside tokens ("extra tokens", (N, T, C)) belong to an image: h on a modi
 as importance builds) uses the class token g produced for the same image, so h(g(x)) is the
 model's logits exactly and a concept removed from the map changes the logits only through what
 the later blocks read from the patch tokens. g keeps the extra tokens of the map it last returned
-(per thread); h finds them when it is handed that very map (h(g(x))); for any other map they are
+(per thread, while that map lives); h finds them when it is handed that very map (h(g(x))); for any other map they are
 passed explicitly, h(map, extra), by whoever stored them with the map (the activations stage).
 
 Supported: torchvision's VisionTransformer (`conv_proj`, a whole block
@@ -36,24 +36,35 @@ class TokenError(ValueError):
 
 
 class _Stash:
-    """The extra tokens of the map g last returned, per thread (a weak reference to the map)."""
+    """The extra tokens of the map g last returned, per thread, kept only while that map lives
+    (so a map's autograd graph, e.g. MACO's, is not held past its use)."""
 
     def __init__(self) -> None:
-        self._local = threading.local()
+        self._lock = threading.Lock()
+        self._held: dict[int, tuple[weakref.ref, torch.Tensor]] = {}
 
     def put(self, m: torch.Tensor, extra: torch.Tensor) -> None:
-        self._local.ref = weakref.ref(m)
-        self._local.extra = extra
+        key, ref = threading.get_ident(), weakref.ref(m)
+        with self._lock:
+            self._held[key] = (ref, extra)
+        weakref.finalize(m, self._drop, key, ref)
+
+    def _drop(self, key: int, ref: weakref.ref) -> None:
+        with self._lock:
+            held = self._held.get(key)
+            if held is not None and held[0] is ref:
+                del self._held[key]
 
     def get(self, m: torch.Tensor) -> torch.Tensor | None:
-        ref = getattr(self._local, "ref", None)
-        return self._local.extra if ref is not None and ref() is m else None
+        with self._lock:
+            held = self._held.get(threading.get_ident())
+        return held[1] if held is not None and held[0]() is m else None
 
-    def __getstate__(self) -> dict[str, Any]:  # a thread-local cannot be pickled or copied
+    def __getstate__(self) -> dict[str, Any]:  # a lock cannot be pickled or copied
         return {}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self._local = threading.local()
+        self.__init__()
 
 
 class TokenG(nn.Module):
