@@ -1,7 +1,7 @@
 """Activations stage: a class's images -> CRAFT patches -> g -> Zarr arrays, streamed in batches.
 
 Peak memory is one batch of images and their patches, whatever the class size: arrays grow by
-appending. Writes into a Zarr group (see DESIGN.md, ``acts/<class>``):
+appending. Writes into a Zarr group (``acts/<class>``, lens_core.layout):
   A        (n_patches, C) float32   pooled activations of every patch (the NMF input)
   patches  (n_patches, 5) int32     image position, x0, y0, x1, y1 (pixels of the resized image)
   patch_logit (n_patches,) float32  class logit of each patch; patch_pred (n_patches,) int32 argmax

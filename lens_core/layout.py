@@ -1,6 +1,6 @@
 """The store layout of a run, in one place: paths, stage names, completion markers, run-id inputs.
 
-Everything a run computes lives under ``<store>/runs/<run_id>/`` (DESIGN.md). Every other module
+Everything a run computes lives under ``<store>/runs/<run_id>/`` (docs/interfaces.md). Every other module
 asks this one for a path instead of spelling it out, so the layout can change here alone.
 
 Class identity. A class is its directory id and its label index (never its slug alone): the
@@ -16,7 +16,6 @@ from lens_core.urls import join_url
 
 # per-class stages, in chain order; "render" (MACO, pooled) and "publish" are run-wide
 CLASS_STAGES: tuple[str, ...] = ("activations", "factorize", "importance", "crops")
-STAGES: tuple[str, ...] = (*CLASS_STAGES, "render", "changes")
 STATUS_STAGES: tuple[str, ...] = (*CLASS_STAGES, "render")
 
 # run-level files

@@ -1,40 +1,17 @@
 """MACO feature visualization (Fel et al., NeurIPS 2023), batched over many concepts at once.
 
-The image is parametrized by its Fourier phase; the magnitude spectrum is fixed (estimated from the
-run's own images, or loaded from a .npy file). The phase is optimized with NAdam to maximize the
-concept objective (pooled activation of ``g`` projected on the concept direction) under random
-crops, rescaling and additive noise. The absolute gradient of the objective w.r.t. the image,
-accumulated over the optimization, is the transparency map exported as the PNG alpha channel.
+The image is parametrized by its Fourier phase under a fixed magnitude spectrum (estimated from
+the run's images, or a .npy file); NAdam optimizes the phase to maximize the concept objective
+(g's pooled activation projected on the concept direction) under random crops, rescaling and
+noise. The accumulated absolute gradient w.r.t. the image is the transparency map (PNG alpha).
 
-Reference defaults. Horama (PyTorch, serre-lab): 1000 NAdam steps at lr 1.0, 1280 px images,
-6 crops per step of 0.25-0.30 of the image side resized to 224, noise 0.05, values in
-(-2.5, 2.5), fixed colour decorrelation. xplique (deel-ai): 256 steps, 32 crops, 512 px, noise
-0.08, values in (-1, 1). LENS defaults (``MacoConfig``) are a small CPU budget: 64 steps,
-128 px, 4 crops of 0.5-0.9 of the side, lr 1.0, noise 0.05, values (-2.5, 2.5).
-
-Pixel space. Horama feeds its model ``lo + (hi - lo) * sigmoid(z)`` in the model's standardized
-units, ``z`` being the colour-recorrelated, standardized inverse FFT. ``g`` here takes pixels in
-[0, 1] and standardizes internally, so that value range is mapped affinely onto [0, 1]: the image
-is ``sigmoid(z)`` and ``value_range`` sets only the noise scale (``noise`` is in standardized
-units, i.e. ``noise / (hi - lo)`` in pixels).
-
-Randomness is per concept: concept ``b`` draws its initial phase, crop boxes and noise from its
-own ``torch.Generator`` seeded with ``seeds[b]``, and every op is per-sample (the colour mix is
-elementwise, not a matmul), so on CPU a batch and one-by-one renders are bit-identical.
-
-Precision. ``model.precision`` (bf16/fp16) is the autocast dtype of g's forward and so of its
-backward; the phase, the image, NAdam's state, the objective, the transparency map and the final
-objective stay fp32 (bf16 on the toy CNN: mean final objective within 5% of fp32's, tests/test_maco.py).
-
-Budget. bench/bench_maco_budget.py measures the objective against steps and crops per step; an
-early stop on a plateau of each concept's objective was measured there too (replayed on the
-recorded objective) and not kept: at the chosen budget of 256 steps it saves little, and it needed
-an optimizer of our own (one step count per batch row) instead of torch's NAdam.
-
-One deviation from Horama: each concept's phase gradient is scaled to unit norm before NAdam.
-Without it a single gradient spike can inflate NAdam's second moment and freeze the phase, so the
-objective ends below its start (seen at 40 steps on the toy model); with it that no longer
-happens, and the mean final objective is unchanged (toy, 64 steps, 32 renders: within 1%).
+Pixel space: g takes pixels in [0, 1] and standardizes internally, so the image is sigmoid(z)
+and `value_range` only scales the noise. Randomness is per concept (its own generator), so a
+batch and one-by-one renders are the same on CPU. `model.precision` is the autocast dtype of g;
+the phase, the optimizer, the objective and the transparency map stay fp32. One deviation from
+Horama: each concept's phase gradient is scaled to unit norm before NAdam, so one gradient spike
+cannot freeze the phase. Reference budgets and the measurements behind these choices are in
+docs/performance.md.
 """
 
 from __future__ import annotations

@@ -302,7 +302,6 @@ def _crops(info: Any, slug: str, inputs: Inputs, _device: str | None) -> dict[st
 CROPS = Stage("crops", upstream_inputs, _crops)
 
 CLASS_STAGES: tuple[Stage, ...] = (ACTIVATIONS, FACTORIZE, IMPORTANCE, CROPS)
-BY_NAME = {s.name: s for s in CLASS_STAGES}
 
 
 def stage_activations(info: Any, slug: str, device: str | None = None) -> dict[str, Any]:

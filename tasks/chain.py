@@ -1,12 +1,12 @@
 """The per-class chain: one Dask submission per class that runs its four stage tasks in order.
 
-Why a chain task: Prefect on Dask costs ~0.13 s per submitted task here (FACTS.md), so 1,000
-classes x 4 stages would spend ~9 minutes in orchestration. Submitting one chain per class and
-calling the stage tasks inside it keeps every stage a named, retried task run in the
-Prefect UI (`factorize[espresso]`) while paying the Dask round trip once per class.
+Why a chain task: every task submitted to Dask pays an orchestration round trip (its cost is in
+docs/performance.md). Submitting one chain per class and calling the stage tasks inside it keeps
+every stage a named, retried task run in the Prefect UI (`factorize[espresso]`) while paying the
+Dask round trip once per class.
 
 The flow sends each chain `info.narrowed([slug])`: Prefect walks every task parameter, and a
-RunInfo with 1,000 classes costs about 25 ms per walk (at submission, then in each task run).
+RunInfo of every class would be walked at submission and again in each task run.
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ import pytest
 from s3server import S3Server, start_s3_server
 
 CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = [  # FACTS.md: no sandbox as root, and no background connections on a closed network
+CHROMIUM_ARGS = [  # no sandbox as root, and no background connections on a machine without internet
     "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
     "--disable-background-networking", "--disable-component-update", "--disable-sync",
 ]

@@ -68,7 +68,7 @@ def test_every_locked_package_is_pinned_with_a_hash() -> None:
     assert len(pins) == len(blocks) > 50  # every package once, the whole tree (not just the direct pins)
     unhashed = [b.splitlines()[0] for b in blocks if not re.search(r"--hash=sha256:[0-9a-f]{64}", b)]
     assert not unhashed, f"without a hash (pip --require-hashes would refuse the lock): {unhashed}"
-    # the pins that the project depends on being exact (FACTS.md), and the build backend for `-e .`
+    # the pins that the project depends on being exact (pyproject.toml), and the build backend for `-e .`
     for name, version in {"torch": "2.14.1", "prefect": "3.8.8", "sqlalchemy": "2.0.58",
                           "fastapi": "0.150.0"}.items():
         assert pins.get(name) == version, f"{name}: {pins.get(name)} locked, {version} wanted"
