@@ -28,11 +28,12 @@ from typing import Any, TypeVar
 import numpy as np
 import torch
 import torch.nn.functional as F
+from fsspec.implementations.local import LocalFileSystem
 from PIL import Image, UnidentifiedImageError
 
 from lens_core.naming import class_slug, plain_text, unique_slugs
 from lens_core.store import StoreAccessError, call, filesystem, join_url, normalize_url
-from lens_core.store.fs import ReadRefused, read_bounded
+from lens_core.store.fs import ReadRefused, open_regular, read_bounded
 
 log = logging.getLogger(__name__)
 
@@ -352,7 +353,11 @@ def _fetch(url: str, storage_options: dict[str, Any] | None) -> bytes:
 
 
 def _capped_read(fs: Any, path: str) -> bytes:
-    """At most MAX_IMAGE_BYTES + 1 bytes of a file, in one ranged read (no size lookup)."""
+    """At most MAX_IMAGE_BYTES + 1 bytes of a file, in one ranged read (no size lookup); a local
+    device or FIFO is refused (ReadRefused) before it is opened for a blocking read."""
+    if isinstance(fs, LocalFileSystem):
+        with open_regular(fs, path, path) as f:
+            return f.read(MAX_IMAGE_BYTES + 1)
     try:
         return fs.cat_file(path, start=0, end=MAX_IMAGE_BYTES + 1)
     except OSError as err:
@@ -369,6 +374,8 @@ def _cat(fs: Any, path: str, url: str, storage_options: dict[str, Any] | None = 
         raise ImageReadError(url, "file not found") from None
     except IsADirectoryError:
         raise ImageReadError(url, "is a directory") from None
+    except ReadRefused as err:
+        raise ImageReadError(url, str(err).removeprefix(f"{path} ")) from None
 
 
 def read_image(url: str, storage_options: dict[str, Any] | None = None, size: int | None = None) -> torch.Tensor:

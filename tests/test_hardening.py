@@ -429,6 +429,7 @@ attempt("digest fifo", lambda: models.checkpoint_digest(fifo))
 attempt("class_names", lambda: data.read_class_names(fifo))
 attempt("class_index", lambda: data.read_class_index(zero))
 attempt("magnitude", lambda: maco.load_magnitude(fifo))
+attempt("image", lambda: data._fetch(fifo, None))
 print(json.dumps(out))
 """
 
@@ -450,6 +451,7 @@ def test_a_device_or_fifo_is_refused_not_read_forever(tmp_path):
         assert "not a regular file" in got, (name, got)
     assert result["prepare_run"].startswith("CheckpointError") and "model.pt" in result["prepare_run"]
     assert result["class_names"].startswith("DataError")
+    assert result["image"].startswith("ImageReadError")  # the image is skipped with its reason
     assert not (tmp_path / "store" / "runs").exists()
 
 
