@@ -51,8 +51,13 @@ def tiny_swin(num_classes: int = K) -> nn.Module:
 
 
 def tiny_convnext(num_classes: int = K) -> nn.Module:
+    """A 2-stage ConvNeXt whose head favours class 0 (the toy class the run explains), so the
+    model classifies its images as the class and the logit share is defined."""
     torch.manual_seed(0)
-    return ConvNeXt([CNBlockConfig(16, 32, 1), CNBlockConfig(32, None, 1)], num_classes=num_classes)
+    m = ConvNeXt([CNBlockConfig(16, 32, 1), CNBlockConfig(32, None, 1)], num_classes=num_classes)
+    with torch.no_grad():
+        m.classifier[-1].bias[0] = 3.0
+    return m
 
 
 class TokenNet(nn.Module):
@@ -341,6 +346,8 @@ def test_each_family_runs_the_whole_atlas(family, tmp_path, monkeypatch):
     assert np.isfinite(imp["sobol"][:]).all() and sorted(imp["order"][:]) == [0, 1, 2]
     if pooled_linear:
         assert imp.attrs.get("basis_reason") != "no-linear-head"
+        if family == "convnext":  # its head favours the class: the share is defined
+            assert imp.attrs["importance_basis"] == "logit_share"
         if "logit_share" in set(imp.array_keys()):  # enough images predicted as the class
             total = imp["logit_share"][:].sum() + imp.attrs["share_residual"] + imp.attrs["share_bias"]
             assert total == pytest.approx(100, abs=1e-3)
@@ -365,7 +372,9 @@ def test_each_family_runs_the_whole_atlas(family, tmp_path, monkeypatch):
     assert list((run / "crops" / slug).glob("*.webp"))  # top crops and attribution maps
     assert len(list((run / "viz" / slug).glob("*.png"))) == 3  # one MACO render per concept
     site = tmp_path / "site" / info.run_id
-    assert (site / "classes" / slug / "index.html").is_file()
+    page = (site / "classes" / slug / "index.html").read_text()
+    # the class page says when its shares are taken at each image's normalization scale
+    assert ("normalizes the pooled activation" in page) == (family == "convnext")
 
 
 # ---- the shipped examples -------------------------------------------------------------------
