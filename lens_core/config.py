@@ -180,6 +180,10 @@ class MacoConfig(_Section):
     batch_size: int = Field(16, gt=0, le=1024, description="concepts rendered together in one batch")
     magnitude: str | None = Field(None, description="spectrum file (.npy); None = estimated from the run's images")
     seed: int = 0
+    top_k: int | None = Field(
+        None, ge=0, le=1024, description="render only the top K concepts of each class (the most "
+        "important first); empty or 0 = every concept. Not part of the run id: a later run with a "
+        "larger K renders only the missing ones")
 
     @field_validator("magnitude")
     @classmethod
@@ -285,8 +289,10 @@ class AtlasConfig(_Section):
 
     def method_dict(self) -> dict[str, Any]:
         """The settings that change results (not where they are stored): part of the run id."""
-        return self.model_dump(mode="json", exclude={"store", "publish", "storage_options", "classes", "changes",
-                                                         "mistakes"})
+        # maco.top_k picks which concepts get a picture, never what they are: outside the run id
+        return self.model_dump(mode="json", exclude={
+            **dict.fromkeys(("store", "publish", "storage_options", "classes", "changes", "mistakes"), True),
+            "maco": {"top_k"}})
 
     def redacted(self) -> dict[str, Any]:
         """The config as a dict safe to log, store or publish: only allow-listed storage options."""

@@ -5,6 +5,9 @@ from __future__ import annotations
 import functools
 import json
 import posixpath
+import threading
+import time
+from collections.abc import Callable, Collection, Iterable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -12,13 +15,15 @@ import numpy as np
 
 from lens_core import layout
 from lens_core.changes import read_changes
-from lens_core.confusions import read_confusions
+from lens_core.confusions import concept_label, read_confusions
 from lens_core.crops import concept_color
 from lens_core.labels import read_labels
 from lens_core.run import RunInfo
+from lens_core.settings import settings
 from lens_core.stages import class_complete
 from lens_core.status import class_note, class_state, read_status
 from lens_core.store import RunStore, filesystem, join_url, normalize_url
+from lens_core.viz_pool import rendered_concepts
 
 TOP_CONCEPTS = 10
 
@@ -59,7 +64,10 @@ def _asset(assets: dict, store: RunStore, src: str, dest: str) -> str:
 
 
 def _class_entry(store: RunStore, cls: Any, status: dict, similar: dict, alignment: dict,
-                 names: dict[str, str], assets: dict, labels: dict[str, Any]) -> dict[str, Any]:
+                 names: dict[str, str], assets: dict, labels: dict[str, Any],
+                 top_k: int | None = None, partial: bool = False) -> dict[str, Any]:
+    """A class's site entry. Renders show where `viz/<class>` marks them done; on a `partial`
+    site, the top `top_k` concepts (all when None) not rendered yet are `viz_pending`."""
     slug = cls.slug
     entry: dict[str, Any] = {
         "index": cls.index, "id": cls.id, "name": cls.name, "slug": slug, "synonyms": list(cls.synonyms),
@@ -81,7 +89,8 @@ def _class_entry(store: RunStore, cls: Any, status: dict, similar: dict, alignme
     sobol_share = imp["sobol_share"][:]
     n_top = imp["n_top_images"][:]
     min_top = int(imp.attrs.get("important_min_images", 3))
-    rendered = store.files_complete(layout.viz(slug), imp.attrs.get("inputs"))
+    rendered = rendered_concepts(store, slug, imp.attrs.get("inputs"))
+    to_come = set(order[:top_k] if top_k else order) - rendered if partial else set()
     basis = imp.attrs.get("importance_basis", "logit_share" if share is not None else "sobol")
     entry.update(
         n_images=int(acts.attrs["n_images"]), n_patches=int(acts.attrs["n_patches"]),
@@ -109,9 +118,9 @@ def _class_entry(store: RunStore, cls: Any, status: dict, similar: dict, alignme
                 {"slug": a["slug"], "name": names.get(a["slug"], a["slug"]), "score": a["score"]}
                 for a in (alignment.get(slug) or [[]] * len(W))[c] if a["slug"]
             ],
-            "viz": None, "viz_plain": None, **_label_fields(labels.get(str(c))),
+            "viz": None, "viz_plain": None, "viz_pending": c in to_come, **_label_fields(labels.get(str(c))),
         }
-        if rendered:
+        if c in rendered:
             concept["viz"] = asset(layout.viz_file(slug, c, "png"))
             concept["viz_plain"] = asset(layout.viz_file(slug, c, "webp"))
         entry["concepts"].append(concept)
@@ -252,7 +261,8 @@ def _top_concepts(entry: dict[str, Any], n: int = 3) -> list[dict[str, Any]]:
             for c in (entry.get("concepts") or [])[:n]]
 
 
-def _site_mistakes(store: RunStore, entries: list[dict[str, Any]], assets: dict) -> dict[str, Any] | None:
+def _site_mistakes(store: RunStore, entries: list[dict[str, Any]], assets: dict,
+                   labels: dict[str, Any]) -> dict[str, Any] | None:
     """The mistakes page's data from the stored confusions (example images as assets), and each
     bias candidate flagged on its concept card (`bias`)."""
     report = read_confusions(store)
@@ -272,7 +282,8 @@ def _site_mistakes(store: RunStore, entries: list[dict[str, Any]], assets: dict)
         pairs.append({**{k: pair.get(k) for k in ("true", "true_name", "predicted_name", "images", "basis",
                                                   "note", "residual", "bias")},
                       "predicted": predicted, "examples": examples,
-                      "concepts": pair.get("concepts", []) if predicted else []})
+                      "concepts": [{**c, "label": concept_label(labels, predicted, c["concept"])}
+                                   for c in pair.get("concepts", [])] if predicted else []})
     for slug, flags in report.get("bias", {}).items():
         for concept in ok.get(slug, {}).get("concepts", []):
             flag = flags.get(str(concept["id"]))
@@ -293,7 +304,7 @@ def collect_site_data(info: RunInfo, publish_url: str | None = None) -> tuple[di
     assets: dict[str, Any] = {}
     labels = read_labels(store)
     classes = [_class_entry(store, c, statuses.get(c.slug, {}), similar, alignment, names, assets,
-                            labels.get(c.slug, {}))
+                            labels.get(c.slug, {}), info.config.maco.top_k)
                for c in info.classes]
     summary, reports = read_changes(store)
     changes = None
@@ -301,18 +312,23 @@ def collect_site_data(info: RunInfo, publish_url: str | None = None) -> tuple[di
         prev_store = RunStore(info.config.store, summary["previous"], info.config.storage_options)
         changes = _site_changes(info, classes, summary, reports, prev_store,
                                 normalize_url(publish_url or info.config.publish))
-    cfg = info.config
     site = {
-        "run": {
-            "run_id": info.run_id, "model": cfg.model.arch, "checkpoint": cfg.model.checkpoint,
-            "checkpoint_digest": info.checkpoint_digest, "layer": cfg.model.layer, "data_url": info.data_url,
-            "created": meta.get("created"), "n_concepts": cfg.concepts.n_concepts, "config": cfg.redacted(),
-        },
+        "run": _run_data(info, meta),
         "classes": classes,
         "changes": changes,
-        "mistakes": _site_mistakes(store, classes, assets),
+        "mistakes": _site_mistakes(store, classes, assets, labels),
     }
     return site, assets
+
+
+def _run_data(info: RunInfo, meta: dict[str, Any]) -> dict[str, Any]:
+    """The site's `run` record (run.json's `meta` gives its creation time)."""
+    cfg = info.config
+    return {
+        "run_id": info.run_id, "model": cfg.model.arch, "checkpoint": cfg.model.checkpoint,
+        "checkpoint_digest": info.checkpoint_digest, "layer": cfg.model.layer, "data_url": info.data_url,
+        "created": meta.get("created"), "n_concepts": cfg.concepts.n_concepts, "config": cfg.redacted(),
+    }
 
 
 def site_url(info: RunInfo, publish_url: str | None = None) -> str:
@@ -324,16 +340,17 @@ _KEEP = ("url", "index_url", "classes", "failed", "concepts", "files", "bytes", 
          "n_missing_assets", "seconds")
 
 
-def publish_pages(info: RunInfo, publish_url: str | None = None) -> dict[str, Any]:
+def publish_pages(info: RunInfo, publish_url: str | None = None, skip: Collection[str] = ()) -> dict[str, Any]:
     """Write the run's class pages, data files and assets under `<publish>/<run_id>/` (no index yet).
 
+    `skip`: static files and assets a `PartialSite` of this run already wrote (not written again).
     Returns a summary; its `site` is the site data that `publish_index` takes.
     """
     from lens_core.site.builder import build_pages
 
     base = normalize_url(publish_url or info.config.publish)
     site, assets = collect_site_data(info, base)
-    summary = build_pages(site, site_url(info, base), info.config.storage_options, assets)
+    summary = build_pages(site, site_url(info, base), info.config.storage_options, assets, skip=skip)
     return {**{k: summary[k] for k in _KEEP if k in summary}, "site": site,
             "failed_classes": [c["slug"] for c in site["classes"] if c["status"] != "ok"]}
 
@@ -366,3 +383,180 @@ def publish(info: RunInfo, publish_url: str | None = None) -> dict[str, Any]:
     """Build the run's site at `<publish>/<run_id>/` (pages, then its index), then the runs page above it."""
     pages = publish_pages(info, publish_url)
     return published(pages, publish_index(info, pages["site"], publish_url))
+
+
+_SLIM = ("cluster", "concept_layout", "attributions", "fidelity")  # what the index never shows
+
+
+class PartialSite:
+    """A run's site published while the run goes on: class pages as classes finish, the index
+    rate-limited, the final publish (`finish`) making the site whole.
+
+    Guarantees: the index and every page link only to pages that exist (classes without a page are
+    `pending` cards without a link and are left out of the search data); a class's assets and data
+    file are written before its page, pages before the index that links them, and the first page
+    only once an index and a method page exist (a skeleton index, every class pending, when the
+    site has none). Each file is one whole write (rename on disk, one PUT on object stores), so a
+    reader never sees half a page. Concepts to be rendered in this run show "rendering" until
+    `finalize_viz` marks their class. Cross-class links, changes and mistakes come with `finish`.
+
+    Call from one process (the flow's; thread-safe): `pages(slugs)` when a class's chain ends (ok
+    or failed) and when `finalize_viz` marks its renders; `flush()` when `due_in()` seconds have
+    passed (a pending index update); `finish()` once everything else is done.
+    """
+
+    def __init__(self, info: RunInfo, publish_url: str | None = None, interval_s: float | None = None,
+                 clock: Callable[[], float] = time.monotonic):
+        self.info = info
+        self.base = normalize_url(publish_url or info.config.publish)
+        self.url = site_url(info, self.base)
+        self.interval = settings().index_interval_s if interval_s is None else max(0.0, float(interval_s))
+        self.clock = clock
+        self.entries: dict[str, dict[str, Any]] = {}  # classes with a page: their entry, for the index
+        self.written: set[str] = set()  # static files and assets written by this publisher
+        self.stats = {"writes": 0, "bytes": 0, "seconds": 0.0, "page_writes": 0, "index_writes": 0}
+        self._classes = list(info.classes)
+        self._dirty = False
+        self._last_index: float | None = None
+        self._has_index: bool | None = None
+        self._listed = False
+        self._run: dict[str, Any] | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def index_url(self) -> str:
+        """The run's index page (the link to give once `published` is not empty)."""
+        return join_url(self.url, "index.html")
+
+    @property
+    def published(self) -> set[str]:
+        """The classes whose pages are on the site."""
+        return set(self.entries)
+
+    def pages(self, slugs: Iterable[str]) -> dict[str, Any]:
+        """Publish these classes' pages now (with their data files and new assets), then the index
+        if an update is due. A class still running (neither complete nor failed) stays pending."""
+        with self._lock:
+            t0 = time.perf_counter()
+            store = self.info.store()
+            by_slug = {c.slug: c for c in self._classes}
+            wanted = [s for s in dict.fromkeys(slugs) if s in by_slug]
+            statuses = read_status(store, wanted)
+            labels = read_labels(store)
+            names = {c.slug: c.name for c in self.info.all_classes or self._classes}
+            assets: dict[str, Any] = {}
+            new: dict[str, dict[str, Any]] = {}
+            for slug in wanted:
+                status = statuses.get(slug, {})
+                if class_state(status) != "failed" and not class_complete(store, slug):
+                    continue
+                new[slug] = _class_entry(store, by_slug[slug], status, {}, {}, names, assets,
+                                         labels.get(slug, {}), self.info.config.maco.top_k, partial=True)
+            out: dict[str, Any] = {"pages": sorted(new), "index": None}
+            if new:
+                from lens_core.site.builder import build_pages
+                from lens_core.site.render import static_files
+
+                if not self._index_exists():
+                    self._write_index()  # pages link index.html and method.html: they come first
+                site = self._site({**self.entries, **new}, full=new)
+                summary = build_pages(site, self.url, self.info.config.storage_options, assets, slugs=set(new),
+                                      known=set(self.entries) | set(new), skip=self.written)
+                self.written |= set(assets) | set(static_files())
+                self.entries.update({s: {k: v for k, v in e.items() if k not in _SLIM} for s, e in new.items()})
+                self._dirty = True
+                self._count(summary, "page_writes")
+            self.stats["seconds"] += time.perf_counter() - t0
+            out["index"] = self._flush(False)
+            return out
+
+    def due_in(self) -> float | None:
+        """Seconds until the pending index update may be written (0: now); None when none is pending."""
+        with self._lock:
+            if not self._dirty:
+                return None
+            if self._last_index is None:
+                return 0.0
+            return max(0.0, self.interval - (self.clock() - self._last_index))
+
+    def flush(self, force: bool = False) -> dict[str, Any] | None:
+        """Write the pending index update if it is due (`force`: now); returns its summary or None."""
+        with self._lock:
+            return self._flush(force)
+
+    def finish(self) -> dict[str, Any]:
+        """The final publish: the whole site as `publish` writes it (every page, cross-class links,
+        changes, mistakes, the index, the runs page), without rewriting the assets already written."""
+        with self._lock:
+            t0 = time.perf_counter()
+            pages = publish_pages(self.info, self.base, skip=self.written)
+            summary = published(pages, publish_index(self.info, pages["site"], self.base))
+            self.stats["writes"] += summary["files"] + 2  # + run.json and the runs page
+            self.stats["bytes"] += summary["bytes"]
+            self.stats["seconds"] += time.perf_counter() - t0
+            self._dirty = False
+            return summary
+
+    # ---- internals (called with the lock held) ----------------------------------------------
+    def _site(self, entries: dict[str, dict[str, Any]], full: dict[str, dict[str, Any]] | None = None) -> dict:
+        """Site data over every class: `entries` where given, a pending card elsewhere; with `full`,
+        only those classes carry their entry (the others are names for previous/next links)."""
+        if self._run is None:
+            self._run = _run_data(self.info, self.info.store().read_json(layout.RUN_JSON, {}))
+        chosen = entries if full is None else full
+        classes = [chosen.get(c.slug) or {"index": c.index, "id": c.id, "name": c.name, "slug": c.slug,
+                                          "synonyms": list(c.synonyms), "status": "pending"}
+                   for c in self._classes]
+        return {"run": self._run, "classes": classes, "changes": None, "mistakes": None}
+
+    def _index_exists(self) -> bool:
+        if self._has_index is None:
+            fs, root = filesystem(self.url, self.info.config.storage_options)
+            self._has_index = bool(fs.exists(posixpath.join(root, "index.html")))
+        return self._has_index
+
+    def _flush(self, force: bool) -> dict[str, Any] | None:
+        if not self._dirty:
+            return None
+        if not force and self._last_index is not None and self.clock() - self._last_index < self.interval:
+            return None
+        return self._write_index()
+
+    def _write_index(self) -> dict[str, Any]:
+        """The index over the pages written so far (method page and search data first, index.html
+        last), and the runs page above it once, when the first class is on it."""
+        from lens_core.site.builder import SiteWriter, build_index
+        from lens_core.site.render import static_files
+        from lens_core.site.runs import write_runs_index
+
+        t0 = time.perf_counter()
+        static = {p: b for p, b in static_files().items() if p not in self.written}
+        if static:  # the CSS, JS and icon the index links
+            SiteWriter(*filesystem(self.url, self.info.config.storage_options)).write_many(static.items())
+            self.written |= set(static)
+            self.stats["writes"] += len(static)
+            self.stats["index_writes"] += len(static)
+        site = self._site(self.entries)
+        summary = build_index(site, self.url, self.info.config.storage_options)
+        self._count(summary, "index_writes")
+        if self.entries and not self._listed:
+            run = site["run"]
+            write_runs_index(self.base, {
+                "run_id": self.info.run_id, "published": datetime.now(UTC).isoformat(timespec="seconds"),
+                "created": run["created"], "model": run["model"], "layer": run["layer"],
+                "checkpoint": run["checkpoint"], "checkpoint_digest": run["checkpoint_digest"],
+                "classes": len(self._classes), "failed": sum(e["status"] == "failed" for e in self.entries.values()),
+            }, self.info.config.storage_options)
+            self._listed = True
+            self.stats["writes"] += 2
+        self._has_index = True
+        self._dirty = False
+        if self.entries:  # a skeleton index (no page yet) does not hold back the first real one
+            self._last_index = self.clock()
+        self.stats["seconds"] += time.perf_counter() - t0
+        return {k: summary[k] for k in ("index_url", "files", "bytes", "seconds")}
+
+    def _count(self, summary: dict[str, Any], kind: str) -> None:
+        self.stats["writes"] += summary["files"]
+        self.stats["bytes"] += summary["bytes"]
+        self.stats[kind] += summary["files"]

@@ -43,6 +43,7 @@ class Settings:
     dask_tls_dir: str = ""  # LENS_DASK_TLS_DIR: the flow side's certificates of a TLS cluster
     dask_local_tls: bool = True  # LENS_DASK_LOCAL_TLS=0: local clusters without TLS (not recommended)
     dask_allow_plaintext: bool = False  # LENS_DASK_ALLOW_PLAINTEXT=1: a tcp:// scheduler on another host
+    index_interval_s: float = 10.0  # LENS_INDEX_INTERVAL_S: at most one index update per this many seconds
 
 
 def settings() -> Settings:
@@ -60,4 +61,5 @@ def settings() -> Settings:
         dask_tls_dir=os.environ.get("LENS_DASK_TLS_DIR", "").strip(),
         dask_local_tls=os.environ.get("LENS_DASK_LOCAL_TLS", "1").strip() != "0",
         dask_allow_plaintext=os.environ.get("LENS_DASK_ALLOW_PLAINTEXT", "").strip() == "1",
+        index_interval_s=max(0.0, _float("LENS_INDEX_INTERVAL_S", 10.0)),
     )

@@ -21,10 +21,10 @@ from lens_core.crops import encode, to_pil
 from lens_core.data import list_images, read_image, sample_images
 from lens_core.device import pick_device
 from lens_core.model_cache import get_split
+from lens_core.results import class_fingerprint
 from lens_core.run import RunInfo
-from lens_core.stages import class_fingerprint
 from lens_core.status import write_status
-from lens_core.store import RunStore
+from lens_core.store import SUCCESS, RunStore, join_url
 
 log = logging.getLogger("lens")
 
@@ -73,27 +73,90 @@ def viz_done(store: RunStore, slug: str, concept: int) -> bool:
     return store.exists(layout.viz_file(slug, concept, "png")) and store.exists(layout.viz_file(slug, concept, "webp"))
 
 
+def _files_done(store: RunStore, slug: str) -> set[int]:
+    """The concepts of a class with both render files, from one listing of its viz folder."""
+    names = set(store.list(layout.viz(slug)))
+    return {int(n[:-4]) for n in names if n.endswith(".png") and n[:-4].isdigit() and f"{n[:-4]}.webp" in names}
+
+
 def _concepts_ready(store: RunStore, slug: str) -> str | None:
     """The class fingerprint when its concepts are computed for its current activations, else None."""
     fp = class_fingerprint(store, slug)
     return fp if fp is not None and store.is_complete(layout.concepts(slug), fp) else None
 
 
-def _unrendered(store: RunStore, slugs: list[str]) -> Iterator[tuple[str, str, int]]:
-    """(class, fingerprint, concepts) of the classes whose renders are not all marked done."""
+def concept_order(store: RunStore, slug: str, fp: str | None = None) -> list[int]:
+    """The class's concepts, most important first; in concept order while its importance is not
+    computed for these concepts (a class that failed after factorize still renders)."""
+    fp = fp if fp is not None else class_fingerprint(store, slug)
+    k = store.zarr[layout.concepts(slug)]["W"].shape[0]
+    if fp is not None and store.is_complete(layout.importance(slug), fp):
+        order = [int(c) for c in store.zarr[layout.importance(slug)]["order"][:]]
+        return order + [c for c in range(k) if c not in set(order)]
+    return list(range(k))
+
+
+def wanted_concepts(store: RunStore, slug: str, top_k: int | None, fp: str | None = None) -> list[int]:
+    """The concepts a run renders for the class, most important first: its top `top_k` (every
+    concept when `top_k` is None or 0)."""
+    order = concept_order(store, slug, fp)
+    return order[:top_k] if top_k else order
+
+
+def rendered_concepts(store: RunStore, slug: str, fp: str | None) -> set[int]:
+    """The concepts whose renders are marked done for the class's concepts `fp` (what a page may
+    show): those its `viz/<class>/_SUCCESS` marker lists; every concept for a marker written
+    before `maco.top_k` existed (it was written only once all were rendered)."""
+    if fp is None:
+        return set()
+    try:
+        marker = store.read_json(join_url(layout.viz(slug), SUCCESS), None)
+    except (ValueError, UnicodeDecodeError):  # a torn or foreign marker marks nothing
+        return set()
+    if not isinstance(marker, dict) or marker.get("inputs") != fp:
+        return set()
+    if isinstance(marker.get("concepts"), list):
+        return {c for c in marker["concepts"] if isinstance(c, int) and not isinstance(c, bool)}
+    return set(range(store.zarr[layout.concepts(slug)]["W"].shape[0]))
+
+
+def _unrendered(store: RunStore, slugs: list[str], top_k: int | None) -> Iterator[tuple[str, str, list[int]]]:
+    """(class, fingerprint, wanted concepts by rank) of the classes with a wanted render not marked done."""
     for slug in slugs:
         fp = _concepts_ready(store, slug)
-        if fp is not None and not store.files_complete(layout.viz(slug), fp):
-            yield slug, fp, store.zarr[layout.concepts(slug)]["W"].shape[0]
+        if fp is None:
+            continue
+        wanted = wanted_concepts(store, slug, top_k, fp)
+        if not set(wanted) <= rendered_concepts(store, slug, fp):
+            yield slug, fp, wanted
 
 
 def pending_items(info: RunInfo, slugs: list[str] | None = None) -> list[tuple[str, int]]:
-    """(class, concept) pairs with concepts but no render yet, in class order."""
+    """(class, concept) pairs to render: each class's top `maco.top_k` concepts (all when unset)
+    that have no render yet, the most important first across classes: every class's first
+    concept, then every class's second, ... (ties in class order), so that a capped budget or an
+    interrupted run has the concepts that matter most."""
     store = info.store()
-    items = []
-    for slug, _, k in _unrendered(store, slugs if slugs is not None else info.slugs):
-        items += [(slug, c) for c in range(k) if not viz_done(store, slug, c)]
-    return items
+    ranked = []
+    for pos, (slug, _, wanted) in enumerate(_unrendered(store, slugs if slugs is not None else info.slugs,
+                                                        info.config.maco.top_k)):
+        done = _files_done(store, slug)
+        ranked += [(rank, pos, slug, c) for rank, c in enumerate(wanted) if c not in done]
+    return [(slug, c) for _, _, slug, c in sorted(ranked)]
+
+
+def by_rank(items: list[tuple[str, int]]) -> list[tuple[str, int]]:
+    """The same items, the most important first across classes, given each class's items in rank
+    order (as `pending_items` returns them, class by class): the i-th item of every class before
+    any class's (i+1)-th, ties by first appearance. For a queue that grows as classes finish."""
+    first: dict[str, int] = {}
+    seen: dict[str, int] = {}
+    keyed = []
+    for slug, c in items:
+        first.setdefault(slug, len(first))
+        keyed.append((seen.get(slug, 0), first[slug], slug, c))
+        seen[slug] = seen.get(slug, 0) + 1
+    return [(slug, c) for _, _, slug, c in sorted(keyed, key=lambda t: t[:2])]
 
 
 def render_batch(info: RunInfo, items: list[tuple[str, int]], device: str | None = None) -> dict[str, Any]:
@@ -124,12 +187,17 @@ def render_batch(info: RunInfo, items: list[tuple[str, int]], device: str | None
 
 
 def finalize_viz(info: RunInfo, slugs: list[str] | None = None) -> list[str]:
-    """Mark viz/<class> complete where every concept is rendered; returns the classes marked."""
+    """Mark viz/<class> complete where every wanted concept (the top `maco.top_k`, or all) is
+    rendered; the marker lists the concepts rendered, so that a later run with a larger top_k
+    renders only the missing ones. Returns the classes marked."""
     store = info.store()
     marked = []
-    for slug, fp, k in _unrendered(store, slugs if slugs is not None else info.slugs):
-        if all(viz_done(store, slug, c) for c in range(k)):
-            store.mark_files_complete(layout.viz(slug), fp)
-            write_status(store, slug, "render", "completed", None, concepts=k)
+    for slug, fp, wanted in _unrendered(store, slugs if slugs is not None else info.slugs, info.config.maco.top_k):
+        done = _files_done(store, slug)
+        if set(wanted) <= done:
+            k = store.zarr[layout.concepts(slug)]["W"].shape[0]
+            concepts = sorted(c for c in done if c < k)
+            store.mark_files_complete(layout.viz(slug), fp, concepts=concepts, top_k=info.config.maco.top_k)
+            write_status(store, slug, "render", "completed", None, concepts=len(concepts))
             marked.append(slug)
     return marked

@@ -7,7 +7,7 @@ import json
 import os
 import posixpath
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from typing import Any
 
 from fsspec.asyn import sync
@@ -103,10 +103,14 @@ def _chunks(items: Iterable[Any], n: int) -> Iterator[list[Any]]:
         yield chunk
 
 
-def iter_class_files(data: dict, max_concepts: int = 10) -> Iterator[tuple[str, bytes]]:
-    """(path, bytes) of each class's data file and page, class by class."""
-    known = {c["slug"] for c in data["classes"]}
+def iter_class_files(data: dict, max_concepts: int = 10, slugs: Collection[str] | None = None,
+                     known: Collection[str] | None = None) -> Iterator[tuple[str, bytes]]:
+    """(path, bytes) of each class's data file and page, class by class: of `slugs` only when
+    given; pages link only to the classes in `known` (default: every class of the site)."""
+    known = set(known) if known is not None else {c["slug"] for c in data["classes"]}
     for i, cls in enumerate(data["classes"]):
+        if slugs is not None and cls["slug"] not in slugs:
+            continue
         yield f"data/{cls['slug']}.json", render.class_json(data, i)
         yield (
             f"classes/{cls['slug']}/index.html",
@@ -120,10 +124,16 @@ def build_pages(
     storage_options: dict[str, Any] | None = None,
     assets: Mapping[str, Asset] | None = None,
     max_concepts: int = 10,
+    slugs: Collection[str] | None = None,
+    known: Collection[str] | None = None,
+    skip: Collection[str] = (),
 ) -> dict[str, Any]:
     """Write everything but the index: static files, assets, each class's data file and page.
 
     The data is validated before anything is written (`SiteError` on unsafe slugs or paths).
+    `slugs`: write only these classes' pages (a partial site, `lens_core.publish.PartialSite`);
+    `known`: the classes whose pages exist, the only ones pages link to (default: all);
+    `skip`: static files and assets already published with these bytes (not written again).
     """
     t0 = time.perf_counter()
     data = normalize_site(site)
@@ -135,25 +145,27 @@ def build_pages(
     seconds: dict[str, float] = {}
 
     t = time.perf_counter()
-    out.write_many(render.static_files().items())
-    for chunk in _chunks(assets.items(), BATCH):
+    skip = set(skip)
+    out.write_many((rel, b) for rel, b in render.static_files().items() if rel not in skip)
+    for chunk in _chunks(((rel, a) for rel, a in assets.items() if rel not in skip), BATCH):
         out.write_many((rel, a() if callable(a) else bytes(a)) for rel, a in chunk)
     seconds["assets"] = time.perf_counter() - t
 
     t = time.perf_counter()
     max_page = 0
-    for chunk in _chunks(iter_class_files(data, max_concepts), BATCH):
+    for chunk in _chunks(iter_class_files(data, max_concepts, slugs, known), BATCH):
         max_page = max([max_page] + [len(b) for rel, b in chunk if rel.endswith(".html")])
         out.write_many(chunk)
     seconds["classes"] = time.perf_counter() - t
     seconds["total"] = time.perf_counter() - t0
 
-    missing = sorted({p for c in data["classes"] for p in referenced_paths(c)} - set(assets))
+    written = [c for c in data["classes"] if slugs is None or c["slug"] in slugs]
+    missing = sorted({p for c in written for p in referenced_paths(c)} - set(assets))
     return {
         "url": url,
-        "classes": len(data["classes"]),
-        "failed": sum(c["status"] == "failed" for c in data["classes"]),
-        "concepts": sum(len(c["concepts"]) for c in data["classes"] if c["status"] == "ok"),
+        "classes": len(written),
+        "failed": sum(c["status"] == "failed" for c in written),
+        "concepts": sum(len(c["concepts"]) for c in written if c["status"] == "ok"),
         "files": len(out.order),
         "bytes": out.bytes,
         "max_class_page_bytes": max_page,

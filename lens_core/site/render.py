@@ -124,6 +124,8 @@ def class_list(data: dict) -> list[dict]:
     """data/classes.json: one small record per class, in label order."""
     out = []
     for c in data["classes"]:
+        if c["status"] == "pending":  # no page yet: the search and "random class" never go there
+            continue
         top = c["concepts"][0] if c["concepts"] else None
         out.append(
             {
@@ -164,15 +166,18 @@ def render_index(data: dict) -> str:
             "q": search_key(c),
             "thumb": thumb(c),
             "failed": c["status"] == "failed",
+            "pending": c["status"] == "pending",
             "flag": c["flag"],
             "changed": bool(c["changes"] and c["changes"]["marked"]),
         }
         for c in classes
     ]
     n_failed = sum(c["status"] == "failed" for c in classes)
+    n_pending = sum(c["status"] == "pending" for c in classes)
     n_concepts = sum(len(c["concepts"]) for c in classes if c["status"] == "ok")
     return _page(
-        "index.html", data, "", slug=None, cards=cards, n_failed=n_failed, n_concepts=n_concepts
+        "index.html", data, "", slug=None, cards=cards, n_failed=n_failed, n_concepts=n_concepts,
+        n_pending=n_pending,
     )
 
 
@@ -193,9 +198,12 @@ def render_method(data: dict) -> str:
 
 
 def render_class(data: dict, i: int, known: set[str], max_concepts: int = 10) -> str:
-    """One class page; `known` is the set of slugs on the site (links to others only go there)."""
+    """One class page; `known` is the set of slugs on the site (links to others only go there,
+    previous/next included: the nearest class with a page on each side)."""
     classes = data["classes"]
     cls = classes[i]
+    prev = next((classes[j] for j in range(i - 1, -1, -1) if classes[j]["slug"] in known), None)
+    nxt = next((classes[j] for j in range(i + 1, len(classes)) if classes[j]["slug"] in known), None)
     top = cls["concepts"][:max_concepts]
     colour = {c["id"]: j for j, c in enumerate(top) if j < PALETTE_SIZE}
     shares = {c["id"]: _shown(cls, c) for c in cls["concepts"]}
@@ -208,8 +216,8 @@ def render_class(data: dict, i: int, known: set[str], max_concepts: int = 10) ->
         "colour": colour,
         "known": known,
         "strip": STRIP,
-        "prev": classes[i - 1] if i > 0 else None,
-        "next": classes[i + 1] if i + 1 < len(classes) else None,
+        "prev": prev,
+        "next": nxt,
         "cluster": cluster_chart(cls["cluster"]["points"], colour, CLASS_PREFIX)
         if cls["cluster"]["points"]
         else None,

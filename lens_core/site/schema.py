@@ -158,6 +158,8 @@ class Concept(_Model):
     n_top_images: Integer = None
     viz: Path = Field(None, description="MACO image with its transparency map as alpha (RGBA PNG)")
     viz_plain: Path = Field(None, description="the same without alpha; shown by default, `viz` on toggle")
+    viz_pending: bool = Field(False, description="while the run goes on: the render is still to come (the page "
+                              "shows 'rendering')")
     crops: list[Annotated[str, BeforeValidator(lambda v: check_path(v))]] = Field(default_factory=list, description="top-activating crops")
     similar: list[Similar] = Field(default_factory=list)
     aligned_classes: list[Aligned] = Field(default_factory=list)
@@ -252,7 +254,8 @@ class ClassEntry(_Model):
     name: Annotated[str, BeforeValidator(lambda v: _text(v) if v is not None else v)]
     slug: Slug
     synonyms: list[Annotated[str, BeforeValidator(_text)]] = Field(default_factory=list)
-    status: Literal["ok", "failed"] = "ok"
+    status: Literal["ok", "failed", "pending"] = Field("ok", description="pending: still running (a partial "
+                                                      "site; no page yet, so nothing links to it)")
     error: str | None = None
     n_images: Integer = None
     n_patches: Integer = None

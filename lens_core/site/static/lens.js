@@ -108,7 +108,7 @@
     input.addEventListener('input', filter);
     input.form.addEventListener('submit', function (e) {
       e.preventDefault();
-      var first = cards.filter(function (c) { return !c.hidden; })[0];
+      var first = cards.filter(function (c) { return !c.hidden && c.querySelector('a'); })[0];
       if (first) first.querySelector('a').focus();
     });
     var q = new URLSearchParams(location.search).get('q');
