@@ -258,7 +258,7 @@ def test_set_up_resolves_the_method_once_per_run(tmp_path):
 def test_signed_families_run_end_to_end_at_random_init(tmp_path, arch):
     """EfficientNet's and ConvNeXt's `features` (SiLU, LayerNorm: signed) at random init, on the
     toy data at tiny budgets: set-up picks semi-NMF, and the class gets concepts, importance and
-    crops (ConvNeXt's head normalizes before its linear layer: Sobol ranks its concepts)."""
+    crops."""
     from lens_core import layout
     from lens_core.pipeline import prepare_run, run_class
 
