@@ -10,8 +10,11 @@ from lens_core.config import ConfigError, load_config
 from lens_core.naming import plain_text
 
 
-def _rows(report: dict[str, Any], wanted: str | None) -> list[dict[str, Any]]:
-    """The pairs as `lens confusions --json` prints them, most images first; one class's with `wanted`."""
+def _rows(report: dict[str, Any], labels: dict[str, Any], wanted: str | None) -> list[dict[str, Any]]:
+    """The pairs as `lens confusions --json` prints them, most images first; one class's with `wanted`;
+    concept labels as they are now."""
+    from lens_core.confusions import concept_label
+
     rows = []
     for pair in report.get("pairs", []):
         if wanted and wanted not in (pair["true"], pair["predicted"]):
@@ -20,7 +23,8 @@ def _rows(report: dict[str, Any], wanted: str | None) -> list[dict[str, Any]]:
             "true": pair["true"], "predicted": pair["predicted"],
             "predicted_index": pair["predicted_index"], "true_name": pair["true_name"],
             "predicted_name": pair["predicted_name"], "images": pair["images"], "basis": pair["basis"],
-            "concepts": [{"concept": c["concept"], "share": c["share"], "label": c["label"]}
+            "concepts": [{"concept": c["concept"], "share": c["share"],
+                          "label": concept_label(labels, pair["predicted"], c["concept"])}
                          for c in pair["concepts"]],
             "residual": pair["residual"], "bias": pair["bias"], "note": pair["note"],
             "examples": [{"image": e["image"], "overlay": e.get("overlay"), "plain": e.get("plain")}
@@ -38,6 +42,7 @@ def _line(row: dict[str, Any]) -> str:
 def cmd_confusions(args: argparse.Namespace) -> int:
     """Print the confusions of the latest (or a named) run: a line per pair, or JSON."""
     from lens_core.confusions import read_confusions
+    from lens_core.labels import read_labels
     from lens_core.lineage import find_run, list_runs
     from lens_core.store import RunStore
 
@@ -50,7 +55,8 @@ def cmd_confusions(args: argparse.Namespace) -> int:
     if not runs:
         raise ConfigError(f"no run found under {cfg.store}")
     record = runs[-1]
-    report = read_confusions(RunStore(cfg.store, record.run_id, cfg.storage_options))
+    store = RunStore(cfg.store, record.run_id, cfg.storage_options)
+    report = read_confusions(store)
     if report is None:
         raise ConfigError(f"run {record.run_id} has no confusions yet (they are computed after "
                           "every class has finished)")
@@ -61,7 +67,7 @@ def cmd_confusions(args: argparse.Namespace) -> int:
         if not match:
             raise ConfigError(f"no class {args.cls!r} in run {record.run_id}")
         wanted = match[0]
-    rows = _rows(report, wanted)
+    rows = _rows(report, read_labels(store), wanted)
     if args.json:
         print(json.dumps(rows, indent=1, allow_nan=False, ensure_ascii=False))
         return 0

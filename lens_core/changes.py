@@ -39,6 +39,7 @@ from scipy.optimize import linear_sum_assignment
 
 from lens_core import layout
 from lens_core.identity import image_key
+from lens_core.results import complete_fingerprint, shown_scores
 from lens_core.store import RunStore
 
 DEFAULT_THRESHOLD = 0.5
@@ -66,15 +67,12 @@ class ClassSide:
 
 def read_side(store: RunStore, slug: str) -> ClassSide | None:
     """A class's concepts, importance and logits from a run's store (None when not complete)."""
-    acts = store.get_group(layout.acts(slug))
-    if acts is None or not acts.attrs.get("complete"):
+    fp = complete_fingerprint(store, slug, "activations", "factorize", "importance")
+    if fp is None:
         return None
-    fp = acts.attrs.get("inputs")
-    if not (store.is_complete(layout.concepts(slug), fp) and store.is_complete(layout.importance(slug), fp)):
-        return None
+    acts = store.zarr[layout.acts(slug)]
     imp = store.zarr[layout.importance(slug)]
-    names = set(imp.array_keys())
-    shown = imp["logit_share"][:] if "logit_share" in names else imp["sobol_share"][:]
+    shown, basis = shown_scores(imp)
     urls = list(acts.attrs["image_urls"])
     keys = [image_key(u) for u in urls]
     patches = acts["patches"][:]
@@ -82,7 +80,7 @@ def read_side(store: RunStore, slug: str) -> ClassSide | None:
     index = int(acts.attrs.get("label_index", -1))
     return ClassSide(
         slug=slug, rows=rows, U=store.zarr[layout.concepts(slug)]["U"][:].astype(np.float64),
-        shown=np.asarray(shown, np.float64), basis=str(imp.attrs.get("importance_basis", "logit_share")),
+        shown=np.asarray(shown, np.float64), basis=basis,
         order=imp["order"][:], image_keys=keys, image_logit=acts["image_logit"][:].astype(np.float64),
         image_correct=(acts["image_pred"][:] == index) if index >= 0 else np.zeros(len(keys), bool),
         fingerprint=fp,

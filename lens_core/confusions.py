@@ -30,12 +30,10 @@ from lens_core.device import pick_device
 from lens_core.extract import make_extractor
 from lens_core.identity import short_hash
 from lens_core.importance import concept_sobol, logit_contributions, logit_share
-from lens_core.labels import read_labels
 from lens_core.model_cache import get_split
+from lens_core.results import complete_fingerprint
 from lens_core.run import RunInfo
-from lens_core.stages import class_fingerprint
 from lens_core.tokens import extra_tokens
-from lens_core.tracking import is_done
 
 SOBOL_NOTE = ("the model's head is not a linear map of the pooled activations at this layer: "
               "percentages are shares of the summed Sobol total indices of the predicted class's "
@@ -62,18 +60,12 @@ class Dictionary:
     order: np.ndarray
 
 
-def _complete(store: Any, slug: str, stage: str) -> str | None:
-    """The class fingerprint when `stage` is complete for the class's current activations."""
-    fp = class_fingerprint(store, slug)
-    return fp if fp is not None and is_done(store, stage, slug, fp) else None
-
-
 def read_classes(info: RunInfo) -> tuple[dict[str, ClassImages], dict[int, str], dict[str, str]]:
     """Classes with finished importance: their images, {label index: slug}, {slug: fingerprint}."""
     store = info.store()
     images, by_index, prints = {}, {}, {}
     for cls in info.classes:
-        fp = _complete(store, cls.slug, "importance")
+        fp = complete_fingerprint(store, cls.slug, "factorize", "importance")
         if fp is None:
             continue
         acts = store.zarr[layout.acts(cls.slug)]
@@ -120,7 +112,8 @@ def _percent(scores: np.ndarray) -> np.ndarray:
     return 100.0 * scores / total if total > 0 else np.zeros_like(scores)
 
 
-def _label(labels: dict[str, Any], slug: str, concept: int) -> str | None:
+def concept_label(labels: dict[str, Any], slug: str, concept: int) -> str | None:
+    """The label people gave a concept now (read at display time: labels change after a run)."""
     entry = labels.get(slug, {}).get(str(concept))
     return entry.get("text") if isinstance(entry, dict) else None
 
@@ -133,8 +126,7 @@ def build_confusions(info: RunInfo, device: str | None = None) -> dict[str, Any]
     """
     store, cfg = info.store(), info.config
     classes, by_index, prints = read_classes(info)
-    inputs = short_hash({"classes": prints, "mistakes": cfg.mistakes.model_dump(),
-                         "labels": short_hash(read_labels(store))})
+    inputs = short_hash({"classes": prints, "mistakes": cfg.mistakes.model_dump()})
     done = store.read_json(layout.CONFUSIONS)
     if isinstance(done, dict) and done.get("inputs") == inputs:
         return {"pairs": len(done.get("pairs", [])), "mistaken": done.get("mistaken", 0), "skipped": True}
@@ -151,7 +143,6 @@ def explain_confusions(info: RunInfo, classes: dict[str, ClassImages], by_index:
     dev = pick_device(device)
     split = get_split(info, dev)
     extractor = make_extractor(cfg.concepts)
-    labels = read_labels(store)
     names = {c.index: c.name for c in (info.all_classes or info.classes)}
     groups: dict[tuple[str, int], np.ndarray] = {}
     n_images = 0
@@ -204,8 +195,8 @@ def explain_confusions(info: RunInfo, classes: dict[str, ClassImages], by_index:
             pair.update(basis="sobol", note=SOBOL_NOTE)
         rank = {int(c): r for r, c in enumerate(d.order)}
         pair["concepts"] = sorted(
-            ({"concept": k, "share": round(float(shares[k]), 2), "rank": rank[k],
-              "label": _label(labels, p_slug, k)} for k in range(len(d.W))),
+            ({"concept": k, "share": round(float(shares[k]), 2), "rank": rank[k]}
+             for k in range(len(d.W))),
             key=lambda c: -c["share"])
         pair["top_by_image"] = tops
         pairs.append(pair)

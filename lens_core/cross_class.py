@@ -9,8 +9,8 @@ import torch
 
 from lens_core import layout
 from lens_core.model_cache import get_split
+from lens_core.results import complete_fingerprint
 from lens_core.run import RunInfo
-from lens_core.stages import class_fingerprint
 
 
 def _unit(rows: np.ndarray) -> np.ndarray:
@@ -70,8 +70,7 @@ def build_cross_class(info: RunInfo, device: str | None = None) -> dict[str, Any
     store = info.store()
     W_by_class = {}
     for s in info.slugs:
-        fp = class_fingerprint(store, s)
-        if fp is not None and store.is_complete(layout.concepts(s), fp):
+        if complete_fingerprint(store, s, "factorize") is not None:
             W_by_class[s] = store.zarr[layout.concepts(s)]["W"][:]
     similar = nearest_concepts(W_by_class)
     store.write_json(layout.SIMILAR, similar)

@@ -28,7 +28,8 @@ from lens_core.importance import (
     rank_concepts,
 )
 from lens_core.model_cache import get_split
-from lens_core.tracking import Inputs, Stage, StageError, is_done, mark, run_stage, upstream_inputs
+from lens_core.results import complete_fingerprint
+from lens_core.tracking import Inputs, Stage, StageError, mark, run_stage, upstream_inputs
 
 # ---- activations ------------------------------------------------------------------------------
 
@@ -325,13 +326,6 @@ def run_class(info: Any, slug: str, device: str | None = None) -> list[dict[str,
     return [run_stage(stage, info, slug, device) for stage in CLASS_STAGES]
 
 
-def class_fingerprint(store: Any, slug: str) -> str | None:
-    """The fingerprint the class's activations were computed from (None before they exist)."""
-    group = store.get_group(layout.acts(slug))
-    return None if group is None else group.attrs.get("inputs")
-
-
 def class_complete(store: Any, slug: str) -> bool:
     """Every per-class stage is complete for the class's current activations."""
-    fp = class_fingerprint(store, slug)
-    return fp is not None and all(is_done(store, s.name, slug, fp) for s in CLASS_STAGES)
+    return complete_fingerprint(store, slug, *(s.name for s in CLASS_STAGES)) is not None

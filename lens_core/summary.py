@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from lens_core import layout
-from lens_core.stages import class_fingerprint
+from lens_core.results import complete_fingerprint, shown_scores
 from lens_core.status import class_note, read_status
 
 
@@ -15,14 +15,11 @@ def class_summary(info: Any, slug: str) -> dict[str, Any]:
     stages = read_status(store, [slug]).get(slug, {})
     top_concept = top_importance = None
     basis = None
-    fp = class_fingerprint(store, slug)
-    if fp is not None and store.is_complete(layout.importance(slug), fp):
+    if complete_fingerprint(store, slug, "importance") is not None:
         imp = store.zarr[layout.importance(slug)]
         order = imp["order"][:]
-        names = set(imp.array_keys())
-        scores = imp["logit_share"][:] if "logit_share" in names else imp["sobol_share"][:]
+        scores, basis = shown_scores(imp)
         top_concept, top_importance = int(order[0]), round(float(scores[order[0]]), 3)
-        basis = imp.attrs.get("importance_basis")
     return {
         "stages": {s: rec.get("state", "-") for s, rec in stages.items()},
         "seconds": sum(rec.get("seconds") or 0.0 for rec in stages.values()),

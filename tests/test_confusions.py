@@ -75,7 +75,7 @@ def mistaken(tmp_path_factory: pytest.TempPathFactory) -> dict:
     hexagon = [c for c, part in parts.items() if part == HEXAGON]
     assert hexagon, parts
     set_label(info.store(), b_slug, hexagon[0], HOSTILE_LABEL)
-    assert build_confusions(info)["skipped"] is False  # a new label: computed again, not skipped
+    assert build_confusions(info)["skipped"] is True  # labels are read when shown: nothing to recompute
     publish(info)
     return {"root": root, "info": info, "cfg": cfg, "b": b_slug, "hexagon": set(hexagon),
             "report": read_confusions(info.store()), "site": root / "site" / info.run_id}
@@ -89,7 +89,7 @@ def test_images_that_carry_another_class_part_go_there_because_of_that_part(mist
         assert pair is not None and pair["images"] >= 6, report["pairs"]  # most of its 10 images
         top = pair["concepts"][0]
         assert top["concept"] in mistaken["hexagon"], (pair["concepts"], mistaken["hexagon"])
-        assert top["share"] > 50 and top["label"] == HOSTILE_LABEL
+        assert top["share"] > 50
     # nothing else is mistaken at this scale: the other classes are drawn as the model learned them
     assert sum(p["images"] for p in report["pairs"]) == pairs[(info.slugs[A], mistaken["b"])]["images"] \
         + pairs[(info.slugs[A2], mistaken["b"])]["images"] + sum(
