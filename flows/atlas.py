@@ -18,14 +18,17 @@ import contextlib
 import math
 import os
 import queue
+import re
+import shlex
 import time
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Annotated, Any
 
 import dask
 from prefect import flow, get_run_logger
 from prefect.artifacts import (
     create_link_artifact,
+    create_markdown_artifact,
     create_progress_artifact,
     create_table_artifact,
     update_progress_artifact,
@@ -34,18 +37,21 @@ from prefect.context import get_run_context
 from prefect.settings import PREFECT_API_URL, temporary_settings
 from prefect.states import Completed, Failed
 from prefect_dask import DaskTaskRunner
+from pydantic import Field
 
 from flows.limits import limited_tags
 from flows.runner import LensDaskTaskRunner
 from lens_core import layout
-from lens_core.config import AtlasConfig, config_from_parameters
+from lens_core.config import AtlasConfig, ConfigError, config_from_parameters
+from lens_core.data import DataError
+from lens_core.models import ModelError
 from lens_core.publish import published
 from lens_core.publish import site_url as run_site_url
 from lens_core.run import RunInfo, check_model, mark_finished, prepare_run
-from lens_core.secrets import error_text
+from lens_core.secrets import error_text, scrub
 from lens_core.settings import settings
 from lens_core.status import write_status
-from lens_core.store import normalize_url
+from lens_core.store import StoreError, normalize_url
 from lens_core.summary import class_summary
 from lens_core.viz_pool import pending_items
 from tasks.chain import class_chain_task
@@ -135,52 +141,163 @@ def _notify(kind: str, done: int, total: int) -> None:
 
 # ---- the flow ------------------------------------------------------------------------------
 
+# Errors whose message says it all (bad config, data, checkpoint or store): the run fails with
+# that message alone, before any class is submitted, and no traceback is logged.
+USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError, DataError, ModelError, StoreError)
+
+# The run form (Prefect UI): an empty optional field starts as an empty input, not as the
+# "None" choice (which shows 'Property is type "None"'); `config` starts with its sections open.
+# The Python default stays None; "" and [] from the form mean "not set" (`_given`).
+FormText = Annotated[str | None, Field(json_schema_extra={"default": ""})]
+FormClasses = Annotated[list[str] | None, Field(json_schema_extra={"default": []})]
+FormConfig = Annotated[AtlasConfig | None, Field(json_schema_extra={"default": {}})]
+
+
+def _given(value: Any) -> Any:
+    """None for what a form leaves empty ("", whitespace, [])."""
+    if isinstance(value, str):
+        return value.strip() or None
+    return value or None
+
+
 @flow(name="build-atlas", task_runner=make_task_runner(), log_prints=True, persist_result=False)
 def build_atlas(
-    config_path: str | None = None,
-    config: AtlasConfig | None = None,
-    checkpoint: str | None = None,
-    classes: list[str] | None = None,
-    store: str | None = None,
-    publish: str | None = None,
+    config_path: FormText = None,
+    config: FormConfig = None,
+    checkpoint: FormText = None,
+    classes: FormClasses = None,
+    store: FormText = None,
+    publish: FormText = None,
 ) -> Any:
     """Explain a classifier class by class and publish the LENS site.
 
     Args:
-        config_path: a TOML AtlasConfig file (local path); empty = the embedded toy default.
-        config: AtlasConfig fields (the form's sections: model, data, patches, concepts,
-            importance, maco, crops, store, publish); the fields you set apply over the file.
-        checkpoint: checkpoint URL (local, file:// or s3://) overriding model.checkpoint.
-        classes: restrict to these class ids/names/slugs.
-        store: run store URL (fsspec), e.g. s3://bucket/lens.
-        publish: site URL (fsspec), e.g. s3://bucket/site.
+        config_path: a TOML AtlasConfig file on the worker (local path); empty = the embedded toy
+            default.
+        config: AtlasConfig fields (sections model, data, patches, concepts, importance, maco,
+            crops, changes; store, publish). With `config_path` too, the file is the base and a
+            field here wins only where it differs from the default shown; a field left at its
+            default keeps the file's value.
+        checkpoint: checkpoint URL (local, `file://` or `s3://`); wins over `model.checkpoint`.
+        classes: restrict the run to these classes: folder names (`n01440764`), names from
+            `class_names` (`tench`), label indices (`0`) or the slugs `lens status` lists; toy
+            data: `0` to `9`. Empty = every class. Wins over `config.classes`.
+        store: run store URL (fsspec), e.g. `s3://bucket/lens`; wins over the config's.
+        publish: site URL (fsspec), e.g. `s3://bucket/site`; wins over the config's.
     """
     logger = get_run_logger()
-    cfg = config_from_parameters(config_path, config, checkpoint, classes, store, publish)
+    try:
+        cfg = config_from_parameters(_given(config_path), config, _given(checkpoint), _given(classes),
+                                     _given(store), _given(publish))
+    except USER_ERRORS as err:
+        return _refused(logger, err, {})
+    runner = _lens_runner()
+    if runner is not None:
+        runner.start_in_background()  # the workers start while the run is set up below
     t0 = time.perf_counter()
-    info = prepare_run(cfg)
-    check_model(info)  # a bad checkpoint fails the run once, before any class is submitted
+    try:
+        info = prepare_run(cfg)
+        check_model(info)  # a bad checkpoint fails the run once, before any class is submitted
+    except USER_ERRORS as err:
+        return _refused(logger, err, cfg.storage_options)
     t_prepare = time.perf_counter() - t0
     logger.info("run %s: %d classes, model %s (%s), store %s", info.run_id, len(info.slugs), cfg.model.arch,
                 info.checkpoint_digest[:12], normalize_url(cfg.store))
+    steps: dict[str, str] = {}  # cross-class step -> error, for those that failed
+    changed: dict[str, Any] = {}
+    site: dict[str, Any] | None = None
     with _shared_api():
         limited = limited_tags(logger)
-        outcomes, timings = _explain_classes(info, cfg, logger, limited)
+        outcomes, timings = _explain_classes(info, cfg, logger, limited, runner)
         timings["prepare"] = t_prepare
+        if any(o["ok"] for o in outcomes.values()):  # with no class explained there is nothing to compare or publish
+            step = _Steps(info, logger, limited, steps, timings)
+            cross = step.run("cross-class", cross_class_task, info)
+            timings["cross_class_compute"] = (cross or {}).get("task_seconds", 0.0)
+            changed = step.run("changes", changes_task, info) or {}
+            timings["changes_compute"] = changed.pop("task_seconds", 0.0)
+            t = time.perf_counter()
+            pages = step.run("publish-pages", publish_pages_task, info, cfg.publish)
+            index = step.run("publish-index", publish_index_task, info, pages["site"], cfg.publish) if pages else None
+            timings["publish"] = time.perf_counter() - t
+            if pages and index:
+                timings["publish_compute"] = pages.pop("task_seconds") + index.pop("task_seconds")
+                site = published(pages, index)
+    if changed:
+        _changes_artifact(info, changed)
+    return _finish(info, outcomes, site, timings, t0, changed, steps, _given(config_path))
+
+
+def _refused(logger: Any, err: BaseException, storage_options: dict[str, Any]) -> Any:
+    """Bad input: the run fails with the error's message alone (one log line, no traceback)."""
+    message = scrub(str(err), storage_options)
+    logger.error(message)
+    return Failed(message=message)
+
+
+def _lens_runner() -> LensDaskTaskRunner | None:
+    with contextlib.suppress(Exception):
+        runner = get_run_context().task_runner
+        if isinstance(runner, LensDaskTaskRunner):
+            return runner
+    return None
+
+
+class _Steps:
+    """The cross-class steps, each a task run whose failure is recorded, never fatal: the classes'
+    work is published whatever happens to the comparison with the previous checkpoint."""
+
+    def __init__(self, info: RunInfo, logger: Any, limited: tuple[str, ...], failed: dict[str, str],
+                 timings: dict[str, Any]):
+        self.info, self.logger, self.limited, self.failed, self.timings = info, logger, limited, failed, timings
+
+    def run(self, name: str, task_obj: Any, *args: Any) -> dict[str, Any] | None:
         t = time.perf_counter()
-        cross = tagged(cross_class_task, limited).submit(info).result()
-        timings.update(cross_class=time.perf_counter() - t, cross_class_compute=cross.get("task_seconds", 0.0))
-        t = time.perf_counter()
-        changed = tagged(changes_task, limited).submit(info).result()
-        timings.update(changes=time.perf_counter() - t, changes_compute=changed.pop("task_seconds", 0.0))
-        t = time.perf_counter()
-        pages = tagged(publish_pages_task, limited).submit(info, cfg.publish).result()
-        index = tagged(publish_index_task, limited).submit(info, pages["site"], cfg.publish).result()
-        timings.update(publish=time.perf_counter() - t,
-                       publish_compute=pages.pop("task_seconds") + index.pop("task_seconds"))
-        site = published(pages, index)
-    _changes_artifact(info, changed)
-    return _finish(info, outcomes, site, timings, t0, changed)
+        try:
+            return tagged(task_obj, self.limited).submit(*args).result()
+        except Exception as err:  # noqa: BLE001 - recorded in the table, the message and the result
+            self.failed[name] = error_text(err, self.info.config.storage_options, 500)
+            self.logger.warning("%s step failed: %s", name, self.failed[name])
+            return None
+        finally:
+            self.timings[name.replace("-", "_")] = time.perf_counter() - t
+
+
+class _Progress:
+    """Two progress artifacts: classes finished, and concepts rendered (renders go on after the
+    last class). Until the Dask workers have started, the classes' one says so."""
+
+    def __init__(self, info: RunInfo, runner: LensDaskTaskRunner | None):
+        self.n = len(info.slugs)
+        self.t0 = time.perf_counter()
+        self.last = 0.0
+        waiting = runner is not None and not runner.ready()
+        self.classes_id = create_progress_artifact(
+            0.0, key=f"lens-progress-{info.run_id}",
+            description=(f"starting the Dask workers; then {self.n} classes" if waiting
+                         else f"0/{self.n} classes finished"))
+        self.renders_id = create_progress_artifact(
+            0.0, key=f"lens-renders-{info.run_id}",
+            description="concept renders (MACO): they start as classes finish")
+
+    def workers_ready(self) -> None:
+        update_progress_artifact(self.classes_id, 0.0, description=(
+            f"0/{self.n} classes finished (workers started in {time.perf_counter() - self.t0:.0f} s)"))
+
+    def update(self, classes_done: int, classes_failed: int, pool: _RenderPool, force: bool = False) -> None:
+        now = time.perf_counter()
+        if not force and now - self.last < PROGRESS_EVERY_S:
+            return
+        self.last = now
+        failed = f", {classes_failed} failed" if classes_failed else ""
+        left = " (renders go on)" if classes_done == self.n and pool.rendered < pool.queued else ""
+        update_progress_artifact(self.classes_id, 100.0 * classes_done / max(1, self.n),
+                                 description=f"{classes_done}/{self.n} classes finished{failed}{left}")
+        total = pool.queued if classes_done == self.n else max(pool.queued, 1)
+        more = "" if classes_done == self.n else " so far (more as classes finish)"
+        update_progress_artifact(self.renders_id, 100.0 * pool.rendered / max(1, total) if pool.queued else
+                                 (100.0 if classes_done == self.n else 0.0),
+                                 description=f"{pool.rendered}/{pool.queued} concepts rendered{more}")
 
 
 class _RenderPool:
@@ -209,7 +326,7 @@ class _RenderPool:
         while len(self.queue) >= size or (final and self.queue):
             chunk, self.queue = self.queue[:size], self.queue[size:]
             with dask.annotate(**_gpu_annotation()):
-                fut = self.render.submit(self.info, chunk, f"{chunk[0][0]}+{len(chunk) - 1}")
+                fut = self.render.submit(self.info, chunk, render_label(self.batches + submitted + 1, chunk))
             self.track(fut, "render", chunk)
             submitted += 1
         self.batches += submitted
@@ -237,26 +354,41 @@ class _RenderPool:
         return "completed" if self.left[slug] == 0 else "pending"
 
 
-def _explain_classes(info: RunInfo, cfg: AtlasConfig, logger: Any,
-                     limited: tuple[str, ...] = ()) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
+def render_label(number: int, chunk: list[tuple[str, int]], max_classes: int = 3) -> str:
+    """The name of a render task run: its number in the run (names never repeat within a flow
+    run), how many concepts, and of which classes, e.g. `render 3: 12 concepts of red-disc (8),
+    blue-square (4)`."""
+    counts: dict[str, int] = {}
+    for slug, _ in chunk:
+        counts[slug] = counts.get(slug, 0) + 1
+    shown = ", ".join(f"{slug} ({n})" for slug, n in list(counts.items())[:max_classes])
+    more = f" and {len(counts) - max_classes} more classes" if len(counts) > max_classes else ""
+    noun = "concept" if len(chunk) == 1 else "concepts"
+    return f"render {number}: {len(chunk)} {noun} of {shown}{more}"
+
+
+def _explain_classes(info: RunInfo, cfg: AtlasConfig, logger: Any, limited: tuple[str, ...] = (),
+                     runner: LensDaskTaskRunner | None = None) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
     """Per-class chains, and the pooled renders submitted as soon as a class has its concepts."""
     slugs = info.slugs
     t_start = time.perf_counter()
-    progress_id = create_progress_artifact(0.0, key=f"lens-progress-{info.run_id}",
-                                           description=f"classes finished in run {info.run_id}")
+    progress = _Progress(info, runner)
     done_q: queue.Queue = queue.Queue()
 
     def track(fut: Any, kind: str, payload: Any) -> None:
         fut.add_done_callback(lambda f: done_q.put((kind, payload, f)))
 
     chain = tagged(class_chain_task, limited)
+    waited = runner is not None and not runner.ready()
     with dask.annotate(**_gpu_annotation()):
         for s in slugs:  # each chain gets a RunInfo of its own class: cheap to send and to walk
             track(chain.submit(info.narrowed([s]), s, limited=limited), "class", s)
+            if waited:  # the first submission waited for the workers
+                waited = False
+                progress.workers_ready()
     outcomes: dict[str, dict[str, Any]] = {}
     pool = _RenderPool(info, cfg.maco.batch_size, track, limited)
     pending = len(slugs)
-    last_progress = 0.0
     while pending:
         kind, payload, fut = done_q.get()
         pending -= 1
@@ -273,12 +405,9 @@ def _explain_classes(info: RunInfo, cfg: AtlasConfig, logger: Any,
                 items = pending_items(info, [slug])  # a class that failed after factorize still renders
             pending += pool.add(items, final=len(outcomes) == len(slugs))
             _notify("classes", len(outcomes), len(slugs))
-            now = time.perf_counter()
-            if now - last_progress >= PROGRESS_EVERY_S or len(outcomes) == len(slugs):
-                last_progress = now
-                update_progress_artifact(progress_id, 100.0 * len(outcomes) / len(slugs),
-                                         description=f"{len(outcomes)}/{len(slugs)} classes finished")
         _notify("concepts", pool.rendered, pool.queued)
+        n_failed = sum(not o["ok"] for o in outcomes.values())
+        progress.update(len(outcomes), n_failed, pool, force=not pending or (kind != "render" and len(outcomes) == len(slugs)))
     for slug, out in outcomes.items():
         out["render"] = pool.state(slug)
     timings = {"classes_and_renders": time.perf_counter() - t_start, "render_compute": pool.seconds,
@@ -306,40 +435,134 @@ def _changes_artifact(info: RunInfo, changed: dict[str, Any]) -> None:
                           description=f"most changed classes since {changed['previous_label']} (run {changed['previous']})")
 
 
-def _finish(info: RunInfo, outcomes: dict[str, dict[str, Any]], site: dict[str, Any], timings: dict[str, Any],
-            t0: float, changed: dict[str, Any]) -> Any:
-    """Table, link and final state (partial success when some classes failed)."""
-    slugs = info.slugs
-    t_rows = time.perf_counter()
+STAGE_NOT_RUN = "not run"  # a stage with no state in this run (never "-": Markdown makes it a bullet)
+_MD_INLINE = re.compile(r"([\\`*_\[\]<>|~&])")  # emphasis, code, links, HTML, entities, tables
+_MD_BLOCK = re.compile(r"^(\d{1,9}(?=[.)])|(?=[-+#>=]))")  # what starts a list, heading or quote
+
+
+def md_cell(value: Any, limit: int = 300) -> Any:
+    """A table-artifact cell: Prefect's UI renders string cells as Markdown, so text is one line
+    with what Markdown would act on escaped (a "-" or "1." would start a list, `<x>` vanish as
+    HTML, `_x_` turn italic); a class slug like `02-green-triangle` stays as it is.
+    Numbers stay numbers; None is an empty cell."""
+    if value is None:
+        return ""
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        value = str(value)
+    if not isinstance(value, str):
+        return value
+    text = " ".join(value.split())
+    if len(text) > limit:
+        text = text[: limit - 1] + "…"
+    text = _MD_INLINE.sub(r"\\\1", text)
+    match = _MD_BLOCK.match(text)
+    if match:  # "- x", "1. x", "# x", "> x": escape the marker itself
+        at = match.end()
+        text = text[:at] + "\\" + text[at:]
+    return text
+
+
+STATE_MARK = {"completed": "✅ completed", "failed": "❌ FAILED", "render failed": "⚠️ renders failed"}
+
+
+def class_rows(info: RunInfo, outcomes: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """The per-class table: what matters first (class, state, where and why it failed, note, top
+    concept), then time and one column per stage holding that stage's state only. Failed classes
+    come first. Cells are plain values; `table_artifact_rows` escapes them for the UI."""
     rows = []
-    for slug in slugs:
+    for slug in info.slugs:
         out = outcomes[slug]
         summary = out.get("summary") or class_summary(info, slug)  # chains read theirs on the worker
         stages = {**summary["stages"], **({"render": out["render"]} if out.get("render") else {})}
-        rows.append({"class": slug, "status": "ok" if out["ok"] else "failed",
-                     **{s: stages.get(s, "-") for s in layout.STATUS_STAGES},
-                     "seconds": round(summary["seconds"], 2), "top_concept": summary["top_concept"],
-                     "importance": summary["top_importance"], "basis": summary.get("importance_basis") or "",
-                     "note": summary.get("note") or "", "error": out.get("error") or ""})
-    create_table_artifact(rows, key=f"lens-classes-{info.run_id}", description=f"LENS run {info.run_id}: per-class status")
-    site_url = run_site_url(info)
-    create_link_artifact(site_url + "/index.html", link_text="LENS atlas site", key=f"lens-site-{info.run_id}")
+        failed_at = next((s for s in layout.STATUS_STAGES if stages.get(s) == "failed"), "")
+        errors = summary.get("errors") or {}
+        state = "completed" if out["ok"] else "failed"
+        if out["ok"] and stages.get("render") == "failed":
+            state = "render failed"
+        rows.append({
+            "class": slug, "state": state, "failed at": failed_at,
+            "error": out.get("error") or errors.get(failed_at) or "",
+            "note": summary.get("note") or "",
+            "top concept": summary["top_concept"], "top concept score": summary["top_importance"],
+            "score basis": summary.get("importance_basis") or "",
+            "seconds": round(summary["seconds"], 2),
+            **{s: stages.get(s) or STAGE_NOT_RUN for s in layout.STATUS_STAGES},
+        })
+    return sorted(rows, key=lambda r: r["state"] == "completed")  # stable: failed first, else in order
+
+
+def table_artifact_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [{k: md_cell(STATE_MARK.get(v, v) if k == "state" else v) for k, v in r.items()} for r in rows]
+
+
+def site_link(info: RunInfo, config_path: str | None = None) -> tuple[str, str]:
+    """(address, how to open it) of the run's site: the public address under `publish_base_url`
+    when one is configured, else `lens serve`'s address on 127.0.0.1 and the command that serves
+    it. A browser will not open a `file://` link from the Prefect UI."""
+    cfg = info.config
+    if cfg.publish_base_url:
+        url = f"{cfg.publish_base_url}/{info.run_id}/index.html"
+        return url, f"[{url}]({url})"
+    base = normalize_url(cfg.publish)
+    where = base[len("file://"):] if base.startswith("file://") else base
+    command = ["lens", "serve", *(["--config", config_path] if config_path else []), "--publish", where]
+    url = f"http://127.0.0.1:8000/{info.run_id}/index.html"
+    how = (f"The site is written at `{where}/{info.run_id}/`. Serve it on this machine with\n\n"
+           f"```\n{shlex.join(command)}\n```\n\nthen open {url}\n\n"
+           "(To link to it from here instead, publish to a bucket served over http and set "
+           "`publish_base_url` to its public address.)")
+    return url, how
+
+
+def _site_artifact(info: RunInfo, config_path: str | None) -> str:
+    url, how = site_link(info, config_path)
+    if info.config.publish_base_url:
+        create_link_artifact(url, link_text="LENS atlas site", key=f"lens-site-{info.run_id}")
+    else:
+        create_markdown_artifact(f"## LENS atlas site\n\n{how}\n", key=f"lens-site-{info.run_id}",
+                                 description=f"how to open the site of run {info.run_id}")
+    return url
+
+
+def _finish(info: RunInfo, outcomes: dict[str, dict[str, Any]], site: dict[str, Any] | None,
+            timings: dict[str, Any], t0: float, changed: dict[str, Any], steps: dict[str, str],
+            config_path: str | None = None) -> Any:
+    """Table, site artifact and final state: Completed, PartiallyCompleted (some classes or a
+    cross-class step failed: the message says which, first), or Failed (every class failed)."""
+    slugs = info.slugs
+    t_rows = time.perf_counter()
+    rows = class_rows(info, outcomes)
+    failed = [r["class"] for r in rows if r["state"] == "failed"]
+    why = {r["class"]: f"{r['failed at'] or 'class'}: {r['error']}" for r in rows if r["state"] == "failed"}
+    headline = (f"{len(slugs) - len(failed)}/{len(slugs)} classes explained"
+                + (f", {len(failed)} FAILED ({', '.join(failed[:5])}{', ...' if len(failed) > 5 else ''})"
+                   if failed else ""))
+    step_text = "; ".join(f"{name} step FAILED: {err}" for name, err in steps.items())
+    create_table_artifact(table_artifact_rows(rows), key=f"lens-classes-{info.run_id}",
+                          description=f"LENS run {info.run_id}: {headline}" + (f"; {step_text}" if steps else ""))
+    written = site is not None
+    url = _site_artifact(info, config_path) if written else None
     timings["summary"] = time.perf_counter() - t_rows
     elapsed = time.perf_counter() - t0
-    failed = [r["class"] for r in rows if r["status"] != "ok"]
     computed = {s: [st for st, r in o.get("stages", {}).items() if not r["skipped"]] for s, o in outcomes.items()}
-    result = {"run_id": info.run_id, "classes": len(slugs), "failed": failed, "site": site_url,
+    result = {"run_id": info.run_id, "classes": len(slugs), "failed": failed, "errors": why,
+              "site": run_site_url(info), "site_written": written, "site_link": url, "steps_failed": steps,
               "computed": {s: st for s, st in computed.items() if st},
-              "seconds": round(elapsed, 1), "published": site,
+              "seconds": round(elapsed, 1), "published": site or {},
               "changes": {"previous": changed.get("previous"),
                           "most_changed": [r["slug"] for r in changed.get("ranking", [])[:info.config.changes.most_changed]]},
               "timings": {k: round(v, 3) if isinstance(v, float) else v for k, v in timings.items()}}
     # the run's finished marker (read by the checkpoint watcher): written last, only when whole
-    if not failed:
-        mark_finished(info, site_url)
-    message = f"{len(slugs) - len(failed)}/{len(slugs)} classes explained in {elapsed:.0f} s; site {site_url}"
-    if failed and len(failed) == len(slugs):
-        return Failed(message="every class failed: " + "; ".join(outcomes[s]["error"] for s in failed[:3]), data=result)
-    if failed:
-        return Completed(name="PartiallyCompleted", message=message + f"; failed: {', '.join(failed[:20])}", data=result)
-    return Completed(message=message, data=result)
+    if not failed and not steps and written:
+        mark_finished(info, run_site_url(info))
+    if len(failed) == len(slugs):
+        detail = "; ".join(f"{s} ({why[s]})" for s in failed[:3]) + ("; ..." if len(failed) > 3 else "")
+        return Failed(message=f"every class failed ({len(failed)}/{len(slugs)}), nothing was published: {detail}",
+                      data=result)
+    tail = ("the site was NOT published" if not written else f"site {url}" if info.config.publish_base_url
+            else f"site {url} once `lens serve` runs (see the site artifact)")
+    if failed or steps:
+        detail = "; ".join(f"{s} ({why[s]})" for s in failed[:5])
+        parts = [f"PARTIAL: {headline} in {elapsed:.0f} s", detail, step_text, tail]
+        return Completed(name="PartiallyCompleted", message="; ".join(p for p in parts if p), data=result)
+    return Completed(message=f"{headline} in {elapsed:.0f} s; {tail}", data=result)

@@ -135,7 +135,6 @@ def cmd_run(args: argparse.Namespace) -> int:
         from prefect.settings import PREFECT_API_URL, temporary_settings
 
         from flows.atlas import build_atlas, make_task_runner, progress_listener
-        from lens_core.publish import site_url
         from lens_core.run import check_model, prepare_run
 
         address = args.dask_address or settings().dask_address
@@ -148,6 +147,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         api_settings = {PREFECT_API_URL: api.wait()} if api else {}
         runner = cluster.runner() if cluster else make_task_runner(workers=args.workers, dask_address=address)
         bars = _Bars(len(info.slugs), enabled=not args.no_progress)
+        if settings().log not in ("INFO", "DEBUG"):
+            from flows.runner import quiet_task_failures
+
+            quiet_task_failures()  # a failed class is one line here; its traceback goes to the API
         with temporary_settings(updates=api_settings), progress_listener(bars.update), bars.progress:
             state = build_atlas.with_options(task_runner=runner)(
                 config=cfg.model_dump(mode="json", exclude={"classes"}), classes=cfg.classes, return_state=True
@@ -158,23 +161,48 @@ def cmd_run(args: argparse.Namespace) -> int:
             cluster.close()
         if api is not None:
             api.stop()
-    result: dict[str, Any] = state.result(raise_on_failure=False) if not state.is_failed() else {}
+    return _report(state, info, cfg)
+
+
+def _flow_result(state: Any) -> dict[str, Any]:
+    """The flow's result dict (also carried by a Failed state), or {}."""
+    try:
+        result = state.result(raise_on_failure=False)
+    except Exception:  # noqa: BLE001 - a crashed run has no result to show
+        return {}
+    return result if isinstance(result, dict) else {}
+
+
+def _report(state: Any, info: Any, cfg: Any) -> int:
+    """What `lens run` prints at the end, and its exit code: 0 when every class was explained and
+    the site published, 2 when some or every class failed or a cross-class step failed (a
+    `lens:` line says which), 1 when the run crashed. The site is named only when it was written."""
+    result = _flow_result(state)
+    if state.is_failed():
+        print(f"lens: {state.message}", file=sys.stderr)
+        return 2 if result.get("failed") else 1  # every class failed: a finding, not a crash
     print(f"{state.name}: {state.message}")
-    timings = result.get("timings") if isinstance(result, dict) else None
-    if timings:
+    timings = result.get("timings") or {}
+    if "classes_and_renders" in timings:
         print(f"time: classes and renders {timings['classes_and_renders']:.0f} s "
               f"({timings['concepts_rendered']} concepts in {timings['render_batches']} render batches), "
-              f"cross-class {timings['cross_class']:.1f} s, publish {timings['publish']:.1f} s")
-    site = site_url(info)
-    base = normalize_url(cfg.publish)
-    if site.startswith("file://"):
-        print(f"site: {site[len('file://'):]}/index.html")
-        print(f"serve it with: .venv/bin/lens serve --publish {base[len('file://'):]}  -> http://127.0.0.1:8000/{info.run_id}/index.html")
-    else:
-        print(f"site: {site}/index.html")
-    if state.is_failed():
-        return 1
-    return 2 if isinstance(result, dict) and result.get("failed") else 0
+              f"cross-class {timings.get('cross_class', 0.0):.1f} s, publish {timings.get('publish', 0.0):.1f} s")
+    if result.get("site_written"):
+        base = normalize_url(cfg.publish)
+        if cfg.publish_base_url:
+            print(f"site: {result.get('site_link')}")
+        elif base.startswith("file://"):
+            print(f"site: {result['site'][len('file://'):]}/index.html")
+            print(f"serve it with: .venv/bin/lens serve --publish {base[len('file://'):]}  -> "
+                  f"http://127.0.0.1:8000/{info.run_id}/index.html")
+        else:
+            print(f"site: {result['site']}/index.html (serve it with: .venv/bin/lens serve --publish {base})")
+    if result.get("failed") or result.get("steps_failed"):
+        what = [f"{len(result.get('failed') or [])} of {result.get('classes')} classes failed"] if result.get("failed") else []
+        what += [f"the {name} step failed" for name in result.get("steps_failed") or {}]
+        print(f"lens: {', '.join(what)} (see above; `lens status` for each class)", file=sys.stderr)
+        return 2
+    return 0
 
 
 def _latest_run(store_url: str, storage_options: dict[str, Any]) -> str | None:

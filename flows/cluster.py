@@ -23,6 +23,7 @@ import contextlib
 import datetime
 import importlib
 import ipaddress
+import logging
 import os
 import weakref
 from pathlib import Path
@@ -144,6 +145,22 @@ class GPUCluster(distributed.LocalCluster):
         return {name: {**worker, "options": options}}
 
 
+class _NoDashboardLine(logging.Filter):
+    """The scheduler logs "dashboard at: http://...:8787/status" for its HTTP port even when that
+    port serves /health only (no dashboard): a link that gives 404. Dropped while such a
+    scheduler starts (the routes are set for the duration of `local_cluster`)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if "dashboard at" not in record.getMessage():
+            return True
+        return dask.config.get("distributed.scheduler.http.routes", None) != HEALTH_ROUTES
+
+
+_SCHEDULER_LOG = logging.getLogger("distributed.scheduler")
+if not any(isinstance(f, _NoDashboardLine) for f in _SCHEDULER_LOG.filters):
+    _SCHEDULER_LOG.addFilter(_NoDashboardLine())
+
+
 def _http_routes(kwargs: dict[str, Any]) -> dict[str, Any]:
     """Without a dashboard, the scheduler's HTTP port serves /health only (no worker logs, stacks
     or JSON state for other local users to read)."""
@@ -162,6 +179,11 @@ def dask_setup(worker: Any) -> None:  # noqa: ARG001 - Dask's preload API passes
     atexit.register(os._exit, 0)  # runs after Prefect's queue drains (threading's exit hooks)
     with contextlib.suppress(Exception):
         importlib.import_module("tasks.chain")  # torch, Prefect, the stages
+    if settings().log not in ("INFO", "DEBUG"):  # a failed stage is one console line (flows/runner.py)
+        with contextlib.suppress(Exception):
+            from flows.runner import quiet_task_failures
+
+            quiet_task_failures()
 
 
 # ---- who may use a cluster: mutual TLS ---------------------------------------------------------

@@ -1,4 +1,5 @@
-"""Prefect tasks, one per stage: naming (`factorize[espresso]`), tags, retries on transient I/O.
+"""Prefect tasks, one per stage: naming (`factorize[espresso]`, `render 3: 12 concepts of ...`), tags,
+retries on transient I/O.
 
 Each task calls one lens_core function; skipping a finished stage happens there (completion
 markers), so a re-run returns at once for everything already done. A task's failure reaches
@@ -124,7 +125,7 @@ def crops_task(info: RunInfo, slug: str, device: str | None = None) -> dict[str,
     return stages.stage_crops(info, slug, device)
 
 
-@task(name="render", task_run_name="render[{label}]", **_COMMON)
+@task(name="render", task_run_name="{label}", **_COMMON)
 @scrubbed
 def render_task(info: RunInfo, items: list[tuple[str, int]], label: str,  # noqa: ARG001 - names the task run
                 device: str | None = None) -> dict[str, Any]:
