@@ -7,6 +7,7 @@ stored and published under ``./lens-out``.
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
@@ -29,8 +30,25 @@ class ConfigError(ValueError):
     """A configuration value is invalid; the message names the field."""
 
 
+def _form_schema(schema: dict[str, Any]) -> None:
+    """An optional field as Prefect's run form needs it: its type, no `null` default.
+
+    Pydantic writes an optional field as `anyOf: [X, {type: null}]` with `default: null`; the
+    Prefect UI then starts on the null branch and shows 'Property is type "None"'. As X without
+    a default the field stays optional, an empty input leaves it unset (None), and Prefect's
+    parameter validation still accepts null for it (it adds the null branch back).
+    """
+    for prop in schema.get("properties", {}).values():
+        options = prop.get("anyOf") or []
+        if "default" in prop and prop["default"] is None and {"type": "null"} in options:
+            rest = [o for o in options if o != {"type": "null"}]
+            if len(rest) == 1:
+                del prop["anyOf"], prop["default"]
+                prop.update(rest[0])
+
+
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False, json_schema_extra=_form_schema)
 
 
 def check_url(value: str | None) -> str | None:
@@ -87,12 +105,13 @@ class ModelConfig(_Section):
 class DataConfig(_Section):
     """Where the images are: an image-folder layout at any fsspec URL, or the generated toy set."""
 
-    url: str | None = Field(None, description="<root>/<class dir>/*.jpg|png|webp at any fsspec URL; None = generated toy data")
-    class_names: str | None = Field(None, description="JSON file {class_dir: name or [name, synonyms...]}")
+    url: str | None = Field(None, description="`<root>/<class dir>/*.jpg|png|webp` at any fsspec URL; "
+                            "empty = the generated toy data")
+    class_names: str | None = Field(None, description="JSON file `{class_dir: name or [name, synonyms...]}`")
     class_index: str | None = Field(
         None,
-        description="JSON file mapping class dirs to the model's label indices: {class_dir: index}, "
-        "a list of class dirs in label order, or Keras' imagenet_class_index.json {index: [dir, name]}; "
+        description="JSON file mapping class dirs to the model's label indices: `{class_dir: index}`, "
+        "a list of class dirs in label order, or Keras' imagenet_class_index.json `{index: [dir, name]}`; "
         "required when the folders are not exactly the model's label set in sorted order",
     )
     images_per_class: int = Field(40, gt=0, le=1_000_000, description="images sampled per class (deterministic)")
@@ -252,16 +271,31 @@ class AtlasConfig(_Section):
     mistakes: MistakesConfig = MistakesConfig()
     store: str = Field("file://./lens-out/store", description="fsspec URL of the run store")
     publish: str = Field("file://./lens-out/site", description="fsspec URL of the published site")
+    publish_base_url: str | None = Field(
+        None, description="public http(s) address at which `publish` is served (a bucket's website "
+        "endpoint, a CDN), e.g. `https://lens.example.org/site`: the run's link in the Prefect UI "
+        "points there; empty = the `lens serve` command")
     storage_options: dict[str, Any] = Field(
         default_factory=dict,
         description="fsspec options for s3:// (endpoint_url, ...); key/secret default to the environment",
     )
-    classes: list[str] | None = Field(None, description="restrict the run to these class ids/names")
+    classes: list[str] | None = Field(
+        None, description="restrict the run to these classes: folder names (`n01440764`), names from "
+        "`class_names` (`tench`), label indices (`0`), or the slugs `lens status` lists; toy data: "
+        "`0` to `9`; empty = every class")
 
     @field_validator("store", "publish")
     @classmethod
     def _check_urls(cls, v: str | None) -> str | None:
         return check_url(v)
+
+    @field_validator("publish_base_url")
+    @classmethod
+    def _http_url(cls, v: str | None) -> str | None:
+        if v is not None and (not re.fullmatch(r"https?://[^\s/?#@]+(/[^\s?#]*)?", v) or url_secret(v)):
+            raise ValueError("must be an http(s) address without credentials or query, "
+                             "e.g. https://lens.example.org/site")
+        return v.rstrip("/") if v else v
 
     @field_validator("storage_options")
     @classmethod
@@ -291,8 +325,8 @@ class AtlasConfig(_Section):
         """The settings that change results (not where they are stored): part of the run id."""
         # maco.top_k picks which concepts get a picture, never what they are: outside the run id
         return self.model_dump(mode="json", exclude={
-            **dict.fromkeys(("store", "publish", "storage_options", "classes", "changes", "mistakes"), True),
-            "maco": {"top_k"}})
+            **dict.fromkeys(("store", "publish", "storage_options", "classes", "changes", "mistakes",
+                             "publish_base_url"), True), "maco": {"top_k"}})
 
     def redacted(self) -> dict[str, Any]:
         """The config as a dict safe to log, store or publish: only allow-listed storage options."""
@@ -376,13 +410,46 @@ def load_config(path: str | os.PathLike[str] | None = None, **overrides: Any) ->
 
 
 def inline_fields(config: AtlasConfig | dict[str, Any] | None) -> dict[str, Any]:
-    """The fields a `config` parameter sets: every key of a dict, or the explicitly set fields of an
-    AtlasConfig (what a form or a JSON object gave), so that they merge over a TOML file."""
+    """The fields a `config` parameter sets, to merge over a TOML file (`config_from_parameters`):
+    the keys of a dict, or the explicitly set fields of an AtlasConfig, less every field whose
+    value is AtlasConfig's default.
+
+    Which wins, per field, when both `config_path` and `config` are given: a `config` field that
+    differs from the default wins; one left at its default keeps the file's value. Prefect's run
+    form submits every field of a section once `config` is switched on, most of them at their
+    defaults: they must not undo the file.
+    """
     if config is None:
         return {}
-    if isinstance(config, AtlasConfig):
-        return config.model_dump(mode="json", exclude_unset=True)
-    return dict(config)
+    given = (config.model_dump(mode="json", exclude_unset=True) if isinstance(config, AtlasConfig)
+             else dict(config))
+    return _changed(given, AtlasConfig().model_dump(mode="json"))
+
+
+def _changed(given: dict[str, Any], default: dict[str, Any]) -> dict[str, Any]:
+    """The entries of `given` that differ from `default`, section by section."""
+    out: dict[str, Any] = {}
+    for key, value in given.items():
+        base = default.get(key, _MISSING)
+        if isinstance(value, dict) and isinstance(base, dict) and base:
+            sub = _changed(value, base)
+            if sub:
+                out[key] = sub
+        elif _jsonable(value) != base:
+            out[key] = value
+    return out
+
+
+_MISSING = object()
+
+
+def _jsonable(value: Any) -> Any:
+    """A value as its JSON dump compares (tuples as lists, models as dicts)."""
+    if isinstance(value, BaseModel):
+        return value.model_dump(mode="json")
+    if isinstance(value, tuple | list):
+        return [_jsonable(v) for v in value]
+    return value
 
 
 def config_from_parameters(
