@@ -136,6 +136,15 @@ def broken_token_net(num_classes: int = K) -> nn.Module:
     return net
 
 
+def flat_net(num_classes: int = K) -> nn.Module:
+    """A plain Sequential whose `tok` layer flattens the map into a sequence (N, C, H*W)."""
+    from collections import OrderedDict
+
+    torch.manual_seed(0)
+    return nn.Sequential(OrderedDict(conv=nn.Conv2d(3, 8, 3), tok=nn.Flatten(2), pool=nn.AdaptiveAvgPool1d(1),
+                                     flat=nn.Flatten(1), fc=nn.Linear(8, num_classes)))
+
+
 FACTORIES = ",".join(f"{__name__}:{f}" for f in
                      ("tiny_vit", "tiny_swin", "tiny_convnext", "token_net", "broken_token_net"))
 
@@ -299,6 +308,7 @@ UNSUPPORTED = [
     (tiny_convnext, "features.1.0.block", 32, "CNBlock"),
     (token_net, "tokens", 32, "gives tokens"),
     (broken_token_net, "block1", 32, "lens_split"),
+    (flat_net, "tok", 32, "not a map"),
 ]
 
 
