@@ -84,6 +84,7 @@ def main() -> None:
             info = prepare_run(cfg)
             for slug in info.slugs:
                 run_class(info, slug)
+            publish(info, f"{base}/warm-up")  # imports, templates, caches: out of every figure
             counter = Counter()
             rows = []
             rendered = False

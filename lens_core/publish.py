@@ -83,9 +83,8 @@ def _class_entry(store: RunStore, cls: Any, status: dict, similar: dict, alignme
     W = store.zarr[layout.concepts(slug)]["W"][:]
     crops_index = store.read_json(layout.crops_index(slug), {})
     order = [int(c) for c in imp["order"][:]]
-    arrays = set(imp.array_keys())
     sobol = imp["sobol"][:]
-    share = imp["logit_share"][:] if "logit_share" in arrays else None
+    share = imp["logit_share"][:] if "logit_share" in imp else None  # one lookup, not a listing
     sobol_share = imp["sobol_share"][:]
     n_top = imp["n_top_images"][:]
     min_top = int(imp.attrs.get("important_min_images", 3))
