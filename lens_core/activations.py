@@ -8,7 +8,7 @@ appending. Writes into a Zarr group (``acts/<class>``, lens_core.layout):
   image_A  (n_images, C) float32    pooled activations of each whole image
   image_logit, image_pred           the same for whole images
   spatial  (m, C, H, W) float32     spatial activations of the first m images (importance, maps)
-  spatial_extra (m, T, C) float32   a token model's class/register tokens of those images (h needs them)
+  spatial_extra (m, T, C) float32   a token model's class/register tokens of those images (for h)
 and attrs: image_urls (readable images in order), skipped [(url, reason)], layer, counts.
 """
 

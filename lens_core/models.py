@@ -73,7 +73,7 @@ class SplitModel:
     digest: str = ""
     min_activation: float = 0.0  # the least value g gave on the split's test batch (NMF needs >= 0)
     max_activation: float = 0.0
-    norm_head: NormHead | None = None  # set when h = pool, LayerNorm, linear (ConvNeXt); head is None
+    norm_head: NormHead | None = None  # h = pool, LayerNorm, linear (ConvNeXt); then head is None
 
     def to(self, device: str | torch.device) -> SplitModel:
         """Move g, h (in place, channels_last conv weights) and the head to `device`."""
@@ -89,7 +89,7 @@ class NormHead:
     logits = s(p) (p . weight.T) + bias exactly, with s(p) = 1 / sqrt(var(p) + eps) over channels,
     weight = the linear weight times the norm's scale, centred per row (so p's mean drops out), and
     bias = the linear bias plus the linear weight applied to the norm's shift. Held at an image's
-    scale s(p), the logit is linear in p: the logit share splits it exactly (see the method page)."""
+    scale s(p), the logit is linear in p: the logit share splits it exactly (the method page)."""
 
     weight: torch.Tensor  # (K, C), float32 on the CPU
     bias: torch.Tensor  # (K,)

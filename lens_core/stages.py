@@ -145,7 +145,8 @@ def _share_or_reason(info: Any, split: Any, acts: Any, cls: Any, image_U: np.nda
         "share_images": int(share.n_points), **extra}
 
 
-def _linear_head(split: Any, pooled: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+def _linear_head(split: Any,
+                 pooled: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
     """(weight, bias, per-image scale) with logits = scale * (pooled @ weight.T) + bias, exactly:
     scale 1 for a pooled-linear head, the normalization's 1/std for a NormHead; None otherwise."""
     if split.head is not None:
@@ -223,9 +224,9 @@ def _importance(info: Any, slug: str, inputs: Inputs, device: str | None) -> dic
                        "importance_basis": basis, "deletion_auc": float(auc), "note": note, **counts}}
 
 
-NORMALIZED_NOTE = ("the model's head normalizes the pooled activation (LayerNorm) before its linear "
-                   "layer: each image's terms are taken at its own normalization scale, so shares, "
-                   "residual and bias still add up to the class logit exactly")
+NORMALIZED_NOTE = ("the model's head normalizes the pooled activation (LayerNorm) before its "
+                   "linear layer: each image's terms are taken at its own normalization scale, so "
+                   "shares, residual and bias still add up to the class logit exactly")
 
 
 def basis_note(reason: str | None, counts: dict[str, int]) -> str:

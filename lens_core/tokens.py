@@ -9,14 +9,16 @@ model needs from a map and those set-aside tokens.
 The set-aside tokens ("extra tokens", (N, T, C)) belong to an image: h on a modified map (U W,
 as importance builds) uses the class token g produced for the same image, so h(g(x)) is the
 model's logits exactly and a concept removed from the map changes the logits only through what
-the later blocks read from the patch tokens. g keeps the extra tokens of the map it last returned
-(per thread, while that map lives); h finds them when it is handed that very map (h(g(x))); for any other map they are
-passed explicitly, h(map, extra), by whoever stored them with the map (the activations stage).
+the later blocks read from the patch tokens. g keeps the extra tokens of the map it last
+returned (per thread, while that map lives); h finds them when it is handed that very map
+(h(g(x))); for any other map they are passed explicitly, h(map, extra), by whoever stored them
+with the map (the activations stage stores them as `spatial_extra`).
 
-Supported: torchvision's VisionTransformer (`conv_proj`, a whole block
-`encoder.layers.encoder_layer_<i>`, `encoder.layers`, `encoder.ln`, `encoder`) and
-SwinTransformer (any layer under `features` and `norm`, whose outputs are channels-last
-(N, H, W, C) maps: permuted), and any model whose `lens_split(layer)` g returns (map, extra).
+Supported: torchvision's VisionTransformer at `conv_proj` or a whole block
+`encoder.layers.encoder_layer_<i>` before the last (the last block, `encoder.layers`,
+`encoder.ln` and `encoder` are refused: from there only the class token reaches the head),
+torchvision's SwinTransformer at any layer under `features` and at `norm` (channels-last
+(N, H, W, C) maps, permuted), and any model whose `lens_split(layer)` g returns (map, extra).
 """
 
 from __future__ import annotations
@@ -145,7 +147,7 @@ class ChannelsFirst(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.ndim != 4:
-            raise TokenError(f"expected a channels-last map (N, H, W, C), got shape {tuple(x.shape)}")
+            raise TokenError(f"expected a channels-last map (N, H, W, C), got {tuple(x.shape)}")
         return x.permute(0, 3, 1, 2)
 
 
@@ -159,7 +161,7 @@ class ChannelsLast(nn.Module):
 # ---- torchvision's VisionTransformer --------------------------------------------------------
 
 class _ViTBody(nn.Module):
-    """Image -> tokens after `blocks` (and the final norm when `ln` is given) -> (map, class token)."""
+    """Image -> tokens after `blocks` (and the final norm when given) -> (map, class token)."""
 
     def __init__(self, vit: nn.Module, blocks: nn.Module, ln: nn.Module | None):
         super().__init__()
@@ -227,8 +229,8 @@ def vit_split(vit: nn.Module, layer: str, input_size: int) -> tuple[nn.Module, n
     if input_size != vit.image_size:
         raise TokenError(
             f"{name} (layer {layer!r}) takes {vit.image_size}x{vit.image_size} images (its "
-            "position embedding has "
-            f"one entry per patch of that size): set model.input_size = {vit.image_size}"
+            f"position embedding has one entry per patch of that size): set model.input_size = "
+            f"{vit.image_size}"
         )
     blocks = list(vit.encoder.layers.named_children())
     n = len(blocks)
