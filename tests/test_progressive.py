@@ -43,12 +43,14 @@ class _Refs(html.parser.HTMLParser):
 
 def broken_links(pages: dict[str, bytes], exists: Callable[[str], bool]) -> list[str]:
     """`page -> target` for every local link of the pages (publish-relative paths -> bytes) whose
-    target does not exist, plus every class in data/classes.json without a page (the search and
+    target does not exist, every page that is not whole, plus every class in data/classes.json without a page (the search and
     "random class" link them). Pages are read before `exists` is asked: anything written before a
     page is there when it is checked."""
     bad = []
     for page, body in pages.items():
         if page.endswith(".html"):
+            if not body.rstrip().endswith(b"</html>"):
+                bad.append(f"{page}: half a page")
             parser = _Refs()
             parser.feed(body.decode())
             for ref in parser.refs:
