@@ -731,18 +731,6 @@ def _first_line(err: BaseException) -> str:
     return text[0][:200] if text else ""
 
 
-def check_nonnegative(split: SplitModel) -> None:
-    """ModelError unless the split layer's activations are non-negative (CRAFT's NMF needs A >= 0):
-    refused at set-up, before any class pays for its activations."""
-    if split.min_activation < -1e-6 * max(1.0, abs(split.max_activation)):
-        raise ModelError(
-            f"layer {split.layer!r} gives negative activations (minimum {split.min_activation:.3g} on a test "
-            "batch): concepts are found by non-negative matrix factorization, so the layer must come after "
-            "a ReLU (or another non-negative activation); pick such a layer, e.g. a block's output in "
-            "ResNets ('layer4'), not a normalization or a residual sum without activation"
-        )
-
-
 def _close(ref: torch.Tensor, out: torch.Tensor, scale: float | None = None) -> bool:
     """out equals ref up to float error: 1e-4 of the largest magnitude involved (logits, or `scale`)."""
     if ref.shape != out.shape:
