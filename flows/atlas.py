@@ -462,13 +462,14 @@ def md_cell(value: Any, limit: int = 300) -> Any:
     return text
 
 
-STATE_MARK = {"completed": "✅ completed", "failed": "❌ FAILED", "render failed": "⚠️ renders failed"}
+STATE_MARK = {"failed": "FAILED", "render failed": "renders FAILED"}  # words: no emoji font needed
 
 
 def class_rows(info: RunInfo, outcomes: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
-    """The per-class table: what matters first (class, state, where and why it failed, note, top
-    concept), then time and one column per stage holding that stage's state only. Failed classes
-    come first. Cells are plain values; `table_artifact_rows` escapes them for the UI."""
+    """The per-class table: what matters first (class, state, the stage that failed, the note, the
+    error: the UI's table does not wrap, so the short cells come before the long one), then the top
+    concept, time and one column per stage holding that stage's state only. Failed classes come
+    first. Cells are plain values; `table_artifact_rows` escapes and bounds them for the UI."""
     rows = []
     for slug in info.slugs:
         out = outcomes[slug]
@@ -481,8 +482,8 @@ def class_rows(info: RunInfo, outcomes: dict[str, dict[str, Any]]) -> list[dict[
             state = "render failed"
         rows.append({
             "class": slug, "state": state, "failed at": failed_at,
-            "error": out.get("error") or errors.get(failed_at) or "",
             "note": summary.get("note") or "",
+            "error": out.get("error") or errors.get(failed_at) or "",
             "top concept": summary["top_concept"], "top concept score": summary["top_importance"],
             "score basis": summary.get("importance_basis") or "",
             "seconds": round(summary["seconds"], 2),
@@ -491,8 +492,11 @@ def class_rows(info: RunInfo, outcomes: dict[str, dict[str, Any]]) -> list[dict[
     return sorted(rows, key=lambda r: r["state"] == "completed")  # stable: failed first, else in order
 
 
-def table_artifact_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    return [{k: md_cell(STATE_MARK.get(v, v) if k == "state" else v) for k, v in r.items()} for r in rows]
+def table_artifact_rows(rows: list[dict[str, Any]], error_chars: int = 160) -> list[dict[str, Any]]:
+    """The rows as the UI shows them: escaped cells, a FAILED state in capitals, errors cut short
+    (the whole text is in `lens status` and the class's status file)."""
+    return [{k: md_cell(STATE_MARK.get(v, v) if k == "state" else v, error_chars if k == "error" else 300)
+             for k, v in r.items()} for r in rows]
 
 
 def site_link(info: RunInfo, config_path: str | None = None) -> tuple[str, str]:

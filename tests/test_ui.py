@@ -86,7 +86,7 @@ def test_the_table_puts_what_matters_first_and_keeps_each_column_one_kind() -> N
         "c": {**_outcome(done, True, top=1, note="- rarely predicted"), "render": "failed"},
     }
     rows = class_rows(info, outcomes)
-    assert list(rows[0])[:5] == ["class", "state", "failed at", "error", "note"]
+    assert list(rows[0])[:5] == ["class", "state", "failed at", "note", "error"]
     assert [r["class"] for r in rows] == ["b", "c", "a"]  # failed (and failed renders) first
     assert rows[0]["failed at"] == "activations" and "EmptyClassError" in rows[0]["error"]
     states = {"completed", "failed", "running", "pending", "skipped", STAGE_NOT_RUN}
@@ -94,7 +94,7 @@ def test_the_table_puts_what_matters_first_and_keeps_each_column_one_kind() -> N
         assert {r[s] for s in layout.STATUS_STAGES} <= states, r  # stage columns: stage states only
     assert rows[2]["top concept score"] == 53.242 and rows[2]["importance"] == "completed"
     shown = table_artifact_rows(rows)
-    assert shown[0]["state"].endswith("FAILED") and "completed" in shown[2]["state"]
+    assert shown[0]["state"] == "FAILED" and shown[1]["state"] == "renders FAILED" and shown[2]["state"] == "completed"
     assert all(_text(_html(v)) != "" or v == "" for r in shown for v in r.values() if isinstance(v, str))
     assert "<li>" not in _html(shown[1]["note"])  # "- rarely predicted" is no bullet
 
@@ -435,3 +435,92 @@ def test_a_plain_slug_is_left_as_it_is() -> None:
 
     assert md_cell("02-green-triangle-orange-dots") == "02-green-triangle-orange-dots"
     assert md_cell("n01440764") == "n01440764"
+
+
+# ---- in Prefect's own UI (Chromium) --------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def prefect_ui(tmp_path_factory: pytest.TempPathFactory):
+    """A real Prefect server with its UI (`prefect server start`, own PREFECT_HOME); yields its base URL."""
+    import signal
+    import socket
+
+    import httpx
+
+    home = tmp_path_factory.mktemp("prefect-ui")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    base = f"http://127.0.0.1:{port}"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env.update(PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false", PREFECT_UI_ENABLED="true",
+               PREFECT_UI_API_URL=f"{base}/api")
+    with (home / "server.log").open("wb") as log:
+        server = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
+                                   "--port", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT,
+                                  start_new_session=True)
+    try:
+        for _ in range(240):
+            try:
+                if httpx.get(f"{base}/api/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert server.poll() is None, (home / "server.log").read_text()[-2000:]
+            time.sleep(0.5)
+        yield base
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait()
+
+
+def test_the_run_form_and_the_table_in_prefects_ui(prefect_ui, browser, tmp_path):
+    """Chromium on Prefect's own UI: the build-atlas run form (as `prefect deploy` registers it)
+    shows no 'Property is type "None"' and keeps `<root>/<class dir>`; the per-class table shows
+    its columns in order and each cell as its text (no bullet from "- ...", no HTML)."""
+    from concurrent.futures import ThreadPoolExecutor
+    from types import SimpleNamespace
+
+    from prefect.artifacts import create_table_artifact
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from flows.atlas import build_atlas, class_rows, table_artifact_rows
+
+    done = dict.fromkeys(("activations", "factorize", "importance", "crops"), "completed")
+    outcomes = {"02-green-triangle": {**_outcome(done, True, top=4), "render": "completed"},
+                "n05-broken": _outcome({"activations": "failed"}, False,
+                                       error="EmptyClassError: no image <b>read</b> in 1. - y"),
+                "c": {**_outcome(done, True, top=1, note="- rarely predicted"), "render": "failed"}}
+    def register() -> tuple[Any, Any]:  # in a thread: Playwright's event loop runs in this one
+        with temporary_settings({PREFECT_API_URL: f"{prefect_ui}/api"}):
+            deployment = build_atlas.to_deployment(name="form-check").apply()
+            rows = table_artifact_rows(class_rows(SimpleNamespace(slugs=list(outcomes)), outcomes))
+            return deployment, create_table_artifact(rows, key="ui-check")
+
+    with ThreadPoolExecutor(1) as pool:
+        deployment, artifact = pool.submit(register).result()
+    page = browser.new_page(viewport={"width": 1400, "height": 2400})
+    try:
+        page.goto(f"{prefect_ui}/deployments/deployment/{deployment}/run", wait_until="networkidle")
+        page.get_by_text("config_path", exact=False).first.wait_for(timeout=30_000)
+        page.get_by_text("Class Index", exact=False).first.wait_for(timeout=30_000)
+        form = page.inner_text("body")
+        page.screenshot(path=str(tmp_path / "run-form.png"), full_page=True)
+        assert 'Property is type "None"' not in form
+        assert "<root>/<class dir>/*.jpg|png|webp" in form and "n01440764" in form
+
+        page.goto(f"{prefect_ui}/artifacts/artifact/{artifact}", wait_until="networkidle")
+        page.locator(".artifact-data-table__cell").first.wait_for(timeout=30_000)
+        page.screenshot(path=str(tmp_path / "table.png"), full_page=True)
+        headers = [h.strip() for h in page.locator(".artifact-data-table th").all_inner_texts()]
+        cells = [c.strip() for c in page.locator(".artifact-data-table__cell").all_inner_texts()]
+        assert headers[:5] == ["class", "state", "failed at", "note", "error"], headers
+        assert page.locator(".artifact-data-table li, .artifact-data-table b").count() == 0
+        assert "- rarely predicted" in cells and "EmptyClassError: no image <b>read</b> in 1. - y" in cells
+        assert cells[:3] == ["n05-broken", "FAILED", "activations"], cells
+    finally:
+        page.close()
