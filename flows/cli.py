@@ -10,15 +10,16 @@ import threading
 import warnings
 from typing import Any
 
+from flows.cli_common import class_list, print_table
 from lens_core import layout
 from lens_core.config import (
     ConfigError,
-    is_run_id,
     load_config,
     make_config,
     refuse_secrets,
     split_secrets,
 )
+from lens_core.identity import is_run_id
 from lens_core.settings import settings
 from lens_core.store import RunStore, normalize_url
 
@@ -27,8 +28,7 @@ log = logging.getLogger("lens")
 
 def _config(args: argparse.Namespace):
     """The run's config: the TOML file, then the command-line overrides, all validated."""
-    classes = [c for c in (args.classes or "").split(",") if c] or None
-    cfg = load_config(args.config, classes=classes, store=getattr(args, "store", None),
+    cfg = load_config(args.config, classes=class_list(args.classes), store=getattr(args, "store", None),
                       publish=getattr(args, "publish", None))
     checkpoint = getattr(args, "checkpoint", None)
     if checkpoint:  # through validation, like every other value (URL checks included)
@@ -205,13 +205,6 @@ def _report(state: Any, info: Any, cfg: Any) -> int:
     return 0
 
 
-def _latest_run(store_url: str, storage_options: dict[str, Any]) -> str | None:
-    from lens_core.lineage import list_runs
-
-    runs = list_runs(store_url, storage_options)
-    return runs[-1].run_id if runs else None
-
-
 def status_table(store: RunStore) -> list[dict[str, Any]]:
     """Rows of (class, state, per-stage state, seconds, note, error) for every class of a run."""
     from lens_core.status import STAGES, class_note, class_state, read_status
@@ -228,41 +221,21 @@ def status_table(store: RunStore) -> list[dict[str, Any]]:
     return rows
 
 
-_CONTROL = str.maketrans({c: "\N{REPLACEMENT CHARACTER}" for c in [*range(0, 9), *range(11, 32), 127]})
-
-
-def _cell(value: Any) -> Any:
-    """A table cell shown as plain text: no Rich markup ([/], [link=...]), no control characters
-    (ESC sequences, shown as U+FFFD) and no Unicode format characters (bidi overrides that reverse
-    the row, zero-width marks) from class folders or error messages reach the terminal."""
-    from rich.text import Text
-
-    from lens_core.naming import plain_text
-
-    lines = str(value).translate(_CONTROL).split("\n")
-    return Text("\n".join(plain_text(line) for line in lines))
-
-
 def cmd_status(args: argparse.Namespace) -> int:
-    from rich.console import Console
-    from rich.table import Table
+    from lens_core.lineage import list_runs
 
     cfg = load_config(args.config, store=args.store)
     if args.run and not is_run_id(args.run):
         raise ConfigError(f"--run: {args.run!r} is not a run id (12 hexadecimal digits)")
-    run_id = args.run or _latest_run(normalize_url(cfg.store), cfg.storage_options)
+    runs = [] if args.run else list_runs(normalize_url(cfg.store), cfg.storage_options)
+    run_id = args.run or (runs[-1].run_id if runs else None)
     if not run_id:
         print(f"no run found under {normalize_url(cfg.store)}/runs", file=sys.stderr)
         return 1
     store = RunStore(cfg.store, run_id, cfg.storage_options)
     rows = status_table(store)
-    table = Table(title=_cell(f"LENS run {run_id}"))
-    columns = ("class", "state", *layout.STATUS_STAGES, "seconds", "note", "error")
-    for col in columns:
-        table.add_column(col, overflow="fold")
-    for r in rows:
-        table.add_row(*(_cell(r[c]) for c in columns))
-    Console(width=max(120, Console().width)).print(table)
+    print_table(f"LENS run {run_id}", ("class", "state", *layout.STATUS_STAGES, "seconds", "note", "error"),
+                rows)
     failed = sum(r["state"] == "failed" for r in rows)
     flagged = sum(bool(r["note"]) for r in rows)
     print(f"{len(rows)} classes, {failed} failed" + (f", {flagged} flagged (see note)" if flagged else ""))

@@ -7,22 +7,14 @@ import argparse
 import json
 from typing import Any
 
+from flows.cli_common import cell, class_list, find_record, print_table
 from lens_core.config import ConfigError, load_config
-from lens_core.store import RunStore, normalize_url
+from lens_core.store import RunStore
 
 
 def _store(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
     cfg = load_config(args.config, store=args.store)
     return cfg.store, cfg.storage_options
-
-
-def _latest(store_url: str, storage_options: dict[str, Any]) -> Any:
-    from lens_core.lineage import list_runs
-
-    runs = list_runs(store_url, storage_options)
-    if not runs:
-        raise ConfigError(f"no run found under {normalize_url(store_url)}/runs")
-    return runs[-1]
 
 
 def _pair(args: argparse.Namespace, store_url: str, so: dict[str, Any]) -> tuple[Any, Any]:
@@ -32,7 +24,7 @@ def _pair(args: argparse.Namespace, store_url: str, so: dict[str, Any]) -> tuple
     try:
         if len(args.runs) == 2:
             return find_run(store_url, args.runs[0], so), find_run(store_url, args.runs[1], so)
-        after = find_run(store_url, args.runs[0], so) if args.runs else _latest(store_url, so)
+        after = find_run(store_url, args.runs[0], so) if args.runs else find_record(store_url, so)
     except ValueError as err:
         raise ConfigError(str(err)) from None
     before = previous_run(store_url, after.run_id, so)
@@ -44,10 +36,6 @@ def _pair(args: argparse.Namespace, store_url: str, so: dict[str, Any]) -> tuple
 
 def cmd_diff(args: argparse.Namespace) -> int:
     """Per-class changes between two runs, most changed first (a table, or JSON with --json)."""
-    from rich.console import Console
-    from rich.table import Table
-
-    from flows.cli import _cell
     from lens_core.changes import compare
 
     if len(args.runs) > 2:
@@ -61,36 +49,23 @@ def cmd_diff(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(rows, indent=1, allow_nan=False))
         return 0
-    table = Table(title=_cell(f"changes {before.label} ({before.run_id}) -> {after.label} ({after.run_id})"))
-    columns = ("class", "slug", "score", "matched", "appeared", "vanished", "logit_change", "accuracy_change")
-    for col in columns:
-        table.add_column(col, overflow="fold")
-    for r in rows:
-        table.add_row(*(_cell("-" if r[c] is None else r[c]) for c in columns))
-    Console(width=max(120, Console().width)).print(table)
+    print_table(f"changes {before.label} ({before.run_id}) -> {after.label} ({after.run_id})",
+                ("class", "slug", "score", "matched", "appeared", "vanished", "logit_change",
+                 "accuracy_change"), rows)
     if summary["not_compared"]:
         print(f"not compared (missing in one run): {', '.join(summary['not_compared'][:20])}")
     for row in summary.get("not_comparable", [])[:20]:
-        print(_cell(f"not comparable: {row['slug']} ({row['reason']})"))
+        print(cell(f"not comparable: {row['slug']} ({row['reason']})").plain)
     return 0
-
-
-def _run_record(args: argparse.Namespace, store_url: str, so: dict[str, Any]) -> Any:
-    from lens_core.lineage import find_run
-
-    try:
-        return find_run(store_url, args.run, so) if args.run else _latest(store_url, so)
-    except ValueError as err:
-        raise ConfigError(str(err)) from None
 
 
 def cmd_label(args: argparse.Namespace) -> int:
     """Label one concept, or import many from a JSON/TOML file; then `lens publish` shows them."""
-    from lens_core.data import ClassInfo
+    from lens_core.data import ClassInfo, class_keys
     from lens_core.labels import import_labels, parse_label_file, set_label
 
     store_url, so = _store(args)
-    record = _run_record(args, store_url, so)
+    record = find_record(store_url, so, args.run)
     store = RunStore(store_url, record.run_id, so)
     classes = [ClassInfo(c["index"], c["id"], c["name"], c["slug"], tuple(c.get("synonyms", ())))
                for c in record.meta.get("classes", [])]
@@ -103,10 +78,7 @@ def cmd_label(args: argparse.Namespace) -> int:
     if len(args.target) != 3:
         raise ConfigError('usage: lens label CLASS CONCEPT "text"  (or lens label --import labels.json)')
     key, concept, text = args.target
-    by_key = {}
-    for c in classes:
-        for k in (c.id, c.name, c.slug, str(c.index)):
-            by_key.setdefault(k, c.slug)
+    by_key = {k: c.slug for k, c in class_keys(classes).items()}
     if key not in by_key:
         raise ConfigError(f"unknown class {key!r} in run {record.run_id}")
     if not concept.isdigit():
@@ -121,8 +93,7 @@ def cmd_publish(args: argparse.Namespace) -> int:
     from lens_core.publish import publish, site_url
     from lens_core.run import prepare_run
 
-    classes = [c for c in (args.classes or "").split(",") if c] or None
-    cfg = load_config(args.config, classes=classes, store=args.store, publish=args.publish)
+    cfg = load_config(args.config, classes=class_list(args.classes), store=args.store, publish=args.publish)
     info = prepare_run(cfg)
     summary = publish(info)
     print(f"published {summary['classes']} classes ({summary['failed']} failed) at {site_url(info)}/index.html")

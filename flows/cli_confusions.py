@@ -6,6 +6,7 @@ import argparse
 import json
 from typing import Any
 
+from flows.cli_common import find_record
 from lens_core.config import ConfigError, load_config
 from lens_core.naming import plain_text
 
@@ -42,19 +43,12 @@ def _line(row: dict[str, Any]) -> str:
 def cmd_confusions(args: argparse.Namespace) -> int:
     """Print the confusions of the latest (or a named) run: a line per pair, or JSON."""
     from lens_core.confusions import read_confusions
+    from lens_core.data import ClassInfo, class_keys
     from lens_core.labels import read_labels
-    from lens_core.lineage import find_run, list_runs
     from lens_core.store import RunStore
 
     cfg = load_config(args.config, store=args.store)
-    try:
-        runs = [find_run(cfg.store, args.run, cfg.storage_options)] if args.run else \
-            list_runs(cfg.store, cfg.storage_options)
-    except ValueError as err:
-        raise ConfigError(str(err)) from None
-    if not runs:
-        raise ConfigError(f"no run found under {cfg.store}")
-    record = runs[-1]
+    record = find_record(cfg.store, cfg.storage_options, args.run)
     store = RunStore(cfg.store, record.run_id, cfg.storage_options)
     report = read_confusions(store)
     if report is None:
@@ -62,11 +56,11 @@ def cmd_confusions(args: argparse.Namespace) -> int:
                           "every class has finished)")
     wanted = None
     if args.cls:
-        known = {c["slug"]: c for c in record.meta.get("classes", [])}
-        match = [s for s, c in known.items() if args.cls in (s, c.get("id"), c.get("name"))]
-        if not match:
+        classes = [ClassInfo(c["index"], c["id"], c["name"], c["slug"]) for c in record.meta.get("classes", [])]
+        match = class_keys(classes).get(args.cls)
+        if match is None:
             raise ConfigError(f"no class {args.cls!r} in run {record.run_id}")
-        wanted = match[0]
+        wanted = match.slug
     rows = _rows(report, read_labels(store), wanted)
     if args.json:
         print(json.dumps(rows, indent=1, allow_nan=False, ensure_ascii=False))

@@ -84,6 +84,16 @@ class ClassInfo:
     synonyms: tuple[str, ...] = ()
 
 
+def class_keys(classes: Iterable[Any]) -> dict[str, Any]:
+    """{key: class} for every way a person names a class: its id, name, slug or label index
+    (the first class to claim a key keeps it)."""
+    keys: dict[str, Any] = {}
+    for c in classes:
+        for key in (c.id, c.name, c.slug, str(c.index)):
+            keys.setdefault(key, c)
+    return keys
+
+
 @dataclass
 class ReadStats:
     """Counts of a read pass: images decoded, and (url, reason) for every skipped one."""

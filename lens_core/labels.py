@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from lens_core import layout
+from lens_core.data import class_keys
 from lens_core.naming import plain_text
 from lens_core.store import RunStore
 
@@ -117,10 +118,7 @@ def import_labels(store: RunStore, classes: Iterable[Any], mapping: dict[str, di
     are written in one update of labels.json (one read and one write, whatever their number).
     Returns the count.
     """
-    keys: dict[str, str] = {}
-    for c in classes:
-        for key in (c.id, c.name, c.slug, str(c.index)):
-            keys.setdefault(key, c.slug)
+    keys = {key: c.slug for key, c in class_keys(classes).items()}
     unknown = [k for k in mapping if k not in keys]
     if unknown:
         raise LabelError(f"unknown classes in the label file: {', '.join(map(repr, unknown[:10]))}")

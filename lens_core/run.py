@@ -18,7 +18,14 @@ import torch
 
 from lens_core import layout
 from lens_core.config import AtlasConfig, ConfigError
-from lens_core.data import ClassIndex, ClassInfo, DataError, list_classes, read_class_index
+from lens_core.data import (
+    ClassIndex,
+    ClassInfo,
+    DataError,
+    class_keys,
+    list_classes,
+    read_class_index,
+)
 from lens_core.extract import SignedLayerError, choose_method
 from lens_core.identity import compute_run_id, planned_data_url, toy_data_url
 from lens_core.lineage import find_run, lineage_key
@@ -82,10 +89,7 @@ def select_classes(classes: list[ClassInfo], wanted: Iterable[str] | None) -> li
     if not wanted:
         return classes
     wanted = list(wanted)
-    keys: dict[str, ClassInfo] = {}
-    for c in classes:
-        for key in (c.id, c.name, c.slug, str(c.index)):
-            keys.setdefault(key, c)
+    keys = class_keys(classes)
     missing = [w for w in wanted if w not in keys]
     if missing:
         known = ", ".join(c.slug for c in classes[:5]) + (", ..." if len(classes) > 5 else "")

@@ -510,7 +510,7 @@ def test_class_names_drop_unicode_format_characters(tmp_path):
 
 
 def test_lens_status_cells_drop_unicode_format_characters():
-    from flows.cli import _cell
+    from flows.cli_common import cell as _cell
 
     assert _cell(f"boom {BIDI}").plain == "boom stem 1 tnatropmi"
     assert "\u202e" not in _cell("x\u202e\x1b[31m").plain
