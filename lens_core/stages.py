@@ -29,11 +29,12 @@ from lens_core.importance import (
 )
 from lens_core.model_cache import get_split
 from lens_core.results import complete_fingerprint
+from lens_core.run import RunInfo
 from lens_core.tracking import Inputs, Stage, StageError, mark, run_stage, upstream_inputs
 
 # ---- activations ------------------------------------------------------------------------------
 
-def _activation_inputs(info: Any, slug: str) -> Inputs:
+def _activation_inputs(info: RunInfo, slug: str) -> Inputs:
     """The class dir, its label index and the sampled images (listing the class folder)."""
     cfg, cls = info.config, info.cls(slug)
     urls = sample_images(list_images(info.data_url, cls, cfg.storage_options), cfg.data.images_per_class,
@@ -46,7 +47,7 @@ def _record(inputs: Inputs) -> dict[str, Any]:
     return {k: v for k, v in inputs.items() if k not in ("urls", "fingerprint")}
 
 
-def _activations(info: Any, slug: str, inputs: Inputs, device: str | None) -> dict[str, Any]:
+def _activations(info: RunInfo, slug: str, inputs: Inputs, device: str | None) -> dict[str, Any]:
     """Patches of the class's sampled images -> g -> acts/<class> (A, patches, image arrays)."""
     store, cfg, cls = info.store(), info.config, info.cls(slug)
     urls = inputs["urls"]
@@ -74,7 +75,7 @@ ACTIVATIONS = Stage("activations", _activation_inputs, _activations)
 
 # ---- factorize --------------------------------------------------------------------------------
 
-def _factorize(info: Any, slug: str, inputs: Inputs, device: str | None) -> dict[str, Any]:
+def _factorize(info: RunInfo, slug: str, inputs: Inputs, device: str | None) -> dict[str, Any]:
     """Concepts of the class's patch activations: concepts/<class>/U, W and the fit's error."""
     store = info.store()
     A = store.zarr[layout.acts(slug)]["A"][:]
@@ -117,7 +118,7 @@ def _percent(scores: np.ndarray) -> np.ndarray:
     return (100.0 * scores / total if total > 0 else np.zeros_like(scores)).astype(np.float32)
 
 
-def _share_or_reason(info: Any, split: Any, acts: Any, cls: Any, image_U: np.ndarray,
+def _share_or_reason(info: RunInfo, split: Any, acts: Any, cls: Any, image_U: np.ndarray,
                      W: np.ndarray) -> tuple[np.ndarray | None, dict[str, Any]]:
     """Each concept's percent share of the class logit summed over the images the model assigns to
     the class (Lens's points), or None with the reason it is not defined.
@@ -159,7 +160,7 @@ def _linear_head(split: Any,
             np.asarray(norm.scale(np.asarray(pooled, np.float64)), np.float32))
 
 
-def _importance(info: Any, slug: str, inputs: Inputs, device: str | None) -> dict[str, Any]:
+def _importance(info: RunInfo, slug: str, inputs: Inputs, device: str | None) -> dict[str, Any]:
     """Sobol total indices, logit share (or why not), per-image importance and the deletion curve."""
     store, cfg, cls = info.store(), info.config, info.cls(slug)
     dev = pick_device(device)
@@ -250,7 +251,7 @@ IMPORTANCE = Stage("importance", upstream_inputs, _importance)
 
 # ---- crops ------------------------------------------------------------------------------------
 
-def _crops(info: Any, slug: str, inputs: Inputs, _device: str | None) -> dict[str, Any]:
+def _crops(info: RunInfo, slug: str, inputs: Inputs, _device: str | None) -> dict[str, Any]:
     """Top crops per concept, thumbnails, attribution overlays and their plain images under crops/<class>/."""
     store, cfg = info.store(), info.config
     store.remove(layout.crops(slug))  # files of an earlier computation of this slug
@@ -303,30 +304,30 @@ def _crops(info: Any, slug: str, inputs: Inputs, _device: str | None) -> dict[st
 
 CROPS = Stage("crops", upstream_inputs, _crops)
 
-CLASS_STAGES: tuple[Stage, ...] = (ACTIVATIONS, FACTORIZE, IMPORTANCE, CROPS)
+CHAIN: tuple[Stage, ...] = (ACTIVATIONS, FACTORIZE, IMPORTANCE, CROPS)  # a class's stages, in order
 
 
-def stage_activations(info: Any, slug: str, device: str | None = None) -> dict[str, Any]:
+def stage_activations(info: RunInfo, slug: str, device: str | None = None) -> dict[str, Any]:
     return run_stage(ACTIVATIONS, info, slug, device)
 
 
-def stage_factorize(info: Any, slug: str, device: str | None = None) -> dict[str, Any]:
+def stage_factorize(info: RunInfo, slug: str, device: str | None = None) -> dict[str, Any]:
     return run_stage(FACTORIZE, info, slug, device)
 
 
-def stage_importance(info: Any, slug: str, device: str | None = None) -> dict[str, Any]:
+def stage_importance(info: RunInfo, slug: str, device: str | None = None) -> dict[str, Any]:
     return run_stage(IMPORTANCE, info, slug, device)
 
 
-def stage_crops(info: Any, slug: str, device: str | None = None) -> dict[str, Any]:
+def stage_crops(info: RunInfo, slug: str, device: str | None = None) -> dict[str, Any]:
     return run_stage(CROPS, info, slug, device)
 
 
-def run_class(info: Any, slug: str, device: str | None = None) -> list[dict[str, Any]]:
+def run_class(info: RunInfo, slug: str, device: str | None = None) -> list[dict[str, Any]]:
     """All per-class stages in order (a notebook convenience; the flow runs them as tasks)."""
-    return [run_stage(stage, info, slug, device) for stage in CLASS_STAGES]
+    return [run_stage(stage, info, slug, device) for stage in CHAIN]
 
 
 def class_complete(store: Any, slug: str) -> bool:
     """Every per-class stage is complete for the class's current activations."""
-    return complete_fingerprint(store, slug, *(s.name for s in CLASS_STAGES)) is not None
+    return complete_fingerprint(store, slug, *(s.name for s in CHAIN)) is not None
