@@ -21,7 +21,8 @@ import queue
 import re
 import shlex
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Annotated, Any
 
 import dask
@@ -43,9 +44,11 @@ from flows.limits import limited_tags
 from flows.runner import LensDaskTaskRunner
 from lens_core import layout
 from lens_core.config import AtlasConfig, ConfigError, config_from_parameters
+from lens_core.confusions import concept_label, read_confusions
 from lens_core.data import DataError
+from lens_core.labels import read_labels
 from lens_core.models import ModelError
-from lens_core.publish import published
+from lens_core.publish import PartialSite, published
 from lens_core.publish import site_url as run_site_url
 from lens_core.run import RunInfo, check_model, mark_finished, prepare_run
 from lens_core.secrets import error_text, scrub
@@ -53,11 +56,12 @@ from lens_core.settings import settings
 from lens_core.status import write_status
 from lens_core.store import StoreError, normalize_url
 from lens_core.summary import class_summary
-from lens_core.viz_pool import pending_items
+from lens_core.viz_pool import by_rank, pending_items
 from tasks.chain import class_chain_task
 from tasks.stages import (
     changes_task,
     cross_class_task,
+    mistakes_task,
     publish_index_task,
     publish_pages_task,
     render_task,
@@ -67,6 +71,8 @@ from tasks.stages import (
 ProgressFn = Callable[[str, int, int], None]
 _LISTENERS: list[ProgressFn] = []
 PROGRESS_EVERY_S = 2.0  # the progress artifact is updated at most this often (one API call each)
+CHAIN_PRIORITY = 10  # Dask priority of class chains: before any render batch (default 0) queued with them
+MISTAKE_ROWS = 20  # rows of the mistakes table artifact
 
 
 # ---- task runner ---------------------------------------------------------------------------
@@ -206,18 +212,26 @@ def build_atlas(
     steps: dict[str, str] = {}  # cross-class step -> error, for those that failed
     changed: dict[str, Any] = {}
     site: dict[str, Any] | None = None
+    mistakes: dict[str, Any] | None = None
+    live = _LiveSite(info, cfg.publish, logger, t0, config_path=_given(config_path))
     with _shared_api():
         limited = limited_tags(logger)
-        outcomes, timings = _explain_classes(info, cfg, logger, limited, runner)
+        try:
+            outcomes, timings = _explain_classes(info, cfg, logger, limited, runner, live)
+        finally:
+            live.close()  # every partial page written before the final publish
         timings["prepare"] = t_prepare
+        timings.update(live.timings())
         if any(o["ok"] for o in outcomes.values()):  # with no class explained there is nothing to compare or publish
             step = _Steps(info, logger, limited, steps, timings)
             cross = step.run("cross-class", cross_class_task, info)
             timings["cross_class_compute"] = (cross or {}).get("task_seconds", 0.0)
             changed = step.run("changes", changes_task, info) or {}
             timings["changes_compute"] = changed.pop("task_seconds", 0.0)
+            mistakes = step.run("mistakes", mistakes_task, info, gpu=True)
+            timings["mistakes_compute"] = (mistakes or {}).get("task_seconds", 0.0)
             t = time.perf_counter()
-            pages = step.run("publish-pages", publish_pages_task, info, cfg.publish)
+            pages = step.run("publish-pages", publish_pages_task, info, cfg.publish, sorted(live.written))
             index = step.run("publish-index", publish_index_task, info, pages["site"], cfg.publish) if pages else None
             timings["publish"] = time.perf_counter() - t
             if pages and index:
@@ -225,7 +239,9 @@ def build_atlas(
                 site = published(pages, index)
     if changed:
         _changes_artifact(info, changed)
-    return _finish(info, outcomes, site, timings, t0, changed, steps, _given(config_path))
+    if mistakes is not None:
+        _mistakes_artifact(info)
+    return _finish(info, outcomes, site, timings, t0, changed, steps, _given(config_path), mistakes)
 
 
 def _refused(logger: Any, err: BaseException, storage_options: dict[str, Any]) -> Any:
@@ -251,10 +267,12 @@ class _Steps:
                  timings: dict[str, Any]):
         self.info, self.logger, self.limited, self.failed, self.timings = info, logger, limited, failed, timings
 
-    def run(self, name: str, task_obj: Any, *args: Any) -> dict[str, Any] | None:
+    def run(self, name: str, task_obj: Any, *args: Any, gpu: bool = False) -> dict[str, Any] | None:
         t = time.perf_counter()
         try:
-            return tagged(task_obj, self.limited).submit(*args).result()
+            with dask.annotate(**(_gpu_annotation() if gpu else {})):
+                fut = tagged(task_obj, self.limited).submit(*args)
+            return fut.result()
         except Exception as err:  # noqa: BLE001 - recorded in the table, the message and the result
             self.failed[name] = error_text(err, self.info.config.storage_options, 500)
             self.logger.warning("%s step failed: %s", name, self.failed[name])
@@ -263,9 +281,70 @@ class _Steps:
             self.timings[name.replace("-", "_")] = time.perf_counter() - t
 
 
+class _LiveSite:
+    """The site published while the run goes on (`PartialSite`): a class's page when its chain
+    ends, again when its renders are marked, the index at most once per LENS_INDEX_INTERVAL_S.
+
+    Each `pages()` call blocks 0.1-0.4 s per class (reads and writes): it runs on one thread of
+    its own, in submission order, never in the flow's loop. A failure here is logged and never
+    fails the run: the final publish writes the whole site anyway.
+    """
+
+    def __init__(self, info: RunInfo, publish_url: str, logger: Any, t0: float,
+                 config_path: str | None = None):
+        self.site = PartialSite(info, publish_url)
+        self.logger, self.t0 = logger, t0
+        self.link = site_link(info, config_path)[0]
+        self.n = len(info.slugs)
+        self.executor = ThreadPoolExecutor(1, thread_name_prefix="lens-site")
+        self.flush_at: float | None = None  # monotonic time of a held-back index update
+        self.first_page_s: float | None = None
+        self.errors = 0
+
+    @property
+    def written(self) -> set[str]:
+        return self.site.written
+
+    def pages(self, slugs: Iterable[str]) -> None:
+        slugs = list(slugs)
+        if slugs:
+            self.executor.submit(self._run, self.site.pages, slugs)
+
+    def flush_if_due(self) -> None:
+        if self.flush_at is not None and time.monotonic() >= self.flush_at:
+            self.flush_at = None
+            self.executor.submit(self._run, self.site.flush)
+
+    def _run(self, fn: Callable[..., Any], *args: Any) -> None:
+        try:
+            out = fn(*args)
+            if self.first_page_s is None and self.site.published:
+                self.first_page_s = time.perf_counter() - self.t0
+                self.logger.info("first pages of the site: %s", self.link)
+            if out is not None and out.get("pages"):
+                _notify("site", len(self.site.published), self.n)
+        except Exception as err:  # noqa: BLE001 - the final publish writes the whole site anyway
+            self.errors += 1
+            if self.errors == 1:
+                self.logger.warning("publishing pages while the run goes on failed (the final publish "
+                                    "still writes the site): %s", error_text(err, self.site.info.config.storage_options, 300))
+        due = self.site.due_in()
+        self.flush_at = None if due is None else time.monotonic() + due
+
+    def close(self) -> None:
+        self.executor.shutdown(wait=True)
+
+    def timings(self) -> dict[str, Any]:
+        stats = self.site.stats
+        return {"first_page": self.first_page_s if self.first_page_s is not None else -1.0,
+                "partial_publish": stats["seconds"], "partial_page_writes": stats["page_writes"],
+                "partial_index_writes": stats["index_writes"]}
+
+
 class _Progress:
     """Two progress artifacts: classes finished, and concepts rendered (renders go on after the
-    last class). Until the Dask workers have started, the classes' one says so."""
+    last class). Until the Dask workers have started, the classes' one says so; once the first
+    page is published, it gives the link to the site so far."""
 
     def __init__(self, info: RunInfo, runner: LensDaskTaskRunner | None):
         self.n = len(info.slugs)
@@ -284,15 +363,18 @@ class _Progress:
         update_progress_artifact(self.classes_id, 0.0, description=(
             f"0/{self.n} classes finished (workers started in {time.perf_counter() - self.t0:.0f} s)"))
 
-    def update(self, classes_done: int, classes_failed: int, pool: _RenderPool, force: bool = False) -> None:
+    def update(self, classes_done: int, classes_failed: int, pool: _RenderPool, force: bool = False,
+               live: _LiveSite | None = None) -> None:
         now = time.perf_counter()
         if not force and now - self.last < PROGRESS_EVERY_S:
             return
         self.last = now
         failed = f", {classes_failed} failed" if classes_failed else ""
         left = " (renders go on)" if classes_done == self.n and pool.rendered < pool.queued else ""
+        link = (f"; site so far ({len(live.site.published)} class pages): {live.link}"
+                if live is not None and live.first_page_s is not None else "")
         update_progress_artifact(self.classes_id, 100.0 * classes_done / max(1, self.n),
-                                 description=f"{classes_done}/{self.n} classes finished{failed}{left}")
+                                 description=f"{classes_done}/{self.n} classes finished{failed}{left}{link}")
         total = pool.queued if classes_done == self.n else max(pool.queued, 1)
         more = "" if classes_done == self.n else " so far (more as classes finish)"
         update_progress_artifact(self.renders_id, 100.0 * pool.rendered / max(1, total) if pool.queued else
@@ -314,8 +396,10 @@ class _RenderPool:
         self.seconds = 0.0
 
     def add(self, items: list[tuple[str, int]], final: bool) -> int:
-        """Queue a class's renders; submit full batches (all of them once `final`). Returns batches submitted."""
-        self.queue += items
+        """Queue a class's renders; submit full batches (all of them once `final`), the queue
+        ordered by rank across classes (every class's first concept, then second, ...).
+        Returns the batches submitted."""
+        self.queue = by_rank(self.queue + items)
         self.queued += len(items)
         for slug, _ in items:
             self.left[slug] = self.left.get(slug, 0) + 1
@@ -332,18 +416,22 @@ class _RenderPool:
         self.batches += submitted
         return submitted
 
-    def done(self, chunk: list[tuple[str, int]], fut: Any, logger: Any) -> None:
+    def done(self, chunk: list[tuple[str, int]], fut: Any, logger: Any) -> list[str]:
+        """Count a finished batch; returns the classes whose renders it marked complete."""
         try:
-            self.seconds += float(fut.result().get("seconds", 0.0))
+            out = fut.result()
+            self.seconds += float(out.get("seconds", 0.0))
             self.rendered += len(chunk)
             for slug, _ in chunk:
                 self.left[slug] -= 1
+            return list(out.get("marked") or [])
         except Exception as exc:  # a failed batch marks its classes; the run goes on
             err = error_text(exc, self.info.config.storage_options, 500)
             for slug in sorted({s for s, _ in chunk} - self.failed):
                 self.failed.add(slug)
                 write_status(self.info.store(), slug, "render", "failed", None, err)
                 logger.warning("render failed for %s: %s", slug, err)
+        return []
 
     def state(self, slug: str) -> str | None:
         """This run's render state of a class, or None when it had nothing to render here."""
@@ -368,8 +456,13 @@ def render_label(number: int, chunk: list[tuple[str, int]], max_classes: int = 3
 
 
 def _explain_classes(info: RunInfo, cfg: AtlasConfig, logger: Any, limited: tuple[str, ...] = (),
-                     runner: LensDaskTaskRunner | None = None) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
-    """Per-class chains, and the pooled renders submitted as soon as a class has its concepts."""
+                     runner: LensDaskTaskRunner | None = None, live: _LiveSite | None = None,
+                     ) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
+    """Per-class chains, and the pooled renders submitted as soon as a class has its concepts.
+
+    Chains carry a higher Dask priority than render batches: a chain still queued runs before any
+    queued batch (a batch already running is not interrupted), so every class's page and any
+    failure surface early. `live` publishes pages as chains end and renders are marked."""
     slugs = info.slugs
     t_start = time.perf_counter()
     progress = _Progress(info, runner)
@@ -380,7 +473,7 @@ def _explain_classes(info: RunInfo, cfg: AtlasConfig, logger: Any, limited: tupl
 
     chain = tagged(class_chain_task, limited)
     waited = runner is not None and not runner.ready()
-    with dask.annotate(**_gpu_annotation()):
+    with dask.annotate(priority=CHAIN_PRIORITY, **_gpu_annotation()):
         for s in slugs:  # each chain gets a RunInfo of its own class: cheap to send and to walk
             track(chain.submit(info.narrowed([s]), s, limited=limited), "class", s)
             if waited:  # the first submission waited for the workers
@@ -389,11 +482,18 @@ def _explain_classes(info: RunInfo, cfg: AtlasConfig, logger: Any, limited: tupl
     outcomes: dict[str, dict[str, Any]] = {}
     pool = _RenderPool(info, cfg.maco.batch_size, track, limited)
     pending = len(slugs)
+    t_chains = 0.0
     while pending:
-        kind, payload, fut = done_q.get()
+        try:
+            kind, payload, fut = done_q.get(timeout=1.0 if live is not None else None)
+        except queue.Empty:  # nothing finished: a held-back index update may be due
+            live.flush_if_due()
+            continue
         pending -= 1
         if kind == "render":
-            pool.done(payload, fut, logger)
+            marked = pool.done(payload, fut, logger)
+            if live is not None:
+                live.pages(marked)
         else:
             slug = payload
             try:
@@ -403,14 +503,25 @@ def _explain_classes(info: RunInfo, cfg: AtlasConfig, logger: Any, limited: tupl
                 outcomes[slug] = {"ok": False, "error": error_text(err, cfg.storage_options, 500)}
                 logger.warning("class %s failed: %s", slug, outcomes[slug]["error"])
                 items = pending_items(info, [slug])  # a class that failed after factorize still renders
+            if live is not None:
+                live.pages([slug])
+            if len(outcomes) == len(slugs):
+                t_chains = time.perf_counter() - t_start
             pending += pool.add(items, final=len(outcomes) == len(slugs))
             _notify("classes", len(outcomes), len(slugs))
         _notify("concepts", pool.rendered, pool.queued)
+        if live is not None:
+            live.flush_if_due()
         n_failed = sum(not o["ok"] for o in outcomes.values())
-        progress.update(len(outcomes), n_failed, pool, force=not pending or (kind != "render" and len(outcomes) == len(slugs)))
+        progress.update(len(outcomes), n_failed, pool, live=live,
+                        force=not pending or (kind != "render" and len(outcomes) == len(slugs)))
+    if live is not None:  # its last pages written, the progress gives the link to them
+        live.close()
+        progress.update(len(outcomes), sum(not o["ok"] for o in outcomes.values()), pool, force=True, live=live)
     for slug, out in outcomes.items():
         out["render"] = pool.state(slug)
-    timings = {"classes_and_renders": time.perf_counter() - t_start, "render_compute": pool.seconds,
+    timings = {"classes_and_renders": time.perf_counter() - t_start, "last_chain": t_chains,
+               "render_compute": pool.seconds,
                "render_batches": pool.batches, "concepts_rendered": pool.rendered}
     return outcomes, timings
 
@@ -433,6 +544,40 @@ def _changes_artifact(info: RunInfo, changed: dict[str, Any]) -> None:
             for r in changed["ranking"][:top]]
     create_table_artifact(rows, key=f"lens-changes-{info.run_id}",
                           description=f"most changed classes since {changed['previous_label']} (run {changed['previous']})")
+
+
+def mistake_rows(report: dict[str, Any] | None, labels: dict[str, Any] | None = None,
+                 limit: int = MISTAKE_ROWS) -> list[dict[str, Any]]:
+    """The mistakes table: the most frequent (true, predicted) pairs, each with the predicted
+    class's concept that carried most of the mistaken logit (its label when it has one) and its
+    share. Cells are plain values; `table_artifact_rows` escapes them."""
+    rows = []
+    for pair in (report or {}).get("pairs", [])[:limit]:
+        top = (pair.get("concepts") or [None])[0]
+        concept = ""
+        if top is not None:
+            label = concept_label(labels or {}, pair.get("predicted") or "", top["concept"])
+            concept = f"concept {top['concept']}" + (f" ({label})" if label else "")
+        rows.append({"true class": pair.get("true_name") or pair["true"],
+                     "predicted class": pair.get("predicted_name") or pair.get("predicted") or "",
+                     "images": pair["images"], "top concept of the predicted class": concept,
+                     "share of the mistaken logit (%)": top["share"] if top is not None else None,
+                     "basis": pair.get("basis") or "", "note": pair.get("note") or ""})
+    return rows
+
+
+def _mistakes_artifact(info: RunInfo) -> None:
+    """A table artifact of the most frequent mistakes (true -> predicted class), when there are any."""
+    store = info.store()
+    report = read_confusions(store)
+    rows = mistake_rows(report, read_labels(store))
+    if not rows:
+        return
+    n = len(report.get("pairs", []))
+    create_table_artifact(
+        table_artifact_rows(rows), key=f"lens-mistakes-{info.run_id}",
+        description=(f"LENS run {info.run_id}: {report.get('mistaken', 0)} mistaken images in {n} pairs of "
+                     f"classes; the top {len(rows)} by count (`lens confusions` for all)"))
 
 
 STAGE_NOT_RUN = "not run"  # a stage with no state in this run (never "-": Markdown makes it a bullet)
@@ -530,7 +675,7 @@ def _site_artifact(info: RunInfo, config_path: str | None) -> str:
 
 def _finish(info: RunInfo, outcomes: dict[str, dict[str, Any]], site: dict[str, Any] | None,
             timings: dict[str, Any], t0: float, changed: dict[str, Any], steps: dict[str, str],
-            config_path: str | None = None) -> Any:
+            config_path: str | None = None, mistakes: dict[str, Any] | None = None) -> Any:
     """Table, site artifact and final state: Completed, PartiallyCompleted (some classes or a
     cross-class step failed: the message says which, first), or Failed (every class failed)."""
     slugs = info.slugs
@@ -555,6 +700,7 @@ def _finish(info: RunInfo, outcomes: dict[str, dict[str, Any]], site: dict[str, 
               "seconds": round(elapsed, 1), "published": site or {},
               "changes": {"previous": changed.get("previous"),
                           "most_changed": [r["slug"] for r in changed.get("ranking", [])[:info.config.changes.most_changed]]},
+              "mistakes": {k: (mistakes or {}).get(k) for k in ("pairs", "mistaken", "skipped")},
               "timings": {k: round(v, 3) if isinstance(v, float) else v for k, v in timings.items()}}
     # the run's finished marker (read by the checkpoint watcher): written last, only when whole
     if not failed and not steps and written:

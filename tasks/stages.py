@@ -22,7 +22,7 @@ from typing import Any
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from lens_core import changes, cross_class, publish, stages, viz_pool
+from lens_core import changes, confusions, cross_class, publish, stages, viz_pool
 from lens_core.run import RunInfo
 from lens_core.secrets import error_text
 from lens_core.store import is_transient
@@ -74,6 +74,7 @@ CANDIDATE_TAGS: dict[str, tuple[str, ...]] = {
     "render": ("stage:render", "gpu"),
     "cross-class": ("stage:cross-class",),
     "changes": ("stage:changes",),
+    "mistakes": ("stage:mistakes", "gpu"),
     "publish-pages": ("stage:publish",),
     "publish-index": ("stage:publish",),
 }
@@ -153,12 +154,24 @@ def changes_task(info: RunInfo) -> dict[str, Any]:
     return {**changes.compare_with_previous(info), "task_seconds": time.perf_counter() - t0}
 
 
+@task(name="mistakes", task_run_name="mistakes", **_COMMON)
+@scrubbed
+def mistakes_task(info: RunInfo, device: str | None = None) -> dict[str, Any]:
+    """Mistakes explained by concepts, every pair of classes at once (`atlas/confusions.json`;
+    skipped when it records the same inputs). It runs g on example images: tagged `gpu`."""
+    t0 = time.perf_counter()
+    return {**confusions.build_confusions(info, device), "task_seconds": time.perf_counter() - t0}
+
+
 @task(name="publish-pages", task_run_name="publish-pages", **_COMMON)
 @scrubbed
-def publish_pages_task(info: RunInfo, publish_url: str | None = None) -> dict[str, Any]:
-    """Class pages, data files and assets of the run's site (batched writes: one task, not one per page)."""
+def publish_pages_task(info: RunInfo, publish_url: str | None = None,
+                       skip: list[str] | None = None) -> dict[str, Any]:
+    """Class pages, data files and assets of the run's site (batched writes: one task, not one per
+    page); `skip`: assets already written while the run went on (`PartialSite.written`)."""
     t0 = time.perf_counter()
-    return {**publish.publish_pages(info, publish_url), "task_seconds": time.perf_counter() - t0}
+    out = publish.publish_pages(info, publish_url, skip=set(skip) if skip else ())
+    return {**out, "task_seconds": time.perf_counter() - t0}
 
 
 @task(name="publish-index", task_run_name="publish-index", **_COMMON)
