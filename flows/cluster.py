@@ -193,7 +193,6 @@ def dask_setup(worker: Any) -> None:  # noqa: ARG001 - Dask's preload API passes
 # refuse a peer without a certificate signed by the cluster's own CA (Dask verifies both ends).
 
 TLS_DIR_ENV = "LENS_DASK_TLS_DIR"  # a directory written by write_tls_files: the flow side's certs
-LOCAL_TLS_ENV = "LENS_DASK_LOCAL_TLS"  # "0": local clusters without TLS (not recommended)
 PLAINTEXT_ENV = "LENS_DASK_ALLOW_PLAINTEXT"  # "1": accept a tcp:// scheduler on another host
 SECURITY_LOADER = "flows.cluster.security_loader"
 ROLES = ("scheduler", "worker", "client")

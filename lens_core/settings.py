@@ -47,19 +47,20 @@ class Settings:
 
 
 def settings() -> Settings:
-    """The current LENS_* settings (read from the environment now)."""
+    """The current LENS_* settings (read from the environment now; defaults: `Settings`'s)."""
+    d = Settings()
     return Settings(
-        store_retry_s=_float("LENS_STORE_RETRY_S", 60.0),
-        lease_ttl_s=_float("LENS_LEASE_TTL_S", 120.0),
-        lease_poll_s=_float("LENS_LEASE_POLL_S", 1.0),
-        workers=_int("LENS_WORKERS", 0),
-        dask_address=os.environ.get("LENS_DASK_ADDRESS", "").strip(),
+        store_retry_s=_float("LENS_STORE_RETRY_S", d.store_retry_s),
+        lease_ttl_s=_float("LENS_LEASE_TTL_S", d.lease_ttl_s),
+        lease_poll_s=_float("LENS_LEASE_POLL_S", d.lease_poll_s),
+        workers=_int("LENS_WORKERS", d.workers),
+        dask_address=os.environ.get("LENS_DASK_ADDRESS", d.dask_address).strip(),
         gpu=os.environ.get("LENS_GPU", "").strip() == "1",
-        log=os.environ.get("LENS_LOG", "WARNING").strip().upper() or "WARNING",
-        model_cache=max(1, _int("LENS_MODEL_CACHE", 2)),
-        model_factories=os.environ.get("LENS_MODEL_FACTORIES", ""),
-        dask_tls_dir=os.environ.get("LENS_DASK_TLS_DIR", "").strip(),
+        log=os.environ.get("LENS_LOG", d.log).strip().upper() or d.log,
+        model_cache=max(1, _int("LENS_MODEL_CACHE", d.model_cache)),
+        model_factories=os.environ.get("LENS_MODEL_FACTORIES", d.model_factories),
+        dask_tls_dir=os.environ.get("LENS_DASK_TLS_DIR", d.dask_tls_dir).strip(),
         dask_local_tls=os.environ.get("LENS_DASK_LOCAL_TLS", "1").strip() != "0",
         dask_allow_plaintext=os.environ.get("LENS_DASK_ALLOW_PLAINTEXT", "").strip() == "1",
-        index_interval_s=max(0.0, _float("LENS_INDEX_INTERVAL_S", 10.0)),
+        index_interval_s=max(0.0, _float("LENS_INDEX_INTERVAL_S", d.index_interval_s)),
     )
