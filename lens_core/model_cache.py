@@ -36,6 +36,17 @@ def get_split(info: Any, device: str | torch.device | None = None) -> SplitModel
     return split
 
 
+def remember(info: Any, device: str | torch.device | None, split: SplitModel) -> SplitModel:
+    """Hold a split model loaded elsewhere (run set-up) as `info`'s on `device`: never loaded twice."""
+    dev = pick_device(device)
+    split = split.to(dev)
+    with _LOCK:
+        _SPLITS[(info.run_id, str(dev))] = split
+        _SPLITS.move_to_end((info.run_id, str(dev)))
+        _evict(str(dev), settings().model_cache)
+    return split
+
+
 def _evict(device: str, keep: int) -> None:
     on_device = [k for k in _SPLITS if k[1] == device]
     for key in on_device[: max(0, len(on_device) - keep)]:

@@ -29,8 +29,8 @@ from lens_core.data import (
 from lens_core.extract import SignedLayerError, choose_method
 from lens_core.identity import compute_run_id, planned_data_url, toy_data_url
 from lens_core.lineage import find_run, lineage_key
-from lens_core.model_cache import get_split
-from lens_core.models import ModelError, SplitModel, checkpoint_digest
+from lens_core.model_cache import get_split, remember
+from lens_core.models import ModelError, SplitModel, checkpoint_digest, load_split_model
 from lens_core.store import RunStore
 
 
@@ -181,11 +181,13 @@ def prepare_run(config: AtlasConfig) -> RunInfo:
     if not all_classes:
         raise DataError(f"no class folders found under {data_url}")
     classes = select_classes(all_classes, config.classes)
-    digest = model_digest(config)
     provisional = config.model.num_classes or max(c.index for c in all_classes) + 1
+    # the checkpoint is read, hashed and checked once: its digest (the run id's input) comes with it
+    split = load_split_model(config.model, provisional, so)
+    digest = split.digest
     info = RunInfo(compute_run_id(digest, data_url, config), config, data_url, digest, provisional,
                    classes, all_classes)
-    split = get_split(info, "cpu")  # loaded once here; the cache serves this process's stages
+    split = remember(info, "cpu", split)  # this process's stages use it from the cache
     info.config = resolve_concept_method(info.config, split)
     check_label_set(info, class_index, split.num_classes)
     info.num_classes = split.num_classes
