@@ -23,7 +23,7 @@ import shlex
 import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from typing import Annotated, Any
+from typing import Any
 
 import dask
 from prefect import flow, get_run_logger
@@ -38,8 +38,8 @@ from prefect.context import get_run_context
 from prefect.settings import PREFECT_API_URL, temporary_settings
 from prefect.states import Completed, Failed
 from prefect_dask import DaskTaskRunner
-from pydantic import Field
 
+from flows.forms import FormClasses, FormConfig, FormText, given
 from flows.limits import limited_tags
 from flows.runner import LensDaskTaskRunner
 from lens_core import layout
@@ -151,19 +151,8 @@ def _notify(kind: str, done: int, total: int) -> None:
 # that message alone, before any class is submitted, and no traceback is logged.
 USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError, DataError, ModelError, StoreError)
 
-# The run form (Prefect UI): an empty optional field starts as an empty input, not as the
-# "None" choice (which shows 'Property is type "None"'); `config` starts with its sections open.
-# The Python default stays None; "" and [] from the form mean "not set" (`_given`).
-FormText = Annotated[str | None, Field(json_schema_extra={"default": ""})]
-FormClasses = Annotated[list[str] | None, Field(json_schema_extra={"default": []})]
-FormConfig = Annotated[AtlasConfig | None, Field(json_schema_extra={"default": {}})]
-
-
-def _given(value: Any) -> Any:
-    """None for what a form leaves empty ("", whitespace, [])."""
-    if isinstance(value, str):
-        return value.strip() or None
-    return value or None
+# The run form (Prefect UI): flows/forms.py (no field starts as 'Property is type "None"').
+_given = given
 
 
 @flow(name="build-atlas", task_runner=make_task_runner(), log_prints=True, persist_result=False)
@@ -300,13 +289,21 @@ class _LiveSite:
         self.flush_at: float | None = None  # monotonic time of a held-back index update
         self.first_page_s: float | None = None
         self.errors = 0
+        self.any_ok = False
+        self.held: list[str] = []  # failed classes, published with the first class explained
 
     @property
     def written(self) -> set[str]:
         return self.site.written
 
-    def pages(self, slugs: Iterable[str]) -> None:
-        slugs = list(slugs)
+    def pages(self, slugs: Iterable[str], ok: bool = True) -> None:
+        """Publish these classes' pages. Failed classes wait for the first class explained: a
+        run whose every class fails publishes nothing (its final message says so)."""
+        if not ok and not self.any_ok:
+            self.held += list(slugs)
+            return
+        slugs, self.any_ok = [*self.held, *slugs], True
+        self.held = []
         if slugs:
             self.executor.submit(self._run, self.site.pages, slugs)
 
@@ -492,8 +489,8 @@ def _explain_classes(info: RunInfo, cfg: AtlasConfig, logger: Any, limited: tupl
         pending -= 1
         if kind == "render":
             marked = pool.done(payload, fut, logger)
-            if live is not None:
-                live.pages(marked)
+            if live is not None:  # a marking alone never makes the first page (see _LiveSite.pages)
+                live.pages(marked, ok=False)
         else:
             slug = payload
             try:
@@ -504,7 +501,7 @@ def _explain_classes(info: RunInfo, cfg: AtlasConfig, logger: Any, limited: tupl
                 logger.warning("class %s failed: %s", slug, outcomes[slug]["error"])
                 items = pending_items(info, [slug])  # a class that failed after factorize still renders
             if live is not None:
-                live.pages([slug])
+                live.pages([slug], ok=outcomes[slug]["ok"])
             if len(outcomes) == len(slugs):
                 t_chains = time.perf_counter() - t_start
             pending += pool.add(items, final=len(outcomes) == len(slugs))

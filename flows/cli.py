@@ -60,7 +60,7 @@ def _quiet_console() -> None:
 class _Bars:
     """Rich progress bars fed by the flow (classes finished, concepts rendered)."""
 
-    def __init__(self, n_classes: int, enabled: bool):
+    def __init__(self, n_classes: int, enabled: bool, link: str = ""):
         from rich.progress import (
             BarColumn,
             MofNCompleteColumn,
@@ -73,8 +73,14 @@ class _Bars:
                                  TimeElapsedColumn(), disable=not enabled)
         self.tasks = {"classes": self.progress.add_task("classes", total=n_classes),
                       "concepts": self.progress.add_task("renders", total=None)}
+        self.link, self.linked = link, False
 
     def update(self, kind: str, done: int, total: int) -> None:
+        if kind == "site":  # the first pages are out: say where, once
+            if not self.linked and self.link:
+                self.linked = True
+                self.progress.console.print(f"site so far (pages appear as classes finish): {self.link}")
+            return
         self.progress.update(self.tasks[kind], completed=done, total=total)
 
 
@@ -120,11 +126,39 @@ def _api_url_configured() -> bool:
     return bool(PREFECT_API_URL.value())
 
 
+def _finished_answer(cfg: Any, force_publish: bool) -> int | None:
+    """A finished run with nothing to compute: answered here, without Prefect or Dask (the site
+    published again in this process when asked to or when it is not at this publish URL)."""
+    from flows.rerun import finished_unchanged, republish
+
+    done = finished_unchanged(cfg)
+    if done is None:
+        return None
+    info = done.info
+    print(f"LENS run {info.run_id}: finished, {len(info.slugs)} classes, nothing to recompute "
+          "(no Prefect server or Dask cluster started)")
+    if force_publish or not done.site_written:
+        import time
+
+        t0 = time.perf_counter()
+        out = republish(cfg)
+        print(f"published again from the store: {out.get('files', '?')} files in {time.perf_counter() - t0:.1f} s")
+    _print_site(cfg, info, cfg.publish_base_url and f"{cfg.publish_base_url}/{info.run_id}/index.html",
+                f"{normalize_url(cfg.publish)}/{info.run_id}")
+    if not force_publish:
+        print("(`lens run --force-publish` publishes the site again)")
+    return 0
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     cfg = _config(args)  # a bad config fails here, before anything starts
     public_options, secret_env = split_secrets(cfg.storage_options)
     refuse_secrets({"storage_options": public_options}, "storage options")  # the rest would be a flow parameter
     _quiet_console()
+    os.environ.update(secret_env)  # the store is read below, and the Dask workers inherit them
+    answered = _finished_answer(cfg.model_copy(update={"storage_options": public_options}), args.force_publish)
+    if answered is not None:
+        return answered
     from flows.api import TemporaryAPI, drain_prefect_queues
 
     api = None if _api_url_configured() else TemporaryAPI().start()  # boots while we import and prepare
@@ -140,13 +174,16 @@ def cmd_run(args: argparse.Namespace) -> int:
         address = args.dask_address or settings().dask_address
         if not address and not settings().gpu:
             cluster = _Cluster(args.workers)
+            print("starting Dask workers (they import torch and Prefect) while the run is set up")
         info = prepare_run(cfg)
         check_model(info)  # loaded once here; the flow below finds it in this process's cache
         print(f"LENS run {info.run_id}: {len(info.classes)} classes, model {cfg.model.arch}, "
               f"store {normalize_url(cfg.store)}")
         api_settings = {PREFECT_API_URL: api.wait()} if api else {}
+        if cluster is not None and cluster.thread.is_alive():
+            print("waiting for the Dask workers to start ...")
         runner = cluster.runner() if cluster else make_task_runner(workers=args.workers, dask_address=address)
-        bars = _Bars(len(info.slugs), enabled=not args.no_progress)
+        bars = _Bars(len(info.slugs), enabled=not args.no_progress, link=_partial_link(cfg, info))
         if settings().log not in ("INFO", "DEBUG"):
             from flows.runner import quiet_task_failures
 
@@ -186,23 +223,38 @@ def _report(state: Any, info: Any, cfg: Any) -> int:
     if "classes_and_renders" in timings:
         print(f"time: classes and renders {timings['classes_and_renders']:.0f} s "
               f"({timings['concepts_rendered']} concepts in {timings['render_batches']} render batches), "
-              f"cross-class {timings.get('cross_class', 0.0):.1f} s, publish {timings.get('publish', 0.0):.1f} s")
+              f"cross-class {timings.get('cross_class', 0.0):.1f} s, mistakes {timings.get('mistakes', 0.0):.1f} s, "
+              f"publish {timings.get('publish', 0.0):.1f} s"
+              + (f"; first pages {timings['first_page']:.0f} s after the flow started"
+                 if timings.get("first_page", -1) >= 0 else ""))
     if result.get("site_written"):
-        base = normalize_url(cfg.publish)
-        if cfg.publish_base_url:
-            print(f"site: {result.get('site_link')}")
-        elif base.startswith("file://"):
-            print(f"site: {result['site'][len('file://'):]}/index.html")
-            print(f"serve it with: .venv/bin/lens serve --publish {base[len('file://'):]}  -> "
-                  f"http://127.0.0.1:8000/{info.run_id}/index.html")
-        else:
-            print(f"site: {result['site']}/index.html (serve it with: .venv/bin/lens serve --publish {base})")
+        _print_site(cfg, info, result.get("site_link"), result["site"])
     if result.get("failed") or result.get("steps_failed"):
         what = [f"{len(result.get('failed') or [])} of {result.get('classes')} classes failed"] if result.get("failed") else []
         what += [f"the {name} step failed" for name in result.get("steps_failed") or {}]
         print(f"lens: {', '.join(what)} (see above; `lens status` for each class)", file=sys.stderr)
         return 2
     return 0
+
+
+def _print_site(cfg: Any, info: Any, link: str | None, site: str) -> None:
+    base = normalize_url(cfg.publish)
+    if cfg.publish_base_url:
+        print(f"site: {link}")
+    elif base.startswith("file://"):
+        print(f"site: {site[len('file://'):]}/index.html")
+        print(f"serve it with: .venv/bin/lens serve --publish {base[len('file://'):]}  -> "
+              f"http://127.0.0.1:8000/{info.run_id}/index.html")
+    else:
+        print(f"site: {site}/index.html (serve it with: .venv/bin/lens serve --publish {base})")
+
+
+def _partial_link(cfg: Any, info: Any) -> str:
+    """Where the site so far can be read (its pages appear as classes finish)."""
+    site = f"{normalize_url(cfg.publish)}/{info.run_id}/index.html"
+    if cfg.publish_base_url:
+        return f"{cfg.publish_base_url}/{info.run_id}/index.html"
+    return site[len("file://"):] if site.startswith("file://") else site
 
 
 def status_table(store: RunStore) -> list[dict[str, Any]]:
@@ -262,6 +314,8 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--workers", type=int, help="Dask workers of the local cluster")
     run.add_argument("--dask-address", help="address of an existing Dask scheduler")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    run.add_argument("--force-publish", action="store_true",
+                     help="publish the site again (a finished run: from its store, nothing recomputed)")
     run.set_defaults(fn=cmd_run)
     status = sub.add_parser("status", help="per-class, per-stage state of a run")
     status.add_argument("--config")

@@ -25,6 +25,7 @@ from prefect.deployments import run_deployment
 from prefect.exceptions import ObjectNotFound
 from prefect.runtime import flow_run as current_flow_run
 
+from flows.forms import FormClasses, FormConfig, FormText, given
 from lens_core import layout
 from lens_core.config import AtlasConfig, config_from_parameters, inline_fields
 from lens_core.identity import compute_run_id, planned_data_url
@@ -176,21 +177,22 @@ def check_prefix(prefix: str | None) -> str:
 @flow(name="watch-checkpoints", log_prints=True, persist_result=False)
 def watch_checkpoints(
     prefix: str,
-    config_path: str | None = None,
-    config: AtlasConfig | None = None,
-    classes: list[str] | None = None,
-    store: str | None = None,
-    publish: str | None = None,
+    config_path: FormText = None,
+    config: FormConfig = None,
+    classes: FormClasses = None,
+    store: FormText = None,
+    publish: FormText = None,
     deployment: str = BUILD_DEPLOYMENT,
     max_attempts: int = 3,
 ) -> dict[str, Any]:
     """Trigger build-atlas once for every checkpoint under a prefix that has no finished run.
 
     Args:
-        prefix: folder URL (local, file:// or s3://) listed recursively for *.pt, *.pth,
-            *.safetensors, *.ckpt; or the URL of one checkpoint (what the event trigger passes).
+        prefix: folder URL (local, `file://` or `s3://`) listed recursively for `*.pt`, `*.pth`,
+            `*.safetensors`, `*.ckpt`; or the URL of one checkpoint (what the event trigger passes).
         config_path: a TOML AtlasConfig file (local path) for the runs; empty = the toy default.
-        config: AtlasConfig fields for the runs; the fields you set apply over the file.
+        config: AtlasConfig fields for the runs. With `config_path` too, the file is the base and
+            a field here wins only where it differs from the default shown.
         classes: restrict the runs to these class ids/names/slugs.
         store: run store URL (fsspec), e.g. s3://bucket/lens.
         publish: site URL (fsspec), e.g. s3://bucket/site.
@@ -199,6 +201,7 @@ def watch_checkpoints(
     """
     logger = get_run_logger()
     prefix = check_prefix(prefix)
+    config_path, classes, store, publish = (given(v) for v in (config_path, classes, store, publish))
     base = config_from_parameters(config_path, config, None, classes, store, publish)
     marker = f"lens-trigger:{(current_flow_run.get_id() or uuid.uuid4().hex)[:8]}"
     digests = DigestCache(base.store, base.storage_options)

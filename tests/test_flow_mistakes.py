@@ -8,6 +8,9 @@ that the shipped toy CNN calls many of their images class 5 (a known mistake to 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +24,7 @@ pytestmark = pytest.mark.slow
 A, A2, B = 0, 2, 5
 RED_DISC, GREEN_TRIANGLE, HEXAGON = 0, 4, 10
 CLASSES = [str(A), str(A2), str(B)]
+LENS = str(Path(sys.executable).with_name("lens"))
 
 
 def _config(root: Path) -> dict[str, Any]:
@@ -91,3 +95,74 @@ def test_pages_are_published_while_the_run_goes_on(flow_run):
     pages = sorted(p.parent.name for p in (site / "classes").glob("*/index.html"))
     assert len(pages) == len(CLASSES), pages
     assert "rendering…" not in "".join((site / "classes" / p / "index.html").read_text() for p in pages)
+
+
+def _toml(cfg: dict[str, Any]) -> str:
+    def value(v: Any) -> str:
+        return json.dumps(v)  # strings, numbers: TOML and JSON agree
+
+    top = [f"{k} = {value(v)}" for k, v in cfg.items() if not isinstance(v, dict)]
+    sections = [f"[{k}]\n" + "\n".join(f"{kk} = {value(vv)}" for kk, vv in v.items())
+                for k, v in cfg.items() if isinstance(v, dict)]
+    return "\n".join(top) + "\n\n" + "\n\n".join(sections) + "\n"
+
+
+def _snapshot(root: Path) -> dict[str, int]:
+    return {str(p): p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file()}
+
+
+def _lens(*args: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    return subprocess.run([LENS, "run", *args], capture_output=True, text=True, timeout=300, env=env)
+
+
+def test_a_finished_run_is_answered_without_prefect_or_dask(flow_run):
+    """`lens run` on the finished run (same config): nothing runs, nothing is written; with
+    --force-publish the site is written again from the store, the store untouched."""
+    root, run_id = flow_run["root"], flow_run["run_id"]
+    config = root / "run.toml"
+    config.write_text(_toml(_config(root)))
+    store_before, site_before = _snapshot(root / "store"), _snapshot(root / "site")
+
+    out = _lens("--config", str(config), "--classes", ",".join(CLASSES), "--no-progress")
+    assert out.returncode == 0, out.stderr
+    assert f"LENS run {run_id}: finished" in out.stdout
+    assert "no Prefect server or Dask cluster started" in out.stdout, out.stdout
+    assert _snapshot(root / "store") == store_before  # no stage, status or marker written
+    assert _snapshot(root / "site") == site_before
+
+    out = _lens("--config", str(config), "--classes", ",".join(CLASSES), "--no-progress", "--force-publish")
+    assert out.returncode == 0, out.stderr
+    assert "published again" in out.stdout and "no Prefect server or Dask cluster started" in out.stdout
+    after = _snapshot(root / "site")
+    index = str(root / "site" / run_id / "index.html")
+    assert after[index] > site_before[index]
+    assert set(after) >= set(site_before)
+    assert {k: v for k, v in _snapshot(root / "store").items() if not k.endswith("run.json")} == \
+        {k: v for k, v in store_before.items() if not k.endswith("run.json")}
+
+
+def test_a_run_with_something_left_to_do_is_not_answered_early(flow_run):
+    """No mistakes report, a render missing, or a class outside the finished selection: the
+    normal path (the flow skips what is done)."""
+    from flows.rerun import finished_unchanged
+    from lens_core.config import make_config
+
+    root, run_id = flow_run["root"], flow_run["run_id"]
+    cfg = make_config(_config(root), classes=CLASSES)
+    assert finished_unchanged(cfg) is not None
+    assert finished_unchanged(make_config(_config(root), classes=[*CLASSES, "1"])) is None
+    run = root / "store" / "runs" / run_id
+    slug = next((run / "viz").iterdir()).name
+    for paths in ([run / "atlas" / "confusions.json"],  # mistakes not explained
+                  [run / "crops" / slug / "_SUCCESS"],  # a class not complete
+                  [run / "viz" / slug / "_SUCCESS", *(run / "viz" / slug).glob("0.*")]):  # a render to do
+        saved = {p: p.read_bytes() for p in paths}
+        for p in paths:
+            p.unlink()
+        try:
+            assert finished_unchanged(cfg) is None, paths
+        finally:
+            for p, data in saved.items():
+                p.write_bytes(data)
+    assert finished_unchanged(cfg) is not None

@@ -195,6 +195,34 @@ def test_optional_fields_stay_optional_for_prefects_validation(form_schema: dict
     assert "url" not in form_schema["definitions"]["DataConfig"].get("required", [])
 
 
+@pytest.fixture(scope="module")
+def watch_schema() -> dict[str, Any]:
+    """The same for the watch-checkpoints flow's form."""
+    from prefect.utilities.callables import parameter_schema
+
+    from flows.watch import watch_checkpoints
+
+    return parameter_schema(watch_checkpoints).model_dump_for_openapi()
+
+
+def test_the_watch_form_has_no_field_starting_as_none_and_empties_mean_unset(watch_schema) -> None:
+    from prefect.utilities.schema_tools.validation import preprocess_schema, validate
+
+    checked = 0
+    for name, prop in _properties(watch_schema):
+        assert prop.get("type") != "null", name
+        if "anyOf" in prop:
+            assert _initial_branch(prop, watch_schema).get("type") != "null", (name, prop)
+            checked += 1
+    assert checked >= 5  # config_path, config, classes, store, publish
+    schema = preprocess_schema(watch_schema)
+    assert validate({"prefix": "s3://b/ckpt", "config_path": None, "classes": None}, schema,
+                    raise_on_error=False, preprocess=False) == []
+    for name, prop in _properties(watch_schema):
+        if prop.get("description") and "*" in prop["description"]:
+            assert "<em>" not in _html(prop["description"]), name  # `*.pt` stays a glob
+
+
 def test_descriptions_survive_markdown_and_classes_hints_valid_names(form_schema: dict[str, Any]) -> None:
     for name, prop in _properties(form_schema):
         if prop.get("description"):
