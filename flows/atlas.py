@@ -71,7 +71,7 @@ from tasks.stages import (
 ProgressFn = Callable[[str, int, int], None]
 _LISTENERS: list[ProgressFn] = []
 PROGRESS_EVERY_S = 2.0  # the progress artifact is updated at most this often (one API call each)
-CHAIN_PRIORITY = 10  # Dask priority of class chains: before any render batch (default 0) queued with them
+CHAIN_PRIORITY = 10  # Dask priority of class chains: before any queued render batch (default 0)
 MISTAKE_ROWS = 20  # rows of the mistakes table artifact
 
 
@@ -220,7 +220,8 @@ def build_atlas(
             mistakes = step.run("mistakes", mistakes_task, info, gpu=True)
             timings["mistakes_compute"] = (mistakes or {}).get("task_seconds", 0.0)
             t = time.perf_counter()
-            pages = step.run("publish-pages", publish_pages_task, info, cfg.publish, sorted(live.written))
+            pages = step.run("publish-pages", publish_pages_task, info, cfg.publish,
+                             sorted(live.written))
             index = step.run("publish-index", publish_index_task, info, pages["site"], cfg.publish) if pages else None
             timings["publish"] = time.perf_counter() - t
             if pages and index:
@@ -323,8 +324,9 @@ class _LiveSite:
         except Exception as err:  # noqa: BLE001 - the final publish writes the whole site anyway
             self.errors += 1
             if self.errors == 1:
-                self.logger.warning("publishing pages while the run goes on failed (the final publish "
-                                    "still writes the site): %s", error_text(err, self.site.info.config.storage_options, 300))
+                why = error_text(err, self.site.info.config.storage_options, 300)
+                self.logger.warning("publishing pages while the run goes on failed (the final "
+                                    "publish still writes the site): %s", why)
         due = self.site.due_in()
         self.flush_at = None if due is None else time.monotonic() + due
 
@@ -371,7 +373,8 @@ class _Progress:
         link = (f"; site so far ({len(live.site.published)} class pages): {live.link}"
                 if live is not None and live.first_page_s is not None else "")
         update_progress_artifact(self.classes_id, 100.0 * classes_done / max(1, self.n),
-                                 description=f"{classes_done}/{self.n} classes finished{failed}{left}{link}")
+                                 description=(f"{classes_done}/{self.n} classes finished"
+                                              f"{failed}{left}{link}"))
         total = pool.queued if classes_done == self.n else max(pool.queued, 1)
         more = "" if classes_done == self.n else " so far (more as classes finish)"
         update_progress_artifact(self.renders_id, 100.0 * pool.rendered / max(1, total) if pool.queued else
@@ -514,7 +517,8 @@ def _explain_classes(info: RunInfo, cfg: AtlasConfig, logger: Any, limited: tupl
                         force=not pending or (kind != "render" and len(outcomes) == len(slugs)))
     if live is not None:  # its last pages written, the progress gives the link to them
         live.close()
-        progress.update(len(outcomes), sum(not o["ok"] for o in outcomes.values()), pool, force=True, live=live)
+        n_failed = sum(not o["ok"] for o in outcomes.values())
+        progress.update(len(outcomes), n_failed, pool, force=True, live=live)
     for slug, out in outcomes.items():
         out["render"] = pool.state(slug)
     timings = {"classes_and_renders": time.perf_counter() - t_start, "last_chain": t_chains,
@@ -564,7 +568,7 @@ def mistake_rows(report: dict[str, Any] | None, labels: dict[str, Any] | None = 
 
 
 def _mistakes_artifact(info: RunInfo) -> None:
-    """A table artifact of the most frequent mistakes (true -> predicted class), when there are any."""
+    """A table artifact of the most frequent mistakes (true -> predicted class), if any."""
     store = info.store()
     report = read_confusions(store)
     rows = mistake_rows(report, read_labels(store))
@@ -573,8 +577,9 @@ def _mistakes_artifact(info: RunInfo) -> None:
     n = len(report.get("pairs", []))
     create_table_artifact(
         table_artifact_rows(rows), key=f"lens-mistakes-{info.run_id}",
-        description=(f"LENS run {info.run_id}: {report.get('mistaken', 0)} mistaken images in {n} pairs of "
-                     f"classes; the top {len(rows)} by count (`lens confusions` for all)"))
+        description=(f"LENS run {info.run_id}: {report.get('mistaken', 0)} mistaken images in "
+                     f"{n} pairs of classes; the top {len(rows)} by count "
+                     "(`lens confusions` for all)"))
 
 
 STAGE_NOT_RUN = "not run"  # a stage with no state in this run (never "-": Markdown makes it a bullet)

@@ -79,7 +79,8 @@ class _Bars:
         if kind == "site":  # the first pages are out: say where, once
             if not self.linked and self.link:
                 self.linked = True
-                self.progress.console.print(f"site so far (pages appear as classes finish): {self.link}")
+                self.progress.console.print(
+                    f"site so far (pages appear as classes finish): {self.link}")
             return
         self.progress.update(self.tasks[kind], completed=done, total=total)
 
@@ -142,9 +143,10 @@ def _finished_answer(cfg: Any, force_publish: bool) -> int | None:
 
         t0 = time.perf_counter()
         out = republish(cfg)
-        print(f"published again from the store: {out.get('files', '?')} files in {time.perf_counter() - t0:.1f} s")
-    _print_site(cfg, info, cfg.publish_base_url and f"{cfg.publish_base_url}/{info.run_id}/index.html",
-                f"{normalize_url(cfg.publish)}/{info.run_id}")
+        print(f"published again from the store: {out.get('files', '?')} files in "
+              f"{time.perf_counter() - t0:.1f} s")
+    link = cfg.publish_base_url and f"{cfg.publish_base_url}/{info.run_id}/index.html"
+    _print_site(cfg, info, link, f"{normalize_url(cfg.publish)}/{info.run_id}")
     if not force_publish:
         print("(`lens run --force-publish` publishes the site again)")
     return 0
@@ -156,7 +158,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     refuse_secrets({"storage_options": public_options}, "storage options")  # the rest would be a flow parameter
     _quiet_console()
     os.environ.update(secret_env)  # the store is read below, and the Dask workers inherit them
-    answered = _finished_answer(cfg.model_copy(update={"storage_options": public_options}), args.force_publish)
+    public = cfg.model_copy(update={"storage_options": public_options})
+    answered = _finished_answer(public, args.force_publish)
     if answered is not None:
         return answered
     from flows.api import TemporaryAPI, drain_prefect_queues
@@ -223,7 +226,8 @@ def _report(state: Any, info: Any, cfg: Any) -> int:
     if "classes_and_renders" in timings:
         print(f"time: classes and renders {timings['classes_and_renders']:.0f} s "
               f"({timings['concepts_rendered']} concepts in {timings['render_batches']} render batches), "
-              f"cross-class {timings.get('cross_class', 0.0):.1f} s, mistakes {timings.get('mistakes', 0.0):.1f} s, "
+              f"cross-class {timings.get('cross_class', 0.0):.1f} s, "
+              f"mistakes {timings.get('mistakes', 0.0):.1f} s, "
               f"publish {timings.get('publish', 0.0):.1f} s"
               + (f"; first pages {timings['first_page']:.0f} s after the flow started"
                  if timings.get("first_page", -1) >= 0 else ""))
@@ -315,7 +319,8 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--dask-address", help="address of an existing Dask scheduler")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
     run.add_argument("--force-publish", action="store_true",
-                     help="publish the site again (a finished run: from its store, nothing recomputed)")
+                     help="publish the site again (a finished run: from its store, nothing "
+                          "recomputed)")
     run.set_defaults(fn=cmd_run)
     status = sub.add_parser("status", help="per-class, per-stage state of a run")
     status.add_argument("--config")

@@ -40,13 +40,24 @@ def planned_info(config: AtlasConfig) -> Any:
 
     so = config.storage_options
     data_url = resolve_data_url(config)
-    class_index = read_class_index(config.data.class_index, so) if config.data.class_index else _toy_index(config)
+    class_index = (
+        read_class_index(config.data.class_index, so)
+        if config.data.class_index
+        else _toy_index(config)
+    )
     all_classes = list_classes(data_url, so, config.data.class_names, class_index)
     classes = select_classes(all_classes, config.classes)
     digest = model_digest(config)
     provisional = config.model.num_classes or max(c.index for c in all_classes) + 1
-    return RunInfo(compute_run_id(digest, data_url, config), config, data_url, digest, provisional,
-                   classes, all_classes)
+    return RunInfo(
+        compute_run_id(digest, data_url, config),
+        config,
+        data_url,
+        digest,
+        provisional,
+        classes,
+        all_classes,
+    )
 
 
 def finished_unchanged(config: AtlasConfig) -> Finished | None:
@@ -83,5 +94,5 @@ def republish(config: AtlasConfig) -> dict[str, Any]:
     from lens_core.publish import publish
     from lens_core.run import prepare_run
 
-    info = prepare_run(config)  # the method as the run resolved it (the site's method page shows it)
+    info = prepare_run(config)  # the method as the run resolved it (the method page shows it)
     return {"info": info, **publish(info)}

@@ -201,7 +201,8 @@ def watch_checkpoints(
     """
     logger = get_run_logger()
     prefix = check_prefix(prefix)
-    config_path, classes, store, publish = (given(v) for v in (config_path, classes, store, publish))
+    config_path, classes, store, publish = (given(v)
+                                            for v in (config_path, classes, store, publish))
     base = config_from_parameters(config_path, config, None, classes, store, publish)
     marker = f"lens-trigger:{(current_flow_run.get_id() or uuid.uuid4().hex)[:8]}"
     digests = DigestCache(base.store, base.storage_options)

@@ -28,15 +28,24 @@ LENS = str(Path(sys.executable).with_name("lens"))
 
 
 def _config(root: Path) -> dict[str, Any]:
-    data = ensure_toy_dataset(f"file://{root}/probe", 10, 6, 0,
-                              recipes={A: (RED_DISC, HEXAGON), A2: (GREEN_TRIANGLE, HEXAGON)})
-    return {"data": {"url": data, "images_per_class": 6},
-            "patches": {"grid": 2},
-            "concepts": {"n_concepts": 4}, "importance": {"images": 2, "n_designs": 4},
-            "crops": {"per_concept": 2, "attribution_images": 1},
-            "maco": {"steps": 2, "image_size": 64, "crops": 2, "batch_size": 4},
-            "mistakes": {"examples": 1},
-            "store": f"file://{root}/store", "publish": f"file://{root}/site"}
+    data = ensure_toy_dataset(
+        f"file://{root}/probe",
+        10,
+        6,
+        0,
+        recipes={A: (RED_DISC, HEXAGON), A2: (GREEN_TRIANGLE, HEXAGON)},
+    )
+    return {
+        "data": {"url": data, "images_per_class": 6},
+        "patches": {"grid": 2},
+        "concepts": {"n_concepts": 4},
+        "importance": {"images": 2, "n_designs": 4},
+        "crops": {"per_concept": 2, "attribution_images": 1},
+        "maco": {"steps": 2, "image_size": 64, "crops": 2, "batch_size": 4},
+        "mistakes": {"examples": 1},
+        "store": f"file://{root}/store",
+        "publish": f"file://{root}/site",
+    }
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +59,13 @@ def flow_run(prefect_api, tmp_path_factory: pytest.TempPathFactory) -> dict[str,
         state = flow(config=_config(root), classes=CLASSES, return_state=True)
     assert state.is_completed() and state.name == "Completed", state.message
     result = state.result()
-    return {"root": root, "state": state, "result": result, "run_id": result["run_id"], "seen": seen}
+    return {
+        "root": root,
+        "state": state,
+        "result": result,
+        "run_id": result["run_id"],
+        "seen": seen,
+    }
 
 
 def test_the_flow_explains_mistakes_once_and_publishes_their_table(flow_run):
@@ -61,7 +76,10 @@ def test_the_flow_explains_mistakes_once_and_publishes_their_table(flow_run):
     store = RunStore(f"file://{root}/store", run_id)
     report = read_confusions(store)
     assert report is not None and report["pairs"], "the step wrote atlas/confusions.json"
-    assert result["mistakes"]["pairs"] == len(report["pairs"]) and result["mistakes"]["skipped"] is False
+    assert (
+        result["mistakes"]["pairs"] == len(report["pairs"])
+        and result["mistakes"]["skipped"] is False
+    )
     assert not result["steps_failed"]
     site = root / "site" / run_id
     assert (site / "mistakes.html").read_text().rstrip().endswith("</html>")
@@ -76,8 +94,13 @@ def test_the_flow_explains_mistakes_once_and_publishes_their_table(flow_run):
     top = report["pairs"][0]
     assert len(rows) == min(len(report["pairs"]), 20)
     assert rows[0]["images"] == top["images"]
-    assert rows[0]["true class"] == top["true_name"] and rows[0]["predicted class"] == top["predicted_name"]
-    assert rows[0]["top concept of the predicted class"] == f"concept {top['concepts'][0]['concept']}"
+    assert (
+        rows[0]["true class"] == top["true_name"]
+        and rows[0]["predicted class"] == top["predicted_name"]
+    )
+    assert (
+        rows[0]["top concept of the predicted class"] == f"concept {top['concepts'][0]['concept']}"
+    )
     assert rows[0]["share of the mistaken logit (%)"] == top["concepts"][0]["share"]
     assert f"{report['mistaken']} mistaken images" in table.description
 
@@ -94,7 +117,9 @@ def test_pages_are_published_while_the_run_goes_on(flow_run):
     site = flow_run["root"] / "site" / run_id
     pages = sorted(p.parent.name for p in (site / "classes").glob("*/index.html"))
     assert len(pages) == len(CLASSES), pages
-    assert "rendering…" not in "".join((site / "classes" / p / "index.html").read_text() for p in pages)
+    assert "rendering…" not in "".join(
+        (site / "classes" / p / "index.html").read_text() for p in pages
+    )
 
 
 def _toml(cfg: dict[str, Any]) -> str:
@@ -102,8 +127,11 @@ def _toml(cfg: dict[str, Any]) -> str:
         return json.dumps(v)  # strings, numbers: TOML and JSON agree
 
     top = [f"{k} = {value(v)}" for k, v in cfg.items() if not isinstance(v, dict)]
-    sections = [f"[{k}]\n" + "\n".join(f"{kk} = {value(vv)}" for kk, vv in v.items())
-                for k, v in cfg.items() if isinstance(v, dict)]
+    sections = [
+        f"[{k}]\n" + "\n".join(f"{kk} = {value(vv)}" for kk, vv in v.items())
+        for k, v in cfg.items()
+        if isinstance(v, dict)
+    ]
     return "\n".join(top) + "\n\n" + "\n\n".join(sections) + "\n"
 
 
@@ -113,7 +141,9 @@ def _snapshot(root: Path) -> dict[str, int]:
 
 def _lens(*args: str) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
-    return subprocess.run([LENS, "run", *args], capture_output=True, text=True, timeout=300, env=env)
+    return subprocess.run(
+        [LENS, "run", *args], capture_output=True, text=True, timeout=300, env=env
+    )
 
 
 def test_a_finished_run_is_answered_without_prefect_or_dask(flow_run):
@@ -131,15 +161,21 @@ def test_a_finished_run_is_answered_without_prefect_or_dask(flow_run):
     assert _snapshot(root / "store") == store_before  # no stage, status or marker written
     assert _snapshot(root / "site") == site_before
 
-    out = _lens("--config", str(config), "--classes", ",".join(CLASSES), "--no-progress", "--force-publish")
+    out = _lens(
+        "--config", str(config), "--classes", ",".join(CLASSES), "--no-progress", "--force-publish"
+    )
     assert out.returncode == 0, out.stderr
-    assert "published again" in out.stdout and "no Prefect server or Dask cluster started" in out.stdout
+    assert (
+        "published again" in out.stdout
+        and "no Prefect server or Dask cluster started" in out.stdout
+    )
     after = _snapshot(root / "site")
     index = str(root / "site" / run_id / "index.html")
     assert after[index] > site_before[index]
     assert set(after) >= set(site_before)
-    assert {k: v for k, v in _snapshot(root / "store").items() if not k.endswith("run.json")} == \
-        {k: v for k, v in store_before.items() if not k.endswith("run.json")}
+    assert {k: v for k, v in _snapshot(root / "store").items() if not k.endswith("run.json")} == {
+        k: v for k, v in store_before.items() if not k.endswith("run.json")
+    }
 
 
 def test_a_run_with_something_left_to_do_is_not_answered_early(flow_run):
@@ -154,9 +190,11 @@ def test_a_run_with_something_left_to_do_is_not_answered_early(flow_run):
     assert finished_unchanged(make_config(_config(root), classes=[*CLASSES, "1"])) is None
     run = root / "store" / "runs" / run_id
     slug = next((run / "viz").iterdir()).name
-    for paths in ([run / "atlas" / "confusions.json"],  # mistakes not explained
-                  [run / "crops" / slug / "_SUCCESS"],  # a class not complete
-                  [run / "viz" / slug / "_SUCCESS", *(run / "viz" / slug).glob("0.*")]):  # a render to do
+    for paths in (
+        [run / "atlas" / "confusions.json"],  # mistakes not explained
+        [run / "crops" / slug / "_SUCCESS"],  # a class not complete
+        [run / "viz" / slug / "_SUCCESS", *(run / "viz" / slug).glob("0.*")],
+    ):  # a render to do
         saved = {p: p.read_bytes() for p in paths}
         for p in paths:
             p.unlink()
