@@ -52,10 +52,8 @@ def is_nonnegative(lo: float, hi: float) -> bool:
     return lo >= -NEG_TOL * max(abs(lo), abs(hi))
 
 
-def as_nonneg_matrix(
-    A: np.ndarray | torch.Tensor, device: torch.device, name: str = "A"
-) -> torch.Tensor:
-    """A as a float32 2-D non-negative tensor on device; ValueError names what is wrong."""
+def as_matrix(A: np.ndarray | torch.Tensor, device: torch.device, name: str = "A") -> torch.Tensor:
+    """A as a float32 2-D finite tensor on device (any sign); ValueError names what is wrong."""
     t = torch.as_tensor(A)
     if t.ndim != 2:
         raise ValueError(f"{name} must be 2-D (points x channels), got shape {tuple(t.shape)}")
@@ -64,6 +62,14 @@ def as_nonneg_matrix(
     t = t.to(device=device, dtype=torch.float32)
     if not bool(torch.isfinite(t).all()):
         raise ValueError(f"{name} contains NaN or infinite values")
+    return t
+
+
+def as_nonneg_matrix(
+    A: np.ndarray | torch.Tensor, device: torch.device, name: str = "A"
+) -> torch.Tensor:
+    """A as a float32 2-D non-negative tensor on device; ValueError names what is wrong."""
+    t = as_matrix(A, device, name)
     lo, hi = float(t.min()), float(t.max())
     if lo < 0:
         if not is_nonnegative(lo, hi):

@@ -28,25 +28,13 @@ from lens_core.factorize import (
     _residual_norm2,
     _resolve_device,
     _sqnorm,
+    as_matrix,
     project_nnls,
     relative_error,
 )
 
 _KMEANS_ITERS = 10
 _POLISH = 20  # unpenalized passes that remove the L1 weight's bias at the end
-
-
-def as_matrix(A: np.ndarray | torch.Tensor, device: torch.device, name: str = "A") -> torch.Tensor:
-    """A as a float32 2-D finite tensor on device (any sign); ValueError names what is wrong."""
-    t = torch.as_tensor(A)
-    if t.ndim != 2:
-        raise ValueError(f"{name} must be 2-D (points x channels), got shape {tuple(t.shape)}")
-    if t.numel() == 0:
-        raise ValueError(f"{name} is empty (shape {tuple(t.shape)})")
-    t = t.to(device=device, dtype=torch.float32)
-    if not bool(torch.isfinite(t).all()):
-        raise ValueError(f"{name} contains NaN or infinite values")
-    return t
 
 
 def _sq_dist(A: torch.Tensor, sq: torch.Tensor, C: torch.Tensor) -> torch.Tensor:

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from part_masks import concept_parts
 from safetensors.torch import load_file, save_file
 from tiny import TINY
 
@@ -32,7 +33,7 @@ from lens_core.pipeline import explain
 from lens_core.publish import publish
 from lens_core.run import prepare_run
 from lens_core.store import RunStore
-from lens_core.toy import TOY_CHECKPOINT, ToyCNN, ensure_toy_dataset, read_mask
+from lens_core.toy import TOY_CHECKPOINT, ToyCNN, ensure_toy_dataset
 from lens_core.toy.generator import DISTRACTOR_PARTS
 from lens_core.toy.train import finetune
 
@@ -57,38 +58,14 @@ def lineage(tmp_path_factory: pytest.TempPathFactory) -> dict:
     a = explain(make_config({**base, "model": {"checkpoint": str(TOY_CHECKPOINT)}}))
     assert a["changes"]["previous"] is None and not a["failed"]
     slug = a["info"].slugs[CHANGED]
-    concepts_a = _concept_parts(a["info"], slug)
+    concepts_a = concept_parts(a["info"], slug)
     ring_a = next(c for c, part in concepts_a.items() if part == RING)
     set_label(a["info"].store(), slug, ring_a, HTML_LABEL)
     cfg_b = make_config({**base, "model": {"checkpoint": str(ckpt)}})
     b = explain(cfg_b)
     assert not b["failed"]
     return {"root": root, "a": a["info"], "b": b["info"], "cfg_b": cfg_b, "summary": b["changes"], "slug": slug,
-            "parts_a": concepts_a, "parts_b": _concept_parts(b["info"], slug), "ring_a": ring_a}
-
-
-def _concept_parts(info, slug: str, top: int = 8) -> dict[int, int]:
-    """{concept: the toy part that dominates its top patches} (ground truth from the part masks)."""
-    store = info.store()
-    acts = store.zarr[f"acts/{slug}"]
-    urls, patches = list(acts.attrs["image_urls"]), acts["patches"][:]
-    U = store.zarr[f"concepts/{slug}/U"][:]
-    size = int(acts.attrs["image_size"])
-    masks: dict[int, np.ndarray] = {}
-    out = {}
-    for c in range(U.shape[1]):
-        votes = []
-        for pid in np.argsort(-U[:, c])[:top]:
-            pos = int(patches[pid, 0])
-            if pos not in masks:
-                masks[pos] = read_mask(urls[pos].replace("/images/", "/masks/"))
-            scale = masks[pos].shape[0] / size
-            x0, y0, x1, y1 = (int(v * scale) for v in patches[pid, 1:])
-            ids, counts = np.unique(masks[pos][y0:y1, x0:x1], return_counts=True)
-            keep = ids >= 0
-            votes.append(int(ids[keep][np.argmax(counts[keep])]) if keep.any() else -1)
-        out[c] = max(set(votes), key=votes.count)
-    return out
+            "parts_a": concepts_a, "parts_b": concept_parts(b["info"], slug), "ring_a": ring_a}
 
 
 def _report(lineage: dict) -> dict:

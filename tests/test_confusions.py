@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from part_masks import concept_parts
 from safetensors.torch import load_file
 
 from lens_core.config import make_config
@@ -24,7 +25,7 @@ from lens_core.confusions import build_confusions, read_confusions
 from lens_core.labels import set_label
 from lens_core.pipeline import explain
 from lens_core.publish import publish
-from lens_core.toy import TOY_CHECKPOINT, class_names, ensure_toy_dataset, read_mask
+from lens_core.toy import TOY_CHECKPOINT, class_names, ensure_toy_dataset
 
 A, A2, B = 0, 2, 5
 RED_DISC, GREEN_TRIANGLE, HEXAGON = 0, 4, 10
@@ -34,27 +35,6 @@ LENS = str(Path(sys.executable).with_name("lens"))
 BASE = {"concepts": {"n_concepts": 6}, "importance": {"images": 4, "n_designs": 8},
         "crops": {"per_concept": 2, "attribution_images": 1},
         "maco": {"steps": 2, "image_size": 64, "crops": 2}}
-
-
-def _concept_parts(info, slug: str, top: int = 8) -> dict[int, int]:
-    """{concept: the toy part that dominates its top patches}, from the part masks."""
-    store = info.store()
-    acts = store.zarr[f"acts/{slug}"]
-    urls, patches = list(acts.attrs["image_urls"]), acts["patches"][:]
-    U = store.zarr[f"concepts/{slug}/U"][:]
-    size = int(acts.attrs["image_size"])
-    out = {}
-    for c in range(U.shape[1]):
-        votes = []
-        for pid in np.argsort(-U[:, c])[:top]:
-            mask = read_mask(urls[int(patches[pid, 0])].replace("/images/", "/masks/"))
-            scale = mask.shape[0] / size
-            x0, y0, x1, y1 = (int(v * scale) for v in patches[pid, 1:])
-            ids, counts = np.unique(mask[y0:y1, x0:x1], return_counts=True)
-            keep = ids >= 0
-            votes.append(int(ids[keep][np.argmax(counts[keep])]) if keep.any() else -1)
-        out[c] = max(set(votes), key=votes.count)
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +51,7 @@ def mistaken(tmp_path_factory: pytest.TempPathFactory) -> dict:
     assert not out["failed"]
     info = out["info"]
     b_slug = info.slugs[B]
-    parts = _concept_parts(info, b_slug)
+    parts = concept_parts(info, b_slug)
     hexagon = [c for c, part in parts.items() if part == HEXAGON]
     assert hexagon, parts
     set_label(info.store(), b_slug, hexagon[0], HOSTILE_LABEL)
