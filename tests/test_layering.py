@@ -3,6 +3,7 @@ Dask), imports go only downward (flows -> tasks -> lens_core), and no module imp
 through others (no import cycle, function-level imports included)."""
 
 import ast
+import json
 import pkgutil
 import subprocess
 import sys
@@ -118,3 +119,15 @@ def test_imports_go_only_downward():
     upward = [(mod, dep) for mod, deps in import_graph().items() for dep in deps
               if rank[dep.split(".")[0]] < rank[mod.split(".")[0]]]
     assert upward == []
+
+
+def test_the_public_api_resolves_and_import_stays_light():
+    code = (
+        "import json, sys, lens_core\n"
+        "light = 'torch' not in sys.modules\n"
+        "missing = [n for n in lens_core.__all__ if getattr(lens_core, n, None) is None]\n"
+        "print(json.dumps({'light': light, 'missing': missing, 'n': len(lens_core.__all__)}))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    got = json.loads(out.stdout)
+    assert got == {"light": True, "missing": [], "n": got["n"]} and got["n"] > 15
