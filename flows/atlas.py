@@ -395,14 +395,16 @@ class _RenderPool:
         self.batches = self.rendered = self.queued = 0
         self.seconds = 0.0
 
-    def add(self, items: list[tuple[str, int]], final: bool) -> int:
-        """Queue a class's renders; submit full batches (all of them once `final`), the queue
-        ordered by rank across classes (every class's first concept, then second, ...).
-        Returns the batches submitted."""
+    def add(self, items: list[tuple[str, int]], final: bool, hold: bool = False) -> int:
+        """Queue a class's renders; submit full batches (all of them once `final`; none while
+        `hold`), the queue ordered by rank across classes (every class's first concept, then
+        second, ...). Returns the batches submitted."""
         self.queue = by_rank(self.queue + items)
         self.queued += len(items)
         for slug, _ in items:
             self.left[slug] = self.left.get(slug, 0) + 1
+        if hold and not final:
+            return 0
         size = self.batch
         if final and self.queue:  # the tail: spread it over the workers rather than one big batch
             size = max(1, min(self.batch, math.ceil(len(self.queue) / _n_workers())))
@@ -460,9 +462,10 @@ def _explain_classes(info: RunInfo, cfg: AtlasConfig, logger: Any, limited: tupl
                      ) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
     """Per-class chains, and the pooled renders submitted as soon as a class has its concepts.
 
-    Chains carry a higher Dask priority than render batches: a chain still queued runs before any
-    queued batch (a batch already running is not interrupted), so every class's page and any
-    failure surface early. `live` publishes pages as chains end and renders are marked."""
+    Class chains first, so that every class's page and any failure surface early: render batches
+    are held while more chains are left than workers (docs/performance.md says why a Dask
+    priority alone does not do it), and chains carry a higher Dask priority than the batches
+    queued with them. `live` publishes pages as chains end and renders are marked."""
     slugs = info.slugs
     t_start = time.perf_counter()
     progress = _Progress(info, runner)
@@ -483,6 +486,7 @@ def _explain_classes(info: RunInfo, cfg: AtlasConfig, logger: Any, limited: tupl
     pool = _RenderPool(info, cfg.maco.batch_size, track, limited)
     pending = len(slugs)
     t_chains = 0.0
+    workers = 0
     while pending:
         try:
             kind, payload, fut = done_q.get(timeout=1.0 if live is not None else None)
@@ -507,7 +511,12 @@ def _explain_classes(info: RunInfo, cfg: AtlasConfig, logger: Any, limited: tupl
                 live.pages([slug], ok=outcomes[slug]["ok"])
             if len(outcomes) == len(slugs):
                 t_chains = time.perf_counter() - t_start
-            pending += pool.add(items, final=len(outcomes) == len(slugs))
+            # renders wait while more chains are left than workers: a batch handed to a worker
+            # fills its slot and Dask's queue keeps the chains behind it (chains are root-ish
+            # and queued, the first few batches are not), whatever their priority
+            workers = workers or _n_workers()
+            pending += pool.add(items, final=len(outcomes) == len(slugs),
+                                hold=len(slugs) - len(outcomes) > workers)
             _notify("classes", len(outcomes), len(slugs))
         _notify("concepts", pool.rendered, pool.queued)
         if live is not None:
