@@ -80,7 +80,7 @@ class _Bars:
             if not self.linked and self.link:
                 self.linked = True
                 self.progress.console.print(
-                    f"site so far (pages appear as classes finish): {self.link}")
+                    f"site so far (pages appear as classes finish): {self.link}", soft_wrap=True)
             return
         self.progress.update(self.tasks[kind], completed=done, total=total)
 
