@@ -148,7 +148,7 @@ def test_a_gpu_limit_of_one_is_honoured_without_deadlock(prefect_api, tmp_path):
         with get_client(sync_client=True) as client:
             client.delete_concurrency_limit_by_tag("gpu")
     gpu = sorted((r for r in runs if "gpu" in r.tags), key=lambda r: r.start_time)
-    assert {r.name.split("[")[0].split(" ")[0] for r in gpu} == {"activations", "importance", "render"}
+    assert {r.name.split("[")[0].split(" ")[0] for r in gpu} == {"activations", "importance", "render", "mistakes"}
     assert not any("gpu" in r.tags for r in runs if r.name.startswith("class["))  # the chain holds no slot
     assert all(set(r.tags) <= {"gpu"} for r in runs)  # only the limited tag is applied
     for a, b in zip(gpu, gpu[1:], strict=False):
