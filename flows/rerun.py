@@ -20,6 +20,7 @@ from typing import Any
 from lens_core import layout
 from lens_core.config import AtlasConfig
 from lens_core.publish import site_url
+from lens_core.run import planned_info
 from lens_core.store import RunStore
 
 
@@ -30,34 +31,6 @@ class Finished:
     info: Any  # RunInfo (the model not loaded: num_classes is provisional)
     finished: dict[str, Any]  # finished.json
     site_written: bool  # the run's index page is at this config's publish URL
-
-
-def planned_info(config: AtlasConfig) -> Any:
-    """The RunInfo `prepare_run` would build, without loading the model or writing run.json."""
-    from lens_core.data import list_classes, read_class_index
-    from lens_core.identity import compute_run_id
-    from lens_core.run import RunInfo, _toy_index, model_digest, resolve_data_url, select_classes
-
-    so = config.storage_options
-    data_url = resolve_data_url(config)
-    class_index = (
-        read_class_index(config.data.class_index, so)
-        if config.data.class_index
-        else _toy_index(config)
-    )
-    all_classes = list_classes(data_url, so, config.data.class_names, class_index)
-    classes = select_classes(all_classes, config.classes)
-    digest = model_digest(config)
-    provisional = config.model.num_classes or max(c.index for c in all_classes) + 1
-    return RunInfo(
-        compute_run_id(digest, data_url, config),
-        config,
-        data_url,
-        digest,
-        provisional,
-        classes,
-        all_classes,
-    )
 
 
 def finished_unchanged(config: AtlasConfig) -> Finished | None:

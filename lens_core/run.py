@@ -171,9 +171,8 @@ def _class_record(c: ClassInfo) -> dict[str, Any]:
     return {"index": c.index, "id": c.id, "name": c.name, "slug": c.slug, "synonyms": list(c.synonyms)}
 
 
-def prepare_run(config: AtlasConfig) -> RunInfo:
-    """Resolve data, classes, checkpoint digest and run id; load and check the model; write run.json."""
-    _check_previous_run(config)
+def _classes(config: AtlasConfig) -> tuple[str, ClassIndex | None, list[ClassInfo], list[ClassInfo], int]:
+    """(data URL, class index, every class, the selected classes, provisional number of outputs)."""
     data_url = resolve_data_url(config)
     so = config.storage_options
     class_index = read_class_index(config.data.class_index, so) if config.data.class_index else _toy_index(config)
@@ -182,8 +181,24 @@ def prepare_run(config: AtlasConfig) -> RunInfo:
         raise DataError(f"no class folders found under {data_url}")
     classes = select_classes(all_classes, config.classes)
     provisional = config.model.num_classes or max(c.index for c in all_classes) + 1
+    return data_url, class_index, all_classes, classes, provisional
+
+
+def planned_info(config: AtlasConfig) -> RunInfo:
+    """The RunInfo `prepare_run` would build, without loading the model or writing run.json (the
+    checkpoint is hashed, not loaded; num_classes stays provisional)."""
+    data_url, _, all_classes, classes, provisional = _classes(config)
+    digest = model_digest(config)
+    return RunInfo(compute_run_id(digest, data_url, config), config, data_url, digest, provisional,
+                   classes, all_classes)
+
+
+def prepare_run(config: AtlasConfig) -> RunInfo:
+    """Resolve data, classes, checkpoint digest and run id; load and check the model; write run.json."""
+    _check_previous_run(config)
+    data_url, class_index, all_classes, classes, provisional = _classes(config)
     # the checkpoint is read, hashed and checked once: its digest (the run id's input) comes with it
-    split = load_split_model(config.model, provisional, so)
+    split = load_split_model(config.model, provisional, config.storage_options)
     digest = split.digest
     info = RunInfo(compute_run_id(digest, data_url, config), config, data_url, digest, provisional,
                    classes, all_classes)
