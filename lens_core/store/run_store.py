@@ -201,20 +201,19 @@ class RunStore:
             return self._apply(rel, change, default)
 
     def _read_with_etag(self, rel: str) -> tuple[bytes | None, str | None]:
-        """(bytes, ETag) of one S3 object from one GET, or (None, None) when it is absent."""
-        from fsspec.asyn import sync
+        """(bytes, ETag) of one S3 object, or (None, None) when it is absent, through s3fs's public
+        API: the ETag is read first, so bytes newer than it only make the conditional put fail
+        and the update retry, never overwrite a write it did not see."""
+        path = self.path(rel)
 
-        bucket, key, _ = self.fs.split_path(self.path(rel))
-
-        async def get() -> tuple[bytes | None, str | None]:
+        def get() -> tuple[bytes | None, str | None]:
             try:
-                out = await self.fs._call_s3("get_object", Bucket=bucket, Key=key)
+                etag = self.fs.info(path, refresh=True)["ETag"]
+                return self.fs.cat_file(path), etag
             except FileNotFoundError:
                 return None, None
-            async with out["Body"] as body:
-                return await body.read(), out["ETag"]
 
-        return self._call(lambda: sync(self.fs.loop, get), rel, "reading")
+        return self._call(get, rel, "reading")
 
     def _update_conditional(self, rel: str, change: Callable[[Any], Any], default: Any) -> Any:
         path = self.path(rel)
