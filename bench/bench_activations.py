@@ -76,8 +76,14 @@ def _setup(arch: str, images: int, tmp: str, input_size: int, precision: str = "
         patches = {"image_size": 128, "batch_size": 64}
     else:
         urls = _jpegs(urls, tmp)
-        model = {"arch": arch, "layer": "layer4", "input_size": input_size, "precision": precision,
-                 "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
+        model = {
+            "arch": arch,
+            "layer": "layer4",
+            "input_size": input_size,
+            "precision": precision,
+            "mean": [0.485, 0.456, 0.406],
+            "std": [0.229, 0.224, 0.225],
+        }
         patches = {"image_size": 224, "batch_size": 64}
     cfg = make_config({"model": model, "patches": patches, "data": {"url": url}})
     split = load_split_model(cfg.model, 10 if arch == "toy" else 1000).to("cpu")
@@ -121,8 +127,16 @@ def _ours(cfg, split, urls, tmp: str, prefetch: int | None = None) -> float:
 
     group = zarr.open_group(f"{tmp}/bench-{time.time_ns()}.zarr", mode="w")
     t0 = time.perf_counter()
-    compute_class_activations(split, 0, urls, group, cfg.patches, spatial_images=0,
-                              precision=cfg.model.precision, prefetch=prefetch)
+    compute_class_activations(
+        split,
+        0,
+        urls,
+        group,
+        cfg.patches,
+        spatial_images=0,
+        precision=cfg.model.precision,
+        prefetch=prefetch,
+    )
     return time.perf_counter() - t0
 
 
@@ -133,7 +147,9 @@ def _patches(cfg, split, urls):
 
     boxes = patch_boxes(cfg.patches.image_size, cfg.patches.fraction, cfg.patches.grid)
     imgs = torch.stack([read_image(u, None, cfg.patches.image_size) for u in urls])
-    return extract_patches(imgs, boxes, split.input_size).contiguous(memory_format=torch.channels_last)
+    return extract_patches(imgs, boxes, split.input_size).contiguous(
+        memory_format=torch.channels_last
+    )
 
 
 def _bare(cfg, split, patches) -> float:
@@ -208,8 +224,11 @@ def _profile(cfg, split, urls, tmp: str) -> dict[str, float]:
             acts = split.g(x)
             logits = split.h(acts).float()
         tick("g + h (whole images)")
-        for name, block in (("image_A", pool(acts.float()).numpy()), ("image_logit", logits[:, 0].numpy()),
-                            ("image_pred", logits.argmax(1).numpy().astype(np.int32))):
+        for name, block in (
+            ("image_A", pool(acts.float()).numpy()),
+            ("image_logit", logits[:, 0].numpy()),
+            ("image_pred", logits.argmax(1).numpy().astype(np.int32)),
+        ):
             out.add(name, block)
         tick("Zarr appends")
 
@@ -236,13 +255,19 @@ def _profile(cfg, split, urls, tmp: str) -> dict[str, float]:
             tick("h (patches)")
         A = pool(acts.float()).numpy()
         tick("pool, float32, numpy")
-        for name, block in (("A", A), ("patches", np.zeros((len(A), 5), np.int32)),
-                            ("patch_logit", logits[:, 0].numpy()),
-                            ("patch_pred", logits.argmax(1).numpy().astype(np.int32))):
+        for name, block in (
+            ("A", A),
+            ("patches", np.zeros((len(A), 5), np.int32)),
+            ("patch_logit", logits[:, 0].numpy()),
+            ("patch_pred", logits.argmax(1).numpy().astype(np.int32)),
+        ):
             out.add(name, block)
         tick("Zarr appends")
-        wholes.append(F.interpolate(images, size=split.input_size, mode="bilinear", antialias=True,
-                                    align_corners=False))
+        wholes.append(
+            F.interpolate(
+                images, size=split.input_size, mode="bilinear", antialias=True, align_corners=False
+            )
+        )
         tick("resize whole images")
         if sum(len(w) for w in wholes) >= cfg.patches.batch_size:
             run_wholes()
@@ -260,7 +285,11 @@ def _peak_child(arch: str, images: int, input_size: int) -> None:
         before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         _ours(cfg, split, urls, tmp)
         after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(json.dumps({"images": images, "peak_mb": after / 1024, "growth_mb": (after - before) / 1024}))
+    print(
+        json.dumps(
+            {"images": images, "peak_mb": after / 1024, "growth_mb": (after - before) / 1024}
+        )
+    )
 
 
 def _measure(arch: str, precision: str, args) -> dict:
@@ -277,15 +306,26 @@ def _measure(arch: str, precision: str, args) -> dict:
             runs["sequential"].append(_ours(cfg, split, urls, tmp, prefetch=0))
             runs["bare2"].append(_bare(cfg, split, patches))
         profile = _profile(cfg, split, urls, tmp)
-        waits = {name: _waiting(cfg, split, urls, tmp, prefetch) for name, prefetch in
-                 (("prefetch", ahead), ("sequential", 0))}
+        waits = {
+            name: _waiting(cfg, split, urls, tmp, prefetch)
+            for name, prefetch in (("prefetch", ahead), ("sequential", 0))
+        }
     bare = [(a + b) / 2 for a, b in zip(runs["bare"], runs["bare2"], strict=True)]
     n = len(patches)
-    row = {"arch": arch, "precision": precision, "images": len(urls), "patches": n,
-           "bare_pps": n / min(bare), "profile": profile, "waits": waits}
+    row = {
+        "arch": arch,
+        "precision": precision,
+        "images": len(urls),
+        "patches": n,
+        "bare_pps": n / min(bare),
+        "profile": profile,
+        "waits": waits,
+    }
     for name in ("prefetch", "sequential"):
         row[f"{name}_pps"] = n / min(runs[name])
-        row[f"{name}_ratio"] = statistics.median(b / o for b, o in zip(bare, runs[name], strict=True))
+        row[f"{name}_ratio"] = statistics.median(
+            b / o for b, o in zip(bare, runs[name], strict=True)
+        )
         row[f"{name}_best_ratio"] = min(bare) / min(runs[name])
     return row
 
@@ -299,8 +339,10 @@ def _decoders() -> int:
 def _print_profile(row: dict) -> None:
     prof = dict(row["profile"])
     total = prof.pop("total")
-    print(f"\nprofile: {row['arch']} {row['precision']}, one sequential pass of {row['images']} images "
-          f"({total:.2f} s)")
+    print(
+        f"\nprofile: {row['arch']} {row['precision']}, one sequential pass of {row['images']} images "
+        f"({total:.2f} s)"
+    )
     print(f"  {'part':26s} {'ms/image':>9s} {'share':>7s}")
     for name, sec in sorted(prof.items(), key=lambda kv: -kv[1]):
         print(f"  {name:26s} {1000 * sec / row['images']:9.2f} {100 * sec / total:6.1f}%")
@@ -313,9 +355,15 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=48)
     ap.add_argument("--input-size", type=int, default=112, help="model input of torchvision archs")
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--threads", type=int, default=0,
-                    help="torch CPU threads (0: torch's default); 1 = g on one core, decoding on the others")
-    ap.add_argument("--memory", action="store_true", help="also measure peak RSS for N and 4N images")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="torch CPU threads (0: torch's default); 1 = g on one core, decoding on the others",
+    )
+    ap.add_argument(
+        "--memory", action="store_true", help="also measure peak RSS for N and 4N images"
+    )
     ap.add_argument("--child", type=int, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--arch", default="toy", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -327,32 +375,58 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"torch threads: {torch.get_num_threads()}, decoder threads: {_decoders()}")
-    rows = [_measure(arch, prec, args) for arch in args.archs.split(",") for prec in args.precisions.split(",")]
+    rows = [
+        _measure(arch, prec, args)
+        for arch in args.archs.split(",")
+        for prec in args.precisions.split(",")
+    ]
     for row in rows:
         _print_profile(row)
     from lens_core.activations import _default_prefetch
 
     default = "prefetch" if _default_prefetch(torch.device("cpu"), 1) else "sequential"
-    print(f"\nactivation stage vs bare g loop over the same patches (median of {args.repeats} interleaved "
-          f"ratios; best-of in brackets; goal >= 0.9x). The stage's default here: {default}")
-    print(f"  {'arch':10s} {'prec':5s} {'patches':>7s} {'bare p/s':>9s} {'stage p/s':>9s} {'prefetch/bare':>15s} "
-          f"{'sequential/bare':>16s} {'waiting for images: prefetch, sequential':>42s}")
+    print(
+        f"\nactivation stage vs bare g loop over the same patches (median of {args.repeats} interleaved "
+        f"ratios; best-of in brackets; goal >= 0.9x). The stage's default here: {default}"
+    )
+    print(
+        f"  {'arch':10s} {'prec':5s} {'patches':>7s} {'bare p/s':>9s} {'stage p/s':>9s} {'prefetch/bare':>15s} "
+        f"{'sequential/bare':>16s} {'waiting for images: prefetch, sequential':>42s}"
+    )
     for r in rows:
-        print(f"  {r['arch']:10s} {r['precision']:5s} {r['patches']:7d} {r['bare_pps']:9.1f} "
-              f"{r[default + '_pps']:9.1f} {r['prefetch_ratio']:6.2f}x ({r['prefetch_best_ratio']:.2f}x) "
-              f"{r['sequential_ratio']:7.2f}x ({r['sequential_best_ratio']:.2f}x) "
-              f"{100 * r['waits']['prefetch']:28.1f}% {100 * r['waits']['sequential']:11.1f}%")
+        print(
+            f"  {r['arch']:10s} {r['precision']:5s} {r['patches']:7d} {r['bare_pps']:9.1f} "
+            f"{r[default + '_pps']:9.1f} {r['prefetch_ratio']:6.2f}x ({r['prefetch_best_ratio']:.2f}x) "
+            f"{r['sequential_ratio']:7.2f}x ({r['sequential_best_ratio']:.2f}x) "
+            f"{100 * r['waits']['prefetch']:28.1f}% {100 * r['waits']['sequential']:11.1f}%"
+        )
     if args.memory:
         arch = args.archs.split(",")[0]
         peaks = []
         for n in (args.images, 4 * args.images):
-            out = subprocess.run([sys.executable, __file__, "--arch", arch, "--child", str(n),
-                                  "--input-size", str(args.input_size)],
-                                 capture_output=True, text=True, check=True)
+            out = subprocess.run(
+                [
+                    sys.executable,
+                    __file__,
+                    "--arch",
+                    arch,
+                    "--child",
+                    str(n),
+                    "--input-size",
+                    str(args.input_size),
+                ],
+                capture_output=True,
+                text=True,
+                check=True,
+            )
             peaks.append(json.loads(out.stdout.strip().splitlines()[-1]))
         for p in peaks:
-            print(f"  peak RSS with {p['images']:4d} images: {p['peak_mb']:7.1f} MB (stage grew it by {p['growth_mb']:.1f} MB)")
-        print(f"  peak ratio 4x/1x images: {peaks[1]['peak_mb'] / peaks[0]['peak_mb']:.3f} (goal: ~1.0)")
+            print(
+                f"  peak RSS with {p['images']:4d} images: {p['peak_mb']:7.1f} MB (stage grew it by {p['growth_mb']:.1f} MB)"
+            )
+        print(
+            f"  peak ratio 4x/1x images: {peaks[1]['peak_mb'] / peaks[0]['peak_mb']:.3f} (goal: ~1.0)"
+        )
 
 
 if __name__ == "__main__":

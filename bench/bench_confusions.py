@@ -58,15 +58,32 @@ def main() -> None:
     groups: dict[tuple[int, int], np.ndarray] = defaultdict(list)
     for i in np.flatnonzero(wrong):
         groups[(int(true[i]), int(pred[i]))].append(i)
-    print(f"{n} classes x {args.images} images, {wrong.sum()} mistaken images in {len(groups)} pairs")
+    print(
+        f"{n} classes x {args.images} images, {wrong.sum()} mistaken images in {len(groups)} pairs"
+    )
 
-    classes = {str(c): ClassImages(str(c), c, str(c), [], pred[c * args.images:(c + 1) * args.images],
-                                   pooled[c * args.images:(c + 1) * args.images]) for c in range(n)}
+    classes = {
+        str(c): ClassImages(
+            str(c),
+            c,
+            str(c),
+            [],
+            pred[c * args.images : (c + 1) * args.images],
+            pooled[c * args.images : (c + 1) * args.images],
+        )
+        for c in range(n)
+    }
     keyed = {(str(t), p): np.asarray(idx) - t * args.images for (t, p), idx in groups.items()}
     extractor = make_extractor(ConceptConfig(n_concepts=k))
     t0 = time.perf_counter()
-    codes = _codes(keyed, classes, {c: str(c) for c in range(n)}, lambda s: Dictionary(W[int(s)], None),
-                   extractor, torch.device("cpu"))
+    codes = _codes(
+        keyed,
+        classes,
+        {c: str(c) for c in range(n)},
+        lambda s: Dictionary(W[int(s)], None),
+        extractor,
+        torch.device("cpu"),
+    )
     pairs = []
     for (t, p), idx in keyed.items():
         res = pair_split(codes[(t, p)], W[p], classes[t].pooled[idx], head, bias, p)
@@ -81,10 +98,14 @@ def main() -> None:
     for c, idx in by_class.items():
         project_nnls(torch.from_numpy(pooled[idx]), torch.from_numpy(W[c]))
     base = time.perf_counter() - t0
-    print(f"| part | seconds |\n|---|---|\n| mistakes step (split + bias candidates) | {step:.2f} |\n"
-          f"| baseline: coding as many images per class | {base:.2f} |")
-    print(f"ratio to baseline: {step / base:.2f}x; {sum(len(v) for v in flags.values())} bias candidates; "
-          f"{1000 * step / max(wrong.sum(), 1):.2f} ms per mistaken image")
+    print(
+        f"| part | seconds |\n|---|---|\n| mistakes step (split + bias candidates) | {step:.2f} |\n"
+        f"| baseline: coding as many images per class | {base:.2f} |"
+    )
+    print(
+        f"ratio to baseline: {step / base:.2f}x; {sum(len(v) for v in flags.values())} bias candidates; "
+        f"{1000 * step / max(wrong.sum(), 1):.2f} ms per mistaken image"
+    )
 
 
 if __name__ == "__main__":

@@ -72,8 +72,17 @@ def compute_seconds(cfg_dict: dict[str, Any], timings: dict[str, Any]) -> tuple[
 
     info = prepare_run(make_config(cfg_dict))
     statuses = read_status(info.store(), info.slugs)
-    stages = sum(rec.get("seconds") or 0.0 for st in statuses.values() for s, rec in st.items() if s in STAGES)
-    tasks = timings.get("render_compute", 0.0) + timings.get("cross_class_compute", 0.0) + timings.get("publish_compute", 0.0)
+    stages = sum(
+        rec.get("seconds") or 0.0
+        for st in statuses.values()
+        for s, rec in st.items()
+        if s in STAGES
+    )
+    tasks = (
+        timings.get("render_compute", 0.0)
+        + timings.get("cross_class_compute", 0.0)
+        + timings.get("publish_compute", 0.0)
+    )
     return stages, tasks
 
 
@@ -82,7 +91,9 @@ def run_flow(cfg_dict: dict[str, Any], workers: int) -> tuple[float, dict[str, A
     from flows.atlas import build_atlas, make_task_runner
 
     t0 = time.perf_counter()
-    state = build_atlas.with_options(task_runner=make_task_runner(workers=workers))(config=cfg_dict, return_state=True)
+    state = build_atlas.with_options(task_runner=make_task_runner(workers=workers))(
+        config=cfg_dict, return_state=True
+    )
     wall = time.perf_counter() - t0
     result = state.result(raise_on_failure=False)
     if not isinstance(result, dict) or result.get("failed"):
@@ -101,9 +112,17 @@ def overhead(root: Path, n_classes: int, workers: int) -> dict[str, Any]:
     wall, result = run_flow(cfg_dict, workers)
     stages, tasks = compute_seconds(cfg_dict, result["timings"])
     ideal = (stages + tasks) / workers
-    return {"classes": n_classes, "workers": workers, "data_s": gen, "wall": wall, "stages": stages,
-            "tasks": tasks, "overhead": wall - ideal, "per_class": (wall - ideal) / n_classes,
-            "timings": result["timings"]}
+    return {
+        "classes": n_classes,
+        "workers": workers,
+        "data_s": gen,
+        "wall": wall,
+        "stages": stages,
+        "tasks": tasks,
+        "overhead": wall - ideal,
+        "per_class": (wall - ideal) / n_classes,
+        "timings": result["timings"],
+    }
 
 
 def pure_compute(cfg_dict: dict[str, Any]) -> float:
@@ -119,7 +138,7 @@ def pure_compute(cfg_dict: dict[str, Any]) -> float:
         run_class(info, slug)
     items = viz_pool.pending_items(info)
     for i in range(0, len(items), cfg.maco.batch_size):
-        viz_pool.render_batch(info, items[i:i + cfg.maco.batch_size])
+        viz_pool.render_batch(info, items[i : i + cfg.maco.batch_size])
     viz_pool.finalize_viz(info)
     cross_class.build_cross_class(info)
     publish.publish(info)
@@ -128,19 +147,32 @@ def pure_compute(cfg_dict: dict[str, Any]) -> float:
 
 def end_to_end(root: Path, classes: list[str] | None) -> dict[str, Any]:
     """`lens run` on the embedded default (fresh store: the toy data is generated too)."""
-    cmd = [str(ROOT / ".venv/bin/lens"), "run", "--store", f"file://{root}/e2e/store",
-           "--publish", f"file://{root}/e2e/site", "--no-progress"]
+    cmd = [
+        str(ROOT / ".venv/bin/lens"),
+        "run",
+        "--store",
+        f"file://{root}/e2e/store",
+        "--publish",
+        f"file://{root}/e2e/site",
+        "--no-progress",
+    ]
     if classes:
         cmd += ["--classes", ",".join(classes)]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
-        raise RuntimeError(f"lens run failed ({proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
+        raise RuntimeError(
+            f"lens run failed ({proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}"
+        )
     m = re.search(r"explained in (\d+) s", proc.stdout)
     noise = [line for line in proc.stderr.splitlines() if line.strip()]
-    return {"wall": wall, "flow": float(m.group(1)) if m else float("nan"), "stderr_lines": len(noise),
-            "stdout": proc.stdout.strip().splitlines()}
+    return {
+        "wall": wall,
+        "flow": float(m.group(1)) if m else float("nan"),
+        "stderr_lines": len(noise),
+        "stdout": proc.stdout.strip().splitlines(),
+    }
 
 
 def table(headers: list[str], rows: list[list[Any]]) -> None:
@@ -152,7 +184,9 @@ def table(headers: list[str], rows: list[list[Any]]) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--quick", action="store_true", help="100 synthetic classes; default run on 3 classes")
+    ap.add_argument(
+        "--quick", action="store_true", help="100 synthetic classes; default run on 3 classes"
+    )
     ap.add_argument("--sizes", help="synthetic class counts (default 100,1000; quick: 100)")
     ap.add_argument("--workers", type=int, default=2, help="Dask workers of the synthetic runs")
     ap.add_argument("--skip", default="", help="comma list of parts to skip: overhead,e2e,workers")
@@ -168,50 +202,111 @@ def main() -> None:
 
     api = TemporaryAPI().start()  # one Prefect API for every in-process flow run below
     try:
-        with temporary_settings(updates={PREFECT_API_URL: api.wait()}), tempfile.TemporaryDirectory() as tmp:
+        with (
+            temporary_settings(updates={PREFECT_API_URL: api.wait()}),
+            tempfile.TemporaryDirectory() as tmp,
+        ):
             tmp_path = Path(tmp)
             if "overhead" not in skip:
                 rows = []
                 for n in sizes:
                     r = overhead(tmp_path / f"synthetic-{n}", n, args.workers)
                     rows.append(r)
-                    print(f"  {n} classes: wall {r['wall']:.1f} s, timings {r['timings']}", flush=True)
-                print(f"\n## Orchestration overhead per class ({args.workers} workers, synthetic toy, tiny budgets)\n")
-                table(["classes", "flow wall s", "stage compute s", "render+cross+publish s", "overhead s",
-                       "overhead / class s", "vs smallest"],
-                      [[r["classes"], r["wall"], r["stages"], r["tasks"], r["overhead"], r["per_class"],
-                        f"{r['per_class'] / rows[0]['per_class']:.2f}x"] for r in rows])
-                print("\n(data set generation, not timed above: "
-                      + ", ".join(f"{r['classes']} classes {r['data_s']:.0f} s" for r in rows) + ")")
+                    print(
+                        f"  {n} classes: wall {r['wall']:.1f} s, timings {r['timings']}", flush=True
+                    )
+                print(
+                    f"\n## Orchestration overhead per class ({args.workers} workers, synthetic toy, tiny budgets)\n"
+                )
+                table(
+                    [
+                        "classes",
+                        "flow wall s",
+                        "stage compute s",
+                        "render+cross+publish s",
+                        "overhead s",
+                        "overhead / class s",
+                        "vs smallest",
+                    ],
+                    [
+                        [
+                            r["classes"],
+                            r["wall"],
+                            r["stages"],
+                            r["tasks"],
+                            r["overhead"],
+                            r["per_class"],
+                            f"{r['per_class'] / rows[0]['per_class']:.2f}x",
+                        ]
+                        for r in rows
+                    ],
+                )
+                print(
+                    "\n(data set generation, not timed above: "
+                    + ", ".join(f"{r['classes']} classes {r['data_s']:.0f} s" for r in rows)
+                    + ")"
+                )
             if "workers" not in skip:
                 walls = {}
                 for w in (1, 2):
-                    cfg_dict = {"store": f"file://{tmp}/toy-w{w}/store", "publish": f"file://{tmp}/toy-w{w}/site",
-                                **({"classes": toy_classes} if toy_classes else {})}
+                    cfg_dict = {
+                        "store": f"file://{tmp}/toy-w{w}/store",
+                        "publish": f"file://{tmp}/toy-w{w}/site",
+                        **({"classes": toy_classes} if toy_classes else {}),
+                    }
                     wall, result = run_flow(cfg_dict, w)
                     walls[w] = (wall, result["timings"])
-                print(f"\n## 1 vs 2 Dask workers (embedded toy default{', 3 classes' if toy_classes else ''})\n")
-                table(["workers", "flow wall s", "classes+renders s", "vs 1 worker"],
-                      [[w, walls[w][0], walls[w][1]["classes_and_renders"], f"{walls[1][0] / walls[w][0]:.2f}x"]
-                       for w in (1, 2)])
+                print(
+                    f"\n## 1 vs 2 Dask workers (embedded toy default{', 3 classes' if toy_classes else ''})\n"
+                )
+                table(
+                    ["workers", "flow wall s", "classes+renders s", "vs 1 worker"],
+                    [
+                        [
+                            w,
+                            walls[w][0],
+                            walls[w][1]["classes_and_renders"],
+                            f"{walls[1][0] / walls[w][0]:.2f}x",
+                        ]
+                        for w in (1, 2)
+                    ],
+                )
             if "e2e" not in skip:
                 e2e = end_to_end(tmp_path, toy_classes)
-                cfg_dict = {"store": f"file://{tmp}/pure/store", "publish": f"file://{tmp}/pure/site",
-                            **({"classes": toy_classes} if toy_classes else {})}
+                cfg_dict = {
+                    "store": f"file://{tmp}/pure/store",
+                    "publish": f"file://{tmp}/pure/site",
+                    **({"classes": toy_classes} if toy_classes else {}),
+                }
                 pure = pure_compute(cfg_dict)
-                print(f"\n## Embedded default end to end (`lens run`{', 3 classes' if toy_classes else ''}, fresh store)\n")
-                table(["run", "wall s", "vs one process"],
-                      [["lens run (Prefect + Dask, 2 workers, includes start-up)", e2e["wall"], f"{e2e['wall'] / pure:.2f}x"],
-                       ["  of which the flow", e2e["flow"], f"{e2e['flow'] / pure:.2f}x"],
-                       ["same stages in one process, no Prefect/Dask", pure, "1.00x"]])
-                print(f"\n`lens run` printed {len(e2e['stdout'])} lines on stdout and {e2e['stderr_lines']} on stderr:")
+                print(
+                    f"\n## Embedded default end to end (`lens run`{', 3 classes' if toy_classes else ''}, fresh store)\n"
+                )
+                table(
+                    ["run", "wall s", "vs one process"],
+                    [
+                        [
+                            "lens run (Prefect + Dask, 2 workers, includes start-up)",
+                            e2e["wall"],
+                            f"{e2e['wall'] / pure:.2f}x",
+                        ],
+                        ["  of which the flow", e2e["flow"], f"{e2e['flow'] / pure:.2f}x"],
+                        ["same stages in one process, no Prefect/Dask", pure, "1.00x"],
+                    ],
+                )
+                print(
+                    f"\n`lens run` printed {len(e2e['stdout'])} lines on stdout and {e2e['stderr_lines']} on stderr:"
+                )
                 for line in e2e["stdout"]:
                     print(f"    {line}")
         drain_prefect_queues()
     except BaseException:
         if api.proc is not None and api.proc.poll() is not None:  # say why the API went away
-            print(f"the Prefect API server exited ({api.proc.returncode}); its log:\n"
-                  + api.log.read_text(errors="replace")[-3000:], file=sys.stderr)
+            print(
+                f"the Prefect API server exited ({api.proc.returncode}); its log:\n"
+                + api.log.read_text(errors="replace")[-3000:],
+                file=sys.stderr,
+            )
             api.stop(keep_log=True)
         raise
     finally:

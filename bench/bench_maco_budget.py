@@ -66,7 +66,9 @@ def model_config(name: str, input_size: int) -> ModelConfig:
     return ModelConfig(arch=name, layer="layer4", input_size=input_size, **IMAGENET)
 
 
-def subject(name: str, input_size: int, per_class: int, classes: int, k: int, device: torch.device) -> dict[str, Any]:
+def subject(
+    name: str, input_size: int, per_class: int, classes: int, k: int, device: torch.device
+) -> dict[str, Any]:
     """g, input size, toy images, NMF concept directions and their top crops' activations."""
     from lens_core.data import extract_patches, patch_boxes
     from lens_core.factorize import nmf
@@ -80,7 +82,10 @@ def subject(name: str, input_size: int, per_class: int, classes: int, k: int, de
     boxes = patch_boxes(pcfg.image_size, pcfg.fraction, pcfg.grid)
     all_images, dirs, top_act = [], [], []
     for cls in range(classes):
-        imgs = [torch.from_numpy(render_image(cls, 10, seed=s, size=pcfg.image_size)[0]) for s in range(per_class)]
+        imgs = [
+            torch.from_numpy(render_image(cls, 10, seed=s, size=pcfg.image_size)[0])
+            for s in range(per_class)
+        ]
         images = torch.stack(imgs).permute(0, 3, 1, 2).float() / 255
         all_images.append(images)
         patches = extract_patches(images, boxes, split.input_size).to(device)
@@ -92,20 +97,36 @@ def subject(name: str, input_size: int, per_class: int, classes: int, k: int, de
             top = torch.from_numpy(res.U[:, j]).topk(TOP_CROPS).indices
             dirs.append(w)
             top_act.append(float((A[top] @ F.normalize(w, dim=0)).mean()))
-    return {"name": name, "g": g, "input_size": split.input_size, "images": torch.cat(all_images),
-            "directions": torch.stack(dirs), "top_act": torch.tensor(top_act)}
+    return {
+        "name": name,
+        "g": g,
+        "input_size": split.input_size,
+        "images": torch.cat(all_images),
+        "directions": torch.stack(dirs),
+        "top_act": torch.tensor(top_act),
+    }
 
 
-def concept_activation(g, images: torch.Tensor, directions: torch.Tensor, input_size: int) -> torch.Tensor:
+def concept_activation(
+    g, images: torch.Tensor, directions: torch.Tensor, input_size: int
+) -> torch.Tensor:
     """Pooled activation of whole images (resized to the input) on each concept's unit direction."""
-    x = F.interpolate(images, size=(input_size, input_size), mode="bilinear", align_corners=False, antialias=True)
+    x = F.interpolate(
+        images, size=(input_size, input_size), mode="bilinear", align_corners=False, antialias=True
+    )
     with torch.no_grad():
         acts = maco.pool(g(x)).float()
     return (acts * F.normalize(directions.to(acts.device), dim=1)).sum(1).cpu()
 
 
-def run_setting(sub: dict[str, Any], cfg: MacoConfig, magnitude: torch.Tensor, every: int,
-                device: torch.device, precision: str) -> dict[str, Any]:
+def run_setting(
+    sub: dict[str, Any],
+    cfg: MacoConfig,
+    magnitude: torch.Tensor,
+    every: int,
+    device: torch.device,
+    precision: str,
+) -> dict[str, Any]:
     """One render of every concept with snapshots: per-step history, snapshot objective/activation."""
     dirs, n = sub["directions"], len(sub["directions"])
     marks = sorted(set(range(every, cfg.steps + 1, every)) | {s for s in STEPS if s <= cfg.steps})
@@ -114,21 +135,43 @@ def run_setting(sub: dict[str, Any], cfg: MacoConfig, magnitude: torch.Tensor, e
 
     def on_snapshot(t: int, concepts: list[int], images: torch.Tensor) -> None:
         d = dirs[concepts].to(images.device)
-        obj = maco.evaluate_images(sub["g"], images, d, sub["input_size"], cfg.objective, cfg.cossim_power).cpu()
+        obj = maco.evaluate_images(
+            sub["g"], images, d, sub["input_size"], cfg.objective, cfg.cossim_power
+        ).cpu()
         act = concept_activation(sub["g"], images, dirs[concepts], sub["input_size"])
         for i, c in enumerate(concepts):
             snap_obj[t][c], snap_act[t][c] = float(obj[i]), float(act[i])
 
     t0 = time.perf_counter()
-    res = maco.render_concepts(sub["g"], dirs, cfg, magnitude, list(range(n)), sub["input_size"], device,
-                               precision=precision, snapshot_steps=marks, on_snapshot=on_snapshot)
+    res = maco.render_concepts(
+        sub["g"],
+        dirs,
+        cfg,
+        magnitude,
+        list(range(n)),
+        sub["input_size"],
+        device,
+        precision=precision,
+        snapshot_steps=marks,
+        on_snapshot=on_snapshot,
+    )
     seconds = time.perf_counter() - t0
-    start = maco.evaluate_images(sub["g"], maco.random_phase_images(magnitude, list(range(n)), cfg.image_size, device),
-                                 dirs.to(device), sub["input_size"]).cpu()
-    return {"crops": cfg.crops, "steps": cfg.steps,
-            "seconds": seconds, "history": res.history.T.tolist(), "final": res.objective.tolist(),
-            "start": start.tolist(),
-            "snap_obj": {str(t): v for t, v in snap_obj.items()}, "snap_act": {str(t): v for t, v in snap_act.items()}}
+    start = maco.evaluate_images(
+        sub["g"],
+        maco.random_phase_images(magnitude, list(range(n)), cfg.image_size, device),
+        dirs.to(device),
+        sub["input_size"],
+    ).cpu()
+    return {
+        "crops": cfg.crops,
+        "steps": cfg.steps,
+        "seconds": seconds,
+        "history": res.history.T.tolist(),
+        "final": res.objective.tolist(),
+        "start": start.tolist(),
+        "snap_obj": {str(t): v for t, v in snap_obj.items()},
+        "snap_act": {str(t): v for t, v in snap_act.items()},
+    }
 
 
 # ---------------------------------------------------------------- analysis
@@ -152,13 +195,31 @@ def steps_table(model: dict[str, Any]) -> tuple[list[list[Any]], dict[str, Any]]
             ratio = _obj_at(run, t) / ref
             agree = np.array(run["snap_act"][str(t)], dtype=float) / top
             cost = t * run["crops"]
-            rows.append([run["crops"], t, cost, float(ratio.mean()), float(ratio.min()), float(agree.mean())])
+            rows.append(
+                [
+                    run["crops"],
+                    t,
+                    cost,
+                    float(ratio.mean()),
+                    float(ratio.min()),
+                    float(agree.mean()),
+                ]
+            )
             if ratio.mean() >= 0.95 and (best is None or cost < best["cost"]):
-                best = {"crops": run["crops"], "steps": t, "cost": cost, "ratio": float(ratio.mean()),
-                        "worst": float(ratio.min())}
+                best = {
+                    "crops": run["crops"],
+                    "steps": t,
+                    "cost": cost,
+                    "ratio": float(ratio.mean()),
+                    "worst": float(ratio.min()),
+                }
     start = np.array(ref_run["start"], dtype=float) / ref
-    return rows, {"best": best, "ref": {"crops": ref_run["crops"], "steps": ref_run["steps"]},
-                  "random_start": float(start.mean()), "ref_cost": ref_run["crops"] * ref_run["steps"]}
+    return rows, {
+        "best": best,
+        "ref": {"crops": ref_run["crops"], "steps": ref_run["steps"]},
+        "random_start": float(start.mean()),
+        "ref_cost": ref_run["crops"] * ref_run["steps"],
+    }
 
 
 def plateau_reached(history: torch.Tensor, window: int, tol: float) -> bool:
@@ -199,37 +260,66 @@ def print_table(head: list[str], rows: list[list[Any]]) -> None:
 def report(data: dict[str, Any]) -> None:
     for model in data["models"]:
         rows, summary = steps_table(model)
-        print(f"\n## {model['name']} ({model['concepts']} NMF concepts, render {data['image_size']} px, "
-              f"input {model['input_size']} px, {data['device']}, {data['precision']})\n")
-        print_table(["crops", "steps", "cost (passes)", "objective / ref", "worst", "viz / top crops"], rows)
+        print(
+            f"\n## {model['name']} ({model['concepts']} NMF concepts, render {data['image_size']} px, "
+            f"input {model['input_size']} px, {data['device']}, {data['precision']})\n"
+        )
+        print_table(
+            ["crops", "steps", "cost (passes)", "objective / ref", "worst", "viz / top crops"], rows
+        )
         ref = summary["ref"]
-        print(f"\nreference: {ref['steps']} steps x {ref['crops']} crops; random phase (step 0) scores "
-              f"{summary['random_start']:.3f} of it")
+        print(
+            f"\nreference: {ref['steps']} steps x {ref['crops']} crops; random phase (step 0) scores "
+            f"{summary['random_start']:.3f} of it"
+        )
         best = summary["best"]
         if best:
-            print(f"cheapest setting >= 95% of the reference: {best['steps']} steps x {best['crops']} crops = "
-                  f"{best['cost']} passes ({best['ratio']:.3f}, worst concept {best['worst']:.3f}), "
-                  f"{summary['ref_cost'] / best['cost']:.1f}x cheaper than the reference")
+            print(
+                f"cheapest setting >= 95% of the reference: {best['steps']} steps x {best['crops']} crops = "
+                f"{best['cost']} passes ({best['ratio']:.3f}, worst concept {best['worst']:.3f}), "
+                f"{summary['ref_cost'] / best['cost']:.1f}x cheaper than the reference"
+            )
         else:
             print("no setting reaches 95% of the reference below it")
-        secs = ", ".join(f"{r['crops']} crops {r['seconds'] / model['concepts'] / r['steps'] * 1000:.1f} ms"
-                         for r in sorted(model["runs"], key=lambda r: r["crops"]))
+        secs = ", ".join(
+            f"{r['crops']} crops {r['seconds'] / model['concepts'] / r['steps'] * 1000:.1f} ms"
+            for r in sorted(model["runs"], key=lambda r: r["crops"])
+        )
         print(f"time per concept-step ({data['threads']} threads): {secs}")
         sim = []
         for run in sorted(model["runs"], key=lambda r: r["crops"]):
             for window in (16, 32, 64, 128):
                 for tol in (0.0, 0.005, 0.01, 0.02):
                     steps, ratio, worst = simulate_plateau(run, window, tol)
-                    sim.append([run["crops"], window, tol, steps, f"{run['steps'] / steps:.2f}x", ratio, worst])
-        print("\nEarly stop on a plateau, replayed on the recorded objective (stop vs the full run of the same crops):\n")
-        print_table(["crops", "window", "tol", "mean steps", "steps saved", "objective / full", "worst"], sim)
+                    sim.append(
+                        [
+                            run["crops"],
+                            window,
+                            tol,
+                            steps,
+                            f"{run['steps'] / steps:.2f}x",
+                            ratio,
+                            worst,
+                        ]
+                    )
+        print(
+            "\nEarly stop on a plateau, replayed on the recorded objective (stop vs the full run of the same crops):\n"
+        )
+        print_table(
+            ["crops", "window", "tol", "mean steps", "steps saved", "objective / full", "worst"],
+            sim,
+        )
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default="toy,resnet18")
-    ap.add_argument("--crops", default="1,2,4", help="crops per step (the largest is the reference)")
-    ap.add_argument("--model-crops", default="", help="per-model override, e.g. resnet18=2,4;toy=1,2")
+    ap.add_argument(
+        "--crops", default="1,2,4", help="crops per step (the largest is the reference)"
+    )
+    ap.add_argument(
+        "--model-crops", default="", help="per-model override, e.g. resnet18=2,4;toy=1,2"
+    )
     ap.add_argument("--steps", type=int, default=1000)
     ap.add_argument("--size", type=int, default=128, help="rendered image side")
     ap.add_argument("--input", type=int, default=64, help="torchvision models' input side")
@@ -249,19 +339,31 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     overrides = dict(item.split("=") for item in args.model_crops.split(";") if item)
-    data: dict[str, Any] = {"image_size": args.size, "device": str(device), "precision": args.precision,
-                            "threads": args.threads, "models": []}
+    data: dict[str, Any] = {
+        "image_size": args.size,
+        "device": str(device),
+        "precision": args.precision,
+        "threads": args.threads,
+        "models": [],
+    }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     for name in args.models.split(","):
         sub = subject(name, args.input, args.per_class, args.classes, args.k, device)
         magnitude = maco.estimate_magnitude([sub["images"]], args.size)
-        model = {"name": name, "input_size": sub["input_size"], "concepts": len(sub["directions"]),
-                 "top_act": sub["top_act"].tolist(), "runs": []}
+        model = {
+            "name": name,
+            "input_size": sub["input_size"],
+            "concepts": len(sub["directions"]),
+            "top_act": sub["top_act"].tolist(),
+            "runs": [],
+        }
         data["models"].append(model)
         crops = [int(c) for c in overrides.get(name, args.crops).split(",")]
         for c in crops:
-            cfg = MacoConfig(steps=args.steps, image_size=args.size, crops=c, batch_size=len(sub["directions"]))
+            cfg = MacoConfig(
+                steps=args.steps, image_size=args.size, crops=c, batch_size=len(sub["directions"])
+            )
             run = run_setting(sub, cfg, magnitude, args.every, device, args.precision)
             model["runs"].append(run)
             print(f"{name}: crops {c}, {args.steps} steps in {run['seconds']:.0f} s", flush=True)

@@ -63,9 +63,16 @@ class Counter:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--classes", type=int, default=10, help="toy classes (at most 10)")
-    ap.add_argument("--interval", type=float, nargs="+", default=[0.0, 10.0],
-                    help="index intervals to measure (LENS_INDEX_INTERVAL_S); 0 = every update")
-    ap.add_argument("--s3", action="store_true", help="publish to a SeaweedFS S3 server on loopback")
+    ap.add_argument(
+        "--interval",
+        type=float,
+        nargs="+",
+        default=[0.0, 10.0],
+        help="index intervals to measure (LENS_INDEX_INTERVAL_S); 0 = every update",
+    )
+    ap.add_argument(
+        "--s3", action="store_true", help="publish to a SeaweedFS S3 server on loopback"
+    )
     args = ap.parse_args()
     n = max(1, min(10, args.classes))
     with tempfile.TemporaryDirectory(prefix="lens-bench-progressive-") as tmp:
@@ -79,8 +86,15 @@ def main() -> None:
             options = server.storage_options
             base = f"s3://{server.new_bucket()}"
         try:
-            cfg = make_config({**CONFIG, "store": f"file://{tmp}/store", "publish": base,
-                               "storage_options": options}, classes=[str(i) for i in range(n)])
+            cfg = make_config(
+                {
+                    **CONFIG,
+                    "store": f"file://{tmp}/store",
+                    "publish": base,
+                    "storage_options": options,
+                },
+                classes=[str(i) for i in range(n)],
+            )
             info = prepare_run(cfg)
             for slug in info.slugs:
                 run_class(info, slug)
@@ -108,8 +122,16 @@ def main() -> None:
                 pub.finish()
                 final = time.perf_counter() - t
                 files, nbytes = counter.take()
-                rows.append((f"partial, index every {interval:g} s", files, nbytes, early + fill + final,
-                             first_page or 0.0, pub.stats["index_writes"]))
+                rows.append(
+                    (
+                        f"partial, index every {interval:g} s",
+                        files,
+                        nbytes,
+                        early + fill + final,
+                        first_page or 0.0,
+                        pub.stats["index_writes"],
+                    )
+                )
             t = time.perf_counter()
             publish(info, f"{base}/final-only")
             seconds = time.perf_counter() - t
@@ -119,14 +141,22 @@ def main() -> None:
             if server is not None:
                 server.stop()
     where = "S3 (SeaweedFS, loopback)" if args.s3 else "local disk"
-    print(f"{n} toy classes, {CONFIG['concepts']['n_concepts']} concepts each, published to {where}")
-    print(f"{'':32} {'writes':>7} {'per class':>9} {'MB':>6} {'seconds':>8} {'s/class':>8} "
-          f"{'first page s':>12} {'index writes':>12} {'writes x':>8} {'seconds x':>9}")
+    print(
+        f"{n} toy classes, {CONFIG['concepts']['n_concepts']} concepts each, published to {where}"
+    )
+    print(
+        f"{'':32} {'writes':>7} {'per class':>9} {'MB':>6} {'seconds':>8} {'s/class':>8} "
+        f"{'first page s':>12} {'index writes':>12} {'writes x':>8} {'seconds x':>9}"
+    )
     for name, files, nbytes, secs, first, index in [base_row, *rows]:
-        print(f"{name:32} {files:7d} {files / n:9.1f} {nbytes / 1e6:6.2f} {secs:8.2f} {secs / n:8.3f} "
-              f"{first:12.2f} {index:12d} {files / base_row[1]:8.2f} {secs / base_row[3]:9.2f}")
-    print("first page s: seconds from the first publish call to the first class page and index "
-          "(final-only: the whole publish, which comes after every class and render)")
+        print(
+            f"{name:32} {files:7d} {files / n:9.1f} {nbytes / 1e6:6.2f} {secs:8.2f} {secs / n:8.3f} "
+            f"{first:12.2f} {index:12d} {files / base_row[1]:8.2f} {secs / base_row[3]:9.2f}"
+        )
+    print(
+        "first page s: seconds from the first publish call to the first class page and index "
+        "(final-only: the whole publish, which comes after every class and render)"
+    )
 
 
 if __name__ == "__main__":

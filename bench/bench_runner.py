@@ -65,18 +65,26 @@ def main() -> None:
     times: dict[str, list[float]] = {}
     try:
         with temporary_settings(updates={PREFECT_API_URL: api.wait()}):
-            runners = {"prefect-dask": lambda: DaskTaskRunner(address=cluster.scheduler_address),
-                       "lens (pure=False)": lambda: LensDaskTaskRunner(address=cluster.scheduler_address),
-                       "+ settings objects": lambda: settings_as_objects(address=cluster.scheduler_address)}
+            runners = {
+                "prefect-dask": lambda: DaskTaskRunner(address=cluster.scheduler_address),
+                "lens (pure=False)": lambda: LensDaskTaskRunner(address=cluster.scheduler_address),
+                "+ settings objects": lambda: settings_as_objects(
+                    address=cluster.scheduler_address
+                ),
+            }
             times = {name: [] for name in runners}
-            fan_out.with_options(task_runner=runners["prefect-dask"]())(10)  # warm the workers' imports
+            fan_out.with_options(task_runner=runners["prefect-dask"]())(
+                10
+            )  # warm the workers' imports
             names = list(runners)
             for r in range(args.rounds):
-                order = names[r % len(names):] + names[: r % len(names)]
+                order = names[r % len(names) :] + names[: r % len(names)]
                 for name in order:
                     seconds = fan_out.with_options(task_runner=runners[name]())(args.tasks)
                     times[name].append(seconds / args.tasks)
-                    print(f"round {r}: {name:20s} {seconds:6.1f} s for {args.tasks} tasks", flush=True)
+                    print(
+                        f"round {r}: {name:20s} {seconds:6.1f} s for {args.tasks} tasks", flush=True
+                    )
     finally:
         cluster.close()
         api.stop()

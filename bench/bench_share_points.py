@@ -68,7 +68,9 @@ def _fitted_resnet(arch: str, data_url: str, n_classes: int, path: Path) -> None
     X = np.stack(feats)
     scale = X.std() or 1.0
     clf = LogisticRegression(max_iter=2000, C=10.0).fit(X / scale, labels)
-    print(f"  {arch} head fitted on {len(X)} images: train accuracy {clf.score(X / scale, labels):.2f}")
+    print(
+        f"  {arch} head fitted on {len(X)} images: train accuracy {clf.score(X / scale, labels):.2f}"
+    )
     with torch.no_grad():
         model.fc.weight.copy_(torch.from_numpy(clf.coef_ / scale).float())
         model.fc.bias.copy_(torch.from_numpy(clf.intercept_).float())
@@ -87,8 +89,9 @@ def _patch_share(acts, con, head, index: int) -> np.ndarray | None:
     """The old definition: the share summed over the class's patches classified as the class."""
     weight, bias = (t.detach().float().numpy() for t in head)
     parts = logit_contributions(con["U"][:], con["W"][:], acts["A"][:], weight, bias, index)
-    share = logit_share(parts["contributions"], acts["patch_pred"][:] == index,
-                        parts["residual"], parts["bias"])
+    share = logit_share(
+        parts["contributions"], acts["patch_pred"][:] == index, parts["residual"], parts["bias"]
+    )
     if share.n_points < OLD_MIN_PATCHES or share.denominator <= 0:
         return None
     return share.concepts
@@ -110,8 +113,10 @@ def compare(info, title: str) -> dict[str, float]:
     split = get_split(info, "cpu")
     store = info.store()
     print(f"\n## {title}\n")
-    print("| class | images assigned | patches assigned | share over images | over patches "
-          "| images top-3 = Sobol | patches top-3 = Sobol | fidelity images | fidelity patches |")
+    print(
+        "| class | images assigned | patches assigned | share over images | over patches "
+        "| images top-3 = Sobol | patches top-3 = Sobol | fidelity images | fidelity patches |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     agree = {"images": 0, "patches": 0}
     defined = {"images": 0, "patches": 0}
@@ -124,8 +129,11 @@ def compare(info, title: str) -> dict[str, float]:
         sobol_top = list(rank_concepts(sobol)[:3])
         img_share = imp["logit_share"][:] if "logit_share" in set(imp.array_keys()) else None
         patch_share = _patch_share(acts, con, split.head, cls.index)
-        row = [slug, f"{imp.attrs['assigned_images']}/{imp.attrs['n_images']}",
-               f"{imp.attrs['assigned_patches']}/{imp.attrs['n_patches']}"]
+        row = [
+            slug,
+            f"{imp.attrs['assigned_images']}/{imp.attrs['n_images']}",
+            f"{imp.attrs['assigned_patches']}/{imp.attrs['n_patches']}",
+        ]
         same, ratio = {}, {}
         for kind, share in (("images", img_share), ("patches", patch_share)):
             order = rank_concepts(share if share is not None else sobol)
@@ -134,16 +142,22 @@ def compare(info, title: str) -> dict[str, float]:
             agree[kind] += same[kind]
             ratio[kind] = _fidelity(split, info, slug, order)
             fid[kind].append(ratio[kind])
-        row += ["yes" if img_share is not None else "Sobol fallback",
-                "yes" if patch_share is not None else "Sobol fallback",
-                "yes" if same["images"] else "no", "yes" if same["patches"] else "no",
-                f"{ratio['images']:.3f}", f"{ratio['patches']:.3f}"]
+        row += [
+            "yes" if img_share is not None else "Sobol fallback",
+            "yes" if patch_share is not None else "Sobol fallback",
+            "yes" if same["images"] else "no",
+            "yes" if same["patches"] else "no",
+            f"{ratio['images']:.3f}",
+            f"{ratio['patches']:.3f}",
+        ]
         print("| " + " | ".join(row) + " |")
     n = len(info.slugs)
-    print(f"\nshare defined: images {defined['images']}/{n}, patches {defined['patches']}/{n}; "
-          f"top-3 order equals Sobol's: images {agree['images']}/{n}, patches {agree['patches']}/{n}; "
-          f"median fidelity (deletion AUC / random): images {np.nanmedian(fid['images']):.3f}, "
-          f"patches {np.nanmedian(fid['patches']):.3f}")
+    print(
+        f"\nshare defined: images {defined['images']}/{n}, patches {defined['patches']}/{n}; "
+        f"top-3 order equals Sobol's: images {agree['images']}/{n}, patches {agree['patches']}/{n}; "
+        f"median fidelity (deletion AUC / random): images {np.nanmedian(fid['images']):.3f}, "
+        f"patches {np.nanmedian(fid['patches']):.3f}"
+    )
     return {"agree_images": agree["images"], "agree_patches": agree["patches"]}
 
 
@@ -161,15 +175,19 @@ def residual_basis(info, title: str) -> None:
         n, C, h, w = spatial.shape
         a_bar = spatial.mean(axis=(2, 3)).astype(np.float64)
         u_pool = np.asarray(extractor.encode(a_bar.astype(np.float32), W), np.float64)
-        per_pos = np.asarray(extractor.encode(spatial.transpose(0, 2, 3, 1).reshape(-1, C), W), np.float64)
+        per_pos = np.asarray(
+            extractor.encode(spatial.transpose(0, 2, 3, 1).reshape(-1, C), W), np.float64
+        )
         u_mean = per_pos.reshape(n, h * w, -1).mean(1)
         wc = weight[cls.index]
         scale = np.abs(a_bar @ wc) + 1e-12
         pooled_r += list(np.abs((a_bar - u_pool @ W) @ wc) / scale)
         mean_r += list(np.abs((a_bar - u_mean @ W) @ wc) / scale)
-    print(f"\n{title}: median |residual| / |logit - bias| over {len(pooled_r)} images: "
-          f"pooled ū {np.median(pooled_r):.4f}, mean of per-position ū {np.median(mean_r):.4f} "
-          f"(ratio {np.median(mean_r) / max(np.median(pooled_r), 1e-12):.2f}x)")
+    print(
+        f"\n{title}: median |residual| / |logit - bias| over {len(pooled_r)} images: "
+        f"pooled ū {np.median(pooled_r):.4f}, mean of per-position ū {np.median(mean_r):.4f} "
+        f"(ratio {np.median(mean_r) / max(np.median(pooled_r), 1e-12):.2f}x)"
+    )
 
 
 def main() -> None:
@@ -182,19 +200,32 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         data = ensure_toy_dataset(f"file://{root}/toy", args.classes, args.images, 0)
-        base = {"data": {"url": data, "images_per_class": args.images},
-                "concepts": {"n_concepts": 10}, "importance": {"images": args.images, "n_designs": 16}}
+        base = {
+            "data": {"url": data, "images_per_class": args.images},
+            "concepts": {"n_concepts": 10},
+            "importance": {"images": args.images, "n_designs": 16},
+        }
         toy = _run({**base, "store": f"file://{root}/toy-store"})
         compare(toy, "toy CNN (block4), 4x4 patches of 29% of the side")
-        small = _run({**base, "patches": {"fraction": 0.2, "grid": 4},
-                      "store": f"file://{root}/toy-small-store"})
+        small = _run(
+            {
+                **base,
+                "patches": {"fraction": 0.2, "grid": 4},
+                "store": f"file://{root}/toy-small-store",
+            }
+        )
         compare(small, "toy CNN (block4), small patches (20% of the side)")
 
         fit = ensure_toy_dataset(f"file://{root}/fit", args.classes, 20, 1)
         ckpt = root / "resnet18.pt"
         _fitted_resnet("resnet18", fit, args.classes, ckpt)
-        model = {"arch": "resnet18", "checkpoint": str(ckpt), "layer": "layer4", "input_size": 224,
-                 **IMAGENET}
+        model = {
+            "arch": "resnet18",
+            "checkpoint": str(ckpt),
+            "layer": "layer4",
+            "input_size": 224,
+            **IMAGENET,
+        }
         r18 = _run({**base, "model": model, "store": f"file://{root}/r18-store"})
         compare(r18, "ResNet18 (random convolutions, fitted head) at layer4")
         residual_basis(r18, "ResNet18 layer4")
@@ -203,12 +234,20 @@ def main() -> None:
             torch.manual_seed(0)
             import torchvision
 
-            torch.save(torchvision.models.resnet50(weights=None, num_classes=args.classes).state_dict(),
-                       ckpt50)
-            r50 = _run({**base, "data": {**base["data"], "images_per_class": 6},
-                        "importance": {"images": 6, "n_designs": 4},
-                        "model": {**model, "arch": "resnet50", "checkpoint": str(ckpt50)},
-                        "store": f"file://{root}/r50-store"}, classes=r18.slugs[:3])
+            torch.save(
+                torchvision.models.resnet50(weights=None, num_classes=args.classes).state_dict(),
+                ckpt50,
+            )
+            r50 = _run(
+                {
+                    **base,
+                    "data": {**base["data"], "images_per_class": 6},
+                    "importance": {"images": 6, "n_designs": 4},
+                    "model": {**model, "arch": "resnet50", "checkpoint": str(ckpt50)},
+                    "store": f"file://{root}/r50-store",
+                },
+                classes=r18.slugs[:3],
+            )
             residual_basis(r50, "ResNet50 layer4 (random init)")
 
 

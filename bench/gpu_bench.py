@@ -50,26 +50,52 @@ PARTS = ("activations", "maco", "nmf", "e2e")
 # Sizes of a real run (GPU) and of the smoke run (CPU, tiny, same code paths).
 SIZES: dict[str, dict[str, Any]] = {
     "gpu": {
-        "input": 224, "act_images": 256, "act_batch": 256, "act_repeats": 3,
-        "maco_size": 512, "maco_steps": 256, "maco_crops": 6, "maco_batches": [1, 8, 32, 64],
-        "maco_fp32_batches": [1], "horama_concepts": 2,
-        "nmf_shape": [4800, 2048], "nmf_k": 10,
-        "e2e_classes": 20, "e2e_images": 50, "e2e_timeout": 300,
+        "input": 224,
+        "act_images": 256,
+        "act_batch": 256,
+        "act_repeats": 3,
+        "maco_size": 512,
+        "maco_steps": 256,
+        "maco_crops": 6,
+        "maco_batches": [1, 8, 32, 64],
+        "maco_fp32_batches": [1],
+        "horama_concepts": 2,
+        "nmf_shape": [4800, 2048],
+        "nmf_k": 10,
+        "e2e_classes": 20,
+        "e2e_images": 50,
+        "e2e_timeout": 300,
         "e2e_config": {
             "patches": {"image_size": 224, "grid": 4, "batch_size": 256},
             "concepts": {"n_concepts": 10},
             "importance": {"n_designs": 32, "images": 16},
             "crops": {"per_concept": 10, "attribution_images": 3},
             # the budget chosen in docs/performance.md (bench_maco_budget.py): 256 steps x 2 crops at 512 px
-            "maco": {"steps": 256, "crops": 2, "image_size": 512, "crop_range": [0.25, 0.30], "batch_size": 64},
+            "maco": {
+                "steps": 256,
+                "crops": 2,
+                "image_size": 512,
+                "crop_range": [0.25, 0.30],
+                "batch_size": 64,
+            },
         },
     },
     "cpu-smoke": {
-        "input": 32, "act_images": 2, "act_batch": 16, "act_repeats": 1,
-        "maco_size": 32, "maco_steps": 2, "maco_crops": 1, "maco_batches": [1, 2],
-        "maco_fp32_batches": [1], "horama_concepts": 1,
-        "nmf_shape": [200, 32], "nmf_k": 3,
-        "e2e_classes": 2, "e2e_images": 2, "e2e_timeout": 170,
+        "input": 32,
+        "act_images": 2,
+        "act_batch": 16,
+        "act_repeats": 1,
+        "maco_size": 32,
+        "maco_steps": 2,
+        "maco_crops": 1,
+        "maco_batches": [1, 2],
+        "maco_fp32_batches": [1],
+        "horama_concepts": 1,
+        "nmf_shape": [200, 32],
+        "nmf_k": 3,
+        "e2e_classes": 2,
+        "e2e_images": 2,
+        "e2e_timeout": 170,
         "e2e_config": {
             "patches": {"image_size": 32, "grid": 2, "batch_size": 16},
             "concepts": {"n_concepts": 2},
@@ -130,7 +156,13 @@ def resnet50_split(input_size: int, device: Any, num_classes: int = 20):
 
     key = (input_size, str(device))
     if key not in _SPLITS:
-        cfg = ModelConfig(arch="resnet50", layer="layer4", input_size=input_size, num_classes=num_classes, **IMAGENET)
+        cfg = ModelConfig(
+            arch="resnet50",
+            layer="layer4",
+            input_size=input_size,
+            num_classes=num_classes,
+            **IMAGENET,
+        )
         _SPLITS[key] = load_split_model(cfg).to(device)
     return _SPLITS[key]
 
@@ -153,14 +185,18 @@ def part_activations(s: dict[str, Any], device, tmp: Path) -> dict[str, Any]:
     patches = PatchConfig(image_size=image_size, grid=4, batch_size=s["act_batch"])
     boxes = patch_boxes(patches.image_size, patches.fraction, patches.grid)
     imgs = torch.stack([read_image(u, None, image_size) for u in urls]).to(device)
-    crops = extract_patches(imgs, boxes, split.input_size).contiguous(memory_format=torch.channels_last)
+    crops = extract_patches(imgs, boxes, split.input_size).contiguous(
+        memory_format=torch.channels_last
+    )
     n_patches = crops.shape[0]
     rows = []
     for precision in ("fp32", "bf16"):
+
         def ours(precision=precision) -> None:
             group = zarr.open_group(str(tmp / f"acts-{precision}-{time.time_ns()}.zarr"), mode="w")
-            compute_class_activations(split, 0, urls, group, patches, spatial_images=0, device=device,
-                                      precision=precision)
+            compute_class_activations(
+                split, 0, urls, group, patches, spatial_images=0, device=device, precision=precision
+            )
 
         def bare(precision=precision) -> None:
             with inference(device, precision):
@@ -173,11 +209,22 @@ def part_activations(s: dict[str, Any], device, tmp: Path) -> dict[str, Any]:
         ours()
         t_ours = timed(ours, device, s["act_repeats"])[0]
         t_bare = timed(bare, device, s["act_repeats"])[0]
-        rows.append({"precision": precision, "ours_patches_s": n_patches / t_ours,
-                     "bare_patches_s": n_patches / t_bare, "ours_vs_bare": t_bare / t_ours})
-    return {"images": len(urls), "patches": n_patches, "batch": patches.batch_size, "rows": rows,
-            "note": "ours = decode JPEGs + cut patches + g + h + Zarr appends; bare = g + h on patches already "
-                    "on the device (no I/O); ours_vs_bare = throughput ratio"}
+        rows.append(
+            {
+                "precision": precision,
+                "ours_patches_s": n_patches / t_ours,
+                "bare_patches_s": n_patches / t_bare,
+                "ours_vs_bare": t_bare / t_ours,
+            }
+        )
+    return {
+        "images": len(urls),
+        "patches": n_patches,
+        "batch": patches.batch_size,
+        "rows": rows,
+        "note": "ours = decode JPEGs + cut patches + g + h + Zarr appends; bare = g + h on patches already "
+        "on the device (no I/O); ours_vs_bare = throughput ratio",
+    }
 
 
 def _maco_subject(s: dict[str, Any], device, tmp: Path):
@@ -193,11 +240,17 @@ def _maco_subject(s: dict[str, Any], device, tmp: Path):
     imgs = torch.stack([read_image(u, None, s["input"]) for u in urls])
     boxes = patch_boxes(s["input"], 64 / 224, 4)
     with torch.no_grad():
-        A = maco.pool(split.g(extract_patches(imgs, boxes, split.input_size).to(device))).float().cpu()
+        A = (
+            maco.pool(split.g(extract_patches(imgs, boxes, split.input_size).to(device)))
+            .float()
+            .cpu()
+        )
     n = max(s["maco_batches"])
     k = min(n, A.shape[0], A.shape[1], 16)
     W = torch.from_numpy(nmf(A.numpy(), k, solver="torch", max_iter=200).W)
-    directions = W[torch.arange(n) % k] + 1e-3 * torch.rand(n, W.shape[1], generator=torch.Generator().manual_seed(0))
+    directions = W[torch.arange(n) % k] + 1e-3 * torch.rand(
+        n, W.shape[1], generator=torch.Generator().manual_seed(0)
+    )
     magnitude = maco.estimate_magnitude([imgs], s["maco_size"])
     return split, directions, magnitude
 
@@ -207,21 +260,52 @@ def part_maco(s: dict[str, Any], device, tmp: Path) -> dict[str, Any]:
     from lens_core.config import MacoConfig
 
     split, dirs, magnitude = _maco_subject(s, device, tmp)
-    cfg = MacoConfig(steps=s["maco_steps"], image_size=s["maco_size"], crops=s["maco_crops"],
-                     crop_range=(0.25, 0.30), batch_size=max(s["maco_batches"]))
+    cfg = MacoConfig(
+        steps=s["maco_steps"],
+        image_size=s["maco_size"],
+        crops=s["maco_crops"],
+        crop_range=(0.25, 0.30),
+        batch_size=max(s["maco_batches"]),
+    )
     warm = cfg.model_copy(update={"steps": 2})
     for p in ("fp32", "bf16"):
-        maco.render_concepts(split.g, dirs[:2], warm, magnitude, [0, 1], split.input_size, device, precision=p)
+        maco.render_concepts(
+            split.g, dirs[:2], warm, magnitude, [0, 1], split.input_size, device, precision=p
+        )
     rows = []
     runs = [("bf16", b) for b in s["maco_batches"]] + [("fp32", b) for b in s["maco_fp32_batches"]]
     for precision, b in runs:
         c = cfg.model_copy(update={"batch_size": b})
-        t, res = timed(lambda c=c, b=b, precision=precision: maco.render_concepts(
-            split.g, dirs[:b], c, magnitude, list(range(b)), split.input_size, device, precision=precision), device)
-        rows.append({"impl": "lens", "precision": precision, "B": b, "s_per_concept": t / b,
-                     "objective_mean": float(res.objective.mean())})
-    out: dict[str, Any] = {"image_size": cfg.image_size, "steps": cfg.steps, "crops": cfg.crops,
-                           "crop_range": list(cfg.crop_range), "input_size": split.input_size, "rows": rows}
+        t, res = timed(
+            lambda c=c, b=b, precision=precision: maco.render_concepts(
+                split.g,
+                dirs[:b],
+                c,
+                magnitude,
+                list(range(b)),
+                split.input_size,
+                device,
+                precision=precision,
+            ),
+            device,
+        )
+        rows.append(
+            {
+                "impl": "lens",
+                "precision": precision,
+                "B": b,
+                "s_per_concept": t / b,
+                "objective_mean": float(res.objective.mean()),
+            }
+        )
+    out: dict[str, Any] = {
+        "image_size": cfg.image_size,
+        "steps": cfg.steps,
+        "crops": cfg.crops,
+        "crop_range": list(cfg.crop_range),
+        "input_size": split.input_size,
+        "rows": rows,
+    }
     try:
         import bench_maco
 
@@ -239,19 +323,40 @@ def part_maco(s: dict[str, Any], device, tmp: Path) -> dict[str, Any]:
     os.chdir(hdir)  # Horama reads ./spectrum_decorrelated.npy (and downloads it when missing)
     try:
         np.save(hm.MACO_SPECTRUM_FILENAME, magnitude.numpy())
-        bench_maco.horama_render(hm, split.g, dirs[0], cfg.model_copy(update={"steps": 2}), magnitude,
-                                 split.input_size, device, 0)
+        bench_maco.horama_render(
+            hm,
+            split.g,
+            dirs[0],
+            cfg.model_copy(update={"steps": 2}),
+            magnitude,
+            split.input_size,
+            device,
+            0,
+        )
         times, images = [], []
         for i in range(n):
-            t, im = timed(lambda i=i: bench_maco.horama_render(hm, split.g, dirs[i], cfg, magnitude,
-                                                               split.input_size, device, i), device)
+            t, im = timed(
+                lambda i=i: bench_maco.horama_render(
+                    hm, split.g, dirs[i], cfg, magnitude, split.input_size, device, i
+                ),
+                device,
+            )
             times.append(t)
             images.append(im)
     finally:
         os.chdir(cwd)
-    obj = maco.evaluate_images(split.g, torch.stack(images).to(device), dirs[:n].to(device), split.input_size)
-    rows.append({"impl": "horama 0.3.0", "precision": "fp32", "B": 1, "s_per_concept": sum(times) / n,
-                 "objective_mean": float(obj.mean())})
+    obj = maco.evaluate_images(
+        split.g, torch.stack(images).to(device), dirs[:n].to(device), split.input_size
+    )
+    rows.append(
+        {
+            "impl": "horama 0.3.0",
+            "precision": "fp32",
+            "B": 1,
+            "s_per_concept": sum(times) / n,
+            "objective_mean": float(obj.mean()),
+        }
+    )
     out["horama"] = "installed"
     return out
 
@@ -273,15 +378,31 @@ def part_nmf(s: dict[str, Any], device, _tmp: Path) -> dict[str, Any]:
     for _ in range(2):  # the second run is timed without first-call set-up
         sync(device)
         t0 = time.perf_counter()
-        torch_run = nmf(A, k, solver="torch", device=device, max_iter=4096, tol=0.0, target_error=ref.rel_error)
+        torch_run = nmf(
+            A, k, solver="torch", device=device, max_iter=4096, tol=0.0, target_error=ref.rel_error
+        )
         sync(device)
         t_torch = time.perf_counter() - t0
     reached = torch_run.rel_error <= ref.rel_error * (1 + 1e-3)  # equal error, to 0.1%
-    return {"shape": [n, c], "k": k, "cpu_threads": os.cpu_count(),
-            "sklearn": {"seconds": t_sk, "rel_error": ref.rel_error, "iters": ref.n_iter, "device": "cpu"},
-            "torch": {"seconds": t_torch, "rel_error": torch_run.rel_error, "iters": torch_run.n_iter,
-                      "device": str(device), "reached_sklearn_error": bool(reached)},
-            "speedup": t_sk / t_torch}
+    return {
+        "shape": [n, c],
+        "k": k,
+        "cpu_threads": os.cpu_count(),
+        "sklearn": {
+            "seconds": t_sk,
+            "rel_error": ref.rel_error,
+            "iters": ref.n_iter,
+            "device": "cpu",
+        },
+        "torch": {
+            "seconds": t_torch,
+            "rel_error": torch_run.rel_error,
+            "iters": torch_run.n_iter,
+            "device": str(device),
+            "reached_sklearn_error": bool(reached),
+        },
+        "speedup": t_sk / t_torch,
+    }
 
 
 class GpuSampler:
@@ -297,8 +418,16 @@ class GpuSampler:
     def __enter__(self) -> GpuSampler:
         if self.exe:
             self.proc = subprocess.Popen(
-                [self.exe, "--query-gpu=utilization.gpu,memory.used", "--format=csv,noheader,nounits",
-                 f"--loop-ms={self.period_ms}"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+                [
+                    self.exe,
+                    "--query-gpu=utilization.gpu,memory.used",
+                    "--format=csv,noheader,nounits",
+                    f"--loop-ms={self.period_ms}",
+                ],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.DEVNULL,
+                text=True,
+            )
             self.thread = threading.Thread(target=self._read, daemon=True)
             self.thread.start()
         return self
@@ -324,14 +453,18 @@ class GpuSampler:
         if not self.exe:
             return None
         utils = [u for u, _ in self.samples]
-        return {"samples": len(utils), "period_ms": self.period_ms,
-                "util_mean": statistics.fmean(utils) if utils else None,
-                "util_busy_share": sum(u > 0 for u in utils) / len(utils) if utils else None,
-                "mem_max_mib": max((m for _, m in self.samples), default=None)}
+        return {
+            "samples": len(utils),
+            "period_ms": self.period_ms,
+            "util_mean": statistics.fmean(utils) if utils else None,
+            "util_busy_share": sum(u > 0 for u in utils) / len(utils) if utils else None,
+            "mem_max_mib": max((m for _, m in self.samples), default=None),
+        }
 
 
 def _toml(cfg: dict[str, Any]) -> str:
     """A flat-enough TOML writer for the e2e config (tables of scalars and lists)."""
+
     def val(v: Any) -> str:
         if isinstance(v, str):
             return json.dumps(v)
@@ -369,14 +502,27 @@ def part_e2e(s: dict[str, Any], _device, tmp: Path, mode: str) -> dict[str, Any]
     torch.save(torchvision.models.resnet50(weights=None, num_classes=n_cls).state_dict(), ckpt)
     setup_s = time.perf_counter() - t0
     gpu = mode == "gpu"
-    cfg = {"store": f"file://{root}/store", "publish": f"file://{root}/site",
-           "model": {"arch": "resnet50", "checkpoint": str(ckpt), "layer": "layer4", "input_size": s["input"],
-                     "precision": "bf16" if gpu else "fp32", **IMAGENET},
-           "data": {"url": f"file://{data}", "images_per_class": n_img}, **s["e2e_config"]}
+    cfg = {
+        "store": f"file://{root}/store",
+        "publish": f"file://{root}/site",
+        "model": {
+            "arch": "resnet50",
+            "checkpoint": str(ckpt),
+            "layer": "layer4",
+            "input_size": s["input"],
+            "precision": "bf16" if gpu else "fp32",
+            **IMAGENET,
+        },
+        "data": {"url": f"file://{data}", "images_per_class": n_img},
+        **s["e2e_config"],
+    }
     cfg_path = root / "atlas.toml"
     cfg_path.write_text(_toml(cfg))
-    env = {**os.environ, "PREFECT_HOME": str(root / "prefect-home"), "PYTHONPATH": str(ROOT) + os.pathsep
-           + os.environ.get("PYTHONPATH", "")}
+    env = {
+        **os.environ,
+        "PREFECT_HOME": str(root / "prefect-home"),
+        "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+    }
     if gpu:
         env["LENS_GPU"] = "1"
     else:
@@ -385,14 +531,26 @@ def part_e2e(s: dict[str, Any], _device, tmp: Path, mode: str) -> dict[str, Any]
     cmd = [sys.executable, "-m", "flows.cli", "run", "--config", str(cfg_path), "--no-progress"]
     with GpuSampler() as sampler:
         t0 = time.perf_counter()
-        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=s["e2e_timeout"])
+        proc = subprocess.run(
+            cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=s["e2e_timeout"]
+        )
         wall = time.perf_counter() - t0
-    out: dict[str, Any] = {"classes": n_cls, "images_per_class": n_img, "config": cfg, "returncode": proc.returncode,
-                           "wall_s": wall, "data_setup_s": setup_s, "lens_gpu": gpu,
-                           "stdout_tail": proc.stdout.strip().splitlines()[-8:],
-                           "stderr_tail": proc.stderr.strip().splitlines()[-12:]}
+    out: dict[str, Any] = {
+        "classes": n_cls,
+        "images_per_class": n_img,
+        "config": cfg,
+        "returncode": proc.returncode,
+        "wall_s": wall,
+        "data_setup_s": setup_s,
+        "lens_gpu": gpu,
+        "stdout_tail": proc.stdout.strip().splitlines()[-8:],
+        "stderr_tail": proc.stderr.strip().splitlines()[-12:],
+    }
     if proc.returncode != 0:
-        raise RuntimeError(f"lens run exited {proc.returncode}: " + " | ".join(out["stderr_tail"][-4:] or out["stdout_tail"]))
+        raise RuntimeError(
+            f"lens run exited {proc.returncode}: "
+            + " | ".join(out["stderr_tail"][-4:] or out["stdout_tail"])
+        )
     info = prepare_run(load_config(cfg_path))
     statuses = read_status(info.store(), info.slugs)
     per_stage: dict[str, list[float]] = {}
@@ -402,10 +560,18 @@ def part_e2e(s: dict[str, Any], _device, tmp: Path, mode: str) -> dict[str, Any]
                 per_stage.setdefault(stage, []).append(float(rec["seconds"]))
     out["stage_s_per_class"] = {k: statistics.fmean(v) for k, v in per_stage.items()}
     out["stage_classes"] = {k: len(v) for k, v in per_stage.items()}
-    done = sum(1 for st in statuses.values() if all((st.get(x) or {}).get("state") in ("completed", "skipped")
-                                                   for x in (*layout.CLASS_STAGES, "render")))
+    done = sum(
+        1
+        for st in statuses.values()
+        if all(
+            (st.get(x) or {}).get("state") in ("completed", "skipped")
+            for x in (*layout.CLASS_STAGES, "render")
+        )
+    )
     out["classes_completed"] = done
-    for line in proc.stdout.splitlines():  # "time: classes and renders 12 s (200 concepts in 4 render batches), ..."
+    for line in (
+        proc.stdout.splitlines()
+    ):  # "time: classes and renders 12 s (200 concepts in 4 render batches), ..."
         if line.startswith("time: classes and renders"):
             out["timings_line"] = line
             with contextlib.suppress(ValueError):
@@ -416,8 +582,10 @@ def part_e2e(s: dict[str, Any], _device, tmp: Path, mode: str) -> dict[str, Any]
     busy = out.get("classes_and_renders_s", wall)
     stage_sum = sum(out["stage_s_per_class"].get(k, 0.0) for k in layout.CLASS_STAGES)
     out["per_class_s"] = {"flow": busy / n_cls, "class_stages": stage_sum}
-    out["gpu_hours_1000_classes"] = {"from_flow_time": busy / n_cls * 1000 / 3600,
-                                     "from_wall_incl_startup": wall / n_cls * 1000 / 3600}
+    out["gpu_hours_1000_classes"] = {
+        "from_flow_time": busy / n_cls * 1000 / 3600,
+        "from_wall_incl_startup": wall / n_cls * 1000 / 3600,
+    }
     return out
 
 
@@ -431,58 +599,98 @@ def _fmt(v: Any, digits: int = 3) -> str:
 
 
 def markdown(res: dict[str, Any]) -> str:
-    lines = [f"# LENS GPU benchmark ({res['mode']})", "",
-             f"device: {res['device_name']}; torch {res['torch']}; python {res['python']}; "
-             f"dask-cuda: {res['dask_cuda']}; total {res['seconds']:.0f} s", ""]
+    lines = [
+        f"# LENS GPU benchmark ({res['mode']})",
+        "",
+        f"device: {res['device_name']}; torch {res['torch']}; python {res['python']}; "
+        f"dask-cuda: {res['dask_cuda']}; total {res['seconds']:.0f} s",
+        "",
+    ]
     a = res.get("activations")
     if a:
-        lines += [f"## Activations: ResNet50 (random init), {a['images']} JPEGs, {a['patches']} patches, "
-                  f"batch {a['batch']}", "", "| precision | LENS stage patches/s | bare loop patches/s | LENS / bare |",
-                  "|---|---|---|---|"]
-        lines += [f"| {r['precision']} | {_fmt(r['ours_patches_s'])} | {_fmt(r['bare_patches_s'])} | "
-                  f"{r['ours_vs_bare']:.2f} |" for r in a["rows"]]
+        lines += [
+            f"## Activations: ResNet50 (random init), {a['images']} JPEGs, {a['patches']} patches, "
+            f"batch {a['batch']}",
+            "",
+            "| precision | LENS stage patches/s | bare loop patches/s | LENS / bare |",
+            "|---|---|---|---|",
+        ]
+        lines += [
+            f"| {r['precision']} | {_fmt(r['ours_patches_s'])} | {_fmt(r['bare_patches_s'])} | "
+            f"{r['ours_vs_bare']:.2f} |"
+            for r in a["rows"]
+        ]
         lines.append("")
     m = res.get("maco")
     if m:
-        lines += [f"## MACO: {m['image_size']} px, {m['steps']} steps, {m['crops']} crops of {m['crop_range']}, "
-                  f"input {m['input_size']} (Horama: {m['horama']})", "",
-                  "| implementation | precision | B | s / concept | mean final objective |", "|---|---|---|---|---|"]
-        lines += [f"| {r['impl']} | {r['precision']} | {r['B']} | {_fmt(r['s_per_concept'])} | "
-                  f"{_fmt(r['objective_mean'])} |" for r in m["rows"]]
+        lines += [
+            f"## MACO: {m['image_size']} px, {m['steps']} steps, {m['crops']} crops of {m['crop_range']}, "
+            f"input {m['input_size']} (Horama: {m['horama']})",
+            "",
+            "| implementation | precision | B | s / concept | mean final objective |",
+            "|---|---|---|---|---|",
+        ]
+        lines += [
+            f"| {r['impl']} | {r['precision']} | {r['B']} | {_fmt(r['s_per_concept'])} | "
+            f"{_fmt(r['objective_mean'])} |"
+            for r in m["rows"]
+        ]
         lines.append("")
     n = res.get("nmf")
     if n:
-        lines += [f"## NMF: {n['shape'][0]} x {n['shape'][1]}, k = {n['k']}, at equal error", "",
-                  "| solver | device | seconds | rel. error | iterations |", "|---|---|---|---|---|",
-                  f"| scikit-learn | cpu ({n['cpu_threads']} cores) | {_fmt(n['sklearn']['seconds'])} | "
-                  f"{n['sklearn']['rel_error']:.4f} | {n['sklearn']['iters']} |",
-                  f"| lens torch HALS | {n['torch']['device']} | {_fmt(n['torch']['seconds'])} | "
-                  f"{n['torch']['rel_error']:.4f} | {n['torch']['iters']} |", "",
-                  f"torch / sklearn speed-up: {_fmt(n['speedup'], 2)}x (reached sklearn's error: "
-                  f"{n['torch']['reached_sklearn_error']})", ""]
+        lines += [
+            f"## NMF: {n['shape'][0]} x {n['shape'][1]}, k = {n['k']}, at equal error",
+            "",
+            "| solver | device | seconds | rel. error | iterations |",
+            "|---|---|---|---|---|",
+            f"| scikit-learn | cpu ({n['cpu_threads']} cores) | {_fmt(n['sklearn']['seconds'])} | "
+            f"{n['sklearn']['rel_error']:.4f} | {n['sklearn']['iters']} |",
+            f"| lens torch HALS | {n['torch']['device']} | {_fmt(n['torch']['seconds'])} | "
+            f"{n['torch']['rel_error']:.4f} | {n['torch']['iters']} |",
+            "",
+            f"torch / sklearn speed-up: {_fmt(n['speedup'], 2)}x (reached sklearn's error: "
+            f"{n['torch']['reached_sklearn_error']})",
+            "",
+        ]
     e = res.get("e2e")
     if e:
         util = e.get("gpu_util") or {}
-        lines += [f"## End to end: `lens run`, {e['classes']} classes x {e['images_per_class']} images, "
-                  f"ResNet50, LENS_GPU={'1' if e['lens_gpu'] else 'unset'}", "",
-                  "| stage | seconds per class |", "|---|---|"]
+        lines += [
+            f"## End to end: `lens run`, {e['classes']} classes x {e['images_per_class']} images, "
+            f"ResNet50, LENS_GPU={'1' if e['lens_gpu'] else 'unset'}",
+            "",
+            "| stage | seconds per class |",
+            "|---|---|",
+        ]
         lines += [f"| {k} | {_fmt(v)} |" for k, v in e["stage_s_per_class"].items()]
-        lines += ["", f"wall {e['wall_s']:.1f} s (incl. API and cluster start-up); classes and renders "
-                  f"{_fmt(e.get('classes_and_renders_s', float('nan')))} s; {e['classes_completed']} of "
-                  f"{e['classes']} classes complete",
-                  "GPU utilisation: " + (f"mean {util['util_mean']:.0f}%, busy {100 * util['util_busy_share']:.0f}% "
-                                          f"of {util['samples']} samples, memory max {util['mem_max_mib']:.0f} MiB"
-                                          if util.get("util_mean") is not None else e.get("gpu_util_note", "no samples")),
-                  f"extrapolated GPU-hours for 1,000 classes: {e['gpu_hours_1000_classes']['from_flow_time']:.2f} "
-                  f"(flow time), {e['gpu_hours_1000_classes']['from_wall_incl_startup']:.2f} (wall incl. start-up)", ""]
+        lines += [
+            "",
+            f"wall {e['wall_s']:.1f} s (incl. API and cluster start-up); classes and renders "
+            f"{_fmt(e.get('classes_and_renders_s', float('nan')))} s; {e['classes_completed']} of "
+            f"{e['classes']} classes complete",
+            "GPU utilisation: "
+            + (
+                f"mean {util['util_mean']:.0f}%, busy {100 * util['util_busy_share']:.0f}% "
+                f"of {util['samples']} samples, memory max {util['mem_max_mib']:.0f} MiB"
+                if util.get("util_mean") is not None
+                else e.get("gpu_util_note", "no samples")
+            ),
+            f"extrapolated GPU-hours for 1,000 classes: {e['gpu_hours_1000_classes']['from_flow_time']:.2f} "
+            f"(flow time), {e['gpu_hours_1000_classes']['from_wall_incl_startup']:.2f} (wall incl. start-up)",
+            "",
+        ]
     if res["errors"]:
-        lines += ["## Errors", ""] + [f"- {k}: {v.splitlines()[-1] if v else v}" for k, v in res["errors"].items()]
+        lines += ["## Errors", ""] + [
+            f"- {k}: {v.splitlines()[-1] if v else v}" for k, v in res["errors"].items()
+        ]
     return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--cpu-smoke", action="store_true", help="tiny sizes on the CPU (same code paths)")
+    ap.add_argument(
+        "--cpu-smoke", action="store_true", help="tiny sizes on the CPU (same code paths)"
+    )
     ap.add_argument("--out", default=str(ROOT / "bench" / "out"))
     ap.add_argument("--parts", default=",".join(PARTS))
     args = ap.parse_args(argv)
@@ -491,7 +699,10 @@ def main(argv: list[str] | None = None) -> int:
 
     mode = "cpu-smoke" if args.cpu_smoke else "gpu"
     if mode == "gpu" and not torch.cuda.is_available():
-        print("no CUDA device: run `bench/gpu.sh --cpu-smoke` here, or this on a GPU machine", file=sys.stderr)
+        print(
+            "no CUDA device: run `bench/gpu.sh --cpu-smoke` here, or this on a GPU machine",
+            file=sys.stderr,
+        )
         return 2
     device = torch.device("cuda" if mode == "gpu" else "cpu")
     if mode == "gpu":
@@ -502,15 +713,28 @@ def main(argv: list[str] | None = None) -> int:
 
     s = SIZES[mode]
     res: dict[str, Any] = {
-        "mode": mode, "device": str(device), "python": platform.python_version(), "torch": torch.__version__,
-        "device_name": torch.cuda.get_device_name(0) if mode == "gpu" else f"CPU ({os.cpu_count()} cores)",
-        "dask_cuda": "installed" if _dask_cuda() else "not installed (flows.cluster.GPUCluster fallback)",
-        "sizes": s, "errors": {}, "part_seconds": {},
+        "mode": mode,
+        "device": str(device),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "device_name": torch.cuda.get_device_name(0)
+        if mode == "gpu"
+        else f"CPU ({os.cpu_count()} cores)",
+        "dask_cuda": "installed"
+        if _dask_cuda()
+        else "not installed (flows.cluster.GPUCluster fallback)",
+        "sizes": s,
+        "errors": {},
+        "part_seconds": {},
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    fns = {"activations": part_activations, "maco": part_maco, "nmf": part_nmf,
-           "e2e": lambda s, d, t: part_e2e(s, d, t, mode)}
+    fns = {
+        "activations": part_activations,
+        "maco": part_maco,
+        "nmf": part_nmf,
+        "e2e": lambda s, d, t: part_e2e(s, d, t, mode),
+    }
     with tempfile.TemporaryDirectory(prefix="lens-gpu-bench-") as tmp:
         for part in [p for p in args.parts.split(",") if p]:
             t0 = time.perf_counter()

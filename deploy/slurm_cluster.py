@@ -31,24 +31,57 @@ HEALTH_ONLY = ["distributed.http.health"]  # the scheduler's HTTP routes without
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description="start a dask-jobqueue SLURMCluster for LENS and print its address")
+    p = argparse.ArgumentParser(
+        description="start a dask-jobqueue SLURMCluster for LENS and print its address"
+    )
     p.add_argument("--jobs", type=int, default=2, help="Slurm jobs = Dask workers = GPUs")
-    p.add_argument("--adapt", type=int, metavar="MAX", help="scale between 0 and MAX jobs with the load instead")
+    p.add_argument(
+        "--adapt",
+        type=int,
+        metavar="MAX",
+        help="scale between 0 and MAX jobs with the load instead",
+    )
     p.add_argument("--partition", help="#SBATCH -p")
     p.add_argument("--account", help="#SBATCH -A")
     p.add_argument("--cores", type=int, default=8, help="CPU cores per job (threads of its worker)")
     p.add_argument("--memory", default="64GB", help="memory per job")
-    p.add_argument("--gpus", type=int, default=1, help="GPUs per job (one worker per job uses them)")
+    p.add_argument(
+        "--gpus", type=int, default=1, help="GPUs per job (one worker per job uses them)"
+    )
     p.add_argument("--walltime", default="08:00:00")
-    p.add_argument("--port", type=int, default=8786, help="scheduler port (a stable LENS_DASK_ADDRESS)")
-    p.add_argument("--python", default=sys.executable, help="python of the LENS environment on the compute nodes")
-    p.add_argument("--sbatch", action="append", default=[], help="extra #SBATCH line, e.g. --sbatch='--constraint=a100'")
-    p.add_argument("--prologue", action="append", default=[], help="shell line run before the worker, e.g. 'module load cuda'")
-    p.add_argument("--log-directory", default=str(Path.home() / "lens-dask-logs"), help="job logs (shared FS)")
+    p.add_argument(
+        "--port", type=int, default=8786, help="scheduler port (a stable LENS_DASK_ADDRESS)"
+    )
+    p.add_argument(
+        "--python",
+        default=sys.executable,
+        help="python of the LENS environment on the compute nodes",
+    )
+    p.add_argument(
+        "--sbatch",
+        action="append",
+        default=[],
+        help="extra #SBATCH line, e.g. --sbatch='--constraint=a100'",
+    )
+    p.add_argument(
+        "--prologue",
+        action="append",
+        default=[],
+        help="shell line run before the worker, e.g. 'module load cuda'",
+    )
+    p.add_argument(
+        "--log-directory", default=str(Path.home() / "lens-dask-logs"), help="job logs (shared FS)"
+    )
     p.add_argument("--address-file", type=Path, help="write the scheduler address here")
-    p.add_argument("--tls-dir", type=Path, default=DEFAULT_TLS_DIR,
-                   help="the cluster's CA and certificates: reused when complete, else generated (0700/0600)")
-    p.add_argument("--dashboard", action="store_true", help="serve the scheduler's dashboard on 127.0.0.1:8787")
+    p.add_argument(
+        "--tls-dir",
+        type=Path,
+        default=DEFAULT_TLS_DIR,
+        help="the cluster's CA and certificates: reused when complete, else generated (0700/0600)",
+    )
+    p.add_argument(
+        "--dashboard", action="store_true", help="serve the scheduler's dashboard on 127.0.0.1:8787"
+    )
     p.add_argument("--dry-run", action="store_true", help="print the job script and exit")
     return p.parse_args(argv)
 
@@ -67,8 +100,11 @@ def cluster_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         "worker_extra_args": ["--resources", f"GPU={args.gpus}"],
         "job_script_prologue": list(args.prologue),
         "log_directory": args.log_directory,
-        "scheduler_options": {"port": args.port, "dashboard_address": "127.0.0.1:8787",
-                              "dashboard": args.dashboard},
+        "scheduler_options": {
+            "port": args.port,
+            "dashboard_address": "127.0.0.1:8787",
+            "dashboard": args.dashboard,
+        },
     }
 
 
@@ -84,7 +120,12 @@ def secure_cluster_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     from flows.cluster import ensure_tls_files, tls_security
 
     kw = cluster_kwargs(args) | tls_kwargs(tls_security(ensure_tls_files(args.tls_dir)))
-    kw["worker_extra_args"] = [*kw["worker_extra_args"], "--no-dashboard", "--dashboard-address", "127.0.0.1:0"]
+    kw["worker_extra_args"] = [
+        *kw["worker_extra_args"],
+        "--no-dashboard",
+        "--dashboard-address",
+        "127.0.0.1:0",
+    ]
     return kw
 
 
@@ -109,7 +150,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.address_file:
         args.address_file.write_text(address + "\n")
     dashboard = f"dashboard {cluster.dashboard_link}" if args.dashboard else "no dashboard"
-    print(f"LENS_DASK_ADDRESS={address} LENS_DASK_TLS_DIR={args.tls_dir.expanduser()}  ({dashboard})", flush=True)
+    print(
+        f"LENS_DASK_ADDRESS={address} LENS_DASK_TLS_DIR={args.tls_dir.expanduser()}  ({dashboard})",
+        flush=True,
+    )
     try:
         while True:
             time.sleep(3600)

@@ -41,16 +41,40 @@ class TemporaryAPI:
         self._error: str | None = None
 
     def start(self) -> TemporaryAPI:
-        spec = importlib.util.find_spec("prefect")  # no import here: the server loads in its own process
+        spec = importlib.util.find_spec(
+            "prefect"
+        )  # no import here: the server loads in its own process
         app_dir = Path(spec.origin).parent.parent if spec and spec.origin else Path(".")
-        env = {**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1",
-               "PREFECT__SERVER_FINAL": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+        env = {
+            **os.environ,
+            "PREFECT_UI_ENABLED": "0",
+            "PREFECT__SERVER_EPHEMERAL": "1",
+            "PREFECT__SERVER_FINAL": "1",
+            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        }
         with self.log.open("wb") as out:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "uvicorn", "--app-dir", str(app_dir),
-                 "--factory", "prefect.server.api.server:create_app", "--host", "127.0.0.1",
-                 "--port", str(self.port), "--log-level", "error", "--lifespan", "on"],
-                env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                [
+                    sys.executable,
+                    "-m",
+                    "uvicorn",
+                    "--app-dir",
+                    str(app_dir),
+                    "--factory",
+                    "prefect.server.api.server:create_app",
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(self.port),
+                    "--log-level",
+                    "error",
+                    "--lifespan",
+                    "on",
+                ],
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
             )
         threading.Thread(target=self._poll, name="lens-api-health", daemon=True).start()
         return self
@@ -66,15 +90,19 @@ class TemporaryAPI:
             except httpx.HTTPError:
                 pass
             time.sleep(0.2)
-        self._error = f"the Prefect API server exited (code {self.proc.returncode if self.proc else '?'})"
+        self._error = (
+            f"the Prefect API server exited (code {self.proc.returncode if self.proc else '?'})"
+        )
         self._ready.set()
 
     def wait(self, timeout: float = 120.0) -> str:
         if not self._ready.wait(timeout) or self._error:
             tail = self.log.read_text(errors="replace")[-2000:] if self.log.exists() else ""
             self.stop(keep_log=True)
-            raise RuntimeError(f"{self._error or 'the Prefect API server did not start in time'}; "
-                               f"log {self.log}:\n{tail}")
+            raise RuntimeError(
+                f"{self._error or 'the Prefect API server did not start in time'}; "
+                f"log {self.log}:\n{tail}"
+            )
         return self.url
 
     def stop(self, keep_log: bool = False) -> None:

@@ -77,6 +77,7 @@ MISTAKE_ROWS = 20  # rows of the mistakes table artifact
 
 # ---- task runner ---------------------------------------------------------------------------
 
+
 def cluster_spec(workers: int | None = None, gpu: bool | None = None) -> tuple[str, dict[str, Any]]:
     """(cluster factory, kwargs) of the local cluster: one worker per GPU, else `workers` CPU workers.
 
@@ -86,13 +87,23 @@ def cluster_spec(workers: int | None = None, gpu: bool | None = None) -> tuple[s
     if gpu is None:
         gpu = settings().gpu
     if gpu:
-        return "flows.cluster.local_cluster", {"gpu": True, "resources": {"GPU": 1}, "dashboard_address": None}
+        return "flows.cluster.local_cluster", {
+            "gpu": True,
+            "resources": {"GPU": 1},
+            "dashboard_address": None,
+        }
     n = workers or settings().workers or max(1, min(os.cpu_count() or 1, 4))
-    return "flows.cluster.local_cluster", {"n_workers": n, "threads_per_worker": 1, "processes": True,
-                                           "dashboard_address": None}
+    return "flows.cluster.local_cluster", {
+        "n_workers": n,
+        "threads_per_worker": 1,
+        "processes": True,
+        "dashboard_address": None,
+    }
 
 
-def make_task_runner(workers: int | None = None, dask_address: str | None = None, gpu: bool | None = None) -> DaskTaskRunner:
+def make_task_runner(
+    workers: int | None = None, dask_address: str | None = None, gpu: bool | None = None
+) -> DaskTaskRunner:
     """Dask runner: an existing scheduler, one worker per GPU (dask-cuda), or a LocalCluster.
 
     An existing scheduler is reached over TLS with LENS_DASK_TLS_DIR's client certificate; a
@@ -103,7 +114,9 @@ def make_task_runner(workers: int | None = None, dask_address: str | None = None
 
     dask_address = dask_address or settings().dask_address or None
     if dask_address:
-        return LensDaskTaskRunner(address=dask_address, client_kwargs=client_kwargs_for(dask_address))
+        return LensDaskTaskRunner(
+            address=dask_address, client_kwargs=client_kwargs_for(dask_address)
+        )
     cluster_class, kwargs = cluster_spec(workers, gpu)
     return LensDaskTaskRunner(cluster_class=cluster_class, cluster_kwargs=kwargs)
 
@@ -182,8 +195,14 @@ def build_atlas(
     """
     logger = get_run_logger()
     try:
-        cfg = config_from_parameters(_given(config_path), config, _given(checkpoint), _given(classes),
-                                     _given(store), _given(publish))
+        cfg = config_from_parameters(
+            _given(config_path),
+            config,
+            _given(checkpoint),
+            _given(classes),
+            _given(store),
+            _given(publish),
+        )
     except USER_ERRORS as err:
         return _refused(logger, err, {})
     runner = _lens_runner()
@@ -196,8 +215,14 @@ def build_atlas(
     except USER_ERRORS as err:
         return _refused(logger, err, cfg.storage_options)
     t_prepare = time.perf_counter() - t0
-    logger.info("run %s: %d classes, model %s (%s), store %s", info.run_id, len(info.slugs), cfg.model.arch,
-                info.checkpoint_digest[:12], normalize_url(cfg.store))
+    logger.info(
+        "run %s: %d classes, model %s (%s), store %s",
+        info.run_id,
+        len(info.slugs),
+        cfg.model.arch,
+        info.checkpoint_digest[:12],
+        normalize_url(cfg.store),
+    )
     steps: dict[str, str] = {}  # cross-class step -> error, for those that failed
     changed: dict[str, Any] = {}
     site: dict[str, Any] | None = None
@@ -211,7 +236,9 @@ def build_atlas(
             live.close()  # every partial page written before the final publish
         timings["prepare"] = t_prepare
         timings.update(live.timings())
-        if any(o["ok"] for o in outcomes.values()):  # with no class explained there is nothing to compare or publish
+        if any(
+            o["ok"] for o in outcomes.values()
+        ):  # with no class explained there is nothing to compare or publish
             step = _Steps(info, logger, limited, steps, timings)
             cross = step.run("cross-class", cross_class_task, info)
             timings["cross_class_compute"] = (cross or {}).get("task_seconds", 0.0)
@@ -220,9 +247,14 @@ def build_atlas(
             mistakes = step.run("mistakes", mistakes_task, info, gpu=True)
             timings["mistakes_compute"] = (mistakes or {}).get("task_seconds", 0.0)
             t = time.perf_counter()
-            pages = step.run("publish-pages", publish_pages_task, info, cfg.publish,
-                             sorted(live.written))
-            index = step.run("publish-index", publish_index_task, info, pages["site"], cfg.publish) if pages else None
+            pages = step.run(
+                "publish-pages", publish_pages_task, info, cfg.publish, sorted(live.written)
+            )
+            index = (
+                step.run("publish-index", publish_index_task, info, pages["site"], cfg.publish)
+                if pages
+                else None
+            )
             timings["publish"] = time.perf_counter() - t
             if pages and index:
                 timings["publish_compute"] = pages.pop("task_seconds") + index.pop("task_seconds")
@@ -253,9 +285,21 @@ class _Steps:
     """The cross-class steps, each a task run whose failure is recorded, never fatal: the classes'
     work is published whatever happens to the comparison with the previous checkpoint."""
 
-    def __init__(self, info: RunInfo, logger: Any, limited: tuple[str, ...], failed: dict[str, str],
-                 timings: dict[str, Any]):
-        self.info, self.logger, self.limited, self.failed, self.timings = info, logger, limited, failed, timings
+    def __init__(
+        self,
+        info: RunInfo,
+        logger: Any,
+        limited: tuple[str, ...],
+        failed: dict[str, str],
+        timings: dict[str, Any],
+    ):
+        self.info, self.logger, self.limited, self.failed, self.timings = (
+            info,
+            logger,
+            limited,
+            failed,
+            timings,
+        )
 
     def run(self, name: str, task_obj: Any, *args: Any, gpu: bool = False) -> dict[str, Any] | None:
         t = time.perf_counter()
@@ -280,8 +324,14 @@ class _LiveSite:
     fails the run: the final publish writes the whole site anyway.
     """
 
-    def __init__(self, info: RunInfo, publish_url: str, logger: Any, t0: float,
-                 config_path: str | None = None):
+    def __init__(
+        self,
+        info: RunInfo,
+        publish_url: str,
+        logger: Any,
+        t0: float,
+        config_path: str | None = None,
+    ):
         self.site = PartialSite(info, publish_url)
         self.logger, self.t0 = logger, t0
         self.link = site_link(info, config_path)[0]
@@ -325,8 +375,11 @@ class _LiveSite:
             self.errors += 1
             if self.errors == 1:
                 why = error_text(err, self.site.info.config.storage_options, 300)
-                self.logger.warning("publishing pages while the run goes on failed (the final "
-                                    "publish still writes the site): %s", why)
+                self.logger.warning(
+                    "publishing pages while the run goes on failed (the final "
+                    "publish still writes the site): %s",
+                    why,
+                )
         due = self.site.due_in()
         self.flush_at = None if due is None else time.monotonic() + due
 
@@ -335,9 +388,12 @@ class _LiveSite:
 
     def timings(self) -> dict[str, Any]:
         stats = self.site.stats
-        return {"first_page": self.first_page_s if self.first_page_s is not None else -1.0,
-                "partial_publish": stats["seconds"], "partial_page_writes": stats["page_writes"],
-                "partial_index_writes": stats["index_writes"]}
+        return {
+            "first_page": self.first_page_s if self.first_page_s is not None else -1.0,
+            "partial_publish": stats["seconds"],
+            "partial_page_writes": stats["page_writes"],
+            "partial_index_writes": stats["index_writes"],
+        }
 
 
 class _Progress:
@@ -351,42 +407,74 @@ class _Progress:
         self.last = 0.0
         waiting = runner is not None and not runner.ready()
         self.classes_id = create_progress_artifact(
-            0.0, key=f"lens-progress-{info.run_id}",
-            description=(f"starting the Dask workers; then {self.n} classes" if waiting
-                         else f"0/{self.n} classes finished"))
+            0.0,
+            key=f"lens-progress-{info.run_id}",
+            description=(
+                f"starting the Dask workers; then {self.n} classes"
+                if waiting
+                else f"0/{self.n} classes finished"
+            ),
+        )
         self.renders_id = create_progress_artifact(
-            0.0, key=f"lens-renders-{info.run_id}",
-            description="concept renders (MACO): they start as classes finish")
+            0.0,
+            key=f"lens-renders-{info.run_id}",
+            description="concept renders (MACO): they start as classes finish",
+        )
 
     def workers_ready(self) -> None:
-        update_progress_artifact(self.classes_id, 0.0, description=(
-            f"0/{self.n} classes finished (workers started in {time.perf_counter() - self.t0:.0f} s)"))
+        update_progress_artifact(
+            self.classes_id,
+            0.0,
+            description=(
+                f"0/{self.n} classes finished (workers started in {time.perf_counter() - self.t0:.0f} s)"
+            ),
+        )
 
-    def update(self, classes_done: int, classes_failed: int, pool: _RenderPool, force: bool = False,
-               live: _LiveSite | None = None) -> None:
+    def update(
+        self,
+        classes_done: int,
+        classes_failed: int,
+        pool: _RenderPool,
+        force: bool = False,
+        live: _LiveSite | None = None,
+    ) -> None:
         now = time.perf_counter()
         if not force and now - self.last < PROGRESS_EVERY_S:
             return
         self.last = now
         failed = f", {classes_failed} failed" if classes_failed else ""
         left = " (renders go on)" if classes_done == self.n and pool.rendered < pool.queued else ""
-        link = (f"; site so far ({len(live.site.published)} class pages): {live.link}"
-                if live is not None and live.first_page_s is not None else "")
-        update_progress_artifact(self.classes_id, 100.0 * classes_done / max(1, self.n),
-                                 description=(f"{classes_done}/{self.n} classes finished"
-                                              f"{failed}{left}{link}"))
+        link = (
+            f"; site so far ({len(live.site.published)} class pages): {live.link}"
+            if live is not None and live.first_page_s is not None
+            else ""
+        )
+        update_progress_artifact(
+            self.classes_id,
+            100.0 * classes_done / max(1, self.n),
+            description=(f"{classes_done}/{self.n} classes finished{failed}{left}{link}"),
+        )
         total = pool.queued if classes_done == self.n else max(pool.queued, 1)
         more = "" if classes_done == self.n else " so far (more as classes finish)"
-        update_progress_artifact(self.renders_id, 100.0 * pool.rendered / max(1, total) if pool.queued else
-                                 (100.0 if classes_done == self.n else 0.0),
-                                 description=f"{pool.rendered}/{pool.queued} concepts rendered{more}")
+        update_progress_artifact(
+            self.renders_id,
+            100.0 * pool.rendered / max(1, total)
+            if pool.queued
+            else (100.0 if classes_done == self.n else 0.0),
+            description=f"{pool.rendered}/{pool.queued} concepts rendered{more}",
+        )
 
 
 class _RenderPool:
     """MACO renders pooled across classes: batches of `batch` concepts, submitted as classes finish."""
 
-    def __init__(self, info: RunInfo, batch: int, track: Callable[[Any, str, Any], None],
-                 limited: tuple[str, ...] = ()):
+    def __init__(
+        self,
+        info: RunInfo,
+        batch: int,
+        track: Callable[[Any, str, Any], None],
+        limited: tuple[str, ...] = (),
+    ):
         self.info, self.batch, self.track = info, batch, track
         self.render = tagged(render_task, limited)
         self.queue: list[tuple[str, int]] = []
@@ -412,7 +500,9 @@ class _RenderPool:
         while len(self.queue) >= size or (final and self.queue):
             chunk, self.queue = self.queue[:size], self.queue[size:]
             with dask.annotate(**_gpu_annotation()):
-                fut = self.render.submit(self.info, chunk, render_label(self.batches + submitted + 1, chunk))
+                fut = self.render.submit(
+                    self.info, chunk, render_label(self.batches + submitted + 1, chunk)
+                )
             self.track(fut, "render", chunk)
             submitted += 1
         self.batches += submitted
@@ -457,9 +547,14 @@ def render_label(number: int, chunk: list[tuple[str, int]], max_classes: int = 3
     return f"render {number}: {len(chunk)} {noun} of {shown}{more}"
 
 
-def _explain_classes(info: RunInfo, cfg: AtlasConfig, logger: Any, limited: tuple[str, ...] = (),
-                     runner: LensDaskTaskRunner | None = None, live: _LiveSite | None = None,
-                     ) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
+def _explain_classes(
+    info: RunInfo,
+    cfg: AtlasConfig,
+    logger: Any,
+    limited: tuple[str, ...] = (),
+    runner: LensDaskTaskRunner | None = None,
+    live: _LiveSite | None = None,
+) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
     """Per-class chains, and the pooled renders submitted as soon as a class has its concepts.
 
     Class chains first, so that every class's page and any failure surface early: render batches
@@ -506,7 +601,9 @@ def _explain_classes(info: RunInfo, cfg: AtlasConfig, logger: Any, limited: tupl
             except Exception as err:  # one bad class never sinks the run
                 outcomes[slug] = {"ok": False, "error": error_text(err, cfg.storage_options, 500)}
                 logger.warning("class %s failed: %s", slug, outcomes[slug]["error"])
-                items = pending_items(info, [slug])  # a class that failed after factorize still renders
+                items = pending_items(
+                    info, [slug]
+                )  # a class that failed after factorize still renders
             if live is not None:
                 live.pages([slug], ok=outcomes[slug]["ok"])
             if len(outcomes) == len(slugs):
@@ -515,24 +612,34 @@ def _explain_classes(info: RunInfo, cfg: AtlasConfig, logger: Any, limited: tupl
             # fills its slot and Dask's queue keeps the chains behind it (chains are root-ish
             # and queued, the first few batches are not), whatever their priority
             workers = workers or _n_workers()
-            pending += pool.add(items, final=len(outcomes) == len(slugs),
-                                hold=len(slugs) - len(outcomes) > workers)
+            pending += pool.add(
+                items, final=len(outcomes) == len(slugs), hold=len(slugs) - len(outcomes) > workers
+            )
             _notify("classes", len(outcomes), len(slugs))
         _notify("concepts", pool.rendered, pool.queued)
         if live is not None:
             live.flush_if_due()
         n_failed = sum(not o["ok"] for o in outcomes.values())
-        progress.update(len(outcomes), n_failed, pool, live=live,
-                        force=not pending or (kind != "render" and len(outcomes) == len(slugs)))
+        progress.update(
+            len(outcomes),
+            n_failed,
+            pool,
+            live=live,
+            force=not pending or (kind != "render" and len(outcomes) == len(slugs)),
+        )
     if live is not None:  # its last pages written, the progress gives the link to them
         live.close()
         n_failed = sum(not o["ok"] for o in outcomes.values())
         progress.update(len(outcomes), n_failed, pool, force=True, live=live)
     for slug, out in outcomes.items():
         out["render"] = pool.state(slug)
-    timings = {"classes_and_renders": time.perf_counter() - t_start, "last_chain": t_chains,
-               "render_compute": pool.seconds,
-               "render_batches": pool.batches, "concepts_rendered": pool.rendered}
+    timings = {
+        "classes_and_renders": time.perf_counter() - t_start,
+        "last_chain": t_chains,
+        "render_compute": pool.seconds,
+        "render_batches": pool.batches,
+        "concepts_rendered": pool.rendered,
+    }
     return outcomes, timings
 
 
@@ -549,15 +656,28 @@ def _changes_artifact(info: RunInfo, changed: dict[str, Any]) -> None:
     if not changed.get("previous"):
         return
     top = info.config.changes.most_changed or 10
-    rows = [{"class": r["slug"], "score": r["score"], "appeared": r["appeared"], "vanished": r["vanished"],
-             "matched": r["matched"], "logit change": r["logit_change"], "accuracy change": r["accuracy_change"]}
-            for r in changed["ranking"][:top]]
-    create_table_artifact(rows, key=f"lens-changes-{info.run_id}",
-                          description=f"most changed classes since {changed['previous_label']} (run {changed['previous']})")
+    rows = [
+        {
+            "class": r["slug"],
+            "score": r["score"],
+            "appeared": r["appeared"],
+            "vanished": r["vanished"],
+            "matched": r["matched"],
+            "logit change": r["logit_change"],
+            "accuracy change": r["accuracy_change"],
+        }
+        for r in changed["ranking"][:top]
+    ]
+    create_table_artifact(
+        rows,
+        key=f"lens-changes-{info.run_id}",
+        description=f"most changed classes since {changed['previous_label']} (run {changed['previous']})",
+    )
 
 
-def mistake_rows(report: dict[str, Any] | None, labels: dict[str, Any] | None = None,
-                 limit: int = MISTAKE_ROWS) -> list[dict[str, Any]]:
+def mistake_rows(
+    report: dict[str, Any] | None, labels: dict[str, Any] | None = None, limit: int = MISTAKE_ROWS
+) -> list[dict[str, Any]]:
     """The mistakes table: the most frequent (true, predicted) pairs, each with the predicted
     class's concept that carried most of the mistaken logit (its label when it has one) and its
     share. Cells are plain values; `table_artifact_rows` escapes them."""
@@ -568,11 +688,17 @@ def mistake_rows(report: dict[str, Any] | None, labels: dict[str, Any] | None = 
         if top is not None:
             label = concept_label(labels or {}, pair.get("predicted") or "", top["concept"])
             concept = f"concept {top['concept']}" + (f" ({label})" if label else "")
-        rows.append({"true class": pair.get("true_name") or pair["true"],
-                     "predicted class": pair.get("predicted_name") or pair.get("predicted") or "",
-                     "images": pair["images"], "top concept of the predicted class": concept,
-                     "share of the mistaken logit (%)": top["share"] if top is not None else None,
-                     "basis": pair.get("basis") or "", "note": pair.get("note") or ""})
+        rows.append(
+            {
+                "true class": pair.get("true_name") or pair["true"],
+                "predicted class": pair.get("predicted_name") or pair.get("predicted") or "",
+                "images": pair["images"],
+                "top concept of the predicted class": concept,
+                "share of the mistaken logit (%)": top["share"] if top is not None else None,
+                "basis": pair.get("basis") or "",
+                "note": pair.get("note") or "",
+            }
+        )
     return rows
 
 
@@ -585,13 +711,19 @@ def _mistakes_artifact(info: RunInfo) -> None:
         return
     n = len(report.get("pairs", []))
     create_table_artifact(
-        table_artifact_rows(rows), key=f"lens-mistakes-{info.run_id}",
-        description=(f"LENS run {info.run_id}: {report.get('mistaken', 0)} mistaken images in "
-                     f"{n} pairs of classes; the top {len(rows)} by count "
-                     "(`lens confusions` for all)"))
+        table_artifact_rows(rows),
+        key=f"lens-mistakes-{info.run_id}",
+        description=(
+            f"LENS run {info.run_id}: {report.get('mistaken', 0)} mistaken images in "
+            f"{n} pairs of classes; the top {len(rows)} by count "
+            "(`lens confusions` for all)"
+        ),
+    )
 
 
-STAGE_NOT_RUN = "not run"  # a stage with no state in this run (never "-": Markdown makes it a bullet)
+STAGE_NOT_RUN = (
+    "not run"  # a stage with no state in this run (never "-": Markdown makes it a bullet)
+)
 _MD_INLINE = re.compile(r"([\\`*_\[\]<>|~&])")  # emphasis, code, links, HTML, entities, tables
 _MD_BLOCK = re.compile(r"^(\d{1,9}(?=[.)])|(?=[-+#>=]))")  # what starts a list, heading or quote
 
@@ -629,30 +761,46 @@ def class_rows(info: RunInfo, outcomes: dict[str, dict[str, Any]]) -> list[dict[
     rows = []
     for slug in info.slugs:
         out = outcomes[slug]
-        summary = out.get("summary") or class_summary(info, slug)  # chains read theirs on the worker
+        summary = out.get("summary") or class_summary(
+            info, slug
+        )  # chains read theirs on the worker
         stages = {**summary["stages"], **({"render": out["render"]} if out.get("render") else {})}
         failed_at = next((s for s in layout.STATUS_STAGES if stages.get(s) == "failed"), "")
         errors = summary.get("errors") or {}
         state = "completed" if out["ok"] else "failed"
         if out["ok"] and stages.get("render") == "failed":
             state = "render failed"
-        rows.append({
-            "class": slug, "state": state, "failed at": failed_at,
-            "note": summary.get("note") or "",
-            "error": out.get("error") or errors.get(failed_at) or "",
-            "top concept": summary["top_concept"], "top concept score": summary["top_importance"],
-            "score basis": summary.get("importance_basis") or "",
-            "seconds": round(summary["seconds"], 2),
-            **{s: stages.get(s) or STAGE_NOT_RUN for s in layout.STATUS_STAGES},
-        })
-    return sorted(rows, key=lambda r: r["state"] == "completed")  # stable: failed first, else in order
+        rows.append(
+            {
+                "class": slug,
+                "state": state,
+                "failed at": failed_at,
+                "note": summary.get("note") or "",
+                "error": out.get("error") or errors.get(failed_at) or "",
+                "top concept": summary["top_concept"],
+                "top concept score": summary["top_importance"],
+                "score basis": summary.get("importance_basis") or "",
+                "seconds": round(summary["seconds"], 2),
+                **{s: stages.get(s) or STAGE_NOT_RUN for s in layout.STATUS_STAGES},
+            }
+        )
+    return sorted(
+        rows, key=lambda r: r["state"] == "completed"
+    )  # stable: failed first, else in order
 
 
 def table_artifact_rows(rows: list[dict[str, Any]], error_chars: int = 160) -> list[dict[str, Any]]:
     """The rows as the UI shows them: escaped cells, a FAILED state in capitals, errors cut short
     (the whole text is in `lens status` and the class's status file)."""
-    return [{k: md_cell(STATE_MARK.get(v, v) if k == "state" else v, error_chars if k == "error" else 300)
-             for k, v in r.items()} for r in rows]
+    return [
+        {
+            k: md_cell(
+                STATE_MARK.get(v, v) if k == "state" else v, error_chars if k == "error" else 300
+            )
+            for k, v in r.items()
+        }
+        for r in rows
+    ]
 
 
 def site_link(info: RunInfo, config_path: str | None = None) -> tuple[str, str]:
@@ -664,13 +812,21 @@ def site_link(info: RunInfo, config_path: str | None = None) -> tuple[str, str]:
         url = f"{cfg.publish_base_url}/{info.run_id}/index.html"
         return url, f"[{url}]({url})"
     base = normalize_url(cfg.publish)
-    where = base[len("file://"):] if base.startswith("file://") else base
-    command = ["lens", "serve", *(["--config", config_path] if config_path else []), "--publish", where]
+    where = base[len("file://") :] if base.startswith("file://") else base
+    command = [
+        "lens",
+        "serve",
+        *(["--config", config_path] if config_path else []),
+        "--publish",
+        where,
+    ]
     url = f"http://127.0.0.1:8000/{info.run_id}/index.html"
-    how = (f"The site is written at `{where}/{info.run_id}/`. Serve it on this machine with\n\n"
-           f"```\n{shlex.join(command)}\n```\n\nthen open {url}\n\n"
-           "(To link to it from here instead, publish to a bucket served over http and set "
-           "`publish_base_url` to its public address.)")
+    how = (
+        f"The site is written at `{where}/{info.run_id}/`. Serve it on this machine with\n\n"
+        f"```\n{shlex.join(command)}\n```\n\nthen open {url}\n\n"
+        "(To link to it from here instead, publish to a bucket served over http and set "
+        "`publish_base_url` to its public address.)"
+    )
     return url, how
 
 
@@ -679,51 +835,98 @@ def _site_artifact(info: RunInfo, config_path: str | None) -> str:
     if info.config.publish_base_url:
         create_link_artifact(url, link_text="LENS atlas site", key=f"lens-site-{info.run_id}")
     else:
-        create_markdown_artifact(f"## LENS atlas site\n\n{how}\n", key=f"lens-site-{info.run_id}",
-                                 description=f"how to open the site of run {info.run_id}")
+        create_markdown_artifact(
+            f"## LENS atlas site\n\n{how}\n",
+            key=f"lens-site-{info.run_id}",
+            description=f"how to open the site of run {info.run_id}",
+        )
     return url
 
 
-def _finish(info: RunInfo, outcomes: dict[str, dict[str, Any]], site: dict[str, Any] | None,
-            timings: dict[str, Any], t0: float, changed: dict[str, Any], steps: dict[str, str],
-            config_path: str | None = None, mistakes: dict[str, Any] | None = None) -> Any:
+def _finish(
+    info: RunInfo,
+    outcomes: dict[str, dict[str, Any]],
+    site: dict[str, Any] | None,
+    timings: dict[str, Any],
+    t0: float,
+    changed: dict[str, Any],
+    steps: dict[str, str],
+    config_path: str | None = None,
+    mistakes: dict[str, Any] | None = None,
+) -> Any:
     """Table, site artifact and final state: Completed, PartiallyCompleted (some classes or a
     cross-class step failed: the message says which, first), or Failed (every class failed)."""
     slugs = info.slugs
     t_rows = time.perf_counter()
     rows = class_rows(info, outcomes)
     failed = [r["class"] for r in rows if r["state"] == "failed"]
-    why = {r["class"]: f"{r['failed at'] or 'class'}: {r['error']}" for r in rows if r["state"] == "failed"}
-    headline = (f"{len(slugs) - len(failed)}/{len(slugs)} classes explained"
-                + (f", {len(failed)} FAILED ({', '.join(failed[:5])}{', ...' if len(failed) > 5 else ''})"
-                   if failed else ""))
+    why = {
+        r["class"]: f"{r['failed at'] or 'class'}: {r['error']}"
+        for r in rows
+        if r["state"] == "failed"
+    }
+    headline = f"{len(slugs) - len(failed)}/{len(slugs)} classes explained" + (
+        f", {len(failed)} FAILED ({', '.join(failed[:5])}{', ...' if len(failed) > 5 else ''})"
+        if failed
+        else ""
+    )
     step_text = "; ".join(f"{name} step FAILED: {err}" for name, err in steps.items())
-    create_table_artifact(table_artifact_rows(rows), key=f"lens-classes-{info.run_id}",
-                          description=f"LENS run {info.run_id}: {headline}" + (f"; {step_text}" if steps else ""))
+    create_table_artifact(
+        table_artifact_rows(rows),
+        key=f"lens-classes-{info.run_id}",
+        description=f"LENS run {info.run_id}: {headline}" + (f"; {step_text}" if steps else ""),
+    )
     written = site is not None
     url = _site_artifact(info, config_path) if written else None
     timings["summary"] = time.perf_counter() - t_rows
     elapsed = time.perf_counter() - t0
-    computed = {s: [st for st, r in o.get("stages", {}).items() if not r["skipped"]] for s, o in outcomes.items()}
-    result = {"run_id": info.run_id, "classes": len(slugs), "failed": failed, "errors": why,
-              "site": run_site_url(info), "site_written": written, "site_link": url, "steps_failed": steps,
-              "computed": {s: st for s, st in computed.items() if st},
-              "seconds": round(elapsed, 1), "published": site or {},
-              "changes": {"previous": changed.get("previous"),
-                          "most_changed": [r["slug"] for r in changed.get("ranking", [])[:info.config.changes.most_changed]]},
-              "mistakes": {k: (mistakes or {}).get(k) for k in ("pairs", "mistaken", "skipped")},
-              "timings": {k: round(v, 3) if isinstance(v, float) else v for k, v in timings.items()}}
+    computed = {
+        s: [st for st, r in o.get("stages", {}).items() if not r["skipped"]]
+        for s, o in outcomes.items()
+    }
+    result = {
+        "run_id": info.run_id,
+        "classes": len(slugs),
+        "failed": failed,
+        "errors": why,
+        "site": run_site_url(info),
+        "site_written": written,
+        "site_link": url,
+        "steps_failed": steps,
+        "computed": {s: st for s, st in computed.items() if st},
+        "seconds": round(elapsed, 1),
+        "published": site or {},
+        "changes": {
+            "previous": changed.get("previous"),
+            "most_changed": [
+                r["slug"] for r in changed.get("ranking", [])[: info.config.changes.most_changed]
+            ],
+        },
+        "mistakes": {k: (mistakes or {}).get(k) for k in ("pairs", "mistaken", "skipped")},
+        "timings": {k: round(v, 3) if isinstance(v, float) else v for k, v in timings.items()},
+    }
     # the run's finished marker (read by the checkpoint watcher): written last, only when whole
     if not failed and not steps and written:
         mark_finished(info, run_site_url(info))
     if len(failed) == len(slugs):
-        detail = "; ".join(f"{s} ({why[s]})" for s in failed[:3]) + ("; ..." if len(failed) > 3 else "")
-        return Failed(message=f"every class failed ({len(failed)}/{len(slugs)}), nothing was published: {detail}",
-                      data=result)
-    tail = ("the site was NOT published" if not written else f"site {url}" if info.config.publish_base_url
-            else f"site {url} once `lens serve` runs (see the site artifact)")
+        detail = "; ".join(f"{s} ({why[s]})" for s in failed[:3]) + (
+            "; ..." if len(failed) > 3 else ""
+        )
+        return Failed(
+            message=f"every class failed ({len(failed)}/{len(slugs)}), nothing was published: {detail}",
+            data=result,
+        )
+    tail = (
+        "the site was NOT published"
+        if not written
+        else f"site {url}"
+        if info.config.publish_base_url
+        else f"site {url} once `lens serve` runs (see the site artifact)"
+    )
     if failed or steps:
         detail = "; ".join(f"{s} ({why[s]})" for s in failed[:5])
         parts = [f"PARTIAL: {headline} in {elapsed:.0f} s", detail, step_text, tail]
-        return Completed(name="PartiallyCompleted", message="; ".join(p for p in parts if p), data=result)
+        return Completed(
+            name="PartiallyCompleted", message="; ".join(p for p in parts if p), data=result
+        )
     return Completed(message=f"{headline} in {elapsed:.0f} s; {tail}", data=result)

@@ -28,8 +28,12 @@ log = logging.getLogger("lens")
 
 def _config(args: argparse.Namespace):
     """The run's config: the TOML file, then the command-line overrides, all validated."""
-    cfg = load_config(args.config, classes=class_list(args.classes), store=getattr(args, "store", None),
-                      publish=getattr(args, "publish", None))
+    cfg = load_config(
+        args.config,
+        classes=class_list(args.classes),
+        store=getattr(args, "store", None),
+        publish=getattr(args, "publish", None),
+    )
     checkpoint = getattr(args, "checkpoint", None)
     if checkpoint:  # through validation, like every other value (URL checks included)
         data = cfg.model_dump(mode="json")
@@ -53,8 +57,12 @@ def _quiet_console() -> None:
     if settings().log in ("INFO", "DEBUG"):
         return
     for key, value in QUIET_ENV.items():
-        os.environ.setdefault(key, value)  # before Prefect and Dask configure logging; workers inherit it
-    warnings.filterwarnings("ignore", message="Port .* is already in use")  # Dask's scheduler HTTP port
+        os.environ.setdefault(
+            key, value
+        )  # before Prefect and Dask configure logging; workers inherit it
+    warnings.filterwarnings(
+        "ignore", message="Port .* is already in use"
+    )  # Dask's scheduler HTTP port
 
 
 class _Bars:
@@ -69,10 +77,17 @@ class _Bars:
             TimeElapsedColumn,
         )
 
-        self.progress = Progress(TextColumn("[bold]{task.description:<8}"), BarColumn(), MofNCompleteColumn(),
-                                 TimeElapsedColumn(), disable=not enabled)
-        self.tasks = {"classes": self.progress.add_task("classes", total=n_classes),
-                      "concepts": self.progress.add_task("renders", total=None)}
+        self.progress = Progress(
+            TextColumn("[bold]{task.description:<8}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            disable=not enabled,
+        )
+        self.tasks = {
+            "classes": self.progress.add_task("classes", total=n_classes),
+            "concepts": self.progress.add_task("renders", total=None),
+        }
         self.link, self.linked = link, False
 
     def update(self, kind: str, done: int, total: int) -> None:
@@ -80,7 +95,8 @@ class _Bars:
             if not self.linked and self.link:
                 self.linked = True
                 self.progress.console.print(
-                    f"site so far (pages appear as classes finish): {self.link}", soft_wrap=True)
+                    f"site so far (pages appear as classes finish): {self.link}", soft_wrap=True
+                )
             return
         self.progress.update(self.tasks[kind], completed=done, total=total)
 
@@ -136,15 +152,19 @@ def _finished_answer(cfg: Any, force_publish: bool) -> int | None:
     if done is None:
         return None
     info = done.info
-    print(f"LENS run {info.run_id}: finished, {len(info.slugs)} classes, nothing to recompute "
-          "(no Prefect server or Dask cluster started)")
+    print(
+        f"LENS run {info.run_id}: finished, {len(info.slugs)} classes, nothing to recompute "
+        "(no Prefect server or Dask cluster started)"
+    )
     if force_publish or not done.site_written:
         import time
 
         t0 = time.perf_counter()
         out = republish(cfg)
-        print(f"published again from the store: {out.get('files', '?')} files in "
-              f"{time.perf_counter() - t0:.1f} s")
+        print(
+            f"published again from the store: {out.get('files', '?')} files in "
+            f"{time.perf_counter() - t0:.1f} s"
+        )
     link = cfg.publish_base_url and f"{cfg.publish_base_url}/{info.run_id}/index.html"
     _print_site(cfg, info, link, f"{normalize_url(cfg.publish)}/{info.run_id}")
     if not force_publish:
@@ -155,7 +175,9 @@ def _finished_answer(cfg: Any, force_publish: bool) -> int | None:
 def cmd_run(args: argparse.Namespace) -> int:
     cfg = _config(args)  # a bad config fails here, before anything starts
     public_options, secret_env = split_secrets(cfg.storage_options)
-    refuse_secrets({"storage_options": public_options}, "storage options")  # the rest would be a flow parameter
+    refuse_secrets(
+        {"storage_options": public_options}, "storage options"
+    )  # the rest would be a flow parameter
     _quiet_console()
     os.environ.update(secret_env)  # the store is read below, and the Dask workers inherit them
     public = cfg.model_copy(update={"storage_options": public_options})
@@ -164,10 +186,14 @@ def cmd_run(args: argparse.Namespace) -> int:
         return answered
     from flows.api import TemporaryAPI, drain_prefect_queues
 
-    api = None if _api_url_configured() else TemporaryAPI().start()  # boots while we import and prepare
+    api = (
+        None if _api_url_configured() else TemporaryAPI().start()
+    )  # boots while we import and prepare
     cluster: _Cluster | None = None
     try:
-        os.environ.update(secret_env)  # Dask workers started below inherit them; parameters never see them
+        os.environ.update(
+            secret_env
+        )  # Dask workers started below inherit them; parameters never see them
         cfg = cfg.model_copy(update={"storage_options": public_options})
         from prefect.settings import PREFECT_API_URL, temporary_settings
 
@@ -180,20 +206,32 @@ def cmd_run(args: argparse.Namespace) -> int:
             print("starting Dask workers (they import torch and Prefect) while the run is set up")
         info = prepare_run(cfg)
         check_model(info)  # loaded once here; the flow below finds it in this process's cache
-        print(f"LENS run {info.run_id}: {len(info.classes)} classes, model {cfg.model.arch}, "
-              f"store {normalize_url(cfg.store)}")
+        print(
+            f"LENS run {info.run_id}: {len(info.classes)} classes, model {cfg.model.arch}, "
+            f"store {normalize_url(cfg.store)}"
+        )
         api_settings = {PREFECT_API_URL: api.wait()} if api else {}
         if cluster is not None and cluster.thread.is_alive():
             print("waiting for the Dask workers to start ...")
-        runner = cluster.runner() if cluster else make_task_runner(workers=args.workers, dask_address=address)
+        runner = (
+            cluster.runner()
+            if cluster
+            else make_task_runner(workers=args.workers, dask_address=address)
+        )
         bars = _Bars(len(info.slugs), enabled=not args.no_progress, link=_partial_link(cfg, info))
         if settings().log not in ("INFO", "DEBUG"):
             from flows.runner import quiet_task_failures
 
             quiet_task_failures()  # a failed class is one line here; its traceback goes to the API
-        with temporary_settings(updates=api_settings), progress_listener(bars.update), bars.progress:
+        with (
+            temporary_settings(updates=api_settings),
+            progress_listener(bars.update),
+            bars.progress,
+        ):
             state = build_atlas.with_options(task_runner=runner)(
-                config=cfg.model_dump(mode="json", exclude={"classes"}), classes=cfg.classes, return_state=True
+                config=cfg.model_dump(mode="json", exclude={"classes"}),
+                classes=cfg.classes,
+                return_state=True,
             )
             drain_prefect_queues()
     finally:
@@ -224,17 +262,26 @@ def _report(state: Any, info: Any, cfg: Any) -> int:
     print(f"{state.name}: {state.message}")
     timings = result.get("timings") or {}
     if "classes_and_renders" in timings:
-        print(f"time: classes and renders {timings['classes_and_renders']:.0f} s "
-              f"({timings['concepts_rendered']} concepts in {timings['render_batches']} render batches), "
-              f"cross-class {timings.get('cross_class', 0.0):.1f} s, "
-              f"mistakes {timings.get('mistakes', 0.0):.1f} s, "
-              f"publish {timings.get('publish', 0.0):.1f} s"
-              + (f"; first pages {timings['first_page']:.0f} s after the flow started"
-                 if timings.get("first_page", -1) >= 0 else ""))
+        print(
+            f"time: classes and renders {timings['classes_and_renders']:.0f} s "
+            f"({timings['concepts_rendered']} concepts in {timings['render_batches']} render batches), "
+            f"cross-class {timings.get('cross_class', 0.0):.1f} s, "
+            f"mistakes {timings.get('mistakes', 0.0):.1f} s, "
+            f"publish {timings.get('publish', 0.0):.1f} s"
+            + (
+                f"; first pages {timings['first_page']:.0f} s after the flow started"
+                if timings.get("first_page", -1) >= 0
+                else ""
+            )
+        )
     if result.get("site_written"):
         _print_site(cfg, info, result.get("site_link"), result["site"])
     if result.get("failed") or result.get("steps_failed"):
-        what = [f"{len(result.get('failed') or [])} of {result.get('classes')} classes failed"] if result.get("failed") else []
+        what = (
+            [f"{len(result.get('failed') or [])} of {result.get('classes')} classes failed"]
+            if result.get("failed")
+            else []
+        )
         what += [f"the {name} step failed" for name in result.get("steps_failed") or {}]
         print(f"lens: {', '.join(what)} (see above; `lens status` for each class)", file=sys.stderr)
         return 2
@@ -246,9 +293,11 @@ def _print_site(cfg: Any, info: Any, link: str | None, site: str) -> None:
     if cfg.publish_base_url:
         print(f"site: {link}")
     elif base.startswith("file://"):
-        print(f"site: {site[len('file://'):]}/index.html")
-        print(f"serve it with: .venv/bin/lens serve --publish {base[len('file://'):]}  -> "
-              f"http://127.0.0.1:8000/{info.run_id}/index.html")
+        print(f"site: {site[len('file://') :]}/index.html")
+        print(
+            f"serve it with: .venv/bin/lens serve --publish {base[len('file://') :]}  -> "
+            f"http://127.0.0.1:8000/{info.run_id}/index.html"
+        )
     else:
         print(f"site: {site}/index.html (serve it with: .venv/bin/lens serve --publish {base})")
 
@@ -258,7 +307,7 @@ def _partial_link(cfg: Any, info: Any) -> str:
     site = f"{normalize_url(cfg.publish)}/{info.run_id}/index.html"
     if cfg.publish_base_url:
         return f"{cfg.publish_base_url}/{info.run_id}/index.html"
-    return site[len("file://"):] if site.startswith("file://") else site
+    return site[len("file://") :] if site.startswith("file://") else site
 
 
 def status_table(store: RunStore) -> list[dict[str, Any]]:
@@ -270,10 +319,16 @@ def status_table(store: RunStore) -> list[dict[str, Any]]:
     rows = []
     for slug, stages in read_status(store, slugs).items():
         errors = [f"{s}: {r['error']}" for s, r in stages.items() if r.get("error")]
-        rows.append({"class": slug, "state": class_state(stages),
-                     **{s: stages.get(s, {}).get("state", "-") for s in STAGES},
-                     "seconds": round(sum(r.get("seconds") or 0 for r in stages.values()), 2),
-                     "note": class_note(stages), "error": "; ".join(errors)})
+        rows.append(
+            {
+                "class": slug,
+                "state": class_state(stages),
+                **{s: stages.get(s, {}).get("state", "-") for s in STAGES},
+                "seconds": round(sum(r.get("seconds") or 0 for r in stages.values()), 2),
+                "note": class_note(stages),
+                "error": "; ".join(errors),
+            }
+        )
     return rows
 
 
@@ -290,11 +345,17 @@ def cmd_status(args: argparse.Namespace) -> int:
         return 1
     store = RunStore(cfg.store, run_id, cfg.storage_options)
     rows = status_table(store)
-    print_table(f"LENS run {run_id}", ("class", "state", *layout.STATUS_STAGES, "seconds", "note", "error"),
-                rows)
+    print_table(
+        f"LENS run {run_id}",
+        ("class", "state", *layout.STATUS_STAGES, "seconds", "note", "error"),
+        rows,
+    )
     failed = sum(r["state"] == "failed" for r in rows)
     flagged = sum(bool(r["note"]) for r in rows)
-    print(f"{len(rows)} classes, {failed} failed" + (f", {flagged} flagged (see note)" if flagged else ""))
+    print(
+        f"{len(rows)} classes, {failed} failed"
+        + (f", {flagged} flagged (see note)" if flagged else "")
+    )
     return 0
 
 
@@ -307,7 +368,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="lens", description="LENS: explain a classifier class by class.")
+    parser = argparse.ArgumentParser(
+        prog="lens", description="LENS: explain a classifier class by class."
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="build the atlas (embedded toy default with no arguments)")
     run.add_argument("--config", help="AtlasConfig TOML file")
@@ -318,9 +381,11 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--workers", type=int, help="Dask workers of the local cluster")
     run.add_argument("--dask-address", help="address of an existing Dask scheduler")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
-    run.add_argument("--force-publish", action="store_true",
-                     help="publish the site again (a finished run: from its store, nothing "
-                          "recomputed)")
+    run.add_argument(
+        "--force-publish",
+        action="store_true",
+        help="publish the site again (a finished run: from its store, nothing recomputed)",
+    )
     run.set_defaults(fn=cmd_run)
     status = sub.add_parser("status", help="per-class, per-stage state of a run")
     status.add_argument("--config")
@@ -356,8 +421,11 @@ def _user_error(err: BaseException) -> bool:
     from lens_core.store import StoreError
 
     kinds: list[type] = [ConfigError, StoreError]
-    for module, name in (("lens_core.data", "DataError"), ("lens_core.models", "ModelError"),
-                         ("lens_core.labels", "LabelError")):
+    for module, name in (
+        ("lens_core.data", "DataError"),
+        ("lens_core.models", "ModelError"),
+        ("lens_core.labels", "LabelError"),
+    ):
         if module in sys.modules:  # raised from there only if it was imported
             kinds.append(getattr(sys.modules[module], name))
     return isinstance(err, tuple(kinds))

@@ -8,7 +8,9 @@ from lens_core.config import ConfigError
 from lens_core.naming import plain_text
 from lens_core.urls import normalize_url
 
-_CONTROL = str.maketrans({c: "\N{REPLACEMENT CHARACTER}" for c in [*range(0, 9), *range(11, 32), 127]})
+_CONTROL = str.maketrans(
+    {c: "\N{REPLACEMENT CHARACTER}" for c in [*range(0, 9), *range(11, 32), 127]}
+)
 
 
 def class_list(text: str | None) -> list[str] | None:

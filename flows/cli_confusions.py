@@ -11,7 +11,9 @@ from lens_core.config import ConfigError, load_config
 from lens_core.naming import plain_text
 
 
-def _rows(report: dict[str, Any], labels: dict[str, Any], wanted: str | None) -> list[dict[str, Any]]:
+def _rows(
+    report: dict[str, Any], labels: dict[str, Any], wanted: str | None
+) -> list[dict[str, Any]]:
     """The pairs as `lens confusions --json` prints them, most images first; one class's with `wanted`;
     concept labels as they are now."""
     from lens_core.confusions import concept_label
@@ -20,23 +22,40 @@ def _rows(report: dict[str, Any], labels: dict[str, Any], wanted: str | None) ->
     for pair in report.get("pairs", []):
         if wanted and wanted not in (pair["true"], pair["predicted"]):
             continue
-        rows.append({
-            "true": pair["true"], "predicted": pair["predicted"],
-            "predicted_index": pair["predicted_index"], "true_name": pair["true_name"],
-            "predicted_name": pair["predicted_name"], "images": pair["images"], "basis": pair["basis"],
-            "concepts": [{"concept": c["concept"], "share": c["share"],
-                          "label": concept_label(labels, pair["predicted"], c["concept"])}
-                         for c in pair["concepts"]],
-            "residual": pair["residual"], "bias": pair["bias"], "note": pair["note"],
-            "examples": [{"image": e["image"], "overlay": e.get("overlay"), "plain": e.get("plain")}
-                         for e in pair["examples"]],
-        })
+        rows.append(
+            {
+                "true": pair["true"],
+                "predicted": pair["predicted"],
+                "predicted_index": pair["predicted_index"],
+                "true_name": pair["true_name"],
+                "predicted_name": pair["predicted_name"],
+                "images": pair["images"],
+                "basis": pair["basis"],
+                "concepts": [
+                    {
+                        "concept": c["concept"],
+                        "share": c["share"],
+                        "label": concept_label(labels, pair["predicted"], c["concept"]),
+                    }
+                    for c in pair["concepts"]
+                ],
+                "residual": pair["residual"],
+                "bias": pair["bias"],
+                "note": pair["note"],
+                "examples": [
+                    {"image": e["image"], "overlay": e.get("overlay"), "plain": e.get("plain")}
+                    for e in pair["examples"]
+                ],
+            }
+        )
     return sorted(rows, key=lambda r: -r["images"])
 
 
 def _line(row: dict[str, Any]) -> str:
-    top = ", ".join(f"{c['label'] or 'concept ' + str(c['concept'])} {c['share']:.1f}%"
-                    for c in row["concepts"][:3]) or (row["note"] or "")
+    top = ", ".join(
+        f"{c['label'] or 'concept ' + str(c['concept'])} {c['share']:.1f}%"
+        for c in row["concepts"][:3]
+    ) or (row["note"] or "")
     return plain_text(f"{row['images']:>5}  {row['true_name']} -> {row['predicted_name']}  {top}")
 
 
@@ -52,11 +71,16 @@ def cmd_confusions(args: argparse.Namespace) -> int:
     store = RunStore(cfg.store, record.run_id, cfg.storage_options)
     report = read_confusions(store)
     if report is None:
-        raise ConfigError(f"run {record.run_id} has no confusions yet (they are computed after "
-                          "every class has finished)")
+        raise ConfigError(
+            f"run {record.run_id} has no confusions yet (they are computed after "
+            "every class has finished)"
+        )
     wanted = None
     if args.cls:
-        classes = [ClassInfo(c["index"], c["id"], c["name"], c["slug"]) for c in record.meta.get("classes", [])]
+        classes = [
+            ClassInfo(c["index"], c["id"], c["name"], c["slug"])
+            for c in record.meta.get("classes", [])
+        ]
         match = class_keys(classes).get(args.cls)
         if match is None:
             raise ConfigError(f"no class {args.cls!r} in run {record.run_id}")
@@ -65,8 +89,10 @@ def cmd_confusions(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(rows, indent=1, allow_nan=False, ensure_ascii=False))
         return 0
-    print(f"run {record.run_id}: {report.get('mistaken', 0)} of {report.get('n_images', 0)} sampled "
-          "images assigned to another class")
+    print(
+        f"run {record.run_id}: {report.get('mistaken', 0)} of {report.get('n_images', 0)} sampled "
+        "images assigned to another class"
+    )
     for row in rows:
         print(_line(row))
     return 0
@@ -79,5 +105,7 @@ def add_confusions_command(sub: Any) -> None:
     p.add_argument("--config", help="AtlasConfig TOML (store and storage options)")
     p.add_argument("--run", help="run id (default: the latest run in the store)")
     p.add_argument("--class", dest="cls", help="only the pairs of this class (slug, id or name)")
-    p.add_argument("--json", action="store_true", help="print JSON: a list of pairs, most images first")
+    p.add_argument(
+        "--json", action="store_true", help="print JSON: a list of pairs, most images first"
+    )
     p.set_defaults(fn=cmd_confusions)

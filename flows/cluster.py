@@ -38,7 +38,9 @@ from lens_core.settings import settings
 
 PRELOAD = "flows.cluster"  # this module, run by every worker at start (`dask_setup`)
 TRIM = "MALLOC_TRIM_THRESHOLD_"
-HEALTH_ROUTES = ["distributed.http.health"]  # the scheduler's HTTP routes when there is no dashboard
+HEALTH_ROUTES = [
+    "distributed.http.health"
+]  # the scheduler's HTTP routes when there is no dashboard
 
 
 def worker_env(n_workers: int) -> dict[str, str]:
@@ -114,8 +116,14 @@ def gpu_devices(visible: str | None = None, count: int | None = None) -> list[st
     ids = [v.strip() for v in visible.split(",") if v.strip()] if visible is not None else []
     devices = ids[:count] if visible is not None else [str(i) for i in range(count)]
     if not devices:
-        seen = f"CUDA_VISIBLE_DEVICES={visible!r}" if visible is not None else "torch.cuda.device_count() = 0"
-        raise RuntimeError(f"LENS_GPU=1 but no CUDA device is visible ({seen}): unset LENS_GPU to run on the CPU")
+        seen = (
+            f"CUDA_VISIBLE_DEVICES={visible!r}"
+            if visible is not None
+            else "torch.cuda.device_count() = 0"
+        )
+        raise RuntimeError(
+            f"LENS_GPU=1 but no CUDA device is visible ({seen}): unset LENS_GPU to run on the CPU"
+        )
     return devices
 
 
@@ -138,7 +146,10 @@ class GPUCluster(distributed.LocalCluster):
     def new_worker_spec(self) -> dict[Any, dict[str, Any]]:
         spec = super().new_worker_spec()
         name, worker = next(iter(spec.items()))
-        used = {s["options"].get("env", {}).get("CUDA_VISIBLE_DEVICES") for s in self.worker_spec.values()}
+        used = {
+            s["options"].get("env", {}).get("CUDA_VISIBLE_DEVICES")
+            for s in self.worker_spec.values()
+        }
         free = [d for d in self.devices if d not in used] or self.devices
         options = dict(worker["options"])
         options["env"] = {**(options.get("env") or {}), "CUDA_VISIBLE_DEVICES": free[0]}
@@ -179,7 +190,10 @@ def dask_setup(worker: Any) -> None:  # noqa: ARG001 - Dask's preload API passes
     atexit.register(os._exit, 0)  # runs after Prefect's queue drains (threading's exit hooks)
     with contextlib.suppress(Exception):
         importlib.import_module("tasks.chain")  # torch, Prefect, the stages
-    if settings().log not in ("INFO", "DEBUG"):  # a failed stage is one console line (flows/runner.py)
+    if settings().log not in (
+        "INFO",
+        "DEBUG",
+    ):  # a failed stage is one console line (flows/runner.py)
         with contextlib.suppress(Exception):
             from flows.runner import quiet_task_failures
 
@@ -242,7 +256,10 @@ def write_tls_files(directory: str | os.PathLike[str], days: int = 365) -> Path:
         key = ec.generate_private_key(ec.SECP256R1())
         cert_file, key_file = cert_paths(d, role)
         _write_private(key_file, _pem_key(key))
-        _write_private(cert_file, _pem_cert(_certificate(f"lens-dask-{role}", key.public_key(), ca_cert, ca_key, days)))
+        _write_private(
+            cert_file,
+            _pem_cert(_certificate(f"lens-dask-{role}", key.public_key(), ca_cert, ca_key, days)),
+        )
     return d
 
 
@@ -265,8 +282,9 @@ def check_private(files: list[Path]) -> None:
     for p in files:
         mode = p.stat().st_mode & 0o777
         if mode & 0o027:
-            raise PermissionError(f"{p} is open to other users (mode {oct(mode)}): chmod 600 it, "
-                                  "or write a new set")
+            raise PermissionError(
+                f"{p} is open to other users (mode {oct(mode)}): chmod 600 it, or write a new set"
+            )
 
 
 def tls_security(directory: str | os.PathLike[str], roles: tuple[str, ...] = ROLES) -> Security:
@@ -278,8 +296,10 @@ def tls_security(directory: str | os.PathLike[str], roles: tuple[str, ...] = ROL
         if cert_file.is_file() and key_file.is_file():
             kwargs[f"tls_{role}_cert"], kwargs[f"tls_{role}_key"] = str(cert_file), str(key_file)
     if not (d / CA_FILE).is_file() or not kwargs:
-        raise FileNotFoundError(f"{d} holds no Dask TLS certificates for {'/'.join(roles)} "
-                                "(write them with `python -m flows.cluster tls-certs DIR`)")
+        raise FileNotFoundError(
+            f"{d} holds no Dask TLS certificates for {'/'.join(roles)} "
+            "(write them with `python -m flows.cluster tls-certs DIR`)"
+        )
     check_private([d / CA_FILE, *map(Path, kwargs.values())])
     return Security(require_encryption=True, tls_ca_file=str(d / CA_FILE), **kwargs)
 
@@ -310,12 +330,16 @@ def client_kwargs_for(address: str) -> dict[str, Any]:
     if scheme == "tls":
         security = client_security(address) or Security()
         if not security.get_tls_config_for_role("client").get("cert"):
-            raise ValueError(f"the Dask scheduler {address} requires a client certificate: set "
-                             f"{TLS_DIR_ENV} to the directory of the cluster's certificates (docs/deploy.md)")
+            raise ValueError(
+                f"the Dask scheduler {address} requires a client certificate: set "
+                f"{TLS_DIR_ENV} to the directory of the cluster's certificates (docs/deploy.md)"
+            )
         return {"security": security}
     if scheme != "inproc" and not _is_loopback(address) and not settings().dask_allow_plaintext:
-        raise ValueError(f"refusing the plaintext Dask scheduler {address}: whoever can reach it can run code "
-                         f"with this flow's credentials; start it with TLS (docs/deploy.md) or set {PLAINTEXT_ENV}=1")
+        raise ValueError(
+            f"refusing the plaintext Dask scheduler {address}: whoever can reach it can run code "
+            f"with this flow's credentials; start it with TLS (docs/deploy.md) or set {PLAINTEXT_ENV}=1"
+        )
     return {}
 
 
@@ -340,8 +364,10 @@ def _private_dir(d: Path) -> Path:
         d.chmod(0o700)  # whatever the umask
     st = d.stat()
     if st.st_uid != os.getuid() or st.st_mode & 0o077:
-        raise PermissionError(f"{d} is not a private directory of this user (mode {oct(st.st_mode & 0o777)}): "
-                              "choose a new path, or chmod 700 it")
+        raise PermissionError(
+            f"{d} is not a private directory of this user (mode {oct(st.st_mode & 0o777)}): "
+            "choose a new path, or chmod 700 it"
+        )
     return d
 
 
@@ -373,19 +399,41 @@ def _certificate(name: str, public_key: Any, ca_cert: Any, ca_key: Any, days: in
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - datetime.timedelta(minutes=5))  # clocks of other nodes may lag
         .not_valid_after(now + datetime.timedelta(days=days))
-        .add_extension(x509.BasicConstraints(ca=is_ca, path_length=0 if is_ca else None), critical=True)
+        .add_extension(
+            x509.BasicConstraints(ca=is_ca, path_length=0 if is_ca else None), critical=True
+        )
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
-        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False
+        )
     )
     if is_ca:
         usage = {"key_cert_sign": True, "crl_sign": True}
     else:
         usage = {"digital_signature": True}
-        builder = builder.add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False)
         builder = builder.add_extension(
-            x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
-    flags = dict.fromkeys(("digital_signature", "content_commitment", "key_encipherment", "data_encipherment",
-                           "key_agreement", "key_cert_sign", "crl_sign", "encipher_only", "decipher_only"), False)
+            x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False
+        )
+        builder = builder.add_extension(
+            x509.ExtendedKeyUsage(
+                [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
+            ),
+            critical=False,
+        )
+    flags = dict.fromkeys(
+        (
+            "digital_signature",
+            "content_commitment",
+            "key_encipherment",
+            "data_encipherment",
+            "key_agreement",
+            "key_cert_sign",
+            "crl_sign",
+            "encipher_only",
+            "decipher_only",
+        ),
+        False,
+    )
     builder = builder.add_extension(x509.KeyUsage(**(flags | usage)), critical=True)
     return builder.sign(ca_key, hashes.SHA256())
 
@@ -399,21 +447,26 @@ def _pem_cert(cert: Any) -> bytes:
 def _pem_key(key: Any) -> bytes:
     from cryptography.hazmat.primitives import serialization
 
-    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                             serialization.NoEncryption())
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m flows.cluster tls-certs DIR`: write a cluster's CA and certificates into DIR."""
     p = argparse.ArgumentParser(prog="python -m flows.cluster", description=main.__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
-    certs = sub.add_parser("tls-certs", help="CA + scheduler/worker/client certificates (0700/0600)")
+    certs = sub.add_parser(
+        "tls-certs", help="CA + scheduler/worker/client certificates (0700/0600)"
+    )
     certs.add_argument("directory", type=Path)
     certs.add_argument("--days", type=int, default=365, help="validity of the certificates")
     args = p.parse_args(argv)
     d = write_tls_files(args.directory, args.days)
-    print(f"wrote {CA_FILE} and {', '.join(f'{r}.pem/.key' for r in ROLES)} to {d}; "
-          f"the flow side: {TLS_DIR_ENV}={d}")
+    print(
+        f"wrote {CA_FILE} and {', '.join(f'{r}.pem/.key' for r in ROLES)} to {d}; "
+        f"the flow side: {TLS_DIR_ENV}={d}"
+    )
     return 0
 
 

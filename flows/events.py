@@ -23,25 +23,33 @@ CHECKPOINT_CREATED = "lens.checkpoint.created"
 def checkpoint_resource(url: str) -> dict[str, str]:
     """The event's resource: its id is the checkpoint URL (absolute, with a protocol)."""
     url = normalize_url(url)
-    return {"prefect.resource.id": url, "prefect.resource.name": posixpath.basename(url),
-            "lens.checkpoint.url": url}
+    return {
+        "prefect.resource.id": url,
+        "prefect.resource.name": posixpath.basename(url),
+        "lens.checkpoint.url": url,
+    }
 
 
-def emit_checkpoint_created(url: str, payload: dict[str, Any] | None = None, strict: bool = True) -> Event | None:
+def emit_checkpoint_created(
+    url: str, payload: dict[str, Any] | None = None, strict: bool = True
+) -> Event | None:
     """Emit `lens.checkpoint.created` for `url`; `payload` carries free-form facts (epoch, metrics).
 
     With `strict`, raise when Prefect sends no events (no PREFECT_API_URL): the trigger would never fire.
     """
     event = emit_event(CHECKPOINT_CREATED, resource=checkpoint_resource(url), payload=payload or {})
     if event is None and strict:
-        raise RuntimeError("Prefect did not send the event: set PREFECT_API_URL to the server "
-                           "(e.g. http://127.0.0.1:4200/api)")
+        raise RuntimeError(
+            "Prefect did not send the event: set PREFECT_API_URL to the server "
+            "(e.g. http://127.0.0.1:4200/api)"
+        )
     return event
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m flows.events",
-                                     description=f"emit {CHECKPOINT_CREATED} for checkpoint URLs")
+    parser = argparse.ArgumentParser(
+        prog="python -m flows.events", description=f"emit {CHECKPOINT_CREATED} for checkpoint URLs"
+    )
     parser.add_argument("urls", nargs="+", help="checkpoint URLs (local path, file:// or s3://)")
     parser.add_argument("--payload", default="{}", help="JSON object attached to each event")
     args = parser.parse_args(argv)

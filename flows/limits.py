@@ -34,7 +34,8 @@ def limited_tags(logger: Any = None) -> tuple[str, ...]:
                     break
     except Exception as exc:  # noqa: BLE001 - any failure falls back to tagging everything
         (logger or logging.getLogger(__name__)).warning(
-            "could not list Prefect concurrency limits (%s): tagging every task", type(exc).__name__)
+            "could not list Prefect concurrency limits (%s): tagging every task", type(exc).__name__
+        )
         return tuple(candidates)
     limited = {n.removeprefix("tag:") for n in names if n.startswith("tag:")}
     return tuple(t for t in candidates if t in limited)

@@ -57,7 +57,7 @@ class _NoDeadDashboard(logging.Filter):
         message = record.getMessage()
         if not message.startswith(DASHBOARD_LINE):
             return True
-        return dashboard_served(message[len(DASHBOARD_LINE):].strip())
+        return dashboard_served(message[len(DASHBOARD_LINE) :].strip())
 
 
 class LensDaskTaskRunner(DaskTaskRunner):
@@ -116,6 +116,7 @@ class LensDaskTaskRunner(DaskTaskRunner):
 
 # ---- console output: a stage's failure is one line, not a traceback --------------------------
 
+
 class _OneLineFailures(logging.Formatter):
     """Console formatter: records of a failed task run print without their traceback.
 
@@ -142,6 +143,8 @@ def quiet_task_failures() -> None:
 
     for name in ("prefect", "prefect.task_runs", "prefect.flow_runs", ""):
         for handler in logging.getLogger(name).handlers:
-            if isinstance(handler, logging.StreamHandler) and not isinstance(handler.formatter, _OneLineFailures):
+            if isinstance(handler, logging.StreamHandler) and not isinstance(
+                handler.formatter, _OneLineFailures
+            ):
                 with contextlib.suppress(Exception):
                     handler.setFormatter(_OneLineFailures(handler.formatter))

@@ -134,12 +134,18 @@ def make_handler(files: SiteFiles) -> type[BaseHTTPRequestHandler]:
     return Handler
 
 
-def make_server(publish_url: str, storage_options: dict[str, Any] | None = None, port: int = 8000) -> ThreadingHTTPServer:
+def make_server(
+    publish_url: str, storage_options: dict[str, Any] | None = None, port: int = 8000
+) -> ThreadingHTTPServer:
     """An HTTP server on 127.0.0.1 for the site at `publish_url` (port 0 picks a free port)."""
-    return ThreadingHTTPServer(("127.0.0.1", port), make_handler(SiteFiles(publish_url, storage_options)))
+    return ThreadingHTTPServer(
+        ("127.0.0.1", port), make_handler(SiteFiles(publish_url, storage_options))
+    )
 
 
-def serve(publish_url: str, storage_options: dict[str, Any] | None = None, port: int = 8000) -> None:
+def serve(
+    publish_url: str, storage_options: dict[str, Any] | None = None, port: int = 8000
+) -> None:
     server = make_server(publish_url, storage_options, port)
     print(f"serving {publish_url} at http://127.0.0.1:{server.server_address[1]}/ (Ctrl-C stops)")
     try:

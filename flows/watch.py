@@ -49,7 +49,9 @@ def is_checkpoint(url: str) -> bool:
 
 def _fingerprint(info: dict[str, Any]) -> str:
     """Size and version of a file: ETag on S3, mtime on disk; a rewritten checkpoint changes it."""
-    version = info.get("ETag") or info.get("etag") or info.get("mtime") or info.get("LastModified") or ""
+    version = (
+        info.get("ETag") or info.get("etag") or info.get("mtime") or info.get("LastModified") or ""
+    )
     return f"{info.get('size')}:{version}"
 
 
@@ -63,7 +65,11 @@ def find_checkpoints(prefix: str, storage_options: dict[str, Any] | None = None)
         found = fs.find(path, detail=True)
     except FileNotFoundError:
         return {}
-    return {fs.unstrip_protocol(p): _fingerprint(info) for p, info in sorted(found.items()) if is_checkpoint(p)}
+    return {
+        fs.unstrip_protocol(p): _fingerprint(info)
+        for p, info in sorted(found.items())
+        if is_checkpoint(p)
+    }
 
 
 def list_checkpoints(prefix: str, storage_options: dict[str, Any] | None = None) -> list[str]:
@@ -80,14 +86,18 @@ class DigestCache:
     """
 
     def __init__(self, store_url: str, storage_options: dict[str, Any] | None = None):
-        self.fs, self.path = filesystem(join_url(normalize_url(store_url), layout.WATCH_DIGESTS), storage_options)
+        self.fs, self.path = filesystem(
+            join_url(normalize_url(store_url), layout.WATCH_DIGESTS), storage_options
+        )
         try:
             self.entries: dict[str, dict[str, str]] = json.loads(self.fs.cat_file(self.path))
         except (FileNotFoundError, ValueError):
             self.entries = {}
         self.changed = False
 
-    def digest(self, url: str, fingerprint: str, storage_options: dict[str, Any] | None = None) -> str:
+    def digest(
+        self, url: str, fingerprint: str, storage_options: dict[str, Any] | None = None
+    ) -> str:
         hit = self.entries.get(url)
         if hit and hit.get("fingerprint") == fingerprint:
             return hit["digest"]
@@ -100,7 +110,9 @@ class DigestCache:
         if self.changed:
             if "file" in self.fs.protocol:
                 self.fs.makedirs(posixpath.dirname(self.path), exist_ok=True)
-            self.fs.pipe_file(self.path, json.dumps(self.entries, indent=1, sort_keys=True).encode())
+            self.fs.pipe_file(
+                self.path, json.dumps(self.entries, indent=1, sort_keys=True).encode()
+            )
 
 
 def is_finished(config: AtlasConfig, run_id: str) -> bool:
@@ -128,14 +140,21 @@ class Trigger:
 
 def _previous_runs(deployment_id: Any, run_id: str) -> list[Any]:
     with get_client(sync_client=True) as client:
-        flt = FlowRunFilter(deployment_id=FlowRunFilterDeploymentId(any_=[deployment_id]),
-                            tags=FlowRunFilterTags(all_=[RUN_TAG + run_id]))
+        flt = FlowRunFilter(
+            deployment_id=FlowRunFilterDeploymentId(any_=[deployment_id]),
+            tags=FlowRunFilterTags(all_=[RUN_TAG + run_id]),
+        )
         return client.read_flow_runs(flow_run_filter=flt, limit=200)
 
 
 def request_build(
-    deployment: str, checkpoint: str, run_id: str, parameters: dict[str, Any], config: AtlasConfig,
-    max_attempts: int = 3, marker: str | None = None,
+    deployment: str,
+    checkpoint: str,
+    run_id: str,
+    parameters: dict[str, Any],
+    config: AtlasConfig,
+    max_attempts: int = 3,
+    marker: str | None = None,
 ) -> Trigger:
     """Create the build-atlas flow run for `run_id` unless one is pending, running or finished.
 
@@ -146,31 +165,45 @@ def request_build(
         try:
             deployment_id = client.read_deployment_by_name(deployment).id
         except ObjectNotFound:
-            raise ValueError(f"deployment {deployment!r} not found: apply deploy/prefect.yaml "
-                             "(docs/deploy.md)") from None
+            raise ValueError(
+                f"deployment {deployment!r} not found: apply deploy/prefect.yaml (docs/deploy.md)"
+            ) from None
     previous = _previous_runs(deployment_id, run_id)
     ended = [r for r in previous if r.state is not None and r.state.is_final()]
     if ended and is_finished(config, run_id):  # a run finished between the first check and now
         return Trigger(checkpoint, run_id, "finished")
     attempt = len(ended)
     if attempt >= max_attempts:
-        return Trigger(checkpoint, run_id, "gave-up", attempt=attempt,
-                       message=f"{attempt} runs ended without finishing; not retrying (max_attempts={max_attempts})")
+        return Trigger(
+            checkpoint,
+            run_id,
+            "gave-up",
+            attempt=attempt,
+            message=f"{attempt} runs ended without finishing; not retrying (max_attempts={max_attempts})",
+        )
     marker = marker or f"lens-trigger:{uuid.uuid4().hex[:8]}"
     fr = run_deployment(
-        deployment, parameters=parameters, timeout=0, as_subflow=False,
-        idempotency_key=idempotency_key(run_id, attempt), flow_run_name=f"atlas-{run_id}-{attempt}",
+        deployment,
+        parameters=parameters,
+        timeout=0,
+        as_subflow=False,
+        idempotency_key=idempotency_key(run_id, attempt),
+        flow_run_name=f"atlas-{run_id}-{attempt}",
         tags=["lens", RUN_TAG + run_id, marker],
     )
     created = marker in (fr.tags or [])
-    return Trigger(checkpoint, run_id, "triggered" if created else "existing", str(fr.id), fr.name, attempt)
+    return Trigger(
+        checkpoint, run_id, "triggered" if created else "existing", str(fr.id), fr.name, attempt
+    )
 
 
 def check_prefix(prefix: str | None) -> str:
     """The prefix to list; empty means LENS_CHECKPOINTS was unset at `prefect deploy` (it becomes "")."""
     if not prefix or not prefix.strip() or _PLACEHOLDER.search(prefix):
-        raise ValueError(f"no checkpoint prefix ({prefix!r}): set LENS_CHECKPOINTS in the environment of "
-                         "`prefect deploy` (docs/deploy.md) or pass the prefix parameter")
+        raise ValueError(
+            f"no checkpoint prefix ({prefix!r}): set LENS_CHECKPOINTS in the environment of "
+            "`prefect deploy` (docs/deploy.md) or pass the prefix parameter"
+        )
     return prefix.strip()
 
 
@@ -201,8 +234,9 @@ def watch_checkpoints(
     """
     logger = get_run_logger()
     prefix = check_prefix(prefix)
-    config_path, classes, store, publish = (given(v)
-                                            for v in (config_path, classes, store, publish))
+    config_path, classes, store, publish = (
+        given(v) for v in (config_path, classes, store, publish)
+    )
     base = config_from_parameters(config_path, config, None, classes, store, publish)
     marker = f"lens-trigger:{(current_flow_run.get_id() or uuid.uuid4().hex)[:8]}"
     digests = DigestCache(base.store, base.storage_options)
@@ -214,8 +248,14 @@ def watch_checkpoints(
             logger.warning("skipping %s: %s", ckpt, err)
             results.append(Trigger(ckpt, "", "error", message=str(err)))
             continue
-        params = {"config_path": config_path, "config": inline_fields(config) or None, "checkpoint": ckpt,
-                  "classes": classes, "store": store, "publish": publish}
+        params = {
+            "config_path": config_path,
+            "config": inline_fields(config) or None,
+            "checkpoint": ckpt,
+            "classes": classes,
+            "store": store,
+            "publish": publish,
+        }
         cfg = config_from_parameters(**params)
         run_id = planned_run_id(cfg, digest)
         if is_finished(cfg, run_id):
@@ -225,7 +265,10 @@ def watch_checkpoints(
         logger.info("%s: run %s %s %s", ckpt, run_id, t.action, t.flow_run_name or t.message)
         results.append(t)
     digests.save()
-    counts = {a: sum(t.action == a for t in results) for a in ("finished", "triggered", "existing", "gave-up", "error")}
+    counts = {
+        a: sum(t.action == a for t in results)
+        for a in ("finished", "triggered", "existing", "gave-up", "error")
+    }
     logger.info("%d checkpoints under %s: %s", len(results), prefix, counts)
     return {"prefix": prefix, "counts": counts, "checkpoints": [asdict(t) for t in results]}
 
@@ -233,4 +276,8 @@ def watch_checkpoints(
 if __name__ == "__main__":
     import sys
 
-    print(watch_checkpoints(prefix=sys.argv[1], config_path=(sys.argv[2] if len(sys.argv) > 2 else None)))
+    print(
+        watch_checkpoints(
+            prefix=sys.argv[1], config_path=(sys.argv[2] if len(sys.argv) > 2 else None)
+        )
+    )

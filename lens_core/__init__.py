@@ -14,21 +14,31 @@ from typing import Any
 
 _API = {
     # configuration and runs
-    "AtlasConfig": "lens_core.config", "make_config": "lens_core.config",
-    "load_config": "lens_core.config", "ConfigError": "lens_core.config",
-    "RunInfo": "lens_core.run", "prepare_run": "lens_core.run",
-    "run_class": "lens_core.stages", "explain": "lens_core.pipeline",
-    "publish": "lens_core.publish", "build_confusions": "lens_core.confusions",
+    "AtlasConfig": "lens_core.config",
+    "make_config": "lens_core.config",
+    "load_config": "lens_core.config",
+    "ConfigError": "lens_core.config",
+    "RunInfo": "lens_core.run",
+    "prepare_run": "lens_core.run",
+    "run_class": "lens_core.stages",
+    "explain": "lens_core.pipeline",
+    "publish": "lens_core.publish",
+    "build_confusions": "lens_core.confusions",
     "compute_run_id": "lens_core.identity",
     # models
-    "load_split_model": "lens_core.models", "SplitModel": "lens_core.models",
+    "load_split_model": "lens_core.models",
+    "SplitModel": "lens_core.models",
     "ModelError": "lens_core.models",
     # the method's pieces
-    "make_extractor": "lens_core.extract", "ConceptExtractor": "lens_core.extract",
-    "nmf": "lens_core.factorize", "project_nnls": "lens_core.factorize",
+    "make_extractor": "lens_core.extract",
+    "ConceptExtractor": "lens_core.extract",
+    "nmf": "lens_core.factorize",
+    "project_nnls": "lens_core.factorize",
     "semi_nmf": "lens_core.seminmf",
-    "concept_sobol": "lens_core.importance", "logit_contributions": "lens_core.importance",
-    "logit_share": "lens_core.importance", "deletion_curve": "lens_core.importance",
+    "concept_sobol": "lens_core.importance",
+    "logit_contributions": "lens_core.importance",
+    "logit_share": "lens_core.importance",
+    "deletion_curve": "lens_core.importance",
     "render_concepts": "lens_core.maco",
 }
 __all__ = sorted(_API)

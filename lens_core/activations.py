@@ -73,7 +73,13 @@ class _Appender:
     write error raises at the next add or at close.
     """
 
-    def __init__(self, group: zarr.Group, chunk_rows: int = 2048, flush_rows: int = 2048, max_pending: int = 2):
+    def __init__(
+        self,
+        group: zarr.Group,
+        chunk_rows: int = 2048,
+        flush_rows: int = 2048,
+        max_pending: int = 2,
+    ):
         self.group = group
         self.chunk_rows = chunk_rows
         self.flush_rows = flush_rows
@@ -99,9 +105,13 @@ class _Appender:
 
     def _write(self, name: str, block: np.ndarray) -> None:
         arr = self.arrays.get(name)
-        if arr is None:  # created with its first block: the same array as empty + append, 25% faster
+        if (
+            arr is None
+        ):  # created with its first block: the same array as empty + append, 25% faster
             chunks = (min(self.chunk_rows, max(1, block.shape[0])),) + block.shape[1:]
-            self.arrays[name] = self.group.create_array(name, data=block, chunks=chunks, overwrite=True)
+            self.arrays[name] = self.group.create_array(
+                name, data=block, chunks=chunks, overwrite=True
+            )
         else:
             arr.append(block, axis=0)
 
@@ -169,7 +179,9 @@ def compute_class_activations(
         for batch in _batches(stream, images_per_batch):
             positions = np.arange(len(read_urls), len(read_urls) + len(batch), dtype=np.int32)
             read_urls.extend(u for _, u, _ in batch)
-            nxt = run.launch(_stacked([t for _, _, t in batch], pinned=dev.type == "cuda"), positions)
+            nxt = run.launch(
+                _stacked([t for _, _, t in batch], pinned=dev.type == "cuda"), positions
+            )
             if launched is not None:
                 _store(out, launched, boxes, on_batch)
             launched = nxt
@@ -184,7 +196,11 @@ def compute_class_activations(
     if not read_urls:
         raise EmptyClassError(
             f"no readable image among {len(image_urls)} listed"
-            + (f" ({len(stats.skipped)} unreadable, e.g. {stats.skipped[0][1]})" if stats.skipped else "")
+            + (
+                f" ({len(stats.skipped)} unreadable, e.g. {stats.skipped[0][1]})"
+                if stats.skipped
+                else ""
+            )
         )
     group.attrs.update(
         {
@@ -198,7 +214,9 @@ def compute_class_activations(
             "channels": run.channels,
         }
     )
-    return ActivationSummary(len(read_urls), len(read_urls) * per_image, len(stats.skipped), run.channels)
+    return ActivationSummary(
+        len(read_urls), len(read_urls) * per_image, len(stats.skipped), run.channels
+    )
 
 
 def _default_prefetch(dev: torch.device, images_per_batch: int) -> int:
@@ -230,8 +248,16 @@ class _Launched:
 class _Run:
     """The forwards of one class: patches batch by batch, whole images gathered into full batches."""
 
-    def __init__(self, split: SplitModel, boxes: np.ndarray, dev: torch.device, precision: str,
-                 class_index: int, batch_size: int, spatial_images: int):
+    def __init__(
+        self,
+        split: SplitModel,
+        boxes: np.ndarray,
+        dev: torch.device,
+        precision: str,
+        class_index: int,
+        batch_size: int,
+        spatial_images: int,
+    ):
         self.split, self.boxes, self.dev, self.precision = split, boxes, dev, precision
         self.class_index, self.batch_size = class_index, batch_size
         self.spatial_left = spatial_images
@@ -252,20 +278,37 @@ class _Run:
         cuda = self.dev.type == "cuda"
         results: dict[str, torch.Tensor] = {}
         if images is not None:
-            images = images.to(self.dev, non_blocking=cuda)  # from pinned memory: the host does not wait
+            images = images.to(
+                self.dev, non_blocking=cuda
+            )  # from pinned memory: the host does not wait
             crops = extract_patches(images, self.boxes, self.split.input_size)
             acts, logits = self._forward(crops)
             with torch.inference_mode():  # float32 from here on: pooled after the cast, not before
-                results.update(A=pool(acts.float()), patch_logit=logits[:, self.class_index],
-                               patch_pred=logits.argmax(1))
-            self.wholes.append(F.interpolate(images, size=self.split.input_size, mode="bilinear",
-                                             antialias=True, align_corners=False))
+                results.update(
+                    A=pool(acts.float()),
+                    patch_logit=logits[:, self.class_index],
+                    patch_pred=logits.argmax(1),
+                )
+            self.wholes.append(
+                F.interpolate(
+                    images,
+                    size=self.split.input_size,
+                    mode="bilinear",
+                    antialias=True,
+                    align_corners=False,
+                )
+            )
         if self.wholes and (images is None or sum(len(w) for w in self.wholes) >= self.batch_size):
-            acts, logits = self._forward(torch.cat(self.wholes) if len(self.wholes) > 1 else self.wholes[0])
+            acts, logits = self._forward(
+                torch.cat(self.wholes) if len(self.wholes) > 1 else self.wholes[0]
+            )
             self.wholes = []
             with torch.inference_mode():
-                results.update(image_A=pool(acts.float()), image_logit=logits[:, self.class_index],
-                               image_pred=logits.argmax(1))
+                results.update(
+                    image_A=pool(acts.float()),
+                    image_logit=logits[:, self.class_index],
+                    image_pred=logits.argmax(1),
+                )
                 if self.spatial_left > 0 and acts.ndim == 4:
                     results["spatial"] = acts[: self.spatial_left].float()
                     extra = extra_tokens(self.split.g, acts)  # a token model's class token
@@ -285,7 +328,9 @@ class _Run:
         return _Launched(positions, results, ready)
 
 
-def _store(out: _Appender, batch: _Launched, boxes: np.ndarray, on_batch: Callable[[int], None] | None) -> None:
+def _store(
+    out: _Appender, batch: _Launched, boxes: np.ndarray, on_batch: Callable[[int], None] | None
+) -> None:
     """Hand a launched batch's results to the appender (waiting for them on CUDA)."""
     if batch.ready is not None:
         batch.ready.synchronize()

@@ -79,9 +79,14 @@ def read_side(store: RunStore, slug: str) -> ClassSide | None:
     rows = [(keys[int(p[0])], *(int(v) for v in p[1:])) for p in patches]
     index = int(acts.attrs.get("label_index", -1))
     return ClassSide(
-        slug=slug, rows=rows, U=store.zarr[layout.concepts(slug)]["U"][:].astype(np.float64),
-        shown=np.asarray(shown, np.float64), basis=basis,
-        order=imp["order"][:], image_keys=keys, image_logit=acts["image_logit"][:].astype(np.float64),
+        slug=slug,
+        rows=rows,
+        U=store.zarr[layout.concepts(slug)]["U"][:].astype(np.float64),
+        shown=np.asarray(shown, np.float64),
+        basis=basis,
+        order=imp["order"][:],
+        image_keys=keys,
+        image_logit=acts["image_logit"][:].astype(np.float64),
         image_correct=(acts["image_pred"][:] == index) if index >= 0 else np.zeros(len(keys), bool),
         fingerprint=fp,
     )
@@ -98,7 +103,11 @@ def similarity(Ua: np.ndarray, Ub: np.ndarray) -> np.ndarray:
 def match(S: np.ndarray, threshold: float = DEFAULT_THRESHOLD) -> list[tuple[int, int, float]]:
     """The optimal one-to-one pairs (i, j, similarity) with similarity >= threshold."""
     rows, cols = linear_sum_assignment(-S)
-    return [(int(i), int(j), float(S[i, j])) for i, j in zip(rows, cols, strict=True) if S[i, j] >= threshold]
+    return [
+        (int(i), int(j), float(S[i, j]))
+        for i, j in zip(rows, cols, strict=True)
+        if S[i, j] >= threshold
+    ]
 
 
 def weights(shown: np.ndarray) -> np.ndarray:
@@ -142,7 +151,9 @@ def _same_images(a: ClassSide, b: ClassSide) -> tuple[np.ndarray, np.ndarray]:
     return ia, ib
 
 
-def compare_class(before: ClassSide, after: ClassSide, threshold: float = DEFAULT_THRESHOLD) -> dict[str, Any]:
+def compare_class(
+    before: ClassSide, after: ClassSide, threshold: float = DEFAULT_THRESHOLD
+) -> dict[str, Any]:
     """The change report of one class (module doc); concept ids are each run's own."""
     Ua, Ub = _aligned(before, after)
     S = similarity(Ua, Ub)
@@ -158,27 +169,51 @@ def compare_class(before: ClassSide, after: ClassSide, threshold: float = DEFAUL
         return float(x.mean()) if len(x) else None
 
     logit_a, logit_b = mean(before.image_logit[ia]), mean(after.image_logit[ib])
-    acc_a, acc_b = mean(before.image_correct[ia].astype(float)), mean(after.image_correct[ib].astype(float))
+    acc_a, acc_b = (
+        mean(before.image_correct[ia].astype(float)),
+        mean(after.image_correct[ib].astype(float)),
+    )
     return {
         "score": round(score, 4),
         "threshold": threshold,
         "matched": [
-            {"before": i, "after": j, "similarity": round(s, 4),
-             "importance_before": round(float(before.shown[i]), 2), "importance_after": round(float(after.shown[j]), 2),
-             "delta": round(float(after.shown[j] - before.shown[i]), 2),
-             "rank_before": rank_a[i], "rank_after": rank_b[j]}
+            {
+                "before": i,
+                "after": j,
+                "similarity": round(s, 4),
+                "importance_before": round(float(before.shown[i]), 2),
+                "importance_after": round(float(after.shown[j]), 2),
+                "delta": round(float(after.shown[j] - before.shown[i]), 2),
+                "rank_before": rank_a[i],
+                "rank_after": rank_b[j],
+            }
             for i, j, s in sorted(pairs, key=lambda t: rank_b[t[1]])
         ],
-        "appeared": [{"concept": j, "importance": round(float(after.shown[j]), 2), "rank": rank_b[j],
-                      "best_similarity": round(float(S[:, j].max()), 4) if S.shape[0] else 0.0}
-                     for j in sorted(set(range(Ub.shape[1])) - matched_b, key=lambda c: rank_b[c])],
-        "vanished": [{"concept": i, "importance": round(float(before.shown[i]), 2), "rank": rank_a[i],
-                      "best_similarity": round(float(S[i].max()), 4) if S.shape[1] else 0.0}
-                     for i in sorted(set(range(Ua.shape[1])) - matched_a, key=lambda c: rank_a[c])],
-        "basis_before": before.basis, "basis_after": after.basis,
-        "logit_before": logit_a, "logit_after": logit_b,
+        "appeared": [
+            {
+                "concept": j,
+                "importance": round(float(after.shown[j]), 2),
+                "rank": rank_b[j],
+                "best_similarity": round(float(S[:, j].max()), 4) if S.shape[0] else 0.0,
+            }
+            for j in sorted(set(range(Ub.shape[1])) - matched_b, key=lambda c: rank_b[c])
+        ],
+        "vanished": [
+            {
+                "concept": i,
+                "importance": round(float(before.shown[i]), 2),
+                "rank": rank_a[i],
+                "best_similarity": round(float(S[i].max()), 4) if S.shape[1] else 0.0,
+            }
+            for i in sorted(set(range(Ua.shape[1])) - matched_a, key=lambda c: rank_a[c])
+        ],
+        "basis_before": before.basis,
+        "basis_after": after.basis,
+        "logit_before": logit_a,
+        "logit_after": logit_b,
         "logit_change": None if logit_a is None or logit_b is None else round(logit_b - logit_a, 4),
-        "accuracy_before": acc_a, "accuracy_after": acc_b,
+        "accuracy_before": acc_a,
+        "accuracy_after": acc_b,
         "accuracy_change": None if acc_a is None or acc_b is None else round(acc_b - acc_a, 4),
         "images_compared": int(len(ia)),
     }
@@ -186,15 +221,28 @@ def compare_class(before: ClassSide, after: ClassSide, threshold: float = DEFAUL
 
 def ranked(reports: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     """One row per class, most changed first: what `lens diff` prints and the changes page lists."""
-    rows = [{"slug": slug, **{k: r.get(k) for k in ("class", "name", "score", "logit_change", "accuracy_change")},
-             "appeared": len(r["appeared"]), "vanished": len(r["vanished"]), "matched": len(r["matched"])}
-            for slug, r in reports.items()]
+    rows = [
+        {
+            "slug": slug,
+            **{k: r.get(k) for k in ("class", "name", "score", "logit_change", "accuracy_change")},
+            "appeared": len(r["appeared"]),
+            "vanished": len(r["vanished"]),
+            "matched": len(r["matched"]),
+        }
+        for slug, r in reports.items()
+    ]
     return sorted(rows, key=lambda r: (-(r["score"] or 0.0), r["slug"]))
 
 
-def compare(store_url: str, storage_options: dict[str, Any] | None, before: Any, after: Any,
-            threshold: float = DEFAULT_THRESHOLD, slugs: list[str] | None = None,
-            write: bool = True) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+def compare(
+    store_url: str,
+    storage_options: dict[str, Any] | None,
+    before: Any,
+    after: Any,
+    threshold: float = DEFAULT_THRESHOLD,
+    slugs: list[str] | None = None,
+    write: bool = True,
+) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
     """(summary, {slug: report}) of the runs `before` -> `after` (RunRecords of one store).
 
     Classes are paired by class dir and label index (slugs may differ between runs); `slugs`
@@ -209,7 +257,9 @@ def compare(store_url: str, storage_options: dict[str, Any] | None, before: Any,
 
     store = RunStore(store_url, after.run_id, storage_options)
     prev_store = RunStore(store_url, before.run_id, storage_options)
-    prev_slugs = {(c.get("id"), c.get("index")): c.get("slug") for c in before.meta.get("classes", [])}
+    prev_slugs = {
+        (c.get("id"), c.get("index")): c.get("slug") for c in before.meta.get("classes", [])
+    }
     wanted = set(slugs) if slugs is not None else None
     reports: dict[str, dict[str, Any]] = {}
     skipped, not_comparable = [], []
@@ -228,10 +278,19 @@ def compare(store_url: str, storage_options: dict[str, Any] | None, before: Any,
         stored = store.read_json(path) if write else None
         cached = isinstance(stored, dict) and stored.get("inputs") == inputs
         report = dict(stored) if cached else _class_report(side_before, side_after, threshold)
-        report.update({"class": cls.get("id"), "name": cls.get("name"), "slug": slug, "prev_slug": prev_slug,
-                       "inputs": inputs})
+        report.update(
+            {
+                "class": cls.get("id"),
+                "name": cls.get("name"),
+                "slug": slug,
+                "prev_slug": prev_slug,
+                "inputs": inputs,
+            }
+        )
         if report.get("comparable") is False:
-            not_comparable.append({"slug": slug, "name": cls.get("name"), "reason": report.get("reason")})
+            not_comparable.append(
+                {"slug": slug, "name": cls.get("name"), "reason": report.get("reason")}
+            )
         elif write:  # carried even when the report is cached: the previous run may have new labels
             done = (stored.get("labels") or {}).get("carried", []) if cached else []
             report["labels"] = carry_labels(store, prev_store, slug, prev_slug, report, done)
@@ -239,9 +298,16 @@ def compare(store_url: str, storage_options: dict[str, Any] | None, before: Any,
             store.write_json(path, report)
         if report.get("comparable") is not False:
             reports[slug] = report
-    summary = {"run_id": after.run_id, "previous": before.run_id, "previous_label": before.label,
-               "previous_created": before.created, "threshold": threshold, "ranking": ranked(reports),
-               "not_compared": skipped, "not_comparable": not_comparable}
+    summary = {
+        "run_id": after.run_id,
+        "previous": before.run_id,
+        "previous_label": before.label,
+        "previous_created": before.created,
+        "threshold": threshold,
+        "ranking": ranked(reports),
+        "not_compared": skipped,
+        "not_comparable": not_comparable,
+    }
     if write:
         store.write_json(layout.changes_summary(before.run_id), summary)
         store.write_json(layout.CHANGES_LATEST, {"previous": before.run_id})
@@ -265,7 +331,10 @@ def read_changes(store: RunStore) -> tuple[dict[str, Any] | None, dict[str, dict
     summary = store.read_json(layout.changes_summary(prev))
     if not isinstance(summary, dict):
         return None, {}
-    reports = {row["slug"]: store.read_json(layout.changes_file(prev, row["slug"]), {}) for row in summary["ranking"]}
+    reports = {
+        row["slug"]: store.read_json(layout.changes_file(prev, row["slug"]), {})
+        for row in summary["ranking"]
+    }
     return summary, reports
 
 
@@ -282,5 +351,7 @@ def compare_with_previous(info: Any) -> dict[str, Any]:
     if previous is None:
         return {"previous": None, "ranking": []}
     me = find_run(cfg.store, info.run_id, cfg.storage_options)
-    summary, _ = compare(cfg.store, cfg.storage_options, previous, me, cfg.changes.threshold, info.slugs)
+    summary, _ = compare(
+        cfg.store, cfg.storage_options, previous, me, cfg.changes.threshold, info.slugs
+    )
     return summary

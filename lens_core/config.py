@@ -48,7 +48,9 @@ def _form_schema(schema: dict[str, Any]) -> None:
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False, json_schema_extra=_form_schema)
+    model_config = ConfigDict(
+        extra="forbid", frozen=True, allow_inf_nan=False, json_schema_extra=_form_schema
+    )
 
 
 def check_url(value: str | None) -> str | None:
@@ -62,8 +64,10 @@ def check_url(value: str | None) -> str | None:
     for part in value.split("::"):
         why = url_secret(part)
         if why:
-            raise ValueError(f"credentials in URLs are refused ({why}; the URL would be logged and "
-                             "published): use storage_options or AWS_* environment variables")
+            raise ValueError(
+                f"credentials in URLs are refused ({why}; the URL would be logged and "
+                "published): use storage_options or AWS_* environment variables"
+            )
         if "://" not in part:
             continue
         import fsspec
@@ -77,17 +81,35 @@ def check_url(value: str | None) -> str | None:
 class ModelConfig(_Section):
     """The classifier: architecture, checkpoint and the layer where it is split into g and h."""
 
-    arch: str = Field("toy", description="torchvision name (resnet50, ...), 'toy', or a factory the worker allows "
-                      "(an entry point of the group lens.models, or a 'package.module:factory' in LENS_MODEL_FACTORIES)")
-    checkpoint: str | None = Field(None, description="local path, file:// or s3:// URL; None = shipped toy weights / random init")
-    num_classes: int | None = Field(None, gt=0, le=1_000_000, description="model outputs; default: read from the checkpoint, else the class-folder count")
-    layer: str = Field("block4", description="named module where the model is split (g: image -> activations, h: activations -> logits)")
-    input_size: int = Field(64, gt=0, le=MAX_INPUT_SIZE, description="side of the square model input, pixels")
+    arch: str = Field(
+        "toy",
+        description="torchvision name (resnet50, ...), 'toy', or a factory the worker allows "
+        "(an entry point of the group lens.models, or a 'package.module:factory' in LENS_MODEL_FACTORIES)",
+    )
+    checkpoint: str | None = Field(
+        None,
+        description="local path, file:// or s3:// URL; None = shipped toy weights / random init",
+    )
+    num_classes: int | None = Field(
+        None,
+        gt=0,
+        le=1_000_000,
+        description="model outputs; default: read from the checkpoint, else the class-folder count",
+    )
+    layer: str = Field(
+        "block4",
+        description="named module where the model is split (g: image -> activations, h: activations -> logits)",
+    )
+    input_size: int = Field(
+        64, gt=0, le=MAX_INPUT_SIZE, description="side of the square model input, pixels"
+    )
     mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
     std: tuple[float, float, float] = (0.25, 0.25, 0.25)
     precision: Literal["fp32", "bf16", "fp16"] = Field(
-        "fp32", description="autocast dtype of the model's forward passes (activations, importance, MACO); "
-        "NMF and Sobol statistics stay fp32. fp16 runs as fp32 on CPU")
+        "fp32",
+        description="autocast dtype of the model's forward passes (activations, importance, MACO); "
+        "NMF and Sobol statistics stay fp32. fp16 runs as fp32 on CPU",
+    )
 
     @field_validator("checkpoint")
     @classmethod
@@ -105,16 +127,23 @@ class ModelConfig(_Section):
 class DataConfig(_Section):
     """Where the images are: an image-folder layout at any fsspec URL, or the generated toy set."""
 
-    url: str | None = Field(None, description="`<root>/<class dir>/*.jpg|png|webp` at any fsspec URL; "
-                            "empty = the generated toy data")
-    class_names: str | None = Field(None, description="JSON file `{class_dir: name or [name, synonyms...]}`")
+    url: str | None = Field(
+        None,
+        description="`<root>/<class dir>/*.jpg|png|webp` at any fsspec URL; "
+        "empty = the generated toy data",
+    )
+    class_names: str | None = Field(
+        None, description="JSON file `{class_dir: name or [name, synonyms...]}`"
+    )
     class_index: str | None = Field(
         None,
         description="JSON file mapping class dirs to the model's label indices: `{class_dir: index}`, "
         "a list of class dirs in label order, or Keras' imagenet_class_index.json `{index: [dir, name]}`; "
         "required when the folders are not exactly the model's label set in sorted order",
     )
-    images_per_class: int = Field(40, gt=0, le=1_000_000, description="images sampled per class (deterministic)")
+    images_per_class: int = Field(
+        40, gt=0, le=1_000_000, description="images sampled per class (deterministic)"
+    )
     seed: int = 0
     toy_classes: int = Field(10, ge=2, le=6165, description="classes of the generated toy data set")
     toy_images_per_class: int = Field(40, gt=0, le=10_000)
@@ -128,18 +157,31 @@ class DataConfig(_Section):
 class PatchConfig(_Section):
     """CRAFT patches: squares of a fraction of the image on a regular grid, resized to the model input."""
 
-    fraction: float = Field(64 / 224, gt=0, le=1, description="patch side / image side (reference: 64 of 224)")
-    grid: int = Field(4, ge=1, le=64, description="patches per side; stride follows (reference: 4x4 = 16, stride 51)")
-    image_size: int = Field(128, gt=0, le=MAX_IMAGE_SIZE, description="images are resized to this side before cutting")
+    fraction: float = Field(
+        64 / 224, gt=0, le=1, description="patch side / image side (reference: 64 of 224)"
+    )
+    grid: int = Field(
+        4,
+        ge=1,
+        le=64,
+        description="patches per side; stride follows (reference: 4x4 = 16, stride 51)",
+    )
+    image_size: int = Field(
+        128, gt=0, le=MAX_IMAGE_SIZE, description="images are resized to this side before cutting"
+    )
     batch_size: int = Field(64, gt=0, le=MAX_BATCH)
 
     @model_validator(mode="after")
     def _fits(self) -> PatchConfig:
         side = int(round(self.fraction * self.image_size))
         if side < 1:
-            raise ValueError(f"patches of fraction {self.fraction} of a {self.image_size} px image are under 1 px")
+            raise ValueError(
+                f"patches of fraction {self.fraction} of a {self.image_size} px image are under 1 px"
+            )
         if self.grid > 1 and (self.image_size - side) // (self.grid - 1) < 1:
-            raise ValueError(f"a {self.grid}x{self.grid} grid of {side} px patches does not fit a {self.image_size} px image")
+            raise ValueError(
+                f"a {self.grid}x{self.grid} grid of {side} px patches does not fit a {self.image_size} px image"
+            )
         return self
 
 
@@ -147,20 +189,28 @@ class ConceptConfig(_Section):
     """Concept extraction A ~= U W with U >= 0: NMF (W >= 0) or semi-NMF (W signed)."""
 
     method: Literal["auto", "nmf", "semi-nmf"] = Field(
-        "auto", description="'nmf' (CRAFT) needs a non-negative layer (after a ReLU); 'semi-nmf' "
+        "auto",
+        description="'nmf' (CRAFT) needs a non-negative layer (after a ReLU); 'semi-nmf' "
         "keeps U >= 0 and lets W be signed, for layers after GELU, SiLU or a normalization; 'auto' "
-        "picks NMF when the layer is non-negative on the set-up probe, semi-NMF otherwise")
+        "picks NMF when the layer is non-negative on the set-up probe, semi-NMF otherwise",
+    )
     n_concepts: int = Field(10, ge=1, le=1024)
     solver: Literal["torch", "sklearn"] = Field(
-        "torch", description="NMF solver: 'torch' (HALS, CPU or GPU) or 'sklearn' (the reference); "
-        "semi-NMF has the torch solver only")
+        "torch",
+        description="NMF solver: 'torch' (HALS, CPU or GPU) or 'sklearn' (the reference); "
+        "semi-NMF has the torch solver only",
+    )
     max_iter: int = Field(500, gt=0, le=100_000)
     tol: float = Field(1e-4, ge=0)
     seed: int = 0
     sparsity: float = Field(
-        0.05, ge=0, le=1, description="semi-NMF: L1 weight on U (relative to the RMS activation "
+        0.05,
+        ge=0,
+        le=1,
+        description="semi-NMF: L1 weight on U (relative to the RMS activation "
         "row) that picks the tightest set of concepts among equally good fits; its bias is removed "
-        "by a last unpenalized step")
+        "by a last unpenalized step",
+    )
 
 
 class ImportanceConfig(_Section):
@@ -169,18 +219,32 @@ class ImportanceConfig(_Section):
     n_designs: int = Field(32, ge=2, le=MAX_DESIGNS, description="QMC designs (reference: 32)")
     sampler: Literal["halton", "sobol"] = "halton"
     batch_size: int = Field(256, gt=0, le=MAX_BATCH)
-    images: int = Field(16, ge=1, le=1024, description="class images whose spatial activations feed the Sobol estimate")
-    important_min_images: int = Field(3, ge=1, description="a concept is 'important' when it is the top concept of at least this many images")
+    images: int = Field(
+        16,
+        ge=1,
+        le=1024,
+        description="class images whose spatial activations feed the Sobol estimate",
+    )
+    important_min_images: int = Field(
+        3,
+        ge=1,
+        description="a concept is 'important' when it is the top concept of at least this many images",
+    )
     min_share_images: int = Field(
-        3, ge=1, description="the logit share is summed over the class's images that the model "
-        "classifies as the class; with fewer such images, concepts are ranked by Sobol importance")
+        3,
+        ge=1,
+        description="the logit share is summed over the class's images that the model "
+        "classifies as the class; with fewer such images, concepts are ranked by Sobol importance",
+    )
 
     @model_validator(mode="before")
     @classmethod
     def _renamed(cls, data: Any) -> Any:
         if isinstance(data, dict) and "min_share_patches" in data:
-            raise ValueError("importance.min_share_patches is gone: the logit share is summed over "
-                             "images now; set importance.min_share_images (default 3) instead")
+            raise ValueError(
+                "importance.min_share_patches is gone: the logit share is summed over "
+                "images now; set importance.min_share_images (default 3) instead"
+            )
         return data
 
 
@@ -196,13 +260,21 @@ class MacoConfig(_Section):
     value_range: tuple[float, float] = (-2.5, 2.5)
     objective: Literal["dot_cossim", "dot", "cosine"] = "dot_cossim"
     cossim_power: float = 2.0
-    batch_size: int = Field(16, gt=0, le=1024, description="concepts rendered together in one batch")
-    magnitude: str | None = Field(None, description="spectrum file (.npy); None = estimated from the run's images")
+    batch_size: int = Field(
+        16, gt=0, le=1024, description="concepts rendered together in one batch"
+    )
+    magnitude: str | None = Field(
+        None, description="spectrum file (.npy); None = estimated from the run's images"
+    )
     seed: int = 0
     top_k: int | None = Field(
-        None, ge=0, le=1024, description="render only the top K concepts of each class (the most "
+        None,
+        ge=0,
+        le=1024,
+        description="render only the top K concepts of each class (the most "
         "important first); empty or 0 = every concept. Not part of the run id: a later run with a "
-        "larger K renders only the missing ones")
+        "larger K renders only the missing ones",
+    )
 
     @field_validator("magnitude")
     @classmethod
@@ -233,11 +305,20 @@ class ChangesConfig(_Section):
     """What changed since the previous checkpoint (a comparison: not part of the run id)."""
 
     previous_run: str | None = Field(
-        None, description="compare with this run id; default: the latest finished run of the same "
-        "data and method on another checkpoint")
-    threshold: float = Field(0.5, gt=0, le=1, description="cosine similarity (of the concepts' patch "
-                             "coefficients) from which two concepts are the same concept; labels carry over from it")
-    most_changed: int = Field(10, ge=0, le=1000, description="classes marked as most changed on the index")
+        None,
+        description="compare with this run id; default: the latest finished run of the same "
+        "data and method on another checkpoint",
+    )
+    threshold: float = Field(
+        0.5,
+        gt=0,
+        le=1,
+        description="cosine similarity (of the concepts' patch "
+        "coefficients) from which two concepts are the same concept; labels carry over from it",
+    )
+    most_changed: int = Field(
+        10, ge=0, le=1000, description="classes marked as most changed on the index"
+    )
 
     @field_validator("previous_run")
     @classmethod
@@ -250,11 +331,23 @@ class ChangesConfig(_Section):
 class MistakesConfig(_Section):
     """Mistakes explained by concepts (a cross-class step over stored results: not part of the run id)."""
 
-    examples: int = Field(3, ge=0, le=20, description="example images per pair of classes, each with the "
-                          "overlay of the predicted class's concepts")
-    example_pairs: int = Field(300, ge=0, le=100_000, description="pairs (most frequent first) that get examples")
-    bias_min_classes: int = Field(2, ge=2, le=1000, description="a concept is flagged as a bias candidate when it "
-                                  "carries most of the mistaken logit for images of at least this many other classes")
+    examples: int = Field(
+        3,
+        ge=0,
+        le=20,
+        description="example images per pair of classes, each with the "
+        "overlay of the predicted class's concepts",
+    )
+    example_pairs: int = Field(
+        300, ge=0, le=100_000, description="pairs (most frequent first) that get examples"
+    )
+    bias_min_classes: int = Field(
+        2,
+        ge=2,
+        le=1000,
+        description="a concept is flagged as a bias candidate when it "
+        "carries most of the mistaken logit for images of at least this many other classes",
+    )
 
 
 class AtlasConfig(_Section):
@@ -272,17 +365,21 @@ class AtlasConfig(_Section):
     store: str = Field("file://./lens-out/store", description="fsspec URL of the run store")
     publish: str = Field("file://./lens-out/site", description="fsspec URL of the published site")
     publish_base_url: str | None = Field(
-        None, description="public http(s) address at which `publish` is served (a bucket's website "
+        None,
+        description="public http(s) address at which `publish` is served (a bucket's website "
         "endpoint, a CDN), e.g. `https://lens.example.org/site`: the run's link in the Prefect UI "
-        "points there; empty = the `lens serve` command")
+        "points there; empty = the `lens serve` command",
+    )
     storage_options: dict[str, Any] = Field(
         default_factory=dict,
         description="fsspec options for s3:// (endpoint_url, ...); key/secret default to the environment",
     )
     classes: list[str] | None = Field(
-        None, description="restrict the run to these classes: folder names (`n01440764`), names from "
+        None,
+        description="restrict the run to these classes: folder names (`n01440764`), names from "
         "`class_names` (`tench`), label indices (`0`), or the slugs `lens status` lists; toy data: "
-        "`0` to `9`; empty = every class")
+        "`0` to `9`; empty = every class",
+    )
 
     @field_validator("store", "publish")
     @classmethod
@@ -292,9 +389,13 @@ class AtlasConfig(_Section):
     @field_validator("publish_base_url")
     @classmethod
     def _http_url(cls, v: str | None) -> str | None:
-        if v is not None and (not re.fullmatch(r"https?://[^\s/?#@]+(/[^\s?#]*)?", v) or url_secret(v)):
-            raise ValueError("must be an http(s) address without credentials or query, "
-                             "e.g. https://lens.example.org/site")
+        if v is not None and (
+            not re.fullmatch(r"https?://[^\s/?#@]+(/[^\s?#]*)?", v) or url_secret(v)
+        ):
+            raise ValueError(
+                "must be an http(s) address without credentials or query, "
+                "e.g. https://lens.example.org/site"
+            )
         return v.rstrip("/") if v else v
 
     @field_validator("storage_options")
@@ -305,8 +406,10 @@ class AtlasConfig(_Section):
                 for k, sub in obj.items():
                     walk(sub, f"{path}.{k}" if path else str(k))
             elif isinstance(obj, str) and (why := url_secret(obj)):
-                raise ValueError(f"{path}: credentials in URLs are refused ({why}; they would be "
-                                 "logged and published): put credentials in AWS_* environment variables")
+                raise ValueError(
+                    f"{path}: credentials in URLs are refused ({why}; they would be "
+                    "logged and published): put credentials in AWS_* environment variables"
+                )
 
         walk(v, "")
         return v
@@ -324,9 +427,24 @@ class AtlasConfig(_Section):
     def method_dict(self) -> dict[str, Any]:
         """The settings that change results (not where they are stored): part of the run id."""
         # maco.top_k picks which concepts get a picture, never what they are: outside the run id
-        return self.model_dump(mode="json", exclude={
-            **dict.fromkeys(("store", "publish", "storage_options", "classes", "changes", "mistakes",
-                             "publish_base_url"), True), "maco": {"top_k"}})
+        return self.model_dump(
+            mode="json",
+            exclude={
+                **dict.fromkeys(
+                    (
+                        "store",
+                        "publish",
+                        "storage_options",
+                        "classes",
+                        "changes",
+                        "mistakes",
+                        "publish_base_url",
+                    ),
+                    True,
+                ),
+                "maco": {"top_k"},
+            },
+        )
 
     def redacted(self) -> dict[str, Any]:
         """The config as a dict safe to log, store or publish: only allow-listed storage options."""
@@ -336,7 +454,9 @@ class AtlasConfig(_Section):
 
 
 _ENV_SECRETS = {
-    "key": "AWS_ACCESS_KEY_ID", "secret": "AWS_SECRET_ACCESS_KEY", "token": "AWS_SESSION_TOKEN",
+    "key": "AWS_ACCESS_KEY_ID",
+    "secret": "AWS_SECRET_ACCESS_KEY",
+    "token": "AWS_SESSION_TOKEN",
     "client_kwargs.aws_access_key_id": "AWS_ACCESS_KEY_ID",
     "client_kwargs.aws_secret_access_key": "AWS_SECRET_ACCESS_KEY",
     "client_kwargs.aws_session_token": "AWS_SESSION_TOKEN",
@@ -421,8 +541,11 @@ def inline_fields(config: AtlasConfig | dict[str, Any] | None) -> dict[str, Any]
     """
     if config is None:
         return {}
-    given = (config.model_dump(mode="json", exclude_unset=True) if isinstance(config, AtlasConfig)
-             else dict(config))
+    given = (
+        config.model_dump(mode="json", exclude_unset=True)
+        if isinstance(config, AtlasConfig)
+        else dict(config)
+    )
     return _changed(given, AtlasConfig().model_dump(mode="json"))
 
 
@@ -467,8 +590,17 @@ def config_from_parameters(
     (`refuse_secrets`); a TOML file on the worker may hold them, it is not a parameter.
     """
     inline = inline_fields(config)
-    refuse_secrets({"config": inline, "checkpoint": checkpoint, "store": store, "publish": publish,
-                    "config_path": config_path, "classes": classes or []}, "flow parameters")
+    refuse_secrets(
+        {
+            "config": inline,
+            "checkpoint": checkpoint,
+            "store": store,
+            "publish": publish,
+            "config_path": config_path,
+            "classes": classes or [],
+        },
+        "flow parameters",
+    )
     data: dict[str, Any] = load_config(config_path).model_dump(mode="json") if config_path else {}
     for key, value in inline.items():
         merge = isinstance(value, dict) and isinstance(data.get(key), dict)
@@ -476,4 +608,3 @@ def config_from_parameters(
     if checkpoint:
         data["model"] = {**data.get("model", {}), "checkpoint": checkpoint}
     return make_config(data, classes=classes or None, store=store, publish=publish)
-

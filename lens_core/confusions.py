@@ -35,9 +35,11 @@ from lens_core.results import complete_fingerprint
 from lens_core.run import RunInfo
 from lens_core.tokens import extra_tokens
 
-SOBOL_NOTE = ("the model's head is not a linear map of the pooled activations at this layer: "
-              "percentages are shares of the summed Sobol total indices of the predicted class's "
-              "concepts over these images")
+SOBOL_NOTE = (
+    "the model's head is not a linear map of the pooled activations at this layer: "
+    "percentages are shares of the summed Sobol total indices of the predicted class's "
+    "concepts over these images"
+)
 
 
 @dataclass
@@ -69,22 +71,41 @@ def read_classes(info: RunInfo) -> tuple[dict[str, ClassImages], dict[int, str],
         if fp is None:
             continue
         acts = store.zarr[layout.acts(cls.slug)]
-        images[cls.slug] = ClassImages(cls.slug, cls.index, cls.name, list(acts.attrs["image_urls"]),
-                                       np.asarray(acts["image_pred"][:]), acts["image_A"])
+        images[cls.slug] = ClassImages(
+            cls.slug,
+            cls.index,
+            cls.name,
+            list(acts.attrs["image_urls"]),
+            np.asarray(acts["image_pred"][:]),
+            acts["image_A"],
+        )
         by_index[cls.index] = cls.slug
         prints[cls.slug] = fp
     return images, by_index, prints
 
 
-def pair_split(U: np.ndarray, W: np.ndarray, pooled: np.ndarray, weight: np.ndarray,
-               bias: np.ndarray | None, predicted: int) -> dict[str, Any]:
+def pair_split(
+    U: np.ndarray,
+    W: np.ndarray,
+    pooled: np.ndarray,
+    weight: np.ndarray,
+    bias: np.ndarray | None,
+    predicted: int,
+) -> dict[str, Any]:
     """The exact split of logit_predicted over the pair's images: shares (percent) of each concept,
     the residual and the bias, and each image's top concept (its largest term)."""
     parts = logit_contributions(U, W, pooled, weight, bias, predicted)
-    share = logit_share(parts["contributions"], np.ones(len(U), bool), parts["residual"], parts["bias"])
-    return {"shares": share.concepts, "residual": share.residual, "bias": share.bias,
-            "logit": share.denominator, "top": parts["contributions"].argmax(1),
-            "terms": parts["contributions"]}
+    share = logit_share(
+        parts["contributions"], np.ones(len(U), bool), parts["residual"], parts["bias"]
+    )
+    return {
+        "shares": share.concepts,
+        "residual": share.residual,
+        "bias": share.bias,
+        "logit": share.denominator,
+        "top": parts["contributions"].argmax(1),
+        "terms": parts["contributions"],
+    }
 
 
 def _images_at(info: RunInfo, urls: list[str], size: int) -> torch.Tensor:
@@ -96,11 +117,13 @@ def _spatial(split: Any, images: torch.Tensor, device: torch.device) -> torch.Te
     return _spatial_extra(split, images, device)[0]
 
 
-def _spatial_extra(split: Any, images: torch.Tensor,
-                   device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _spatial_extra(
+    split: Any, images: torch.Tensor, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(g's maps, a token model's class tokens set aside for them, which its h needs, or None)."""
-    x = F.interpolate(images, size=split.input_size, mode="bilinear", antialias=True,
-                      align_corners=False).to(device)
+    x = F.interpolate(
+        images, size=split.input_size, mode="bilinear", antialias=True, align_corners=False
+    ).to(device)
     with torch.inference_mode():
         m = split.g(x)
         extra = extra_tokens(split.g, m)
@@ -129,15 +152,23 @@ def build_confusions(info: RunInfo, device: str | None = None) -> dict[str, Any]
     inputs = short_hash({"classes": prints, "mistakes": cfg.mistakes.model_dump()})
     done = store.read_json(layout.CONFUSIONS)
     if isinstance(done, dict) and done.get("inputs") == inputs:
-        return {"pairs": len(done.get("pairs", [])), "mistaken": done.get("mistaken", 0), "skipped": True}
+        return {
+            "pairs": len(done.get("pairs", [])),
+            "mistaken": done.get("mistaken", 0),
+            "skipped": True,
+        }
     report = explain_confusions(info, classes, by_index, device)
     report["inputs"] = inputs
     store.write_json(layout.CONFUSIONS, report)
     return {"pairs": len(report["pairs"]), "mistaken": report["mistaken"], "skipped": False}
 
 
-def explain_confusions(info: RunInfo, classes: dict[str, ClassImages], by_index: dict[int, str],
-                       device: str | None = None) -> dict[str, Any]:
+def explain_confusions(
+    info: RunInfo,
+    classes: dict[str, ClassImages],
+    by_index: dict[int, str],
+    device: str | None = None,
+) -> dict[str, Any]:
     """The confusions report (see module doc) over `classes`; example images written to the store."""
     store, cfg = info.store(), info.config
     dev = pick_device(device)
@@ -156,19 +187,34 @@ def explain_confusions(info: RunInfo, classes: dict[str, ClassImages], by_index:
     def dictionary(p_slug: str) -> Dictionary:
         if p_slug not in dictionaries:
             imp = store.zarr[layout.importance(p_slug)]
-            dictionaries[p_slug] = Dictionary(store.zarr[layout.concepts(p_slug)]["W"][:], imp["order"][:])
+            dictionaries[p_slug] = Dictionary(
+                store.zarr[layout.concepts(p_slug)]["W"][:], imp["order"][:]
+            )
         return dictionaries[p_slug]
 
-    codes = {} if split.head is None else _codes(groups, classes, by_index, dictionary, extractor, dev)
+    codes = (
+        {} if split.head is None else _codes(groups, classes, by_index, dictionary, extractor, dev)
+    )
     pairs = []
     for (t_slug, p_index), positions in sorted(groups.items(), key=lambda kv: (-len(kv[1]), kv[0])):
         t = classes[t_slug]
         p_slug = by_index.get(p_index)
         pair: dict[str, Any] = {
-            "true": t_slug, "true_name": t.name, "predicted": p_slug, "predicted_index": p_index,
-            "predicted_name": names.get(p_index, f"class {p_index}"), "images": len(positions),
-            "image_positions": [int(i) for i in positions], "basis": None, "note": None,
-            "concepts": [], "residual": None, "bias": None, "top_by_image": [], "examples": []}
+            "true": t_slug,
+            "true_name": t.name,
+            "predicted": p_slug,
+            "predicted_index": p_index,
+            "predicted_name": names.get(p_index, f"class {p_index}"),
+            "images": len(positions),
+            "image_positions": [int(i) for i in positions],
+            "basis": None,
+            "note": None,
+            "concepts": [],
+            "residual": None,
+            "bias": None,
+            "top_by_image": [],
+            "examples": [],
+        }
         if p_slug is None:
             pair["note"] = "the predicted class is not explained in this run"
             pairs.append(pair)
@@ -176,33 +222,53 @@ def explain_confusions(info: RunInfo, classes: dict[str, ClassImages], by_index:
         d = dictionary(p_slug)
         if split.head is not None:
             weight, bias = (x.detach().cpu().float().numpy() for x in split.head)
-            res = pair_split(codes[(t_slug, p_index)], d.W, _pooled(t)[positions], weight, bias,
-                             p_index)
+            res = pair_split(
+                codes[(t_slug, p_index)], d.W, _pooled(t)[positions], weight, bias, p_index
+            )
             shares, tops = res["shares"], [int(k) for k in res["top"]]
-            pair.update(basis="logit_share", residual=float(res["residual"]), bias=float(res["bias"]))
+            pair.update(
+                basis="logit_share", residual=float(res["residual"]), bias=float(res["bias"])
+            )
         else:
             chosen = positions[: cfg.importance.images]
-            spatial, extra = _spatial_extra(split, _images_at(info, [t.urls[i] for i in chosen],
-                                                              cfg.patches.image_size), dev)
-            sobol = np.asarray(concept_sobol(split.h, spatial, d.W, p_index,
-                                             n_designs=cfg.importance.n_designs,
-                                             sampler=cfg.importance.sampler,
-                                             batch_size=cfg.importance.batch_size,
-                                             seed=cfg.concepts.seed, device=dev,
-                                             precision=cfg.model.precision, extra=extra))
+            spatial, extra = _spatial_extra(
+                split, _images_at(info, [t.urls[i] for i in chosen], cfg.patches.image_size), dev
+            )
+            sobol = np.asarray(
+                concept_sobol(
+                    split.h,
+                    spatial,
+                    d.W,
+                    p_index,
+                    n_designs=cfg.importance.n_designs,
+                    sampler=cfg.importance.sampler,
+                    batch_size=cfg.importance.batch_size,
+                    seed=cfg.concepts.seed,
+                    device=dev,
+                    precision=cfg.model.precision,
+                    extra=extra,
+                )
+            )
             shares = _percent(sobol)
             tops = [int(np.argmax(sobol))] * len(positions)
             pair.update(basis="sobol", note=SOBOL_NOTE)
         rank = {int(c): r for r, c in enumerate(d.order)}
         pair["concepts"] = sorted(
-            ({"concept": k, "share": round(float(shares[k]), 2), "rank": rank[k]}
-             for k in range(len(d.W))),
-            key=lambda c: -c["share"])
+            (
+                {"concept": k, "share": round(float(shares[k]), 2), "rank": rank[k]}
+                for k in range(len(d.W))
+            ),
+            key=lambda c: -c["share"],
+        )
         pair["top_by_image"] = tops
         pairs.append(pair)
     _examples(info, split, extractor, classes, dictionaries, pairs, dev)
-    return {"pairs": pairs, "mistaken": int(sum(p["images"] for p in pairs)), "n_images": n_images,
-            "bias": bias_candidates(pairs, cfg.mistakes.bias_min_classes)}
+    return {
+        "pairs": pairs,
+        "mistaken": int(sum(p["images"] for p in pairs)),
+        "n_images": n_images,
+        "bias": bias_candidates(pairs, cfg.mistakes.bias_min_classes),
+    }
 
 
 def _pooled(ci: ClassImages) -> np.ndarray:
@@ -212,9 +278,14 @@ def _pooled(ci: ClassImages) -> np.ndarray:
     return ci.pooled
 
 
-def _codes(groups: dict[tuple[str, int], np.ndarray], classes: dict[str, ClassImages],
-           by_index: dict[int, str], dictionary: Any, extractor: Any,
-           dev: torch.device) -> dict[tuple[str, int], np.ndarray]:
+def _codes(
+    groups: dict[tuple[str, int], np.ndarray],
+    classes: dict[str, ClassImages],
+    by_index: dict[int, str],
+    dictionary: Any,
+    extractor: Any,
+    dev: torch.device,
+) -> dict[tuple[str, int], np.ndarray]:
     """ū of every pair's images on the predicted class's dictionary: one NNLS call per predicted
     class, not per pair (the per-call cost dominates at ImageNet's ~4,600 pairs)."""
     by_pred: dict[int, list[tuple[str, int]]] = defaultdict(list)
@@ -224,7 +295,9 @@ def _codes(groups: dict[tuple[str, int], np.ndarray], classes: dict[str, ClassIm
     out = {}
     for p_index, keys in by_pred.items():
         rows = np.concatenate([_pooled(classes[t])[groups[(t, p)]] for t, p in keys])
-        U = np.asarray(extractor.encode(rows, dictionary(by_index[p_index]).W, device=dev), np.float32)
+        U = np.asarray(
+            extractor.encode(rows, dictionary(by_index[p_index]).W, device=dev), np.float32
+        )
         ends = np.cumsum([len(groups[key]) for key in keys])
         for key, part in zip(keys, np.split(U, ends[:-1]), strict=True):
             out[key] = part
@@ -245,14 +318,22 @@ def bias_candidates(pairs: list[dict[str, Any]], min_classes: int) -> dict[str, 
     for (p_slug, k), by_true in sorted(seen.items()):
         if len(by_true) >= min_classes:
             out.setdefault(p_slug, {})[str(k)] = {
-                "images": sum(by_true.values()), "classes": len(by_true),
-                "pairs": sorted(by_true, key=lambda s: (-by_true[s], s))}
+                "images": sum(by_true.values()),
+                "classes": len(by_true),
+                "pairs": sorted(by_true, key=lambda s: (-by_true[s], s)),
+            }
     return out
 
 
-def _examples(info: RunInfo, split: Any, extractor: Any, classes: dict[str, ClassImages],
-              dictionaries: dict[str, Dictionary], pairs: list[dict[str, Any]],
-              dev: torch.device) -> None:
+def _examples(
+    info: RunInfo,
+    split: Any,
+    extractor: Any,
+    classes: dict[str, ClassImages],
+    dictionaries: dict[str, Dictionary],
+    pairs: list[dict[str, Any]],
+    dev: torch.device,
+) -> None:
     """Up to `mistakes.examples` images of the most frequent pairs, each with the overlay of the
     predicted class's concepts in that class's page colours (and the plain image beside it)."""
     store, cfg = info.store(), info.config
@@ -276,13 +357,23 @@ def _examples(info: RunInfo, split: Any, extractor: Any, classes: dict[str, Clas
         for j, pos in enumerate(chosen):
             overlay = crops_mod.attribution_map(images[j], coeffs[j], d.order, side)
             files = {}
-            for kind, img in (("overlay", overlay), ("plain", crops_mod.thumbnail(images[j], side))):
+            for kind, img in (
+                ("overlay", overlay),
+                ("plain", crops_mod.thumbnail(images[j], side)),
+            ):
                 name = f"{kind}_{pos}.{ext}"
-                store.write_bytes(layout.confusion_file(pair["true"], pair["predicted"], name),
-                                  crops_mod.encode(img, fmt))
+                store.write_bytes(
+                    layout.confusion_file(pair["true"], pair["predicted"], name),
+                    crops_mod.encode(img, fmt),
+                )
                 files[kind] = name
-            pair["examples"].append({"image": int(pos), **files,
-                                     "concepts": crops_mod.dominant_concepts(coeffs[j], d.order)})
+            pair["examples"].append(
+                {
+                    "image": int(pos),
+                    **files,
+                    "concepts": crops_mod.dominant_concepts(coeffs[j], d.order),
+                }
+            )
 
 
 def read_confusions(store: Any) -> dict[str, Any] | None:

@@ -29,7 +29,9 @@ def nearest_concepts(
     owner = np.concatenate([np.full(W_by_class[s].shape[0], i) for i, s in enumerate(slugs)])
     local = np.concatenate([np.arange(W_by_class[s].shape[0]) for s in slugs])
     V = torch.from_numpy(_unit(np.concatenate([W_by_class[s] for s in slugs]).astype(np.float32)))
-    out: dict[str, list[list[dict[str, Any]]]] = {s: [[] for _ in range(W_by_class[s].shape[0])] for s in slugs}
+    out: dict[str, list[list[dict[str, Any]]]] = {
+        s: [[] for _ in range(W_by_class[s].shape[0])] for s in slugs
+    }
     owner_t = torch.from_numpy(owner)
     k = min(top, int((owner != owner[0]).sum()) if len(slugs) > 1 else 0)
     if k == 0:
@@ -42,14 +44,21 @@ def nearest_concepts(
         for r in range(len(vals)):
             row = start + r
             out[slugs[owner[row]]][local[row]] = [
-                {"slug": slugs[owner[j]], "concept": int(local[j]), "similarity": round(float(v), 4)}
+                {
+                    "slug": slugs[owner[j]],
+                    "concept": int(local[j]),
+                    "similarity": round(float(v), 4),
+                }
                 for v, j in zip(vals[r].tolist(), idx[r].tolist(), strict=True)
             ]
     return out
 
 
 def class_alignment(
-    W_by_class: dict[str, np.ndarray], head_weight: np.ndarray, class_slugs: list[str | None], top: int = 5
+    W_by_class: dict[str, np.ndarray],
+    head_weight: np.ndarray,
+    class_slugs: list[str | None],
+    top: int = 5,
 ) -> dict[str, list[list[dict[str, Any]]]]:
     """For every concept, the `top` classes whose classifier weight vector is most aligned (cosine)."""
     H = _unit(head_weight.astype(np.float32))
@@ -59,8 +68,16 @@ def class_alignment(
         rows = []
         for i in range(len(sims)):
             order = np.argsort(-sims[i], kind="stable")[:top]
-            rows.append([{"class_index": int(j), "slug": class_slugs[j] if j < len(class_slugs) else None,
-                          "score": round(float(sims[i, j]), 4)} for j in order])
+            rows.append(
+                [
+                    {
+                        "class_index": int(j),
+                        "slug": class_slugs[j] if j < len(class_slugs) else None,
+                        "score": round(float(sims[i, j]), 4),
+                    }
+                    for j in order
+                ]
+            )
         out[slug] = rows
     return out
 

@@ -45,7 +45,13 @@ MAX_PIXELS = 40_000_000  # 24 MP camera photos pass; Pillow's own bomb limit is 
 MAX_IMAGE_BYTES = 64 << 20
 # a class-name or class-index JSON file: ImageNet-21k's 21,841 classes take about 2 MiB
 MAX_JSON_BYTES = 32 << 20
-DECODERS = ("JPEG", "PNG", "WEBP", "GIF", "BMP")  # content is sniffed, but only these formats decode
+DECODERS = (
+    "JPEG",
+    "PNG",
+    "WEBP",
+    "GIF",
+    "BMP",
+)  # content is sniffed, but only these formats decode
 _READ_AHEAD = 16  # images in flight from remote stores
 _REMOTE_READERS = 8  # threads reading a remote store
 T = TypeVar("T")
@@ -104,11 +110,16 @@ class ReadStats:
     def require(self, what: str) -> None:
         """Raise EmptyClassError naming `what` when nothing was read (call after the pass)."""
         if self.read == 0:
-            reason = f"; {len(self.skipped)} unreadable, e.g. {self.skipped[0][1]}" if self.skipped else ""
+            reason = (
+                f"; {len(self.skipped)} unreadable, e.g. {self.skipped[0][1]}"
+                if self.skipped
+                else ""
+            )
             raise EmptyClassError(f"class {what} has no readable image{reason}")
 
 
 # ---- listing ---------------------------------------------------------------------------------
+
 
 def _io(op: Any, url: str, action: str, storage_options: dict[str, Any] | None) -> Any:
     """A storage call on the data set: retried while unreachable, DataAccessError when refused."""
@@ -126,8 +137,14 @@ def _entries(url: str, storage_options: dict[str, Any] | None) -> list[dict[str,
 def _read_json(url: str, what: str, storage_options: dict[str, Any] | None) -> Any:
     """A JSON file of the data set (`what`: "class-name file", ...); DataError naming it otherwise."""
     try:
-        return json.loads(_io(lambda: read_bounded(url, storage_options, MAX_JSON_BYTES), url, "reading",
-                              storage_options))
+        return json.loads(
+            _io(
+                lambda: read_bounded(url, storage_options, MAX_JSON_BYTES),
+                url,
+                "reading",
+                storage_options,
+            )
+        )
     except FileNotFoundError:
         raise DataError(f"{what} not found: {url}") from None
     except ReadRefused as err:
@@ -136,7 +153,9 @@ def _read_json(url: str, what: str, storage_options: dict[str, Any] | None) -> A
         raise DataError(f"{what} {url} is not valid JSON: {err}") from None
 
 
-def read_class_names(url: str, storage_options: dict[str, Any] | None = None) -> dict[str, list[str]]:
+def read_class_names(
+    url: str, storage_options: dict[str, Any] | None = None
+) -> dict[str, list[str]]:
     """Class-name map from JSON {dir: name | [name, synonym, ...]}; "a, b" strings split on commas.
     Names lose Unicode format and control characters (`plain_text`): a bidi override would reverse
     the page around a name."""
@@ -147,7 +166,9 @@ def read_class_names(url: str, storage_options: dict[str, Any] | None = None) ->
     for key, value in raw.items():
         names = [value] if isinstance(value, str) else value
         if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
-            raise DataError(f"class-name file {url}: entry {key!r} must be a name or a list of names")
+            raise DataError(
+                f"class-name file {url}: entry {key!r} must be a name or a list of names"
+            )
         parts = [p.strip() for n in names for p in plain_text(n).split(",") if p.strip()]
         out[str(key)] = list(dict.fromkeys(parts)) or [plain_text(str(key)) or f"class {key!r}"]
     return out
@@ -169,8 +190,12 @@ def _index_entry(key: str, value: Any, url: str) -> tuple[str, int, list[str]]:
         return key, value, []
     # Keras' imagenet_class_index.json: {"0": ["n01440764", "tench"], ...}
     if not (key.isdigit() and value and all(isinstance(v, str) for v in value)):
-        raise DataError(f"class-index file {url}: entry {key!r} must be an index or [class_dir, name]")
-    shown = [" ".join(plain_text(v).replace("_", " ").split()) for v in value[1:]]  # "great_white_shark"
+        raise DataError(
+            f"class-index file {url}: entry {key!r} must be an index or [class_dir, name]"
+        )
+    shown = [
+        " ".join(plain_text(v).replace("_", " ").split()) for v in value[1:]
+    ]  # "great_white_shark"
     return value[0], int(key), [v for v in shown if v]
 
 
@@ -212,7 +237,9 @@ def _class_dirs(url: str, storage_options: dict[str, Any] | None) -> list[str]:
 
 
 def list_classes(
-    url: str, storage_options: dict[str, Any] | None = None, class_names: str | None = None,
+    url: str,
+    storage_options: dict[str, Any] | None = None,
+    class_names: str | None = None,
     class_index: str | ClassIndex | None = None,
 ) -> list[ClassInfo]:
     """Class dirs under `url` ('.'/'_'-prefixed dirs skipped), in label order.
@@ -221,15 +248,21 @@ def list_classes(
     ClassIndex); with a class index every dir must be listed in it (DataError otherwise).
     """
     dirs = _class_dirs(url, storage_options)
-    mapping = read_class_index(class_index, storage_options) if isinstance(class_index, str) else class_index
+    mapping = (
+        read_class_index(class_index, storage_options)
+        if isinstance(class_index, str)
+        else class_index
+    )
     if mapping is None:
         labels = {d: i for i, d in enumerate(dirs)}
     else:
         missing = [d for d in dirs if d not in mapping.index]
         if missing:
             shown = ", ".join(map(repr, missing[:5])) + (", ..." if len(missing) > 5 else "")
-            raise DataError(f"{len(missing)} class folders under {url} have no label index in "
-                            f"{mapping.url or 'the class index'}: {shown}")
+            raise DataError(
+                f"{len(missing)} class folders under {url} have no label index in "
+                f"{mapping.url or 'the class index'}: {shown}"
+            )
         labels = {d: mapping.index[d] for d in dirs}
     names = read_class_names(class_names, storage_options) if class_names else {}
     if mapping is not None:
@@ -243,7 +276,9 @@ def list_classes(
     return [ClassInfo(i, d, n, s, syn) for (i, d, n, _, syn), s in zip(infos, slugs, strict=True)]
 
 
-def list_images(url: str, cls: ClassInfo | str, storage_options: dict[str, Any] | None = None) -> list[str]:
+def list_images(
+    url: str, cls: ClassInfo | str, storage_options: dict[str, Any] | None = None
+) -> list[str]:
     """Sorted URLs of a class's images (recursive; extensions case-insensitive; hidden files skipped)."""
     class_url = join_url(normalize_url(url), cls.id if isinstance(cls, ClassInfo) else cls)
     fs, path = filesystem(class_url, storage_options)
@@ -252,7 +287,8 @@ def list_images(url: str, cls: ClassInfo | str, storage_options: dict[str, Any] 
     except FileNotFoundError:
         return []
     keep = [
-        p for p in found
+        p
+        for p in found
         if p.lower().endswith(IMAGE_EXTENSIONS) and not posixpath.basename(p).startswith(".")
     ]
     return sorted(fs.unstrip_protocol(p) for p in keep)
@@ -280,6 +316,7 @@ def sample_images(urls: Iterable[str], n: int, seed: int = 0) -> list[str]:
 
 
 # ---- decoding --------------------------------------------------------------------------------
+
 
 def _to_rgb_array(img: Image.Image) -> np.ndarray:
     """float32 HxWx3 in [0, 1]: 16-bit grey scaled by 65535, alpha composited over white."""
@@ -330,7 +367,9 @@ def decode_image(data: bytes, url: str = "<bytes>", target: int | None = None) -
             with Image.open(io.BytesIO(data), formats=DECODERS) as probe:
                 w, h = probe.size
                 if w * h > MAX_PIXELS:
-                    raise ImageReadError(url, f"decompression bomb: {w}x{h} pixels exceeds {MAX_PIXELS}")
+                    raise ImageReadError(
+                        url, f"decompression bomb: {w}x{h} pixels exceeds {MAX_PIXELS}"
+                    )
                 probe.verify()
             with Image.open(io.BytesIO(data), formats=DECODERS) as img:
                 if target and img.format == "JPEG":
@@ -342,9 +381,13 @@ def decode_image(data: bytes, url: str = "<bytes>", target: int | None = None) -
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
         raise ImageReadError(url, f"decompression bomb: {err}") from None
     except UnidentifiedImageError:
-        raise ImageReadError(url, f"not a recognised image format (accepted: {', '.join(DECODERS)})") from None
+        raise ImageReadError(
+            url, f"not a recognised image format (accepted: {', '.join(DECODERS)})"
+        ) from None
     except (OSError, SyntaxError, ValueError, EOFError, struct.error) as err:
-        raise ImageReadError(url, f"corrupt or truncated image ({type(err).__name__}: {err})") from None
+        raise ImageReadError(
+            url, f"corrupt or truncated image ({type(err).__name__}: {err})"
+        ) from None
     return torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)))
 
 
@@ -388,13 +431,17 @@ def _cat(fs: Any, path: str, url: str, storage_options: dict[str, Any] | None = 
         raise ImageReadError(url, str(err).removeprefix(f"{path} ")) from None
 
 
-def read_image(url: str, storage_options: dict[str, Any] | None = None, size: int | None = None) -> torch.Tensor:
+def read_image(
+    url: str, storage_options: dict[str, Any] | None = None, size: int | None = None
+) -> torch.Tensor:
     """One image as a float tensor (3, size, size) in [0, 1] (original size when size is None)."""
     image = decode_image(_fetch(url, storage_options), url, size)
     return image if size is None else resize_square(image, size)
 
 
-def _reader(urls: Sequence[str], storage_options: dict[str, Any] | None) -> tuple[Any, Callable[[str], bytes | ImageReadError]]:
+def _reader(
+    urls: Sequence[str], storage_options: dict[str, Any] | None
+) -> tuple[Any, Callable[[str], bytes | ImageReadError]]:
     """(filesystem of the first URL, get): get(url) is the file's bytes or its ImageReadError
     (access errors and an unreachable store raise)."""
     fs, _ = filesystem(urls[0], storage_options)
@@ -412,7 +459,9 @@ def _is_local(fs: Any) -> bool:
     return "file" in fs.protocol
 
 
-def _in_order(fn: Callable[[T], R], items: Iterable[T], ahead: int, workers: int) -> Iterator[tuple[T, R]]:
+def _in_order(
+    fn: Callable[[T], R], items: Iterable[T], ahead: int, workers: int
+) -> Iterator[tuple[T, R]]:
     """(item, fn(item)) in the order of `items`, fn running on a thread pool of `workers` threads.
 
     At most `ahead` items are submitted and not yet yielded (memory stays bounded whatever the
@@ -464,7 +513,11 @@ def decode_workers() -> int:
 
 
 def _images(
-    urls: Sequence[str], storage_options: dict[str, Any] | None, size: int, prefetch: int, workers: int | None
+    urls: Sequence[str],
+    storage_options: dict[str, Any] | None,
+    size: int,
+    prefetch: int,
+    workers: int | None,
 ) -> Iterator[tuple[str, torch.Tensor | ImageReadError]]:
     """(url, image or read error) in order (see iter_images for prefetch and workers). Without
     prefetch, a remote store is still read _READ_AHEAD files at a time (its latency overlaps) and
@@ -481,12 +534,20 @@ def _images(
     elif local:
         yield from ((url, _decoded(get(url), url, size)) for url in urls)
     else:
-        yield from ((url, _decoded(data, url, size)) for url, data in _in_order(get, urls, _READ_AHEAD, _REMOTE_READERS))
+        yield from (
+            (url, _decoded(data, url, size))
+            for url, data in _in_order(get, urls, _READ_AHEAD, _REMOTE_READERS)
+        )
 
 
 def iter_images(
-    urls: Sequence[str], storage_options: dict[str, Any] | None, size: int, stats: ReadStats,
-    *, prefetch: int = 0, workers: int | None = None,
+    urls: Sequence[str],
+    storage_options: dict[str, Any] | None,
+    size: int,
+    stats: ReadStats,
+    *,
+    prefetch: int = 0,
+    workers: int | None = None,
 ) -> Iterator[tuple[int, str, torch.Tensor]]:
     """Yield (position in urls, url, (3,size,size) tensor), skipping unreadable images into `stats`.
 
@@ -513,6 +574,7 @@ def iter_images(
 
 # ---- patches ---------------------------------------------------------------------------------
 
+
 def patch_boxes(image_size: int, fraction: float, grid: int) -> np.ndarray:
     """int64 (grid*grid, 4) boxes [x0, y0, x1, y1], row-major, of side round(fraction*image_size).
 
@@ -527,14 +589,18 @@ def patch_boxes(image_size: int, fraction: float, grid: int) -> np.ndarray:
     else:
         stride = min(max(1, int(side * 0.8)), (image_size - side) // (grid - 1))
         if stride < 1:
-            raise ValueError(f"a {grid}x{grid} grid of {side} px patches does not fit {image_size} px")
+            raise ValueError(
+                f"a {grid}x{grid} grid of {side} px patches does not fit {image_size} px"
+            )
         starts = np.arange(grid) * stride
     ys, xs = np.meshgrid(starts, starts, indexing="ij")
     x0, y0 = xs.ravel(), ys.ravel()
     return np.stack([x0, y0, x0 + side, y0 + side], axis=1).astype(np.int64)
 
 
-def extract_patches(images: torch.Tensor, boxes: np.ndarray | torch.Tensor, out_size: int) -> torch.Tensor:
+def extract_patches(
+    images: torch.Tensor, boxes: np.ndarray | torch.Tensor, out_size: int
+) -> torch.Tensor:
     """(N,3,S,S) images, (P,4) boxes -> (N*P,3,out,out) crops resized (bilinear, antialiased),
     image-major; vectorised per distinct box size (one size for patch_boxes)."""
     b = torch.as_tensor(np.asarray(boxes), dtype=torch.long).cpu()
@@ -547,6 +613,8 @@ def extract_patches(images: torch.Tensor, boxes: np.ndarray | torch.Tensor, out_
         cols = (b[sel, 0, None] + torch.arange(w)).to(images.device)  # (p, w)
         crops = images[:, :, rows[:, :, None], cols[:, None, :]]  # (N, C, p, h, w)
         crops = crops.permute(0, 2, 1, 3, 4).reshape(n * len(sel), c, h, w)
-        resized = F.interpolate(crops, size=(out_size, out_size), mode="bilinear", align_corners=False, antialias=True)
+        resized = F.interpolate(
+            crops, size=(out_size, out_size), mode="bilinear", align_corners=False, antialias=True
+        )
         out[:, sel.to(images.device)] = resized.reshape(n, len(sel), c, out_size, out_size)
     return out.reshape(n * len(b), c, out_size, out_size)

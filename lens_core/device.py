@@ -25,7 +25,9 @@ def pick_device(device: str | torch.device | None = None) -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def autocast(device: torch.device | str, precision: str = "fp32") -> contextlib.AbstractContextManager:
+def autocast(
+    device: torch.device | str, precision: str = "fp32"
+) -> contextlib.AbstractContextManager:
     """Mixed precision for model forwards (and their backward, for MACO) on `device`.
 
     fp16 on CPU runs in fp32 (noted once in the log): torch's CPU autocast accepts fp16 but has no
@@ -36,7 +38,9 @@ def autocast(device: torch.device | str, precision: str = "fp32") -> contextlib.
         raise ValueError(f"unknown precision {precision!r}; use one of {PRECISIONS}")
     dev = torch.device(device)
     if dev.type == "cpu" and precision == "fp16":
-        _note_once("model.precision fp16 is not an autocast dtype on CPU: running in fp32 (bf16 is)")
+        _note_once(
+            "model.precision fp16 is not an autocast dtype on CPU: running in fp32 (bf16 is)"
+        )
         return contextlib.nullcontext()
     if precision == "fp32":
         return contextlib.nullcontext()

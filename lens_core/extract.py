@@ -39,8 +39,12 @@ class ConceptExtractor(Protocol):
 
     def fit(self, A: np.ndarray, device: torch.device | str | None = None) -> ConceptFit: ...
 
-    def encode(self, X: np.ndarray | torch.Tensor, W: np.ndarray | torch.Tensor,
-               device: torch.device | str | None = None) -> np.ndarray | torch.Tensor: ...
+    def encode(
+        self,
+        X: np.ndarray | torch.Tensor,
+        W: np.ndarray | torch.Tensor,
+        device: torch.device | str | None = None,
+    ) -> np.ndarray | torch.Tensor: ...
 
 
 @dataclass(frozen=True)
@@ -55,14 +59,30 @@ class NMFExtractor:
     name: str = "nmf"
 
     def fit(self, A: np.ndarray, device: torch.device | str | None = None) -> ConceptFit:
-        res = nmf(A, self.n_concepts, solver=self.solver, max_iter=self.max_iter, tol=self.tol,
-                  seed=self.seed, device=device)
-        attrs = {"rel_error": float(res.rel_error), "n_iter": int(res.n_iter), "dead": int(res.dead),
-                 "solver": self.solver, "method": self.name}
+        res = nmf(
+            A,
+            self.n_concepts,
+            solver=self.solver,
+            max_iter=self.max_iter,
+            tol=self.tol,
+            seed=self.seed,
+            device=device,
+        )
+        attrs = {
+            "rel_error": float(res.rel_error),
+            "n_iter": int(res.n_iter),
+            "dead": int(res.dead),
+            "solver": self.solver,
+            "method": self.name,
+        }
         return ConceptFit(np.asarray(res.U, np.float32), np.asarray(res.W, np.float32), attrs)
 
-    def encode(self, X: np.ndarray | torch.Tensor, W: np.ndarray | torch.Tensor,
-               device: torch.device | str | None = None) -> np.ndarray | torch.Tensor:
+    def encode(
+        self,
+        X: np.ndarray | torch.Tensor,
+        W: np.ndarray | torch.Tensor,
+        device: torch.device | str | None = None,
+    ) -> np.ndarray | torch.Tensor:
         return project_nnls(X, W, device=device)
 
 
@@ -79,14 +99,30 @@ class SemiNMFExtractor:
     name: str = "semi-nmf"
 
     def fit(self, A: np.ndarray, device: torch.device | str | None = None) -> ConceptFit:
-        res = semi_nmf(A, self.n_concepts, max_iter=self.max_iter, tol=self.tol, seed=self.seed,
-                       device=device, sparsity=self.sparsity)
-        attrs = {"rel_error": float(res.rel_error), "n_iter": int(res.n_iter), "dead": int(res.dead),
-                 "solver": "torch", "method": self.name}
+        res = semi_nmf(
+            A,
+            self.n_concepts,
+            max_iter=self.max_iter,
+            tol=self.tol,
+            seed=self.seed,
+            device=device,
+            sparsity=self.sparsity,
+        )
+        attrs = {
+            "rel_error": float(res.rel_error),
+            "n_iter": int(res.n_iter),
+            "dead": int(res.dead),
+            "solver": "torch",
+            "method": self.name,
+        }
         return ConceptFit(np.asarray(res.U, np.float32), np.asarray(res.W, np.float32), attrs)
 
-    def encode(self, X: np.ndarray | torch.Tensor, W: np.ndarray | torch.Tensor,
-               device: torch.device | str | None = None) -> np.ndarray | torch.Tensor:
+    def encode(
+        self,
+        X: np.ndarray | torch.Tensor,
+        W: np.ndarray | torch.Tensor,
+        device: torch.device | str | None = None,
+    ) -> np.ndarray | torch.Tensor:
         return project_nnls(X, W, device=device)
 
 
@@ -136,8 +172,12 @@ class AutoExtractor:
             return self.nmf.fit(A, device=device)  # NMF names the problem if A is signed
         return self.semi.fit(A, device=device)
 
-    def encode(self, X: np.ndarray | torch.Tensor, W: np.ndarray | torch.Tensor,
-               device: torch.device | str | None = None) -> np.ndarray | torch.Tensor:
+    def encode(
+        self,
+        X: np.ndarray | torch.Tensor,
+        W: np.ndarray | torch.Tensor,
+        device: torch.device | str | None = None,
+    ) -> np.ndarray | torch.Tensor:
         return project_nnls(X, W, device=device)
 
 
@@ -149,7 +189,9 @@ def make_extractor(cfg: ConceptConfig) -> ConceptExtractor:
     if cfg.solver != "torch":
         if cfg.method == "auto":
             return AutoExtractor(nmf_, None)
-        raise ValueError(f"concepts.solver = {cfg.solver!r} is NMF's reference solver; "
-                         "semi-NMF has the 'torch' solver only")
+        raise ValueError(
+            f"concepts.solver = {cfg.solver!r} is NMF's reference solver; "
+            "semi-NMF has the 'torch' solver only"
+        )
     semi = SemiNMFExtractor(cfg.n_concepts, cfg.max_iter, cfg.tol, cfg.seed, cfg.sparsity)
     return semi if cfg.method == "semi-nmf" else AutoExtractor(nmf_, semi)

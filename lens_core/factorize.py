@@ -15,7 +15,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-NEG_TOL = 1e-6  # negatives down to -NEG_TOL * max|A| are float noise and clipped to 0 (is_nonnegative)
+NEG_TOL = (
+    1e-6  # negatives down to -NEG_TOL * max|A| are float noise and clipped to 0 (is_nonnegative)
+)
 _BLOCK = 8192  # rows per block when a full residual is formed
 _WARM_SWEEPS = 50  # coordinate-descent passes that guess the NNLS support before pivoting
 _EXACT_BELOW = 0.1  # below this relative error, convergence is tested on the exact residual

@@ -53,14 +53,17 @@ def class_inputs(class_dir: str, label_index: int, image_urls: Iterable[str]) ->
         "class_dir": class_dir,
         "label_index": int(label_index),
         "n_sampled": len(images),
-        "fingerprint": short_hash({"dir": class_dir, "index": int(label_index), "images": images}, 16),
+        "fingerprint": short_hash(
+            {"dir": class_dir, "index": int(label_index), "images": images}, 16
+        ),
     }
 
 
 def toy_data_url(store_url: str, toy_classes: int, toy_images_per_class: int, seed: int) -> str:
     """Root of the generated toy data set inside a store (its images are under `<root>/images`)."""
-    return join_url(normalize_url(store_url), "toy-data",
-                    f"c{toy_classes}-n{toy_images_per_class}-s{seed}")
+    return join_url(
+        normalize_url(store_url), "toy-data", f"c{toy_classes}-n{toy_images_per_class}-s{seed}"
+    )
 
 
 def planned_data_url(config: Any) -> str:
@@ -68,5 +71,6 @@ def planned_data_url(config: Any) -> str:
     if config.data.url:
         return normalize_url(config.data.url)
     d = config.data
-    return join_url(toy_data_url(config.store, d.toy_classes, d.toy_images_per_class, d.seed),
-                    "images")
+    return join_url(
+        toy_data_url(config.store, d.toy_classes, d.toy_images_per_class, d.seed), "images"
+    )

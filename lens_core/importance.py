@@ -137,9 +137,14 @@ def _coefficients(
 
 
 def _prepare(
-    h: object, acts: np.ndarray | torch.Tensor, W: np.ndarray | torch.Tensor,
-    U: np.ndarray | torch.Tensor | None, device: str | torch.device | None,
-) -> tuple[torch.nn.Module, torch.device, torch.Tensor, tuple[int, ...], torch.Tensor, torch.Tensor]:
+    h: object,
+    acts: np.ndarray | torch.Tensor,
+    W: np.ndarray | torch.Tensor,
+    U: np.ndarray | torch.Tensor | None,
+    device: str | torch.device | None,
+) -> tuple[
+    torch.nn.Module, torch.device, torch.Tensor, tuple[int, ...], torch.Tensor, torch.Tensor
+]:
     """(h, device, activation rows, activation shape, W, coefficients (N, L, k)) on h's device."""
     h = _head(h)
     dev = _model_device(h, device, acts)
@@ -216,8 +221,17 @@ def concept_sobol(
     autocast(dev, precision)  # an unknown precision fails here, before any work
     k = Wt.shape[0]
     masks = saltelli_masks(k, n_designs, sampler, seed, scramble)
-    y = _masked_logits(h, U3, Wt, torch.from_numpy(masks).to(dev), class_index, shape, batch_size,
-                       precision=precision, extra=_extra(extra, dev))
+    y = _masked_logits(
+        h,
+        U3,
+        Wt,
+        torch.from_numpy(masks).to(dev),
+        class_index,
+        shape,
+        batch_size,
+        precision=precision,
+        extra=_extra(extra, dev),
+    )
     return jansen_total(y, n_designs, k)
 
 
@@ -326,8 +340,16 @@ def deletion_curve(
     if keep_residual:
         residual = rows.reshape(U3.shape[0], U3.shape[1], -1) - U3 @ Wt
     y = _masked_logits(
-        h, U3, Wt, torch.from_numpy(masks).to(dev), class_index, shape, batch_size, residual,
-        precision=precision, extra=_extra(extra, dev),
+        h,
+        U3,
+        Wt,
+        torch.from_numpy(masks).to(dev),
+        class_index,
+        shape,
+        batch_size,
+        residual,
+        precision=precision,
+        extra=_extra(extra, dev),
     )
     curve = y.mean(axis=1)
     return curve, float(np.trapezoid(curve, dx=1.0 / k))

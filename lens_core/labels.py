@@ -103,7 +103,11 @@ def parse_label_file(path: str | Path) -> dict[str, dict[str, str]]:
     """{class (id, name or slug): {concept id: label}} from a JSON or TOML file."""
     p = Path(path)
     try:
-        raw = tomllib.loads(p.read_text()) if p.suffix.lower() == ".toml" else json.loads(p.read_text())
+        raw = (
+            tomllib.loads(p.read_text())
+            if p.suffix.lower() == ".toml"
+            else json.loads(p.read_text())
+        )
     except (OSError, ValueError) as err:
         raise LabelError(f"cannot read label file {p}: {err}") from None
     if not isinstance(raw, dict) or not all(isinstance(v, dict) for v in raw.values()):
@@ -111,7 +115,9 @@ def parse_label_file(path: str | Path) -> dict[str, dict[str, str]]:
     return {str(k): {str(c): t for c, t in v.items()} for k, v in raw.items()}
 
 
-def import_labels(store: RunStore, classes: Iterable[Any], mapping: dict[str, dict[str, str]]) -> int:
+def import_labels(
+    store: RunStore, classes: Iterable[Any], mapping: dict[str, dict[str, str]]
+) -> int:
     """Set many labels at once, all or nothing; classes are named by id, name, slug or label index.
 
     Every class, concept number and text is checked before anything is written; then the labels
@@ -131,7 +137,9 @@ def import_labels(store: RunStore, classes: Iterable[Any], mapping: dict[str, di
             try:
                 if slug not in counts:
                     counts[slug] = _concept_count(store, slug)
-                planned.setdefault(slug, {})[_concept_id(slug, concept, counts[slug])] = clean_label(text)
+                planned.setdefault(slug, {})[_concept_id(slug, concept, counts[slug])] = (
+                    clean_label(text)
+                )
             except LabelError as err:
                 errors.append(str(err))
                 if len(errors) >= 10:
@@ -149,8 +157,14 @@ def import_labels(store: RunStore, classes: Iterable[Any], mapping: dict[str, di
     return sum(len(c) for c in planned.values())
 
 
-def carry_labels(store: RunStore, previous: RunStore, slug: str, prev_slug: str, report: dict[str, Any],
-                 done: Iterable[dict[str, Any]] = ()) -> dict[str, Any]:
+def carry_labels(
+    store: RunStore,
+    previous: RunStore,
+    slug: str,
+    prev_slug: str,
+    report: dict[str, Any],
+    done: Iterable[dict[str, Any]] = (),
+) -> dict[str, Any]:
     """Carry the previous run's labels of `prev_slug` onto the matched concepts of `slug`.
 
     A matched pair at or above the report's threshold carries; a user label on the new concept
@@ -162,8 +176,11 @@ def carry_labels(store: RunStore, previous: RunStore, slug: str, prev_slug: str,
     """
     old = read_labels(previous).get(prev_slug, {})
     before = {(int(d["concept"]), int(d["from_concept"]), d["text"]): d for d in done}
-    lost = [{"concept": gone["concept"], "text": old[str(gone["concept"])]["text"]}
-            for gone in report["vanished"] if old.get(str(gone["concept"]))]
+    lost = [
+        {"concept": gone["concept"], "text": old[str(gone["concept"])]["text"]}
+        for gone in report["vanished"]
+        if old.get(str(gone["concept"]))
+    ]
     wanted = []
     for pair in report["matched"]:
         label = old.get(str(pair["before"]))
@@ -184,9 +201,16 @@ def carry_labels(store: RunStore, previous: RunStore, slug: str, prev_slug: str,
             current = mine.get(str(pair["after"]))
             if current and current.get("source") == "user":
                 continue
-            mine[str(pair["after"])] = {"text": label["text"], "source": "carried", "from_run": previous.run_id,
-                                        "from_concept": pair["before"], "similarity": pair["similarity"]}
-            fresh.append({"concept": pair["after"], "from_concept": pair["before"], "text": label["text"]})
+            mine[str(pair["after"])] = {
+                "text": label["text"],
+                "source": "carried",
+                "from_run": previous.run_id,
+                "from_concept": pair["before"],
+                "similarity": pair["similarity"],
+            }
+            fresh.append(
+                {"concept": pair["after"], "from_concept": pair["before"], "text": label["text"]}
+            )
 
     _update(store, apply)
     carried.update({int(d["concept"]): d for d in fresh})

@@ -20,7 +20,9 @@ STATUS_STAGES: tuple[str, ...] = (*CLASS_STAGES, "render")
 
 # run-level files
 RUN_JSON = "run.json"
-FINISHED = "finished.json"  # written by build-atlas when every class succeeded (read by the watcher)
+FINISHED = (
+    "finished.json"  # written by build-atlas when every class succeeded (read by the watcher)
+)
 ZARR_ROOT = "lens.zarr"
 MAGNITUDE = "maco/magnitude.npy"
 SIMILAR = "atlas/similar.json"
@@ -37,6 +39,7 @@ WATCH_DIGESTS = "watch/digests.json"  # under <store>: the checkpoint watcher's 
 
 
 # ---- per-class paths (Zarr groups are relative to lens.zarr, files to the run root) --------
+
 
 def acts(slug: str) -> str:
     """Zarr group of a class's activations: A, patches, logits, spatial maps."""
@@ -116,7 +119,9 @@ def changes_summary(previous: str) -> str:
 
 def stage_group(stage: str, slug: str) -> str:
     """Where a per-class stage's completion marker lives (a Zarr group, or a file prefix)."""
-    return {"activations": acts, "factorize": concepts, "importance": importance, "crops": crops}[stage](slug)
+    return {"activations": acts, "factorize": concepts, "importance": importance, "crops": crops}[
+        stage
+    ](slug)
 
 
 FILE_STAGES = frozenset({"crops"})  # marked by a _SUCCESS object; the others by a Zarr attribute

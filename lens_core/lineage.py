@@ -52,8 +52,14 @@ class RunRecord:
         """How people name the run: its checkpoint's file name, else the start of its digest."""
         ckpt = self.meta.get("checkpoint")
         if ckpt:
-            return url_label(str(ckpt))  # never its query (a run.json from before queries were checked)
-        return f"weights {self.checkpoint_digest[:12]}" if self.checkpoint_digest else f"run {self.run_id}"
+            return url_label(
+                str(ckpt)
+            )  # never its query (a run.json from before queries were checked)
+        return (
+            f"weights {self.checkpoint_digest[:12]}"
+            if self.checkpoint_digest
+            else f"run {self.run_id}"
+        )
 
 
 def list_runs(store_url: str, storage_options: dict[str, Any] | None = None) -> list[RunRecord]:
@@ -79,7 +85,9 @@ def list_runs(store_url: str, storage_options: dict[str, Any] | None = None) -> 
     return sorted(runs, key=lambda r: (r.created, r.run_id))
 
 
-def find_run(store_url: str, run_id: str, storage_options: dict[str, Any] | None = None) -> RunRecord:
+def find_run(
+    store_url: str, run_id: str, storage_options: dict[str, Any] | None = None
+) -> RunRecord:
     """The run `run_id` of a store; ValueError naming the store when it is not there."""
     if not is_run_id(run_id):
         raise ValueError(f"{run_id!r} is not a run id (12 hexadecimal digits)")
@@ -90,15 +98,23 @@ def find_run(store_url: str, run_id: str, storage_options: dict[str, Any] | None
     return RunRecord(run_id, meta, store.exists(layout.FINISHED))
 
 
-def previous_run(store_url: str, run_id: str, storage_options: dict[str, Any] | None = None) -> RunRecord | None:
+def previous_run(
+    store_url: str, run_id: str, storage_options: dict[str, Any] | None = None
+) -> RunRecord | None:
     """The run to compare `run_id` with: the latest finished run of its lineage on another
     checkpoint, created before it (else the latest such run at all); None when there is none."""
     runs = list_runs(store_url, storage_options)
     me = next((r for r in runs if r.run_id == run_id), None)
     if me is None or me.lineage is None:
         return None
-    peers = [r for r in runs if r.run_id != run_id and r.finished and r.lineage == me.lineage
-             and r.checkpoint_digest != me.checkpoint_digest]
+    peers = [
+        r
+        for r in runs
+        if r.run_id != run_id
+        and r.finished
+        and r.lineage == me.lineage
+        and r.checkpoint_digest != me.checkpoint_digest
+    ]
     earlier = [r for r in peers if (r.created, r.run_id) < (me.created, me.run_id)]
     pool = earlier or peers
     return pool[-1] if pool else None

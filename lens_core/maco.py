@@ -355,7 +355,11 @@ def _render_chunk(
         history[step] = obj.detach().float().cpu()
         if on_snapshot is not None and step + 1 in snapshot_steps:
             with torch.no_grad():
-                on_snapshot(step + 1, list(range(first, first + b)), phase_to_image(phase.detach(), magnitude))
+                on_snapshot(
+                    step + 1,
+                    list(range(first, first + b)),
+                    phase_to_image(phase.detach(), magnitude),
+                )
     with torch.no_grad():
         images = phase_to_image(phase, magnitude)
     final = evaluate_images(g, images, directions, input_size, cfg.objective, cfg.cossim_power)
@@ -401,8 +405,21 @@ def render_concepts(
         directions = directions.to(dev).clone()
         for i in range(0, directions.shape[0], cfg.batch_size):
             j = i + cfg.batch_size
-            parts.append(_render_chunk(g, directions[i:j], cfg, mag, seeds[i:j], input_size, dev,
-                                       precision, marks, on_snapshot, i))
+            parts.append(
+                _render_chunk(
+                    g,
+                    directions[i:j],
+                    cfg,
+                    mag,
+                    seeds[i:j],
+                    input_size,
+                    dev,
+                    precision,
+                    marks,
+                    on_snapshot,
+                    i,
+                )
+            )
     return MacoResult(
         images=torch.cat([p.images for p in parts]),
         alpha=torch.cat([p.alpha for p in parts]),

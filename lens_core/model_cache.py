@@ -28,7 +28,9 @@ def get_split(info: Any, device: str | torch.device | None = None) -> SplitModel
         if key in _SPLITS:
             _SPLITS.move_to_end(key)
             return _SPLITS[key]
-    split = load_split_model(info.config.model, info.num_classes, info.config.storage_options).to(dev)
+    split = load_split_model(info.config.model, info.num_classes, info.config.storage_options).to(
+        dev
+    )
     with _LOCK:
         _SPLITS[key] = split
         _SPLITS.move_to_end(key)

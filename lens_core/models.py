@@ -120,6 +120,7 @@ class Normalize(nn.Module):
 
 # ---- building ------------------------------------------------------------------------------
 
+
 def build_model(arch: str, num_classes: int) -> nn.Module:
     """A randomly initialised (deterministic, seed 0) classifier for an architecture name."""
     factory = resolve_factory(arch)
@@ -194,11 +195,14 @@ def _call_factory(factory: Any, arch: str, num_classes: int) -> nn.Module:
     except Exception as err:  # noqa: BLE001 - any failure of user code is a model error
         raise ModelError(f"model factory {arch!r} failed: {type(err).__name__}: {err}") from None
     if not isinstance(model, nn.Module):
-        raise ModelError(f"model factory {arch!r} returned {type(model).__name__}, not an nn.Module")
+        raise ModelError(
+            f"model factory {arch!r} returned {type(model).__name__}, not an nn.Module"
+        )
     return model
 
 
 # ---- checkpoints ---------------------------------------------------------------------------
+
 
 @contextmanager
 def _reading(url: str) -> Iterator[None]:
@@ -213,26 +217,36 @@ def _reading(url: str) -> Iterator[None]:
     except NotRegularFile as err:
         raise CheckpointError(f"refusing checkpoint: {err}") from None
     except StoreAccessError:
-        raise CheckpointError(f"access denied reading checkpoint {url} (check credentials)") from None
+        raise CheckpointError(
+            f"access denied reading checkpoint {url} (check credentials)"
+        ) from None
     except PermissionError as err:
-        raise CheckpointError(f"access denied reading checkpoint {url} (check credentials): {err}") from None
+        raise CheckpointError(
+            f"access denied reading checkpoint {url} (check credentials): {err}"
+        ) from None
     except (IsADirectoryError, NotADirectoryError) as err:
         raise CheckpointError(f"checkpoint {url} is not a file ({type(err).__name__})") from None
     except OSError as err:
-        raise CheckpointError(f"cannot read checkpoint {url}: {type(err).__name__}: {err}") from None
+        raise CheckpointError(
+            f"cannot read checkpoint {url}: {type(err).__name__}: {err}"
+        ) from None
 
 
 def _too_large(url: str, size: str, limit: int | None) -> CheckpointError:
     if limit is None:
-        return CheckpointError(f"refusing checkpoint {url}: {size} is more than any checkpoint LENS reads "
-                               f"({MAX_CHECKPOINT_BYTES >> 30} GiB)")
+        return CheckpointError(
+            f"refusing checkpoint {url}: {size} is more than any checkpoint LENS reads "
+            f"({MAX_CHECKPOINT_BYTES >> 30} GiB)"
+        )
     return CheckpointError(
         f"refusing checkpoint {url}: {size} is more than this architecture's weights can fill "
         f"({limit / 2**20:.1f} MiB with optimizer state); is it for another model?"
     )
 
 
-def _read_bytes(url: str, storage_options: dict[str, Any] | None, limit: int | None = None) -> bytes:
+def _read_bytes(
+    url: str, storage_options: dict[str, Any] | None, limit: int | None = None
+) -> bytes:
     """The checkpoint's bytes. CheckpointError for what is not a regular file (a device never ends)
     and for more than `limit` bytes (MAX_CHECKPOINT_BYTES without one): before reading when the
     reported size says so, and counted while reading, since a device reports 0."""
@@ -284,8 +298,10 @@ def check_archive(data: bytes, url: str, limit: int) -> None:
         )
     total = sum(e.file_size for e in entries)
     if total > limit:
-        raise CheckpointError(f"refusing checkpoint {url}: it unpacks to {total / 2**20:.1f} MiB, more "
-                              f"than this architecture can fill ({limit / 2**20:.1f} MiB)")
+        raise CheckpointError(
+            f"refusing checkpoint {url}: it unpacks to {total / 2**20:.1f} MiB, more "
+            f"than this architecture can fill ({limit / 2**20:.1f} MiB)"
+        )
 
 
 def checkpoint_digest(url: str, storage_options: dict[str, Any] | None = None) -> str:
@@ -304,7 +320,9 @@ def checkpoint_digest(url: str, storage_options: dict[str, Any] | None = None) -
         try:
             return call(stream, url, "reading checkpoint", storage_options)
         except TooLarge:
-            raise _too_large(url, f"more than {MAX_CHECKPOINT_BYTES / 2**20:.1f} MiB", None) from None
+            raise _too_large(
+                url, f"more than {MAX_CHECKPOINT_BYTES / 2**20:.1f} MiB", None
+            ) from None
 
 
 def _is_safetensors(data: bytes, url: str) -> bool:
@@ -335,7 +353,9 @@ def _unpickle(data: bytes, url: str) -> Any:
         ) from None
 
 
-def parse_state_dict(data: bytes, url: str = "<bytes>", limit: int | None = None) -> dict[str, torch.Tensor]:
+def parse_state_dict(
+    data: bytes, url: str = "<bytes>", limit: int | None = None
+) -> dict[str, torch.Tensor]:
     """Tensors by parameter name from checkpoint bytes (.pt/.pth or .safetensors, nested or not);
     zip archives are checked first (`check_archive`) when `limit` is given."""
     if limit is not None:
@@ -346,7 +366,9 @@ def parse_state_dict(data: bytes, url: str = "<bytes>", limit: int | None = None
         try:
             obj: Any = load_safetensors(data)
         except Exception as err:  # safetensors raises its own SafetensorError
-            raise CheckpointError(f"truncated or corrupt safetensors checkpoint {url}: {err}") from None
+            raise CheckpointError(
+                f"truncated or corrupt safetensors checkpoint {url}: {err}"
+            ) from None
     else:
         obj = _unpickle(data, url)
     for _ in range(3):
@@ -370,7 +392,7 @@ def _strip(key: str) -> str:
         changed = False
         for p in _PREFIXES:
             if key.startswith(p):
-                key, changed = key[len(p):], True
+                key, changed = key[len(p) :], True
     return key
 
 
@@ -379,7 +401,9 @@ def _listing(items: list[str]) -> str:
     return f"{len(items)} ({shown}{', ...' if len(items) > _SHOW else ''})"
 
 
-def check_state_dict(model: nn.Module, state: Mapping[str, torch.Tensor], url: str, arch: str) -> None:
+def check_state_dict(
+    model: nn.Module, state: Mapping[str, torch.Tensor], url: str, arch: str
+) -> None:
     """Raise CheckpointError naming missing/unexpected keys and shape mismatches (a few of each)."""
     expected = model.state_dict()
     missing = [k for k in expected if k not in state and not k.endswith("num_batches_tracked")]
@@ -402,12 +426,16 @@ def check_state_dict(model: nn.Module, state: Mapping[str, torch.Tensor], url: s
 
 
 def load_model(
-    model_cfg: ModelConfig, num_classes: int | None = None, storage_options: dict[str, Any] | None = None
+    model_cfg: ModelConfig,
+    num_classes: int | None = None,
+    storage_options: dict[str, Any] | None = None,
 ) -> tuple[nn.Module, str]:
     """(model in eval mode, digest): weights from model_cfg.checkpoint, the shipped toy weights, or random."""
     k = model_cfg.num_classes or num_classes
     if not k:
-        raise ModelError("num_classes is unknown: set model.num_classes or pass the data set's class count")
+        raise ModelError(
+            "num_classes is unknown: set model.num_classes or pass the data set's class count"
+        )
     model = build_model(model_cfg.arch, k)
     url = model_cfg.checkpoint
     if url is None and model_cfg.arch == "toy":
@@ -431,7 +459,9 @@ def load_model(
     return _freeze(model), digest
 
 
-def checkpoint_outputs(arch: str, model: nn.Module, state: Mapping[str, torch.Tensor], k: int) -> int | None:
+def checkpoint_outputs(
+    arch: str, model: nn.Module, state: Mapping[str, torch.Tensor], k: int
+) -> int | None:
     """The number of outputs the checkpoint's head has, or None when it cannot tell.
 
     The head's tensors are the ones whose shape changes with the number of classes (found by
@@ -494,7 +524,9 @@ def _cut(stages: list[tuple[str, nn.Module]], path: list[str], full: str):
         return stages[: i + 1], stages[i + 1 :]
     inner = stages[i][1]
     if not isinstance(inner, nn.Sequential):
-        raise ModelError(f"cannot split inside {path[0]!r} for layer {full!r}: it is a {type(inner).__name__}, not a Sequential")
+        raise ModelError(
+            f"cannot split inside {path[0]!r} for layer {full!r}: it is a {type(inner).__name__}, not a Sequential"
+        )
     g_in, h_in = _cut(list(inner.named_children()), path[1:], full)
     g = stages[:i] + ([(path[0], _seq(g_in))] if g_in else [])
     h = ([(path[0], _seq(h_in))] if h_in else []) + stages[i + 1 :]
@@ -512,8 +544,9 @@ def _sequential_split(model: nn.Module, layer: str) -> tuple[nn.Module, nn.Modul
     return _seq(g), _seq(h)
 
 
-def probe_linear_head(h: nn.Module, acts: torch.Tensor, ref: torch.Tensor | None = None,
-                      chunk: int = 64) -> tuple[torch.Tensor, torch.Tensor] | None:
+def probe_linear_head(
+    h: nn.Module, acts: torch.Tensor, ref: torch.Tensor | None = None, chunk: int = 64
+) -> tuple[torch.Tensor, torch.Tensor] | None:
     """(weight (K, C), bias (K,)) when h(a) = mean_hw(a) @ weight.T + bias, else None.
 
     Found by what h computes, whatever its modules: h must ignore where a value sits (shuffled
@@ -563,7 +596,11 @@ def _as_head(spec: Any) -> tuple[torch.Tensor, torch.Tensor] | None:
         return None
     if isinstance(spec, nn.Linear):
         weight = spec.weight.detach()
-        bias = spec.bias.detach() if spec.bias is not None else torch.zeros(weight.shape[0], device=weight.device)
+        bias = (
+            spec.bias.detach()
+            if spec.bias is not None
+            else torch.zeros(weight.shape[0], device=weight.device)
+        )
         return weight, bias
     weight, bias = spec
     return torch.as_tensor(weight).detach(), torch.as_tensor(bias).detach()
@@ -581,13 +618,17 @@ def split_model(model: nn.Module, layer: str, model_cfg: ModelConfig) -> SplitMo
         try:
             parts = model.lens_split(layer)
         except Exception as err:  # noqa: BLE001 - the model's own code: one clear line
-            raise ModelError(f"{type(model).__name__}.lens_split({layer!r}) failed: "
-                             f"{type(err).__name__}: {_first_line(err)}") from None
+            raise ModelError(
+                f"{type(model).__name__}.lens_split({layer!r}) failed: "
+                f"{type(err).__name__}: {_first_line(err)}"
+            ) from None
         g_body, h = parts[0], parts[1]
         head_spec = parts[2] if len(parts) > 2 else None
         if not (isinstance(g_body, nn.Module) and isinstance(h, nn.Module)):
-            raise ModelError(f"{type(model).__name__}.lens_split({layer!r}) must return nn.Modules "
-                             f"(g, h), got ({type(g_body).__name__}, {type(h).__name__})")
+            raise ModelError(
+                f"{type(model).__name__}.lens_split({layer!r}) must return nn.Modules "
+                f"(g, h), got ({type(g_body).__name__}, {type(h).__name__})"
+            )
     else:
         g_body, h = _token_or_sequential_split(model, layer, model_cfg.input_size)
     norm = Normalize(model_cfg.mean, model_cfg.std)
@@ -598,7 +639,9 @@ def split_model(model: nn.Module, layer: str, model_cfg: ModelConfig) -> SplitMo
     dtype = param.dtype if param is not None else torch.float32
     g.to(device)
     gen = torch.Generator().manual_seed(0)
-    x = torch.rand(4, 3, model_cfg.input_size, model_cfg.input_size, generator=gen).to(device, dtype)
+    x = torch.rand(4, 3, model_cfg.input_size, model_cfg.input_size, generator=gen).to(
+        device, dtype
+    )
     with torch.no_grad():
         try:
             ref = model(norm(x))
@@ -631,17 +674,31 @@ def split_model(model: nn.Module, layer: str, model_cfg: ModelConfig) -> SplitMo
         head_spec = head = None
     pooled = acts.float().mean(dim=(2, 3)) if spatial else acts.float().flatten(1)
     if head is not None and not _close(ref, pooled @ head[0].float().T + head[1].float()):
-        log.warning("the head handed over by lens_split(%r) does not reproduce h: probing h instead", layer)
+        log.warning(
+            "the head handed over by lens_split(%r) does not reproduce h: probing h instead", layer
+        )
         head = None
     if head is None and not tokens.needs_extra(h):
         head = probe_linear_head(h, acts, ref)
     norm_head = None if head is not None or tokens.needs_extra(h) else probe_norm_head(h, acts, ref)
     if head is None and norm_head is None:
-        log.info("h at %r is not a linear map of the pooled activations: concepts are ranked by "
-                 "Sobol importance (no logit share)", layer)
-    return SplitModel(g, h, layer, model_cfg.input_size, int(ref.shape[1]), spatial, head,
-                      min_activation=float(acts.min()), max_activation=float(acts.max()),
-                      norm_head=norm_head)
+        log.info(
+            "h at %r is not a linear map of the pooled activations: concepts are ranked by "
+            "Sobol importance (no logit share)",
+            layer,
+        )
+    return SplitModel(
+        g,
+        h,
+        layer,
+        model_cfg.input_size,
+        int(ref.shape[1]),
+        spatial,
+        head,
+        min_activation=float(acts.min()),
+        max_activation=float(acts.max()),
+        norm_head=norm_head,
+    )
 
 
 def probe_norm_head(h: nn.Module, acts: torch.Tensor, ref: torch.Tensor) -> NormHead | None:
@@ -682,7 +739,9 @@ def probe_norm_head(h: nn.Module, acts: torch.Tensor, ref: torch.Tensor) -> Norm
     return head
 
 
-def _token_or_sequential_split(model: nn.Module, layer: str, input_size: int) -> tuple[nn.Module, nn.Module]:
+def _token_or_sequential_split(
+    model: nn.Module, layer: str, input_size: int
+) -> tuple[nn.Module, nn.Module]:
     """(g body, h): a vision transformer's patch tokens as a map (lens_core.tokens), a Swin's
     channels-last maps permuted to (N, C, H, W), else the plain sequence of children."""
     try:
@@ -690,7 +749,9 @@ def _token_or_sequential_split(model: nn.Module, layer: str, input_size: int) ->
             return tokens.vit_split(model, layer, input_size)
         g_body, h = _sequential_split(model, layer)
         if tokens.is_swin(model) and tokens.swin_channels_last(layer):
-            return nn.Sequential(g_body, tokens.ChannelsFirst()), nn.Sequential(tokens.ChannelsLast(), h)
+            return nn.Sequential(g_body, tokens.ChannelsFirst()), nn.Sequential(
+                tokens.ChannelsLast(), h
+            )
         return g_body, h
     except tokens.TokenError as err:
         raise ModelError(str(err)) from None
@@ -702,7 +763,11 @@ def _gives_extra(g_body: nn.Module, x: torch.Tensor) -> bool:
         out = g_body(x)
     except Exception:  # noqa: BLE001 - reported by the split's own test batch
         return False
-    return isinstance(out, tuple | list) and len(out) == 2 and all(isinstance(t, torch.Tensor) for t in out)
+    return (
+        isinstance(out, tuple | list)
+        and len(out) == 2
+        and all(isinstance(t, torch.Tensor) for t in out)
+    )
 
 
 def _check_map(acts: Any, model: nn.Module, layer: str) -> None:
@@ -754,7 +819,9 @@ def _verify(ref: torch.Tensor, out: torch.Tensor, what: str) -> None:
 
 
 def load_split_model(
-    model_cfg: ModelConfig, num_classes: int | None = None, storage_options: dict[str, Any] | None = None
+    model_cfg: ModelConfig,
+    num_classes: int | None = None,
+    storage_options: dict[str, Any] | None = None,
 ) -> SplitModel:
     """load_model then split_model at model_cfg.layer, carrying the checkpoint digest."""
     model, digest = load_model(model_cfg, num_classes, storage_options)

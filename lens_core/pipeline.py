@@ -68,6 +68,10 @@ def explain(config: AtlasConfig, device: str | None = None) -> dict[str, Any]:
     site = publish.publish(info)
     if not failed:
         mark_finished(info, publish.site_url(info))
-    return {"info": info, "failed": [s for s, _ in failed], "changes": changed, "mistakes": mistakes,
-            "site": site}
-
+    return {
+        "info": info,
+        "failed": [s for s, _ in failed],
+        "changes": changed,
+        "mistakes": mistakes,
+        "site": site,
+    }

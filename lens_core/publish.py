@@ -52,8 +52,14 @@ def concept_layout(W: np.ndarray, seed: int = 0) -> np.ndarray:
     if len(W) < 3:
         xy = np.stack([np.arange(len(W)), np.zeros(len(W))], 1).astype(float)
     else:
-        xy = MDS(n_components=2, metric="precomputed", init="random", random_state=seed, n_init=1,
-                 normalized_stress="auto").fit_transform((D + D.T) / 2)
+        xy = MDS(
+            n_components=2,
+            metric="precomputed",
+            init="random",
+            random_state=seed,
+            n_init=1,
+            normalized_stress="auto",
+        ).fit_transform((D + D.T) / 2)
     lo, hi = xy.min(0), xy.max(0)
     return (xy - lo) / np.where(hi - lo > 0, hi - lo, 1)
 
@@ -63,19 +69,38 @@ def _asset(assets: dict, store: RunStore, src: str, dest: str) -> str:
     return dest
 
 
-def _class_entry(store: RunStore, cls: Any, status: dict, similar: dict, alignment: dict,
-                 names: dict[str, str], assets: dict, labels: dict[str, Any],
-                 top_k: int | None = None, partial: bool = False) -> dict[str, Any]:
+def _class_entry(
+    store: RunStore,
+    cls: Any,
+    status: dict,
+    similar: dict,
+    alignment: dict,
+    names: dict[str, str],
+    assets: dict,
+    labels: dict[str, Any],
+    top_k: int | None = None,
+    partial: bool = False,
+) -> dict[str, Any]:
     """A class's site entry. Renders show where `viz/<class>` marks them done; on a `partial`
     site, the top `top_k` concepts (all when None) not rendered yet are `viz_pending`."""
     slug = cls.slug
     entry: dict[str, Any] = {
-        "index": cls.index, "id": cls.id, "name": cls.name, "slug": slug, "synonyms": list(cls.synonyms),
-        "status": "ok", "error": None, "concepts": [],
+        "index": cls.index,
+        "id": cls.id,
+        "name": cls.name,
+        "slug": slug,
+        "synonyms": list(cls.synonyms),
+        "status": "ok",
+        "error": None,
+        "concepts": [],
     }
     state = class_state(status)
     if state == "failed" or not class_complete(store, slug):
-        errors = [f"{stage}: {rec.get('error')}" for stage, rec in status.items() if rec.get("state") == "failed"]
+        errors = [
+            f"{stage}: {rec.get('error')}"
+            for stage, rec in status.items()
+            if rec.get("state") == "failed"
+        ]
         entry.update(status="failed", error="; ".join(errors) or "not finished in this run")
         return entry
     acts = store.zarr[layout.acts(slug)]
@@ -92,10 +117,13 @@ def _class_entry(store: RunStore, cls: Any, status: dict, similar: dict, alignme
     to_come = set(order[:top_k] if top_k else order) - rendered if partial else set()
     basis = imp.attrs.get("importance_basis", "logit_share" if share is not None else "sobol")
     entry.update(
-        n_images=int(acts.attrs["n_images"]), n_patches=int(acts.attrs["n_patches"]),
+        n_images=int(acts.attrs["n_images"]),
+        n_patches=int(acts.attrs["n_patches"]),
         skipped_images=len(acts.attrs.get("skipped", [])),
-        assigned_images=imp.attrs.get("assigned_images"), assigned_patches=imp.attrs.get("assigned_patches"),
-        importance_basis=basis, note=imp.attrs.get("note") or class_note(status) or None,
+        assigned_images=imp.attrs.get("assigned_images"),
+        assigned_patches=imp.attrs.get("assigned_patches"),
+        importance_basis=basis,
+        note=imp.attrs.get("note") or class_note(status) or None,
         share_residual=_rounded(imp.attrs.get("share_residual")),
         share_bias=_rounded(imp.attrs.get("share_bias")),
         flag="rarely-predicted" if imp.attrs.get("basis_reason") == "few-predicted" else None,
@@ -106,18 +134,31 @@ def _class_entry(store: RunStore, cls: Any, status: dict, similar: dict, alignme
 
     for rank, c in enumerate(order[:TOP_CONCEPTS], start=1):
         concept: dict[str, Any] = {
-            "id": c, "rank": rank, "color": concept_color(rank - 1),
+            "id": c,
+            "rank": rank,
+            "color": concept_color(rank - 1),
             "logit_share": round(float(share[c]), 2) if share is not None else None,
             "sobol": round(float(sobol[c]), 4),
             "sobol_share": round(float(sobol_share[c]), 2),
-            "n_top_images": int(n_top[c]), "important": bool(n_top[c] >= min_top),
-            "crops": [asset(layout.crop_file(slug, f)) for f in crops_index.get("concepts", {}).get(str(c), [])],
-            "similar": [dict(s, name=names.get(s["slug"], s["slug"])) for s in similar.get(slug, [[]] * len(W))[c]],
+            "n_top_images": int(n_top[c]),
+            "important": bool(n_top[c] >= min_top),
+            "crops": [
+                asset(layout.crop_file(slug, f))
+                for f in crops_index.get("concepts", {}).get(str(c), [])
+            ],
+            "similar": [
+                dict(s, name=names.get(s["slug"], s["slug"]))
+                for s in similar.get(slug, [[]] * len(W))[c]
+            ],
             "aligned_classes": [
                 {"slug": a["slug"], "name": names.get(a["slug"], a["slug"]), "score": a["score"]}
-                for a in (alignment.get(slug) or [[]] * len(W))[c] if a["slug"]
+                for a in (alignment.get(slug) or [[]] * len(W))[c]
+                if a["slug"]
             ],
-            "viz": None, "viz_plain": None, "viz_pending": c in to_come, **_label_fields(labels.get(str(c))),
+            "viz": None,
+            "viz_plain": None,
+            "viz_pending": c in to_come,
+            **_label_fields(labels.get(str(c))),
         }
         if c in rendered:
             concept["viz"] = asset(layout.viz_file(slug, c, "png"))
@@ -128,21 +169,41 @@ def _class_entry(store: RunStore, cls: Any, status: dict, similar: dict, alignme
     positions = imp["image_positions"][:]
     xy = embed_2d(image_imp)
     thumbs = crops_index.get("thumbs", {})
-    entry["cluster"] = {"points": [
-        {"x": round(float(x), 4), "y": round(float(y), 4), "concept": int(image_imp[i].argmax()),
-         "rank": rank_of[int(image_imp[i].argmax())] + 1,
-         "image": asset(layout.crop_file(slug, thumbs[str(int(p))])) if str(int(p)) in thumbs else None}
-        for i, ((x, y), p) in enumerate(zip(xy, positions, strict=True)) if i < 200
-    ]}
+    entry["cluster"] = {
+        "points": [
+            {
+                "x": round(float(x), 4),
+                "y": round(float(y), 4),
+                "concept": int(image_imp[i].argmax()),
+                "rank": rank_of[int(image_imp[i].argmax())] + 1,
+                "image": asset(layout.crop_file(slug, thumbs[str(int(p))]))
+                if str(int(p)) in thumbs
+                else None,
+            }
+            for i, ((x, y), p) in enumerate(zip(xy, positions, strict=True))
+            if i < 200
+        ]
+    }
     layout_xy = concept_layout(W)
-    entry["concept_layout"] = [{"concept": c, "rank": rank_of[c] + 1, "x": round(float(layout_xy[c, 0]), 4),
-                                "y": round(float(layout_xy[c, 1]), 4)} for c in range(len(W))]
+    entry["concept_layout"] = [
+        {
+            "concept": c,
+            "rank": rank_of[c] + 1,
+            "x": round(float(layout_xy[c, 0]), 4),
+            "y": round(float(layout_xy[c, 1]), 4),
+        }
+        for c in range(len(W))
+    ]
     entry["attributions"] = [
-        {"heatmap": asset(layout.crop_file(slug, a["file"])),
-         "image": asset(layout.crop_file(slug, a["plain"])) if a.get("plain") else None,
-         "caption": f"image {a['image']}",
-         "concepts": [{"concept": d["concept"], "rank": d["rank"], "share": d["share"]}
-                      for d in a.get("concepts", [])]}
+        {
+            "heatmap": asset(layout.crop_file(slug, a["file"])),
+            "image": asset(layout.crop_file(slug, a["plain"])) if a.get("plain") else None,
+            "caption": f"image {a['image']}",
+            "concepts": [
+                {"concept": d["concept"], "rank": d["rank"], "share": d["share"]}
+                for d in a.get("concepts", [])
+            ],
+        }
         for a in crops_index.get("attributions", [])
     ]
     entry["fidelity"] = {
@@ -164,38 +225,69 @@ def _label_fields(label: dict[str, Any] | None) -> dict[str, Any]:
     if not label:
         return {"label": None, "label_source": None, "label_from": None}
     carried = label.get("source") == "carried"
-    origin = f"concept {label.get('from_concept')} of run {label.get('from_run')}" if carried else None
+    origin = (
+        f"concept {label.get('from_concept')} of run {label.get('from_run')}" if carried else None
+    )
     return {"label": label.get("text"), "label_source": label.get("source"), "label_from": origin}
 
 
-def _concept_change(concept: dict[str, Any], matched: dict[int, dict], appeared: set[int]) -> dict | None:
+def _concept_change(
+    concept: dict[str, Any], matched: dict[int, dict], appeared: set[int]
+) -> dict | None:
     m = matched.get(concept["id"])
     if m is not None:
         kind = "up" if m["delta"] >= 0.5 else "down" if m["delta"] <= -0.5 else "same"
-        return {"kind": kind, "delta": m["delta"], "before": m["before"], "similarity": m["similarity"]}
-    return {"kind": "new", "delta": None, "before": None, "similarity": None} if concept["id"] in appeared else None
+        return {
+            "kind": kind,
+            "delta": m["delta"],
+            "before": m["before"],
+            "similarity": m["similarity"],
+        }
+    return (
+        {"kind": "new", "delta": None, "before": None, "similarity": None}
+        if concept["id"] in appeared
+        else None
+    )
 
 
-def _class_changes(entry: dict[str, Any], report: dict[str, Any], summary: dict[str, Any], rank: int,
-                   marked: bool, old_labels: dict[str, Any]) -> None:
+def _class_changes(
+    entry: dict[str, Any],
+    report: dict[str, Any],
+    summary: dict[str, Any],
+    rank: int,
+    marked: bool,
+    old_labels: dict[str, Any],
+) -> None:
     """Add what changed since the previous checkpoint to a class entry (and to its concepts)."""
     matched = {m["after"]: m for m in report["matched"]}
     appeared = {a["concept"] for a in report["appeared"]}
     for concept in entry["concepts"]:
         concept["change"] = _concept_change(concept, matched, appeared)
     entry["changes"] = {
-        "score": report["score"], "rank": rank, "marked": marked,
-        "previous_run": summary["previous"], "previous_label": summary["previous_label"],
+        "score": report["score"],
+        "rank": rank,
+        "marked": marked,
+        "previous_run": summary["previous"],
+        "previous_label": summary["previous_label"],
         "prev_slug": report["prev_slug"],
-        "vanished": [{"concept": v["concept"], "importance": v["importance"],
-                      "label": (old_labels.get(str(v["concept"])) or {}).get("text")} for v in report["vanished"]],
+        "vanished": [
+            {
+                "concept": v["concept"],
+                "importance": v["importance"],
+                "label": (old_labels.get(str(v["concept"])) or {}).get("text"),
+            }
+            for v in report["vanished"]
+        ],
         "carried_labels": len(report.get("labels", {}).get("carried", [])),
-        "logit_change": report["logit_change"], "accuracy_before": report["accuracy_before"],
+        "logit_change": report["logit_change"],
+        "accuracy_before": report["accuracy_before"],
         "accuracy_after": report["accuracy_after"],
     }
 
 
-def _previous_page(info: RunInfo, previous: str, prev_slug: str, base: str) -> dict[str, Any] | None:
+def _previous_page(
+    info: RunInfo, previous: str, prev_slug: str, base: str
+) -> dict[str, Any] | None:
     """The previous run's published data file of a class (its concepts' viz and crops), if published here."""
     url = join_url(base, previous, "data", f"{prev_slug}.json")
     try:
@@ -220,8 +312,14 @@ def _previous_site(info: RunInfo, previous: str, base: str) -> tuple[bool, set[s
     return index, {posixpath.basename(d) for d in pages if posixpath.dirname(d) == classes}
 
 
-def _site_changes(info: RunInfo, entries: list[dict[str, Any]], summary: dict[str, Any],
-                  reports: dict[str, dict[str, Any]], prev_store: RunStore, base: str) -> dict[str, Any]:
+def _site_changes(
+    info: RunInfo,
+    entries: list[dict[str, Any]],
+    summary: dict[str, Any],
+    reports: dict[str, dict[str, Any]],
+    prev_store: RunStore,
+    base: str,
+) -> dict[str, Any]:
     """The changes page's data, and each compared class's changes (added to `entries`)."""
     top = info.config.changes.most_changed
     previous_site, previous_pages = _previous_site(info, summary["previous"], base)
@@ -235,33 +333,56 @@ def _site_changes(info: RunInfo, entries: list[dict[str, Any]], summary: dict[st
             continue
         rank = rank_of[row["slug"]]
         marked = rank <= top and row["score"] > 0
-        _class_changes(entry, report, summary, rank, marked, old_labels.get(report["prev_slug"], {}))
+        _class_changes(
+            entry, report, summary, rank, marked, old_labels.get(report["prev_slug"], {})
+        )
         entry["changes"]["previous_page"] = report["prev_slug"] in previous_pages
         before = _previous_page(info, summary["previous"], report["prev_slug"], base)
-        ranking.append({**{k: row[k] for k in ("slug", "score", "appeared", "vanished", "matched")},
-                        "name": entry["name"], "marked": marked, "prev_slug": report["prev_slug"],
-                        "logit_change": report["logit_change"],
-                        "before": _top_concepts(before) if before else None,
-                        "after": _top_concepts(entry)})
+        ranking.append(
+            {
+                **{k: row[k] for k in ("slug", "score", "appeared", "vanished", "matched")},
+                "name": entry["name"],
+                "marked": marked,
+                "prev_slug": report["prev_slug"],
+                "logit_change": report["logit_change"],
+                "before": _top_concepts(before) if before else None,
+                "after": _top_concepts(entry),
+            }
+        )
     names = {e["slug"]: e["name"] for e in entries}
-    not_comparable = [{"slug": row["slug"], "name": names.get(row["slug"], row["slug"]), "reason": row["reason"]}
-                      for row in summary.get("not_comparable", []) if row.get("slug") in names]
-    return {"previous_run": summary["previous"], "previous_label": summary["previous_label"],
-            "previous_site": previous_site, "threshold": summary["threshold"], "ranking": ranking,
-            "not_comparable": not_comparable}
+    not_comparable = [
+        {"slug": row["slug"], "name": names.get(row["slug"], row["slug"]), "reason": row["reason"]}
+        for row in summary.get("not_comparable", [])
+        if row.get("slug") in names
+    ]
+    return {
+        "previous_run": summary["previous"],
+        "previous_label": summary["previous_label"],
+        "previous_site": previous_site,
+        "threshold": summary["threshold"],
+        "ranking": ranking,
+        "not_comparable": not_comparable,
+    }
 
 
 def _top_concepts(entry: dict[str, Any], n: int = 3) -> list[dict[str, Any]]:
     """A class's first concepts as the changes page shows them: id, label, share, viz and three crops."""
     basis = entry.get("importance_basis")
-    return [{"id": c["id"], "label": c.get("label"), "viz": c.get("viz_plain") or c.get("viz"),
-             "crops": list(c.get("crops") or [])[:3],
-             "shown": c.get("sobol_share") if basis == "sobol" else c.get("logit_share")}
-            for c in (entry.get("concepts") or [])[:n]]
+    return [
+        {
+            "id": c["id"],
+            "label": c.get("label"),
+            "viz": c.get("viz_plain") or c.get("viz"),
+            "crops": list(c.get("crops") or [])[:3],
+            "shown": c.get("sobol_share") if basis == "sobol" else c.get("logit_share"),
+        }
+        for c in (entry.get("concepts") or [])[:n]
+    ]
 
 
-def _site_mistakes(store: RunStore, entries: list[dict[str, Any]], assets: dict,
-                   labels: dict[str, Any]) -> dict[str, Any] | None:
+def _site_mistakes(
+    store: RunStore, entries: list[dict[str, Any]], assets: dict, labels: dict[str, Any]
+) -> dict[str, Any] | None:
     """The mistakes page's data from the stored confusions (example images as assets), and each
     bias candidate flagged on its concept card (`bias`)."""
     report = read_confusions(store)
@@ -273,25 +394,66 @@ def _site_mistakes(store: RunStore, entries: list[dict[str, Any]], assets: dict,
         if pair["true"] not in ok:
             continue
         predicted = pair["predicted"] if pair["predicted"] in ok else None
-        examples = [{"concepts": ex.get("concepts", []), **{
-            kind: _asset(assets, store, layout.confusion_file(pair["true"], pair["predicted"], ex[kind]),
-                         f"assets/{layout.confusion_file(pair['true'], pair['predicted'], ex[kind])}")
-            for kind in ("overlay", "plain") if ex.get(kind)}}
-            for ex in pair.get("examples", [])] if predicted else []
-        pairs.append({**{k: pair.get(k) for k in ("true", "true_name", "predicted_name", "images", "basis",
-                                                  "note", "residual", "bias")},
-                      "predicted": predicted, "examples": examples,
-                      "concepts": [{**c, "label": concept_label(labels, predicted, c["concept"])}
-                                   for c in pair.get("concepts", [])] if predicted else []})
+        examples = (
+            [
+                {
+                    "concepts": ex.get("concepts", []),
+                    **{
+                        kind: _asset(
+                            assets,
+                            store,
+                            layout.confusion_file(pair["true"], pair["predicted"], ex[kind]),
+                            f"assets/{layout.confusion_file(pair['true'], pair['predicted'], ex[kind])}",
+                        )
+                        for kind in ("overlay", "plain")
+                        if ex.get(kind)
+                    },
+                }
+                for ex in pair.get("examples", [])
+            ]
+            if predicted
+            else []
+        )
+        pairs.append(
+            {
+                **{
+                    k: pair.get(k)
+                    for k in (
+                        "true",
+                        "true_name",
+                        "predicted_name",
+                        "images",
+                        "basis",
+                        "note",
+                        "residual",
+                        "bias",
+                    )
+                },
+                "predicted": predicted,
+                "examples": examples,
+                "concepts": [
+                    {**c, "label": concept_label(labels, predicted, c["concept"])}
+                    for c in pair.get("concepts", [])
+                ]
+                if predicted
+                else [],
+            }
+        )
     for slug, flags in report.get("bias", {}).items():
         for concept in ok.get(slug, {}).get("concepts", []):
             flag = flags.get(str(concept["id"]))
             if flag:
                 concept["bias"] = {**flag, "pairs": [t for t in flag["pairs"] if t in ok]}
-    return {"mistaken": report.get("mistaken", 0), "n_images": report.get("n_images", 0), "pairs": pairs}
+    return {
+        "mistaken": report.get("mistaken", 0),
+        "n_images": report.get("n_images", 0),
+        "pairs": pairs,
+    }
 
 
-def collect_site_data(info: RunInfo, publish_url: str | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+def collect_site_data(
+    info: RunInfo, publish_url: str | None = None
+) -> tuple[dict[str, Any], dict[str, Any]]:
     """(site data, assets {publish path: loader}) from everything the run stored, for a site
     published under `publish_url` (default: the configured one)."""
     store = info.store()
@@ -302,15 +464,32 @@ def collect_site_data(info: RunInfo, publish_url: str | None = None) -> tuple[di
     names = {c.slug: c.name for c in info.all_classes or info.classes}
     assets: dict[str, Any] = {}
     labels = read_labels(store)
-    classes = [_class_entry(store, c, statuses.get(c.slug, {}), similar, alignment, names, assets,
-                            labels.get(c.slug, {}), info.config.maco.top_k)
-               for c in info.classes]
+    classes = [
+        _class_entry(
+            store,
+            c,
+            statuses.get(c.slug, {}),
+            similar,
+            alignment,
+            names,
+            assets,
+            labels.get(c.slug, {}),
+            info.config.maco.top_k,
+        )
+        for c in info.classes
+    ]
     summary, reports = read_changes(store)
     changes = None
     if summary is not None:
         prev_store = RunStore(info.config.store, summary["previous"], info.config.storage_options)
-        changes = _site_changes(info, classes, summary, reports, prev_store,
-                                normalize_url(publish_url or info.config.publish))
+        changes = _site_changes(
+            info,
+            classes,
+            summary,
+            reports,
+            prev_store,
+            normalize_url(publish_url or info.config.publish),
+        )
     site = {
         "run": _run_data(info, meta),
         "classes": classes,
@@ -324,9 +503,15 @@ def _run_data(info: RunInfo, meta: dict[str, Any]) -> dict[str, Any]:
     """The site's `run` record (run.json's `meta` gives its creation time)."""
     cfg = info.config
     return {
-        "run_id": info.run_id, "model": cfg.model.arch, "checkpoint": cfg.model.checkpoint,
-        "checkpoint_digest": info.checkpoint_digest, "layer": cfg.model.layer, "data_url": info.data_url,
-        "created": meta.get("created"), "n_concepts": cfg.concepts.n_concepts, "config": cfg.redacted(),
+        "run_id": info.run_id,
+        "model": cfg.model.arch,
+        "checkpoint": cfg.model.checkpoint,
+        "checkpoint_digest": info.checkpoint_digest,
+        "layer": cfg.model.layer,
+        "data_url": info.data_url,
+        "created": meta.get("created"),
+        "n_concepts": cfg.concepts.n_concepts,
+        "config": cfg.redacted(),
     }
 
 
@@ -335,11 +520,23 @@ def site_url(info: RunInfo, publish_url: str | None = None) -> str:
     return join_url(normalize_url(publish_url or info.config.publish), info.run_id)
 
 
-_KEEP = ("url", "index_url", "classes", "failed", "concepts", "files", "bytes", "max_class_page_bytes",
-         "n_missing_assets", "seconds")
+_KEEP = (
+    "url",
+    "index_url",
+    "classes",
+    "failed",
+    "concepts",
+    "files",
+    "bytes",
+    "max_class_page_bytes",
+    "n_missing_assets",
+    "seconds",
+)
 
 
-def publish_pages(info: RunInfo, publish_url: str | None = None, skip: Collection[str] = ()) -> dict[str, Any]:
+def publish_pages(
+    info: RunInfo, publish_url: str | None = None, skip: Collection[str] = ()
+) -> dict[str, Any]:
     """Write the run's class pages, data files and assets under `<publish>/<run_id>/` (no index yet).
 
     `skip`: static files and assets a `PartialSite` of this run already wrote (not written again).
@@ -349,12 +546,19 @@ def publish_pages(info: RunInfo, publish_url: str | None = None, skip: Collectio
 
     base = normalize_url(publish_url or info.config.publish)
     site, assets = collect_site_data(info, base)
-    summary = build_pages(site, site_url(info, base), info.config.storage_options, assets, skip=skip)
-    return {**{k: summary[k] for k in _KEEP if k in summary}, "site": site,
-            "failed_classes": [c["slug"] for c in site["classes"] if c["status"] != "ok"]}
+    summary = build_pages(
+        site, site_url(info, base), info.config.storage_options, assets, skip=skip
+    )
+    return {
+        **{k: summary[k] for k in _KEEP if k in summary},
+        "site": site,
+        "failed_classes": [c["slug"] for c in site["classes"] if c["status"] != "ok"],
+    }
 
 
-def publish_index(info: RunInfo, site: dict[str, Any], publish_url: str | None = None) -> dict[str, Any]:
+def publish_index(
+    info: RunInfo, site: dict[str, Any], publish_url: str | None = None
+) -> dict[str, Any]:
     """Write the run's index (search data, method page, index.html last), then the runs page above it."""
     from lens_core.site.builder import build_index
     from lens_core.site.runs import write_runs_index
@@ -363,11 +567,21 @@ def publish_index(info: RunInfo, site: dict[str, Any], publish_url: str | None =
     summary = build_index(site, site_url(info, base), info.config.storage_options)
     failed = sum(c["status"] != "ok" for c in site["classes"])
     run = site["run"]
-    write_runs_index(base, {
-        "run_id": info.run_id, "published": datetime.now(UTC).isoformat(timespec="seconds"),
-        "created": run["created"], "model": run["model"], "layer": run["layer"], "checkpoint": run["checkpoint"],
-        "checkpoint_digest": run["checkpoint_digest"], "classes": len(site["classes"]), "failed": failed,
-    }, info.config.storage_options)
+    write_runs_index(
+        base,
+        {
+            "run_id": info.run_id,
+            "published": datetime.now(UTC).isoformat(timespec="seconds"),
+            "created": run["created"],
+            "model": run["model"],
+            "layer": run["layer"],
+            "checkpoint": run["checkpoint"],
+            "checkpoint_digest": run["checkpoint_digest"],
+            "classes": len(site["classes"]),
+            "failed": failed,
+        },
+        info.config.storage_options,
+    )
     return {k: summary[k] for k in ("index_url", "index_bytes", "files", "bytes", "seconds")}
 
 
@@ -404,14 +618,23 @@ class PartialSite:
     passed (a pending index update); `finish()` once everything else is done.
     """
 
-    def __init__(self, info: RunInfo, publish_url: str | None = None, interval_s: float | None = None,
-                 clock: Callable[[], float] = time.monotonic):
+    def __init__(
+        self,
+        info: RunInfo,
+        publish_url: str | None = None,
+        interval_s: float | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ):
         self.info = info
         self.base = normalize_url(publish_url or info.config.publish)
         self.url = site_url(info, self.base)
-        self.interval = settings().index_interval_s if interval_s is None else max(0.0, float(interval_s))
+        self.interval = (
+            settings().index_interval_s if interval_s is None else max(0.0, float(interval_s))
+        )
         self.clock = clock
-        self.entries: dict[str, dict[str, Any]] = {}  # classes with a page: their entry, for the index
+        self.entries: dict[
+            str, dict[str, Any]
+        ] = {}  # classes with a page: their entry, for the index
         self.written: set[str] = set()  # static files and assets written by this publisher
         self.stats = {"writes": 0, "bytes": 0, "seconds": 0.0, "page_writes": 0, "index_writes": 0}
         self._classes = list(info.classes)
@@ -449,8 +672,18 @@ class PartialSite:
                 status = statuses.get(slug, {})
                 if class_state(status) != "failed" and not class_complete(store, slug):
                     continue
-                new[slug] = _class_entry(store, by_slug[slug], status, {}, {}, names, assets,
-                                         labels.get(slug, {}), self.info.config.maco.top_k, partial=True)
+                new[slug] = _class_entry(
+                    store,
+                    by_slug[slug],
+                    status,
+                    {},
+                    {},
+                    names,
+                    assets,
+                    labels.get(slug, {}),
+                    self.info.config.maco.top_k,
+                    partial=True,
+                )
             out: dict[str, Any] = {"pages": sorted(new), "index": None}
             if new:
                 from lens_core.site.builder import build_pages
@@ -459,10 +692,19 @@ class PartialSite:
                 if not self._index_exists():
                     self._write_index()  # pages link index.html and method.html: they come first
                 site = self._site({**self.entries, **new}, full=new)
-                summary = build_pages(site, self.url, self.info.config.storage_options, assets, slugs=set(new),
-                                      known=set(self.entries) | set(new), skip=self.written)
+                summary = build_pages(
+                    site,
+                    self.url,
+                    self.info.config.storage_options,
+                    assets,
+                    slugs=set(new),
+                    known=set(self.entries) | set(new),
+                    skip=self.written,
+                )
                 self.written |= set(assets) | set(static_files())
-                self.entries.update({s: {k: v for k, v in e.items() if k not in _SLIM} for s, e in new.items()})
+                self.entries.update(
+                    {s: {k: v for k, v in e.items() if k not in _SLIM} for s, e in new.items()}
+                )
                 self._dirty = True
                 self._count(summary, "page_writes")
             self.stats["seconds"] += time.perf_counter() - t0
@@ -497,15 +739,26 @@ class PartialSite:
             return summary
 
     # ---- internals (called with the lock held) ----------------------------------------------
-    def _site(self, entries: dict[str, dict[str, Any]], full: dict[str, dict[str, Any]] | None = None) -> dict:
+    def _site(
+        self, entries: dict[str, dict[str, Any]], full: dict[str, dict[str, Any]] | None = None
+    ) -> dict:
         """Site data over every class: `entries` where given, a pending card elsewhere; with `full`,
         only those classes carry their entry (the others are names for previous/next links)."""
         if self._run is None:
             self._run = _run_data(self.info, self.info.store().read_json(layout.RUN_JSON, {}))
         chosen = entries if full is None else full
-        classes = [chosen.get(c.slug) or {"index": c.index, "id": c.id, "name": c.name, "slug": c.slug,
-                                          "synonyms": list(c.synonyms), "status": "pending"}
-                   for c in self._classes]
+        classes = [
+            chosen.get(c.slug)
+            or {
+                "index": c.index,
+                "id": c.id,
+                "name": c.name,
+                "slug": c.slug,
+                "synonyms": list(c.synonyms),
+                "status": "pending",
+            }
+            for c in self._classes
+        ]
         return {"run": self._run, "classes": classes, "changes": None, "mistakes": None}
 
     def _index_exists(self) -> bool:
@@ -517,7 +770,11 @@ class PartialSite:
     def _flush(self, force: bool) -> dict[str, Any] | None:
         if not self._dirty:
             return None
-        if not force and self._last_index is not None and self.clock() - self._last_index < self.interval:
+        if (
+            not force
+            and self._last_index is not None
+            and self.clock() - self._last_index < self.interval
+        ):
             return None
         return self._write_index()
 
@@ -531,7 +788,9 @@ class PartialSite:
         t0 = time.perf_counter()
         static = {p: b for p, b in static_files().items() if p not in self.written}
         if static:  # the CSS, JS and icon the index links
-            SiteWriter(*filesystem(self.url, self.info.config.storage_options)).write_many(static.items())
+            SiteWriter(*filesystem(self.url, self.info.config.storage_options)).write_many(
+                static.items()
+            )
             self.written |= set(static)
             self.stats["writes"] += len(static)
             self.stats["index_writes"] += len(static)
@@ -540,12 +799,21 @@ class PartialSite:
         self._count(summary, "index_writes")
         if self.entries and not self._listed:
             run = site["run"]
-            write_runs_index(self.base, {
-                "run_id": self.info.run_id, "published": datetime.now(UTC).isoformat(timespec="seconds"),
-                "created": run["created"], "model": run["model"], "layer": run["layer"],
-                "checkpoint": run["checkpoint"], "checkpoint_digest": run["checkpoint_digest"],
-                "classes": len(self._classes), "failed": sum(e["status"] == "failed" for e in self.entries.values()),
-            }, self.info.config.storage_options)
+            write_runs_index(
+                self.base,
+                {
+                    "run_id": self.info.run_id,
+                    "published": datetime.now(UTC).isoformat(timespec="seconds"),
+                    "created": run["created"],
+                    "model": run["model"],
+                    "layer": run["layer"],
+                    "checkpoint": run["checkpoint"],
+                    "checkpoint_digest": run["checkpoint_digest"],
+                    "classes": len(self._classes),
+                    "failed": sum(e["status"] == "failed" for e in self.entries.values()),
+                },
+                self.info.config.storage_options,
+            )
             self._listed = True
             self.stats["writes"] += 2
         self._has_index = True

@@ -33,5 +33,7 @@ def shown_scores(importance: Any) -> tuple[np.ndarray, str]:
     share where it is defined, else each concept's share of the summed Sobol indices."""
     names = set(importance.array_keys())
     if "logit_share" in names:
-        return importance["logit_share"][:], str(importance.attrs.get("importance_basis", "logit_share"))
+        return importance["logit_share"][:], str(
+            importance.attrs.get("importance_basis", "logit_share")
+        )
     return importance["sobol_share"][:], "sobol"

@@ -44,7 +44,9 @@ class RunInfo:
     checkpoint_digest: str
     num_classes: int  # the model's outputs
     classes: list[ClassInfo]
-    all_classes: list[ClassInfo] = field(default_factory=list)  # the data set's, for cross-class links
+    all_classes: list[ClassInfo] = field(
+        default_factory=list
+    )  # the data set's, for cross-class links
     _by_slug: dict[str, ClassInfo] = field(default_factory=dict, repr=False)
 
     def store(self) -> RunStore:
@@ -78,7 +80,9 @@ def resolve_data_url(config: AtlasConfig) -> str:
 
     d = config.data
     root = toy_data_url(config.store, d.toy_classes, d.toy_images_per_class, d.seed)
-    made = ensure_toy_dataset(root, d.toy_classes, d.toy_images_per_class, d.seed, config.storage_options)
+    made = ensure_toy_dataset(
+        root, d.toy_classes, d.toy_images_per_class, d.seed, config.storage_options
+    )
     if made != url:  # the watcher computes run ids from planned_data_url: they must agree
         raise RuntimeError(f"toy data set written at {made}, planned at {url}")
     return url
@@ -93,8 +97,10 @@ def select_classes(classes: list[ClassInfo], wanted: Iterable[str] | None) -> li
     missing = [w for w in wanted if w not in keys]
     if missing:
         known = ", ".join(c.slug for c in classes[:5]) + (", ..." if len(classes) > 5 else "")
-        raise ConfigError(f"unknown classes: {', '.join(map(repr, missing[:10]))} "
-                          f"(give ids, names, slugs or indices; {len(classes)} classes, e.g. {known})")
+        raise ConfigError(
+            f"unknown classes: {', '.join(map(repr, missing[:10]))} "
+            f"(give ids, names, slugs or indices; {len(classes)} classes, e.g. {known})"
+        )
     seen, out = set(), []
     for w in wanted:
         c = keys[w]
@@ -121,7 +127,9 @@ def _toy_index(config: AtlasConfig) -> ClassIndex | None:
         return None
     from lens_core.toy import class_names
 
-    return ClassIndex({name: i for i, name in enumerate(class_names(config.data.toy_classes))}, url="the toy data")
+    return ClassIndex(
+        {name: i for i, name in enumerate(class_names(config.data.toy_classes))}, url="the toy data"
+    )
 
 
 def check_label_set(info: RunInfo, class_index: ClassIndex | None, outputs: int) -> None:
@@ -141,7 +149,9 @@ def check_label_set(info: RunInfo, class_index: ClassIndex | None, outputs: int)
     beyond = [c for c in info.all_classes if c.index >= outputs]
     if beyond:
         shown = ", ".join(f"{c.id}={c.index}" for c in beyond[:5])
-        raise ConfigError(f"data.class_index gives label indices beyond the model's {outputs} outputs: {shown}")
+        raise ConfigError(
+            f"data.class_index gives label indices beyond the model's {outputs} outputs: {shown}"
+        )
 
 
 def resolve_concept_method(config: AtlasConfig, split: SplitModel) -> AtlasConfig:
@@ -159,23 +169,37 @@ def resolve_concept_method(config: AtlasConfig, split: SplitModel) -> AtlasConfi
     except SignedLayerError as err:
         raise ModelError(f"layer {split.layer!r} {err}") from None
     if method == "semi-nmf" and concepts.solver != "torch":
-        raise ConfigError(f"layer {split.layer!r} gives negative activations, so concepts are found by "
-                          f"semi-NMF, which has the 'torch' solver only: set concepts.solver = 'torch' "
-                          f"(not {concepts.solver!r})")
+        raise ConfigError(
+            f"layer {split.layer!r} gives negative activations, so concepts are found by "
+            f"semi-NMF, which has the 'torch' solver only: set concepts.solver = 'torch' "
+            f"(not {concepts.solver!r})"
+        )
     if method == concepts.method:
         return config
     return config.model_copy(update={"concepts": concepts.model_copy(update={"method": method})})
 
 
 def _class_record(c: ClassInfo) -> dict[str, Any]:
-    return {"index": c.index, "id": c.id, "name": c.name, "slug": c.slug, "synonyms": list(c.synonyms)}
+    return {
+        "index": c.index,
+        "id": c.id,
+        "name": c.name,
+        "slug": c.slug,
+        "synonyms": list(c.synonyms),
+    }
 
 
-def _classes(config: AtlasConfig) -> tuple[str, ClassIndex | None, list[ClassInfo], list[ClassInfo], int]:
+def _classes(
+    config: AtlasConfig,
+) -> tuple[str, ClassIndex | None, list[ClassInfo], list[ClassInfo], int]:
     """(data URL, class index, every class, the selected classes, provisional number of outputs)."""
     data_url = resolve_data_url(config)
     so = config.storage_options
-    class_index = read_class_index(config.data.class_index, so) if config.data.class_index else _toy_index(config)
+    class_index = (
+        read_class_index(config.data.class_index, so)
+        if config.data.class_index
+        else _toy_index(config)
+    )
     all_classes = list_classes(data_url, so, config.data.class_names, class_index)
     if not all_classes:
         raise DataError(f"no class folders found under {data_url}")
@@ -189,8 +213,15 @@ def planned_info(config: AtlasConfig) -> RunInfo:
     checkpoint is hashed, not loaded; num_classes stays provisional)."""
     data_url, _, all_classes, classes, provisional = _classes(config)
     digest = model_digest(config)
-    return RunInfo(compute_run_id(digest, data_url, config), config, data_url, digest, provisional,
-                   classes, all_classes)
+    return RunInfo(
+        compute_run_id(digest, data_url, config),
+        config,
+        data_url,
+        digest,
+        provisional,
+        classes,
+        all_classes,
+    )
 
 
 def prepare_run(config: AtlasConfig) -> RunInfo:
@@ -200,8 +231,15 @@ def prepare_run(config: AtlasConfig) -> RunInfo:
     # the checkpoint is read, hashed and checked once: its digest (the run id's input) comes with it
     split = load_split_model(config.model, provisional, config.storage_options)
     digest = split.digest
-    info = RunInfo(compute_run_id(digest, data_url, config), config, data_url, digest, provisional,
-                   classes, all_classes)
+    info = RunInfo(
+        compute_run_id(digest, data_url, config),
+        config,
+        data_url,
+        digest,
+        provisional,
+        classes,
+        all_classes,
+    )
     split = remember(info, "cpu", split)  # this process's stages use it from the cache
     info.config = resolve_concept_method(info.config, split)
     check_label_set(info, class_index, split.num_classes)
@@ -252,8 +290,10 @@ def _check_previous_run(config: AtlasConfig) -> None:
     try:
         find_run(config.store, wanted, config.storage_options)
     except ValueError as err:
-        raise ConfigError(f"changes.previous_run: {err} (give the id of a run in this store, or leave "
-                          "it unset to compare with the latest finished run of the same data and method)") from None
+        raise ConfigError(
+            f"changes.previous_run: {err} (give the id of a run in this store, or leave "
+            "it unset to compare with the latest finished run of the same data and method)"
+        ) from None
 
 
 def check_model(info: RunInfo) -> None:
@@ -264,6 +304,12 @@ def check_model(info: RunInfo) -> None:
 def mark_finished(info: RunInfo, site: str) -> None:
     """Record that every class of the run succeeded (what the checkpoint watcher and the changes of
     later runs look for): finished.json, written last."""
-    info.store().write_json(layout.FINISHED, {"run_id": info.run_id, "classes": len(info.slugs), "site": site,
-                                              "checkpoint_digest": info.checkpoint_digest})
-
+    info.store().write_json(
+        layout.FINISHED,
+        {
+            "run_id": info.run_id,
+            "classes": len(info.slugs),
+            "site": site,
+            "checkpoint_digest": info.checkpoint_digest,
+        },
+    )

@@ -24,14 +24,34 @@ MASK = "***"
 SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_ACCESS_KEY_ID", "AWS_SESSION_TOKEN")
 
 # storage options that may be stored in run.json and shown on the method page (dotted paths)
-PUBLIC_STORAGE_OPTIONS = frozenset({
-    "endpoint_url", "region_name", "anon", "use_ssl", "requester_pays", "version_aware",
-    "default_block_size", "default_fill_cache", "default_cache_type", "cache_regions",
-    "skip_instance_cache", "use_listings_cache", "listings_expiry_time", "max_concurrency",
-    "asynchronous", "client_kwargs.region_name", "client_kwargs.endpoint_url", "client_kwargs.verify",
-    "config_kwargs.signature_version", "config_kwargs.connect_timeout", "config_kwargs.read_timeout",
-    "config_kwargs.retries", "config_kwargs.s3", "config_kwargs.max_pool_connections",
-})
+PUBLIC_STORAGE_OPTIONS = frozenset(
+    {
+        "endpoint_url",
+        "region_name",
+        "anon",
+        "use_ssl",
+        "requester_pays",
+        "version_aware",
+        "default_block_size",
+        "default_fill_cache",
+        "default_cache_type",
+        "cache_regions",
+        "skip_instance_cache",
+        "use_listings_cache",
+        "listings_expiry_time",
+        "max_concurrency",
+        "asynchronous",
+        "client_kwargs.region_name",
+        "client_kwargs.endpoint_url",
+        "client_kwargs.verify",
+        "config_kwargs.signature_version",
+        "config_kwargs.connect_timeout",
+        "config_kwargs.read_timeout",
+        "config_kwargs.retries",
+        "config_kwargs.s3",
+        "config_kwargs.max_pool_connections",
+    }
+)
 
 # option names that hold a credential (matched anywhere in the last path segment, case-insensitive):
 # stems rather than a list of names, so `sastoken`, `pkey`, `ssh_passphrase`, `oauth2_refresh`,
@@ -50,9 +70,19 @@ _PUBLIC_QUERY_VALUE = re.compile(r"[A-Za-z0-9._~+/=-]{1,1024}")
 _URL_USERINFO = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://)([^/@\s?#]+)@")
 _TEXT_PATTERNS = (
     (re.compile(r"(?i)\b(bearer|basic|token)\s+[A-Za-z0-9._~+/=-]{8,}"), r"\1 " + MASK),
-    (re.compile(r"(?i)\b(AccountKey|SharedAccessSignature|SharedAccessKey|Password|Pwd|"
-                r"aws_secret_access_key|aws_session_token|secret_?key)\s*[=:]\s*[^;&\s'\",}]+"), r"\1=" + MASK),
-    (re.compile(r"-----BEGIN [A-Z ]*PRIVATE KEY-----.*?-----END [A-Z ]*PRIVATE KEY-----", re.DOTALL), MASK),
+    (
+        re.compile(
+            r"(?i)\b(AccountKey|SharedAccessSignature|SharedAccessKey|Password|Pwd|"
+            r"aws_secret_access_key|aws_session_token|secret_?key)\s*[=:]\s*[^;&\s'\",}]+"
+        ),
+        r"\1=" + MASK,
+    ),
+    (
+        re.compile(
+            r"-----BEGIN [A-Z ]*PRIVATE KEY-----.*?-----END [A-Z ]*PRIVATE KEY-----", re.DOTALL
+        ),
+        MASK,
+    ),
 )
 
 
@@ -84,7 +114,9 @@ def _param_name(raw: str) -> str:
 
 def public_param(name: str, value: str) -> bool:
     """True when a query parameter may be stored and published: an allow-listed name with a plain value."""
-    return _param_name(name) in PUBLIC_QUERY_PARAMS and bool(_PUBLIC_QUERY_VALUE.fullmatch(_decoded(value)))
+    return _param_name(name) in PUBLIC_QUERY_PARAMS and bool(
+        _PUBLIC_QUERY_VALUE.fullmatch(_decoded(value))
+    )
 
 
 def _query_pieces(query: str) -> list[tuple[str, str | None]]:
@@ -115,12 +147,16 @@ def url_secret(url: str) -> str | None:
     head, _, query = url.partition("?")
     fragment = head.partition("#")[2] if "://" in head else ""
     query = query.replace("#", "&")  # a fragment after the query is read like the query
-    bad = [_shown_name(n, v) for n, v in _query_pieces(query) if v is None or not public_param(n, v)]
+    bad = [
+        _shown_name(n, v) for n, v in _query_pieces(query) if v is None or not public_param(n, v)
+    ]
     bad += [_shown_name(n, v) for n, v in _query_pieces(fragment) if v is not None]
     if bad:
         shown = ", ".join(sorted(set(bad)))
-        return (f"query parameters other than {', '.join(sorted(PUBLIC_QUERY_PARAMS))} ({shown}); "
-                "a query may hold a signature or a token")
+        return (
+            f"query parameters other than {', '.join(sorted(PUBLIC_QUERY_PARAMS))} ({shown}); "
+            "a query may hold a signature or a token"
+        )
     return None
 
 
@@ -143,8 +179,10 @@ def check_url_secrets(url: str) -> str:
     """The URL, or SecretError when it carries credentials (they would be logged and published)."""
     why = url_secret(url)
     if why:
-        raise SecretError(f"URLs with {why} are refused (the URL would be logged and published): "
-                          "use storage_options or environment variables for credentials")
+        raise SecretError(
+            f"URLs with {why} are refused (the URL would be logged and published): "
+            "use storage_options or environment variables for credentials"
+        )
     return url
 
 
@@ -182,7 +220,10 @@ def find_secrets(obj: Any, path: str = "") -> list[str]:
 def mask_secrets(obj: Any) -> Any:
     """A copy of nested data with credential-named values and credential-bearing strings masked."""
     if isinstance(obj, dict):
-        return {k: (MASK if is_secret_key(k) and v not in (None, "") else mask_secrets(v)) for k, v in obj.items()}
+        return {
+            k: (MASK if is_secret_key(k) and v not in (None, "") else mask_secrets(v))
+            for k, v in obj.items()
+        }
     if isinstance(obj, list | tuple):
         return [mask_secrets(v) for v in obj]
     return MASK if value_secret(obj) else obj
@@ -271,6 +312,8 @@ def scrub(text: str, storage_options: dict[str, Any] | None = None) -> str:
     return text
 
 
-def error_text(err: BaseException, storage_options: dict[str, Any] | None = None, limit: int = 2000) -> str:
+def error_text(
+    err: BaseException, storage_options: dict[str, Any] | None = None, limit: int = 2000
+) -> str:
     """One line per error for status files, logs and the site: `Type: message`, scrubbed, bounded."""
     return scrub(f"{type(err).__name__}: {err}", storage_options)[:limit]

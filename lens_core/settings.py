@@ -41,9 +41,15 @@ class Settings:
     model_cache: int = 2  # LENS_MODEL_CACHE: models kept per device in a worker (LRU)
     model_factories: str = ""  # LENS_MODEL_FACTORIES: "module:factory" list a worker allows
     dask_tls_dir: str = ""  # LENS_DASK_TLS_DIR: the flow side's certificates of a TLS cluster
-    dask_local_tls: bool = True  # LENS_DASK_LOCAL_TLS=0: local clusters without TLS (not recommended)
-    dask_allow_plaintext: bool = False  # LENS_DASK_ALLOW_PLAINTEXT=1: a tcp:// scheduler on another host
-    index_interval_s: float = 10.0  # LENS_INDEX_INTERVAL_S: at most one index update per this many seconds
+    dask_local_tls: bool = (
+        True  # LENS_DASK_LOCAL_TLS=0: local clusters without TLS (not recommended)
+    )
+    dask_allow_plaintext: bool = (
+        False  # LENS_DASK_ALLOW_PLAINTEXT=1: a tcp:// scheduler on another host
+    )
+    index_interval_s: float = (
+        10.0  # LENS_INDEX_INTERVAL_S: at most one index update per this many seconds
+    )
 
 
 def settings() -> Settings:

@@ -34,11 +34,15 @@ from lens_core.tracking import Inputs, Stage, StageError, mark, run_stage, upstr
 
 # ---- activations ------------------------------------------------------------------------------
 
+
 def _activation_inputs(info: RunInfo, slug: str) -> Inputs:
     """The class dir, its label index and the sampled images (listing the class folder)."""
     cfg, cls = info.config, info.cls(slug)
-    urls = sample_images(list_images(info.data_url, cls, cfg.storage_options), cfg.data.images_per_class,
-                         cfg.data.seed)
+    urls = sample_images(
+        list_images(info.data_url, cls, cfg.storage_options),
+        cfg.data.images_per_class,
+        cfg.data.seed,
+    )
     return {**class_inputs(cls.id, cls.index, urls), "urls": urls}
 
 
@@ -56,8 +60,14 @@ def _activations(info: RunInfo, slug: str, inputs: Inputs, device: str | None) -
     split = get_split(info, device)
     group = store.group(layout.acts(slug), fresh=True)
     summary = compute_class_activations(
-        split, cls.index, urls, group, cfg.patches, cfg.storage_options,
-        spatial_images=max(cfg.importance.images, cfg.crops.attribution_images), device=device,
+        split,
+        cls.index,
+        urls,
+        group,
+        cfg.patches,
+        cfg.storage_options,
+        spatial_images=max(cfg.importance.images, cfg.crops.attribution_images),
+        device=device,
         precision=cfg.model.precision,
     )
     if summary.n_patches < cfg.concepts.n_concepts:
@@ -66,8 +76,13 @@ def _activations(info: RunInfo, slug: str, inputs: Inputs, device: str | None) -
             f"is fewer than n_concepts={cfg.concepts.n_concepts}"
         )
     mark(store, "activations", slug, inputs, **_record(inputs))
-    return {"status": {"n_images": summary.n_images, "n_patches": summary.n_patches,
-                       "skipped_images": summary.n_skipped}}
+    return {
+        "status": {
+            "n_images": summary.n_images,
+            "n_patches": summary.n_patches,
+            "skipped_images": summary.n_skipped,
+        }
+    }
 
 
 ACTIVATIONS = Stage("activations", _activation_inputs, _activations)
@@ -75,12 +90,15 @@ ACTIVATIONS = Stage("activations", _activation_inputs, _activations)
 
 # ---- factorize --------------------------------------------------------------------------------
 
+
 def _factorize(info: RunInfo, slug: str, inputs: Inputs, device: str | None) -> dict[str, Any]:
     """Concepts of the class's patch activations: concepts/<class>/U, W and the fit's error."""
     store = info.store()
     A = store.zarr[layout.acts(slug)]["A"][:]
     fit = make_extractor(info.config.concepts).fit(A, device=pick_device(device))
-    store.remove(layout.viz(slug))  # renders of earlier concepts of this slug are not these concepts'
+    store.remove(
+        layout.viz(slug)
+    )  # renders of earlier concepts of this slug are not these concepts'
     group = store.group(layout.concepts(slug), fresh=True)
     group.create_array("U", data=fit.U, overwrite=True)
     group.create_array("W", data=fit.W, overwrite=True)
@@ -92,6 +110,7 @@ FACTORIZE = Stage("factorize", upstream_inputs, _factorize)
 
 
 # ---- importance -------------------------------------------------------------------------------
+
 
 def _class_acts(acts: Any, limit: int) -> torch.Tensor:
     """Activations that h accepts: the stored spatial maps, else pooled whole-image activations."""
@@ -118,8 +137,9 @@ def _percent(scores: np.ndarray) -> np.ndarray:
     return (100.0 * scores / total if total > 0 else np.zeros_like(scores)).astype(np.float32)
 
 
-def _share_or_reason(info: RunInfo, split: Any, acts: Any, cls: Any, image_U: np.ndarray,
-                     W: np.ndarray) -> tuple[np.ndarray | None, dict[str, Any]]:
+def _share_or_reason(
+    info: RunInfo, split: Any, acts: Any, cls: Any, image_U: np.ndarray, W: np.ndarray
+) -> tuple[np.ndarray | None, dict[str, Any]]:
     """Each concept's percent share of the class logit summed over the images the model assigns to
     the class (Lens's points), or None with the reason it is not defined.
 
@@ -132,22 +152,31 @@ def _share_or_reason(info: RunInfo, split: Any, acts: Any, cls: Any, image_U: np
     if linear is None:
         return None, {"basis_reason": "no-linear-head"}
     weight, bias, scale = linear
-    contrib = logit_contributions(image_U * scale[:, None], W, acts["image_A"][:] * scale[:, None],
-                                  weight, bias, cls.index)
-    share = logit_share(contrib["contributions"], acts["image_pred"][:] == cls.index,
-                        contrib["residual"], contrib["bias"])
+    contrib = logit_contributions(
+        image_U * scale[:, None], W, acts["image_A"][:] * scale[:, None], weight, bias, cls.index
+    )
+    share = logit_share(
+        contrib["contributions"],
+        acts["image_pred"][:] == cls.index,
+        contrib["residual"],
+        contrib["bias"],
+    )
     if share.n_points < info.config.importance.min_share_images:
         return None, {"basis_reason": "few-predicted"}
     if share.denominator <= 0:
         return None, {"basis_reason": "non-positive-logit"}
     extra = {"share_head": "normalized-linear"} if split.head is None else {}
     return np.asarray(share.concepts, np.float32), {
-        "share_residual": float(share.residual), "share_bias": float(share.bias),
-        "share_images": int(share.n_points), **extra}
+        "share_residual": float(share.residual),
+        "share_bias": float(share.bias),
+        "share_images": int(share.n_points),
+        **extra,
+    }
 
 
-def _linear_head(split: Any,
-                 pooled: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+def _linear_head(
+    split: Any, pooled: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
     """(weight, bias, per-image scale) with logits = scale * (pooled @ weight.T) + bias, exactly:
     scale 1 for a pooled-linear head, the normalization's 1/std for a NormHead; None otherwise."""
     if split.head is not None:
@@ -156,8 +185,11 @@ def _linear_head(split: Any,
     norm = getattr(split, "norm_head", None)
     if norm is None:
         return None
-    return (norm.weight.numpy(), norm.bias.numpy(),
-            np.asarray(norm.scale(np.asarray(pooled, np.float64)), np.float32))
+    return (
+        norm.weight.numpy(),
+        norm.bias.numpy(),
+        np.asarray(norm.scale(np.asarray(pooled, np.float64)), np.float32),
+    )
 
 
 def _importance(info: RunInfo, slug: str, inputs: Inputs, device: str | None) -> dict[str, Any]:
@@ -174,13 +206,30 @@ def _importance(info: RunInfo, slug: str, inputs: Inputs, device: str | None) ->
     class_acts = _class_acts(acts, imp.images)
     extra = _class_extra(acts, imp.images)
     class_U = extractor.encode(_rows(class_acts), W, device=dev)
-    sobol = np.asarray(concept_sobol(split.h, class_acts, W, cls.index, n_designs=imp.n_designs,
-                                     sampler=imp.sampler, batch_size=imp.batch_size,
-                                     seed=cfg.concepts.seed, device=dev, U=class_U,
-                                     precision=cfg.model.precision, extra=extra), np.float32)
+    sobol = np.asarray(
+        concept_sobol(
+            split.h,
+            class_acts,
+            W,
+            cls.index,
+            n_designs=imp.n_designs,
+            sampler=imp.sampler,
+            batch_size=imp.batch_size,
+            seed=cfg.concepts.seed,
+            device=dev,
+            U=class_U,
+            precision=cfg.model.precision,
+            extra=extra,
+        ),
+        np.float32,
+    )
     image_pred, patch_pred = acts["image_pred"][:], acts["patch_pred"][:]
-    counts = {"assigned_images": int((image_pred == cls.index).sum()), "n_images": int(len(image_pred)),
-              "assigned_patches": int((patch_pred == cls.index).sum()), "n_patches": int(len(patch_pred))}
+    counts = {
+        "assigned_images": int((image_pred == cls.index).sum()),
+        "n_images": int(len(image_pred)),
+        "assigned_patches": int((patch_pred == cls.index).sum()),
+        "n_patches": int(len(patch_pred)),
+    }
     image_A = acts["image_A"][:]
     image_U = np.asarray(extractor.encode(image_A, W, device=dev), np.float32)
     share, why = _share_or_reason(info, split, acts, cls, image_U, W)
@@ -203,31 +252,65 @@ def _importance(info: RunInfo, slug: str, inputs: Inputs, device: str | None) ->
     out["image_importance"] = image_importance
     top = image_importance.argmax(1) if len(image_importance) else np.zeros(0, int)
     out["n_top_images"] = np.bincount(top, minlength=k).astype(np.int32)
-    curve, auc = deletion_curve(split.h, class_acts, class_U, W, cls.index, order, device=dev,
-                                precision=cfg.model.precision, extra=extra)
-    random_curve, random_auc = random_deletion_baseline(split.h, class_acts, class_U, W, cls.index,
-                                                        seed=cfg.concepts.seed, device=dev,
-                                                        precision=cfg.model.precision, extra=extra)
+    curve, auc = deletion_curve(
+        split.h,
+        class_acts,
+        class_U,
+        W,
+        cls.index,
+        order,
+        device=dev,
+        precision=cfg.model.precision,
+        extra=extra,
+    )
+    random_curve, random_auc = random_deletion_baseline(
+        split.h,
+        class_acts,
+        class_U,
+        W,
+        cls.index,
+        seed=cfg.concepts.seed,
+        device=dev,
+        precision=cfg.model.precision,
+        extra=extra,
+    )
     out["deletion"] = np.asarray(curve, dtype=np.float32)
     out["deletion_random"] = np.asarray(random_curve, dtype=np.float32)
     note = basis_note(why.get("basis_reason"), counts) or (
-        NORMALIZED_NOTE if why.get("share_head") == "normalized-linear" else "")
-    attrs = {**counts, **why, "importance_basis": basis, "note": note,
-             "deletion_auc": float(auc), "deletion_random_auc": float(random_auc),
-             "important_min_images": imp.important_min_images}
+        NORMALIZED_NOTE if why.get("share_head") == "normalized-linear" else ""
+    )
+    attrs = {
+        **counts,
+        **why,
+        "importance_basis": basis,
+        "note": note,
+        "deletion_auc": float(auc),
+        "deletion_random_auc": float(random_auc),
+        "important_min_images": imp.important_min_images,
+    }
     group = store.group(layout.importance(slug), fresh=True)
     for name, arr in out.items():
         group.create_array(name, data=arr, overwrite=True)
     mark(store, "importance", slug, inputs, **attrs)
     scores = out.get("logit_share", out["sobol_share"])
     top_c = int(order[0])
-    return {"status": {"top_concept": top_c, "top_importance": round(float(scores[top_c]), 3),
-                       "importance_basis": basis, "deletion_auc": float(auc), "note": note, **counts}}
+    return {
+        "status": {
+            "top_concept": top_c,
+            "top_importance": round(float(scores[top_c]), 3),
+            "importance_basis": basis,
+            "deletion_auc": float(auc),
+            "note": note,
+            **counts,
+        }
+    }
 
 
-NORMALIZED_NOTE = ("the model's head normalizes the pooled activation (LayerNorm) before its "
-                   "linear layer: each image's terms are taken at its own normalization scale, so "
-                   "shares, residual and bias still add up to the class logit exactly")
+NORMALIZED_NOTE = (
+    "the model's head normalizes the pooled activation (LayerNorm) before its "
+    "linear layer: each image's terms are taken at its own normalization scale, so "
+    "shares, residual and bias still add up to the class logit exactly"
+)
 
 
 def basis_note(reason: str | None, counts: dict[str, int]) -> str:
@@ -235,14 +318,20 @@ def basis_note(reason: str | None, counts: dict[str, int]) -> str:
     if reason is None:
         return ""
     if reason == "no-linear-head":
-        return ("the model's head is not a linear map of the pooled activations at this layer, so the "
-                "logit cannot be split exactly across concepts: percentages are shares of the summed "
-                "Sobol total indices")
-    seen = (f"the model classifies {counts['assigned_images']} of {counts['n_images']} images "
-            f"of this class as the class")
+        return (
+            "the model's head is not a linear map of the pooled activations at this layer, so the "
+            "logit cannot be split exactly across concepts: percentages are shares of the summed "
+            "Sobol total indices"
+        )
+    seen = (
+        f"the model classifies {counts['assigned_images']} of {counts['n_images']} images "
+        f"of this class as the class"
+    )
     if reason == "few-predicted":
-        return (f"rarely predicted: {seen}, too few to define the share of its logit; concepts are "
-                "ranked by Sobol importance instead")
+        return (
+            f"rarely predicted: {seen}, too few to define the share of its logit; concepts are "
+            "ranked by Sobol importance instead"
+        )
     return f"{seen}, and their summed class logit is not positive: concepts are ranked by Sobol importance"
 
 
@@ -250,6 +339,7 @@ IMPORTANCE = Stage("importance", upstream_inputs, _importance)
 
 
 # ---- crops ------------------------------------------------------------------------------------
+
 
 def _crops(info: RunInfo, slug: str, inputs: Inputs, _device: str | None) -> dict[str, Any]:
     """Top crops per concept, thumbnails, attribution overlays and their plain images under crops/<class>/."""
@@ -264,11 +354,19 @@ def _crops(info: RunInfo, slug: str, inputs: Inputs, _device: str | None) -> dic
     urls: list[str] = list(acts.attrs["image_urls"])
     size = int(acts.attrs["image_size"])
     ext = "webp" if cfg.crops.format == "webp" else "jpg"
-    picks = {c: crops_mod.top_patches(U, patches[:, 0], c, cfg.crops.per_concept, cfg.crops.one_per_image)
-             for c in range(U.shape[1])}
+    picks = {
+        c: crops_mod.top_patches(
+            U, patches[:, 0], c, cfg.crops.per_concept, cfg.crops.one_per_image
+        )
+        for c in range(U.shape[1])
+    }
     thumbs_for = [int(p) for p in imp["image_positions"][:200]]
     attribution_for = list(range(min(cfg.crops.attribution_images, len(urls))))
-    needed = sorted({int(patches[i, 0]) for ids in picks.values() for i in ids} | set(thumbs_for) | set(attribution_for))
+    needed = sorted(
+        {int(patches[i, 0]) for ids in picks.values() for i in ids}
+        | set(thumbs_for)
+        | set(attribution_for)
+    )
     images = {pos: read_image(urls[pos], cfg.storage_options, size) for pos in needed}
     index: dict[str, Any] = {"concepts": {}, "thumbs": {}, "attributions": []}
 
@@ -278,7 +376,10 @@ def _crops(info: RunInfo, slug: str, inputs: Inputs, _device: str | None) -> dic
 
     for c, ids in picks.items():
         index["concepts"][str(c)] = [
-            put(f"{c}_{j}.{ext}", crops_mod.crop_box(images[int(patches[pid, 0])], patches[pid, 1:], cfg.crops.size))
+            put(
+                f"{c}_{j}.{ext}",
+                crops_mod.crop_box(images[int(patches[pid, 0])], patches[pid, 1:], cfg.crops.size),
+            )
             for j, pid in enumerate(ids)
         ]
     for pos in thumbs_for:
@@ -286,17 +387,22 @@ def _crops(info: RunInfo, slug: str, inputs: Inputs, _device: str | None) -> dic
     if attribution_for and "spatial" in set(acts.array_keys()):
         spatial = acts["spatial"][: len(attribution_for)]
         n, C, h, w = spatial.shape
-        coeffs = np.asarray(make_extractor(cfg.concepts).encode(spatial.transpose(0, 2, 3, 1).reshape(-1, C), W))
+        coeffs = np.asarray(
+            make_extractor(cfg.concepts).encode(spatial.transpose(0, 2, 3, 1).reshape(-1, C), W)
+        )
         coeffs = coeffs.reshape(n, h, w, -1).transpose(0, 3, 1, 2)
         side = cfg.crops.size * 2
         for i, pos in enumerate(attribution_for):
             overlay = crops_mod.attribution_map(images[pos], coeffs[i], order, side)
-            index["attributions"].append({
-                "image": pos, "url": urls[pos],
-                "file": put(f"attr_{pos}.{ext}", overlay),
-                "plain": put(f"plain_{pos}.{ext}", crops_mod.thumbnail(images[pos], side)),
-                "concepts": crops_mod.dominant_concepts(coeffs[i], order),
-            })
+            index["attributions"].append(
+                {
+                    "image": pos,
+                    "url": urls[pos],
+                    "file": put(f"attr_{pos}.{ext}", overlay),
+                    "plain": put(f"plain_{pos}.{ext}", crops_mod.thumbnail(images[pos], side)),
+                    "concepts": crops_mod.dominant_concepts(coeffs[i], order),
+                }
+            )
     store.write_json(layout.crops_index(slug), index)
     mark(store, "crops", slug, inputs)
     return {"status": {"crops": sum(len(v) for v in picks.values())}}

@@ -15,15 +15,22 @@ STAGES = layout.STATUS_STAGES
 
 
 def write_status(
-    store: RunStore, slug: str, stage: str, state: str, seconds: float | None = None,
-    error: str | None = None, **extra: Any,
+    store: RunStore,
+    slug: str,
+    stage: str,
+    state: str,
+    seconds: float | None = None,
+    error: str | None = None,
+    **extra: Any,
 ) -> None:
     """Record a stage's state (running, completed, skipped, failed) with timing and error text."""
     record = {"state": state, "seconds": seconds, "error": error, "at": time.time(), **extra}
     store.write_json(layout.status_file(slug, stage), record)
 
 
-def read_status(store: RunStore, slugs: list[str] | None = None) -> dict[str, dict[str, dict[str, Any]]]:
+def read_status(
+    store: RunStore, slugs: list[str] | None = None
+) -> dict[str, dict[str, dict[str, Any]]]:
     """{slug: {stage: record}} for the given classes (default: every class with a status)."""
     slugs = slugs if slugs is not None else store.list(layout.STATUS)
     out: dict[str, dict[str, dict[str, Any]]] = {}

@@ -122,14 +122,16 @@ def extra_tokens(g: nn.Module, m: torch.Tensor) -> torch.Tensor | None:
     return None
 
 
-def wrap(body: nn.Module | Callable[..., Any],
-         rest: nn.Module | Callable[..., Any]) -> tuple[TokenG, TokenH]:
+def wrap(
+    body: nn.Module | Callable[..., Any], rest: nn.Module | Callable[..., Any]
+) -> tuple[TokenG, TokenH]:
     """(g, h) of a token model from body: x -> (map, extra) and rest: (map, extra) -> logits."""
     stash = _Stash()
     return TokenG(body, stash), TokenH(rest, stash)
 
 
 # ---- maps <-> tokens ------------------------------------------------------------------------
+
 
 def tokens_to_map(t: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
     """(N, H*W, C) patch tokens, row-major -> (N, C, H, W)."""
@@ -159,6 +161,7 @@ class ChannelsLast(nn.Module):
 
 
 # ---- torchvision's VisionTransformer --------------------------------------------------------
+
 
 class _ViTBody(nn.Module):
     """Image -> tokens after `blocks` (and the final norm when given) -> (map, class token)."""
@@ -214,8 +217,10 @@ class _ViTFromEmbedding(nn.Module):
 def _vit_layers(n_blocks: int) -> str:
     if n_blocks < 2:
         return "'conv_proj'"
-    return (f"'conv_proj' or a whole block 'encoder.layers.encoder_layer_0' .. "
-            f"'encoder.layers.encoder_layer_{n_blocks - 2}'")
+    return (
+        f"'conv_proj' or a whole block 'encoder.layers.encoder_layer_0' .. "
+        f"'encoder.layers.encoder_layer_{n_blocks - 2}'"
+    )
 
 
 def vit_split(vit: nn.Module, layer: str, input_size: int) -> tuple[nn.Module, nn.Module]:
@@ -264,11 +269,14 @@ def vit_tokens_split(vit: nn.Module, upto: int, final_ln: bool) -> tuple[nn.Modu
     ln = vit.encoder.ln
     before = nn.Sequential(*blocks[:upto])
     after = nn.Sequential(*blocks[upto:])
-    return wrap(_ViTBody(vit, before, ln if final_ln else None),
-                _ViTRest(vit, after, None if final_ln else ln))
+    return wrap(
+        _ViTBody(vit, before, ln if final_ln else None),
+        _ViTRest(vit, after, None if final_ln else ln),
+    )
 
 
 # ---- torchvision's SwinTransformer ----------------------------------------------------------
+
 
 def swin_channels_last(layer: str) -> bool:
     """True when a SwinTransformer layer's output is a channels-last (N, H, W, C) map: everything

@@ -85,7 +85,13 @@ def run_stage(stage: Stage, info: Any, slug: str, device: str | None = None) -> 
         write_status(store, slug, stage.name, "completed", seconds, **result.get("status", {}))
     elif not store.exists(layout.status_file(slug, stage.name)):
         write_status(store, slug, stage.name, "completed", None)
-    return {"stage": stage.name, "class": slug, "seconds": seconds, **result, "skipped": bool(result.get("skipped"))}
+    return {
+        "stage": stage.name,
+        "class": slug,
+        "seconds": seconds,
+        **result,
+        "skipped": bool(result.get("skipped")),
+    }
 
 
 def upstream_inputs(info: Any, slug: str) -> Inputs:
@@ -93,5 +99,7 @@ def upstream_inputs(info: Any, slug: str) -> Inputs:
     store = info.store()
     group = store.get_group(layout.acts(slug))
     if group is None or not group.attrs.get("complete", False):
-        raise StageError(f"class {slug!r}: its activations are not computed (run the activations stage first)")
+        raise StageError(
+            f"class {slug!r}: its activations are not computed (run the activations stage first)"
+        )
     return {"fingerprint": group.attrs.get("inputs")}

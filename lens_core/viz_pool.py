@@ -41,14 +41,18 @@ def run_magnitude(info: RunInfo, max_images: int = 64) -> torch.Tensor:
     store = info.store()
     cfg = info.config
     if store.exists(layout.MAGNITUDE):
-        return torch.from_numpy(np.load(io.BytesIO(store.read_bytes(layout.MAGNITUDE)), allow_pickle=False))
+        return torch.from_numpy(
+            np.load(io.BytesIO(store.read_bytes(layout.MAGNITUDE)), allow_pickle=False)
+        )
     if cfg.maco.magnitude:
         mag = maco.load_magnitude(cfg.maco.magnitude, cfg.storage_options)
     else:
         per_class = max(1, max_images // max(1, len(info.classes)))
         urls: list[str] = []
         for cls in info.classes:
-            urls += sample_images(list_images(info.data_url, cls, cfg.storage_options), per_class, cfg.data.seed)
+            urls += sample_images(
+                list_images(info.data_url, cls, cfg.storage_options), per_class, cfg.data.seed
+            )
             if len(urls) >= max_images:
                 break
         images = []
@@ -70,13 +74,19 @@ def concept_seed(base: int, slug: str, concept: int) -> int:
 
 
 def viz_done(store: RunStore, slug: str, concept: int) -> bool:
-    return store.exists(layout.viz_file(slug, concept, "png")) and store.exists(layout.viz_file(slug, concept, "webp"))
+    return store.exists(layout.viz_file(slug, concept, "png")) and store.exists(
+        layout.viz_file(slug, concept, "webp")
+    )
 
 
 def _files_done(store: RunStore, slug: str) -> set[int]:
     """The concepts of a class with both render files, from one listing of its viz folder."""
     names = set(store.list(layout.viz(slug)))
-    return {int(n[:-4]) for n in names if n.endswith(".png") and n[:-4].isdigit() and f"{n[:-4]}.webp" in names}
+    return {
+        int(n[:-4])
+        for n in names
+        if n.endswith(".png") and n[:-4].isdigit() and f"{n[:-4]}.webp" in names
+    }
 
 
 def _concepts_ready(store: RunStore, slug: str) -> str | None:
@@ -96,7 +106,9 @@ def concept_order(store: RunStore, slug: str, fp: str | None = None) -> list[int
     return list(range(k))
 
 
-def wanted_concepts(store: RunStore, slug: str, top_k: int | None, fp: str | None = None) -> list[int]:
+def wanted_concepts(
+    store: RunStore, slug: str, top_k: int | None, fp: str | None = None
+) -> list[int]:
     """The concepts a run renders for the class, most important first: its top `top_k` (every
     concept when `top_k` is None or 0)."""
     order = concept_order(store, slug, fp)
@@ -120,7 +132,9 @@ def rendered_concepts(store: RunStore, slug: str, fp: str | None) -> set[int]:
     return set(range(store.zarr[layout.concepts(slug)]["W"].shape[0]))
 
 
-def _unrendered(store: RunStore, slugs: list[str], top_k: int | None) -> Iterator[tuple[str, str, list[int]]]:
+def _unrendered(
+    store: RunStore, slugs: list[str], top_k: int | None
+) -> Iterator[tuple[str, str, list[int]]]:
     """(class, fingerprint, wanted concepts by rank) of the classes with a wanted render not marked done."""
     for slug in slugs:
         fp = _concepts_ready(store, slug)
@@ -138,8 +152,9 @@ def pending_items(info: RunInfo, slugs: list[str] | None = None) -> list[tuple[s
     interrupted run has the concepts that matter most."""
     store = info.store()
     ranked = []
-    for pos, (slug, _, wanted) in enumerate(_unrendered(store, slugs if slugs is not None else info.slugs,
-                                                        info.config.maco.top_k)):
+    for pos, (slug, _, wanted) in enumerate(
+        _unrendered(store, slugs if slugs is not None else info.slugs, info.config.maco.top_k)
+    ):
         done = _files_done(store, slug)
         ranked += [(rank, pos, slug, c) for rank, c in enumerate(wanted) if c not in done]
     return [(slug, c) for _, _, slug, c in sorted(ranked)]
@@ -159,7 +174,9 @@ def by_rank(items: list[tuple[str, int]]) -> list[tuple[str, int]]:
     return [(slug, c) for _, _, slug, c in sorted(keyed, key=lambda t: t[:2])]
 
 
-def render_batch(info: RunInfo, items: list[tuple[str, int]], device: str | None = None) -> dict[str, Any]:
+def render_batch(
+    info: RunInfo, items: list[tuple[str, int]], device: str | None = None
+) -> dict[str, Any]:
     """Render a batch of concepts (any classes) together and write their PNG/WebP files."""
     store = info.store()
     todo = [(s, c) for s, c in items if not viz_done(store, s, c)]
@@ -176,14 +193,27 @@ def render_batch(info: RunInfo, items: list[tuple[str, int]], device: str | None
         directions.append(W_cache[slug][c])
     seeds = [concept_seed(info.config.maco.seed, s, c) for s, c in todo]
     result = maco.render_concepts(
-        split.g, torch.from_numpy(np.stack(directions)), info.config.maco, magnitude, seeds,
-        split.input_size, device=dev, precision=info.config.model.precision,
+        split.g,
+        torch.from_numpy(np.stack(directions)),
+        info.config.maco,
+        magnitude,
+        seeds,
+        split.input_size,
+        device=dev,
+        precision=info.config.model.precision,
     )
     for i, (slug, c) in enumerate(todo):
-        store.write_bytes(layout.viz_file(slug, c, "webp"), encode(to_pil(result.images[i]), "webp", 90))
-        store.write_bytes(layout.viz_file(slug, c, "png"), maco.encode_rgba_png(result.images[i], result.alpha[i]))
-    return {"rendered": len(todo), "skipped": len(items) - len(todo),
-            "objective": [float(v) for v in result.objective]}
+        store.write_bytes(
+            layout.viz_file(slug, c, "webp"), encode(to_pil(result.images[i]), "webp", 90)
+        )
+        store.write_bytes(
+            layout.viz_file(slug, c, "png"), maco.encode_rgba_png(result.images[i], result.alpha[i])
+        )
+    return {
+        "rendered": len(todo),
+        "skipped": len(items) - len(todo),
+        "objective": [float(v) for v in result.objective],
+    }
 
 
 def finalize_viz(info: RunInfo, slugs: list[str] | None = None) -> list[str]:
@@ -192,12 +222,16 @@ def finalize_viz(info: RunInfo, slugs: list[str] | None = None) -> list[str]:
     renders only the missing ones. Returns the classes marked."""
     store = info.store()
     marked = []
-    for slug, fp, wanted in _unrendered(store, slugs if slugs is not None else info.slugs, info.config.maco.top_k):
+    for slug, fp, wanted in _unrendered(
+        store, slugs if slugs is not None else info.slugs, info.config.maco.top_k
+    ):
         done = _files_done(store, slug)
         if set(wanted) <= done:
             k = store.zarr[layout.concepts(slug)]["W"].shape[0]
             concepts = sorted(c for c in done if c < k)
-            store.mark_files_complete(layout.viz(slug), fp, concepts=concepts, top_k=info.config.maco.top_k)
+            store.mark_files_complete(
+                layout.viz(slug), fp, concepts=concepts, top_k=info.config.maco.top_k
+            )
             write_status(store, slug, "render", "completed", None, concepts=len(concepts))
             marked.append(slug)
     return marked

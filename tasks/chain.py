@@ -33,8 +33,9 @@ STAGE_TASKS = (activations_task, factorize_task, importance_task, crops_task)
 
 @task(name="class", task_run_name="class[{slug}]", cache_policy=NO_CACHE, persist_result=False)
 @scrubbed
-def class_chain_task(info: RunInfo, slug: str, device: str | None = None,
-                     limited: tuple[str, ...] = ()) -> dict[str, Any]:
+def class_chain_task(
+    info: RunInfo, slug: str, device: str | None = None, limited: tuple[str, ...] = ()
+) -> dict[str, Any]:
     """Run activations -> factorize -> importance -> crops for one class; the first failure stops it.
 
     limited: the tags that have a Prefect concurrency limit (`tasks.stages.tagged`).
@@ -43,7 +44,13 @@ def class_chain_task(info: RunInfo, slug: str, device: str | None = None,
     concept) and the (class, concept) renders still to do.
     """
     results = [tagged(stage_task, limited)(info, slug, device) for stage_task in STAGE_TASKS]
-    stages = {r["stage"]: {"skipped": bool(r.get("skipped")), "seconds": r["seconds"]} for r in results}
+    stages = {
+        r["stage"]: {"skipped": bool(r.get("skipped")), "seconds": r["seconds"]} for r in results
+    }
     # read here, on the worker and in parallel, rather than class by class in the flow
-    return {"class": slug, "stages": stages, "summary": class_summary(info, slug),
-            "render_items": pending_items(info, [slug])}
+    return {
+        "class": slug,
+        "stages": stages,
+        "summary": class_summary(info, slug),
+        "render_items": pending_items(info, [slug]),
+    }

@@ -48,7 +48,9 @@ def scrubbed(fn: Callable[..., Any]) -> Callable[..., Any]:
         except StageFailed:
             raise
         except Exception as err:
-            raise StageFailed(error_text(err, info.config.storage_options), is_transient(err)) from None
+            raise StageFailed(
+                error_text(err, info.config.storage_options), is_transient(err)
+            ) from None
 
     return run
 
@@ -98,8 +100,13 @@ def tagged(task_obj: Any, limited: Collection[str]) -> Any:
     return _VARIANTS[key]
 
 
-_COMMON = {"retries": 3, "retry_delay_seconds": [1, 4, 10], "retry_condition_fn": retry_if_transient,
-           "cache_policy": NO_CACHE, "persist_result": False}
+_COMMON = {
+    "retries": 3,
+    "retry_delay_seconds": [1, 4, 10],
+    "retry_condition_fn": retry_if_transient,
+    "cache_policy": NO_CACHE,
+    "persist_result": False,
+}
 
 
 @task(name="activations", task_run_name="activations[{slug}]", **_COMMON)
@@ -128,8 +135,12 @@ def crops_task(info: RunInfo, slug: str, device: str | None = None) -> dict[str,
 
 @task(name="render", task_run_name="{label}", **_COMMON)
 @scrubbed
-def render_task(info: RunInfo, items: list[tuple[str, int]], label: str,  # noqa: ARG001 - names the task run
-                device: str | None = None) -> dict[str, Any]:
+def render_task(
+    info: RunInfo,
+    items: list[tuple[str, int]],
+    label: str,  # noqa: ARG001 - names the task run
+    device: str | None = None,
+) -> dict[str, Any]:
     """Render one pooled batch of concepts (from any classes) with MACO."""
     t0 = time.perf_counter()
     out = viz_pool.render_batch(info, items, device)
@@ -165,8 +176,9 @@ def mistakes_task(info: RunInfo, device: str | None = None) -> dict[str, Any]:
 
 @task(name="publish-pages", task_run_name="publish-pages", **_COMMON)
 @scrubbed
-def publish_pages_task(info: RunInfo, publish_url: str | None = None,
-                       skip: list[str] | None = None) -> dict[str, Any]:
+def publish_pages_task(
+    info: RunInfo, publish_url: str | None = None, skip: list[str] | None = None
+) -> dict[str, Any]:
     """Class pages, data files and assets of the run's site (batched writes: one task, not one per
     page); `skip`: assets already written while the run went on (`PartialSite.written`)."""
     t0 = time.perf_counter()
@@ -176,7 +188,12 @@ def publish_pages_task(info: RunInfo, publish_url: str | None = None,
 
 @task(name="publish-index", task_run_name="publish-index", **_COMMON)
 @scrubbed
-def publish_index_task(info: RunInfo, site: dict[str, Any], publish_url: str | None = None) -> dict[str, Any]:
+def publish_index_task(
+    info: RunInfo, site: dict[str, Any], publish_url: str | None = None
+) -> dict[str, Any]:
     """The run's index, search data and method page, then the runs page: only after every page is written."""
     t0 = time.perf_counter()
-    return {**publish.publish_index(info, site, publish_url), "task_seconds": time.perf_counter() - t0}
+    return {
+        **publish.publish_index(info, site, publish_url),
+        "task_seconds": time.perf_counter() - t0,
+    }

@@ -70,7 +70,12 @@ def model_config() -> dict[str, Any]:
     """The [model] section that runs the shipped toy weights through `toy`."""
     from lens_core.toy import TOY_CHECKPOINT
 
-    return {"arch": "faultkit:toy", "checkpoint": str(TOY_CHECKPOINT), "layer": "block4", "input_size": 64}
+    return {
+        "arch": "faultkit:toy",
+        "checkpoint": str(TOY_CHECKPOINT),
+        "layer": "block4",
+        "input_size": 64,
+    }
 
 
 def run_stages(spec_path: str, result_path: str) -> int:
@@ -86,7 +91,10 @@ def run_stages(spec_path: str, result_path: str) -> int:
     Path(result_path + ".ready").write_text("")
     while not Path(spec_path).with_suffix(".go").exists():
         time.sleep(0.01)
-    computed = {slug: [r["stage"] for r in run_class(info, slug) if not r.get("skipped")] for slug in info.slugs}
+    computed = {
+        slug: [r["stage"] for r in run_class(info, slug) if not r.get("skipped")]
+        for slug in info.slugs
+    }
     Path(result_path).write_text(json.dumps({"computed": computed}))
     return 0
 
@@ -101,8 +109,12 @@ def main(spec_path: str, result_path: str) -> int:
         config=spec["config"], classes=spec.get("classes"), return_state=True
     )
     result = state.result(raise_on_failure=False)
-    out = {"state": state.name, "failed": state.is_failed(), "message": state.message,
-           "result": result if isinstance(result, dict) else None}
+    out = {
+        "state": state.name,
+        "failed": state.is_failed(),
+        "message": state.message,
+        "result": result if isinstance(result, dict) else None,
+    }
     Path(result_path).write_text(json.dumps(out, default=str))
     return 0
 

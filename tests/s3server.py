@@ -177,10 +177,16 @@ def _launch(weed: str, workdir: Path, key: str, secret: str, timeout: float) -> 
     logs = workdir / "logs"
     logs.mkdir(exist_ok=True)
     config = workdir / "s3.json"
-    identity = {"name": "lens-test", "credentials": [{"accessKey": key, "secretKey": secret}], "actions": ACTIONS}
+    identity = {
+        "name": "lens-test",
+        "credentials": [{"accessKey": key, "secretKey": secret}],
+        "actions": ACTIONS,
+    }
     config.write_text(json.dumps({"identities": [identity]}))
     # weed reads master.toml from its cwd: one volume per new bucket (collection), not seven
-    (workdir / "master.toml").write_text("[master.volume_growth]\ncopy_1 = 1\ncopy_2 = 2\ncopy_3 = 3\ncopy_other = 1\n")
+    (workdir / "master.toml").write_text(
+        "[master.volume_growth]\ncopy_1 = 1\ncopy_2 = 2\ncopy_3 = 3\ncopy_other = 1\n"
+    )
     (master, master_g, volume, volume_g, filer, filer_g, s3, s3_g) = _free_ports(8)
     args = [
         weed, f"-logdir={logs}", "server", f"-dir={data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
@@ -192,10 +198,14 @@ def _launch(weed: str, workdir: Path, key: str, secret: str, timeout: float) -> 
         "-s3", f"-s3.port={s3}", f"-s3.port.grpc={s3_g}", f"-s3.config={config}",
         "-s3.port.iceberg=0", "-s3.port.lance=0", f"-s3.localSocket={workdir}/s3.sock",
     ]  # fmt: skip
-    server = S3Server(f"http://127.0.0.1:{s3}", key, secret, workdir, None, workdir / "weed.log", args)
+    server = S3Server(
+        f"http://127.0.0.1:{s3}", key, secret, workdir, None, workdir / "weed.log", args
+    )
     # gRPC unix sockets land in /tmp whatever the flags say: remove them at stop
     grpc = {"master": master_g, "volume": volume_g, "filer": filer_g, "s3": s3_g}
-    server._sockets += [Path(f"/tmp/seaweedfs-{name}-grpc-{port}.sock") for name, port in grpc.items()]
+    server._sockets += [
+        Path(f"/tmp/seaweedfs-{name}-grpc-{port}.sock") for name, port in grpc.items()
+    ]
     server.start(timeout)
     return server
 
@@ -209,7 +219,9 @@ def _bucket_ops_work(server: S3Server) -> bool:
         return False
 
 
-def start_s3_server(workdir: str | os.PathLike[str] | None = None, attempts: int = 3, timeout: float = 60.0) -> S3Server:
+def start_s3_server(
+    workdir: str | os.PathLike[str] | None = None, attempts: int = 3, timeout: float = 60.0
+) -> S3Server:
     """Start SeaweedFS with one identity (random key/secret); retries with new ports on failure."""
     weed = find_weed()
     base = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="lens-weed-"))

@@ -24,7 +24,9 @@ def test_nearest_concepts_match_brute_force_across_blocks():
     got = nearest_concepts(W_by_class, top=5, block=5)  # several row blocks
     for slug in W_by_class:
         for c in range(4):
-            assert [(n["slug"], n["concept"]) for n in got[slug][c]] == _brute_nearest(W_by_class, slug, c, 5)
+            assert [(n["slug"], n["concept"]) for n in got[slug][c]] == _brute_nearest(
+                W_by_class, slug, c, 5
+            )
             assert all(n["slug"] != slug for n in got[slug][c])
 
 

@@ -60,7 +60,7 @@ def _hostile_and_odd(cls: int) -> dict[str, bytes]:
     """Readable odd modes, plus broken and hostile files under image names (value: readable?)."""
     rgb = render_image(cls, 10, 77)[0]
     good_jpeg = _encode(rgb, "JPEG", quality=90)
-    grey16 = (rgb[..., 0].astype(np.uint16) * 257)
+    grey16 = rgb[..., 0].astype(np.uint16) * 257
     return {
         "cmyk.jpg": _encode(rgb, "JPEG", "CMYK", quality=95),
         "grey16.png": _encode(grey16, "PNG"),
@@ -76,15 +76,28 @@ def _hostile_and_odd(cls: int) -> dict[str, bytes]:
 
 
 BOMB = _bomb()
-UNREADABLE = {"corrupt.jpg", "truncated.jpeg", "zero.png", "huge.png", "tiff-in-disguise.jpg", "postscript.jpg"}
+UNREADABLE = {
+    "corrupt.jpg",
+    "truncated.jpeg",
+    "zero.png",
+    "huge.png",
+    "tiff-in-disguise.jpg",
+    "postscript.jpg",
+}
 
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Six classes: good, mixed (odd + broken + hostile files), empty, all broken, odd names."""
     root = tmp_path_factory.mktemp("bad-data") / "images"
-    dirs = {"n01-good": 0, "n02-mixed": 1, "n03-empty": None, "n04-broken": None,
-            "x..y <i>Ünï</i> ☕": 3, "n05": 4}
+    dirs = {
+        "n01-good": 0,
+        "n02-mixed": 1,
+        "n03-empty": None,
+        "n04-broken": None,
+        "x..y <i>Ünï</i> ☕": 3,
+        "n05": 4,
+    }
     for name, cls in dirs.items():
         (root / name).mkdir(parents=True)
         if cls is not None:
@@ -97,15 +110,26 @@ def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
         (root / "n04-broken" / name).write_bytes(_hostile_and_odd(2)[name])
     (root.parent / "names.json").write_text(json.dumps({"n01-good": "good", "n05": EVIL_NAME}))
     # the toy model has 10 outputs: the six folders say which label each holds
-    labels = {"n01-good": 0, "n02-mixed": 1, "n03-empty": 2, "x..y <i>Ünï<": 3, "n05": 4, "n04-broken": 5}
+    labels = {
+        "n01-good": 0,
+        "n02-mixed": 1,
+        "n03-empty": 2,
+        "x..y <i>Ünï<": 3,
+        "n05": 4,
+        "n04-broken": 5,
+    }
     (root.parent / "class_index.json").write_text(json.dumps(labels))
     return root
 
 
 def _config(data_dir: Path, root: Path, **extra) -> dict:
     return {
-        "data": {"url": str(data_dir), "class_names": str(data_dir.parent / "names.json"), "images_per_class": 20,
-                 "class_index": str(data_dir.parent / "class_index.json")},
+        "data": {
+            "url": str(data_dir),
+            "class_names": str(data_dir.parent / "names.json"),
+            "images_per_class": 20,
+            "class_index": str(data_dir.parent / "class_index.json"),
+        },
         "importance": {"images": 4, "n_designs": 16},
         "concepts": {"n_concepts": 4},
         "crops": {"per_concept": 3, "attribution_images": 1},
@@ -132,12 +156,16 @@ def test_bad_classes_fail_alone_with_their_reason(data_dir, tmp_path):
     empty, broken = by_id["n03-empty"].slug, by_id["n04-broken"].slug
     assert set(errors) == {empty, broken}
     assert isinstance(errors[empty], EmptyClassError) and "'n03-empty'" in str(errors[empty])
-    assert isinstance(errors[broken], EmptyClassError) and "no readable image" in str(errors[broken])
+    assert isinstance(errors[broken], EmptyClassError) and "no readable image" in str(
+        errors[broken]
+    )
 
     store = info.store()
     mixed = store.zarr[f"acts/{by_id['n02-mixed'].slug}"].attrs
     skipped = {url.rsplit("/", 1)[1]: reason for url, reason in mixed["skipped"]}
-    assert set(skipped) == UNREADABLE and mixed["n_images"] == 5 + 4  # 5 toy + cmyk, grey16, grey8, unicode
+    assert (
+        set(skipped) == UNREADABLE and mixed["n_images"] == 5 + 4
+    )  # 5 toy + cmyk, grey16, grey8, unicode
     assert skipped["zero.png"] == "empty file" and "truncated" in skipped["truncated.jpeg"]
     assert "decompression bomb" in skipped["huge.png"]
     for hostile in ("tiff-in-disguise.jpg", "postscript.jpg"):  # never handed to TIFF/Ghostscript
@@ -190,8 +218,11 @@ def test_bad_checkpoint_fails_the_stage_cleanly(kind, data_dir, tmp_path):
     else:
         torch.save({"block1.0.weight": torch.zeros(1), "hook": _Payload(marker)}, ckpt)
     cfg = _config(data_dir, tmp_path, model={"checkpoint": str(ckpt)})
-    expected = {"other-architecture": "does not match architecture 'toy'", "truncated": "truncated or corrupt",
-                "pickled-code": "refusing checkpoint"}[kind]
+    expected = {
+        "other-architecture": "does not match architecture 'toy'",
+        "truncated": "truncated or corrupt",
+        "pickled-code": "refusing checkpoint",
+    }[kind]
     with pytest.raises(CheckpointError) as err:  # the run is refused at set-up, before any class
         prepare_run(make_config(cfg, classes=["n01-good"]))
     assert expected in str(err.value) and str(ckpt) in str(err.value)
@@ -222,10 +253,22 @@ def test_bad_checkpoint_fails_the_stage_cleanly(kind, data_dir, tmp_path):
         ({"patches": {"fraction": 0.001}}, "patches", "under 1 px"),
         ({"patches": {"grid": 40, "image_size": 32}}, "patches", "does not fit"),
         ({"concepts": {"max_iter": -3}}, "concepts.max_iter", "greater than 0"),
-        ({"data": {"images_per_class": 2}, "patches": {"grid": 1}, "concepts": {"n_concepts": 3}}, "n_concepts", "exceeds"),
+        (
+            {
+                "data": {"images_per_class": 2},
+                "patches": {"grid": 1},
+                "concepts": {"n_concepts": 3},
+            },
+            "n_concepts",
+            "exceeds",
+        ),
         ({"data": {"images_per_class": "forty"}}, "data.images_per_class", "integer"),
         ({"store": "zzz://bucket/lens"}, "store", "unknown storage protocol"),
-        ({"publish": "s3://AKIAEXAMPLE:s3cr3t-in-url@bucket/site"}, "publish", "credentials in URLs"),
+        (
+            {"publish": "s3://AKIAEXAMPLE:s3cr3t-in-url@bucket/site"},
+            "publish",
+            "credentials in URLs",
+        ),
     ],
 )
 def test_impossible_config_is_refused_by_field(data, field, words):
@@ -245,8 +288,12 @@ def _closed_port() -> int:
 def test_unreachable_store_names_the_url_never_the_secret(data_dir, tmp_path, monkeypatch, caplog):
     monkeypatch.setenv("LENS_STORE_RETRY_S", "0")
     secret = "never-print-this-secret-0123456789"
-    opts = {"endpoint_url": f"http://127.0.0.1:{_closed_port()}", "key": "AKIANEVERPRINTED", "secret": secret,
-            "config_kwargs": {"retries": {"total_max_attempts": 1}}}  # no botocore retries: fail at once
+    opts = {
+        "endpoint_url": f"http://127.0.0.1:{_closed_port()}",
+        "key": "AKIANEVERPRINTED",
+        "secret": secret,
+        "config_kwargs": {"retries": {"total_max_attempts": 1}},
+    }  # no botocore retries: fail at once
     cfg = make_config(_config(data_dir, tmp_path, store="s3://nowhere/lens", storage_options=opts))
     with caplog.at_level(logging.DEBUG), pytest.raises(StoreError) as err:
         prepare_run(cfg)
@@ -258,22 +305,36 @@ def test_unreachable_store_names_the_url_never_the_secret(data_dir, tmp_path, mo
 
 def test_unauthorized_bucket_names_the_url_never_the_secret(s3, bucket, data_dir, tmp_path, caplog):
     wrong = {**s3.storage_options, "secret": "wrong-" + s3.secret[::-1]}
-    cfg = make_config(_config(data_dir, tmp_path, store=f"s3://{bucket}/lens", storage_options=wrong))
+    cfg = make_config(
+        _config(data_dir, tmp_path, store=f"s3://{bucket}/lens", storage_options=wrong)
+    )
     with caplog.at_level(logging.DEBUG), pytest.raises(StoreAccessError) as err:
         prepare_run(cfg)
     msg = str(err.value)
-    assert f"s3://{bucket}/lens/runs/" in msg and "access denied" in msg and isinstance(err.value, PermissionError)
+    assert (
+        f"s3://{bucket}/lens/runs/" in msg
+        and "access denied" in msg
+        and isinstance(err.value, PermissionError)
+    )
     for secret in (s3.secret, wrong["secret"]):
         assert secret not in msg and secret not in caplog.text
     assert s3.key not in msg
 
 
 def _lens(args: list[str], env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "flows.cli", *args], env={**os.environ, **env}, cwd=cwd,
-                          capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "flows.cli", *args],
+        env={**os.environ, **env},
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
-def test_lens_run_reports_bad_config_and_refused_credentials_in_one_line(s3, bucket, data_dir, tmp_path):
+def test_lens_run_reports_bad_config_and_refused_credentials_in_one_line(
+    s3, bucket, data_dir, tmp_path
+):
     """`lens run` prints `lens: <reason>` and exits 2: no traceback, no credential."""
     bad = tmp_path / "bad.toml"  # wrong type, impossible value, NaN
     bad.write_text('[concepts]\nn_concepts = -4\nseed = "x"\n[model]\nstd = [nan, 0.2, 0.2]\n')
@@ -289,12 +350,19 @@ def test_lens_run_reports_bad_config_and_refused_credentials_in_one_line(s3, buc
         f'[data]\nurl = "{data_dir}"\nimages_per_class = 12\nclass_index = "{data_dir.parent / "class_index.json"}"\n'
     )
     wrong = "wrong-" + s3.secret[::-1]
-    env = {"AWS_ACCESS_KEY_ID": s3.key, "AWS_SECRET_ACCESS_KEY": wrong, "LENS_STORE_RETRY_S": "0",
-           # the store is refused before either is used: spare booting a Prefect API and a cluster
-           "PREFECT_API_URL": "http://127.0.0.1:9/api", "LENS_DASK_ADDRESS": "tcp://127.0.0.1:9"}
+    env = {
+        "AWS_ACCESS_KEY_ID": s3.key,
+        "AWS_SECRET_ACCESS_KEY": wrong,
+        "LENS_STORE_RETRY_S": "0",
+        # the store is refused before either is used: spare booting a Prefect API and a cluster
+        "PREFECT_API_URL": "http://127.0.0.1:9/api",
+        "LENS_DASK_ADDRESS": "tcp://127.0.0.1:9",
+    }
     out = _lens(["run", "--config", str(cfg), "--no-progress"], env, tmp_path)
     assert out.returncode == 2, out.stderr[-3000:]
-    assert "Traceback" not in out.stderr and f"access denied reading s3://{bucket}/lens" in out.stderr
+    assert (
+        "Traceback" not in out.stderr and f"access denied reading s3://{bucket}/lens" in out.stderr
+    )
     for text in (out.stdout, out.stderr):
         assert wrong not in text and s3.secret not in text and s3.key not in text
 
@@ -304,15 +372,25 @@ def test_lens_run_reports_unknown_classes_and_a_foreign_checkpoint_in_one_line(d
     from lens_core.models import build_model
 
     cfg = tmp_path / "ok.toml"
-    cfg.write_text(f'store = "{tmp_path}/store"\npublish = "{tmp_path}/site"\n'
-                   f'[data]\nurl = "{data_dir}"\nimages_per_class = 12\nclass_index = "{data_dir.parent / "class_index.json"}"\n')
+    cfg.write_text(
+        f'store = "{tmp_path}/store"\npublish = "{tmp_path}/site"\n'
+        f'[data]\nurl = "{data_dir}"\nimages_per_class = 12\nclass_index = "{data_dir.parent / "class_index.json"}"\n'
+    )
     env = {"PREFECT_API_URL": "http://127.0.0.1:9/api", "LENS_DASK_ADDRESS": "tcp://127.0.0.1:9"}
-    out = _lens(["run", "--config", str(cfg), "--classes", "n01-good,espresso", "--no-progress"], env, tmp_path)
+    out = _lens(
+        ["run", "--config", str(cfg), "--classes", "n01-good,espresso", "--no-progress"],
+        env,
+        tmp_path,
+    )
     assert out.returncode == 2, out.stderr[-3000:]
-    assert "Traceback" not in out.stderr and out.stderr.startswith("lens: unknown classes: 'espresso'")
+    assert "Traceback" not in out.stderr and out.stderr.startswith(
+        "lens: unknown classes: 'espresso'"
+    )
     ckpt = tmp_path / "resnet18.pt"
     torch.save(build_model("resnet18", 10).state_dict(), ckpt)
-    out = _lens(["run", "--config", str(cfg), "--checkpoint", str(ckpt), "--no-progress"], env, tmp_path)
+    out = _lens(
+        ["run", "--config", str(cfg), "--checkpoint", str(ckpt), "--no-progress"], env, tmp_path
+    )
     assert out.returncode == 2, out.stderr[-3000:]
     assert "Traceback" not in out.stderr and "does not match architecture 'toy'" in out.stderr
     assert str(ckpt) in out.stderr and not (tmp_path / "site").exists()

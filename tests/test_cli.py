@@ -32,15 +32,19 @@ def published(tmp_path_factory: pytest.TempPathFactory):
     from lens_core.status import write_status
 
     root = tmp_path_factory.mktemp("cli")
-    cfg = make_config({**TINY, "store": f"file://{root}/store", "publish": f"file://{root}/site"},
-                      classes=["0", "1", "2"])
+    cfg = make_config(
+        {**TINY, "store": f"file://{root}/store", "publish": f"file://{root}/site"},
+        classes=["0", "1", "2"],
+    )
     info = prepare_run(cfg)
     ok, bad = info.slugs[:2], info.slugs[2]
     for slug in ok:
         run_class(info, slug)
     viz_pool.render_batch(info, viz_pool.pending_items(info, ok))
     viz_pool.finalize_viz(info, ok)
-    write_status(info.store(), bad, "activations", "failed", 0.1, "EmptyClassError: no readable image here")
+    write_status(
+        info.store(), bad, "activations", "failed", 0.1, "EmptyClassError: no readable image here"
+    )
     cross_class.build_cross_class(info)
     publish.publish(info)
     return {"root": root, "info": info, "ok": ok, "bad": bad}
@@ -51,16 +55,28 @@ def test_run_help_lists_the_options(capsys: pytest.CaptureFixture[str]) -> None:
         main(["run", "--help"])
     assert exc.value.code == 0
     out = capsys.readouterr().out
-    for option in ("--config", "--classes", "--store", "--publish", "--checkpoint", "--workers", "--dask-address",
-                   "--no-progress"):
+    for option in (
+        "--config",
+        "--classes",
+        "--store",
+        "--publish",
+        "--checkpoint",
+        "--workers",
+        "--dask-address",
+        "--no-progress",
+    ):
         assert option in out
 
 
 def test_bad_config_is_one_line_naming_the_field_and_exit_code_2(tmp_path: Path) -> None:
     bad = tmp_path / "bad.toml"
     bad.write_text("[concepts]\nn_concepts = 0\n")
-    proc = subprocess.run([LENS, "run", "--config", str(bad), "--store", f"file://{tmp_path}/store"],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [LENS, "run", "--config", str(bad), "--store", f"file://{tmp_path}/store"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2, proc.stderr
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1, proc.stderr  # no traceback
@@ -75,18 +91,29 @@ def test_unknown_field_is_named_too(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert "maco.stepz" in capsys.readouterr().err
 
 
-def test_status_prints_the_per_class_table(published, capsys: pytest.CaptureFixture[str],
-                                           monkeypatch: pytest.MonkeyPatch) -> None:
+def test_status_prints_the_per_class_table(
+    published, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("COLUMNS", "300")  # one table row per line
     store_url = f"file://{published['root']}/store"
     assert main(["status", "--store", store_url]) == 0
     out = capsys.readouterr().out
     assert f"LENS run {published['info'].run_id}" in out
-    rows = {slug: next(line for line in out.splitlines() if slug in line)
-            for slug in (*published["ok"], published["bad"])}
+    rows = {
+        slug: next(line for line in out.splitlines() if slug in line)
+        for slug in (*published["ok"], published["bad"])
+    }
     for slug in published["ok"]:
         cells = [c.strip() for c in rows[slug].split("│") if c.strip()]
-        assert cells[:7] == [slug, "completed", "completed", "completed", "completed", "completed", "completed"]
+        assert cells[:7] == [
+            slug,
+            "completed",
+            "completed",
+            "completed",
+            "completed",
+            "completed",
+            "completed",
+        ]
     assert "failed" in rows[published["bad"]] and "no readable image here" in rows[published["bad"]]
     assert "3 classes, 1 failed" in out
 
@@ -99,18 +126,28 @@ def test_status_without_a_run_says_so(tmp_path: Path, capsys: pytest.CaptureFixt
 def test_serve_serves_the_index_and_a_class_page(published) -> None:
     site = published["root"] / "site"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([LENS, "serve", "--publish", f"file://{site}", "--port", "0"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    proc = subprocess.Popen(
+        [LENS, "serve", "--publish", f"file://{site}", "--port", "0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
     try:
         line = proc.stdout.readline()
-        assert "http://127.0.0.1:" in line, (line, proc.stderr.read() if proc.poll() is not None else "")
+        assert "http://127.0.0.1:" in line, (
+            line,
+            proc.stderr.read() if proc.poll() is not None else "",
+        )
         base = line.split("http://", 1)[1].split("/", 1)[0]
         run_id, slug = published["info"].run_id, published["ok"][0]
         index = _get(f"http://{base}/{run_id}/index.html")
         assert f"classes/{slug}/" in index
         page = _get(f"http://{base}/{run_id}/classes/{slug}/index.html")
         assert published["info"].cls(slug).name in page
-        assert f'href="{run_id}/index.html"' in _get(f"http://{base}/")  # the runs page above the run
+        assert f'href="{run_id}/index.html"' in _get(
+            f"http://{base}/"
+        )  # the runs page above the run
         with pytest.raises(urllib.error.HTTPError) as missing:
             _get(f"http://{base}/{run_id}/classes/no-such-class/index.html")
         assert missing.value.code == 404

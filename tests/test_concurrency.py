@@ -69,11 +69,17 @@ def _user_labeller(store_url: str, opts: Any, slug: str, n: int, barrier: Any) -
 
 
 def _carrier(store_url: str, opts: Any, slug: str, n: int, barrier: Any) -> None:
-    store, previous = RunStore(store_url, "run000000001", opts), RunStore(store_url, "run000000000", opts)
+    store, previous = (
+        RunStore(store_url, "run000000001", opts),
+        RunStore(store_url, "run000000000", opts),
+    )
     barrier.wait(timeout=300)
     for j in range(n):  # the changes step carrying label j of the previous run onto concept n + j
-        report = {"threshold": 0.5, "vanished": [],
-                  "matched": [{"before": j, "after": n + j, "similarity": 0.9}]}
+        report = {
+            "threshold": 0.5,
+            "vanished": [],
+            "matched": [{"before": j, "after": n + j, "similarity": 0.9}],
+        }
         carry_labels(store, previous, slug, slug, report)
 
 
@@ -102,17 +108,23 @@ def test_concurrent_set_label_keeps_every_label(where):
     assert kept == [WRITERS] * TRIALS, f"labels kept per trial: {kept} of {WRITERS}"
     for slug in slugs:
         assert {c: r["text"] for c, r in labels[slug].items()} == {
-            str(me): f"label {me} of {slug}" for me in range(WRITERS)}
+            str(me): f"label {me} of {slug}" for me in range(WRITERS)
+        }
 
 
 def test_set_label_while_labels_are_carried_keeps_both(where):
     store_url, opts = where
     n = 30
-    store, previous = RunStore(store_url, "run000000001", opts), RunStore(store_url, "run000000000", opts)
+    store, previous = (
+        RunStore(store_url, "run000000001", opts),
+        RunStore(store_url, "run000000000", opts),
+    )
     slugs = [f"mixed-{t}" for t in range(3)]
     _with_concepts(store, slugs, 2 * n)
-    previous.write_json(layout.LABELS, {s: {str(j): {"text": f"old {j}", "source": "user"} for j in range(n)}
-                                        for s in slugs})
+    previous.write_json(
+        layout.LABELS,
+        {s: {str(j): {"text": f"old {j}", "source": "user"} for j in range(n)} for s in slugs},
+    )
     for slug in slugs:  # three trials: 30 user labels and 30 carried labels written at once
         _race(_pair_worker, [(store_url, opts, slug, n, role) for role in (0, 1)])
     labels = read_labels(store)
@@ -120,7 +132,9 @@ def test_set_label_while_labels_are_carried_keeps_both(where):
         users = {c for c, r in labels[slug].items() if r["source"] == "user"}
         carried = {c for c, r in labels[slug].items() if r["source"] == "carried"}
         assert users == {str(c) for c in range(n)}, f"{slug}: {len(users)} of {n} user labels kept"
-        assert carried == {str(n + j) for j in range(n)}, f"{slug}: {len(carried)} of {n} carried labels kept"
+        assert carried == {str(n + j) for j in range(n)}, (
+            f"{slug}: {len(carried)} of {n} carried labels kept"
+        )
 
 
 def _pair_worker(store_url: str, opts: Any, slug: str, n: int, role: int, barrier: Any) -> None:
@@ -164,12 +178,21 @@ def test_an_import_is_one_write_whatever_its_size(where, monkeypatch):
     _with_concepts(store, ["a", "b"], k)
     writes: list[str] = []
     write_bytes = RunStore.write_bytes
-    monkeypatch.setattr(RunStore, "write_bytes", lambda self, rel, data: (writes.append(rel),
-                                                                         write_bytes(self, rel, data))[1])
+    monkeypatch.setattr(
+        RunStore,
+        "write_bytes",
+        lambda self, rel, data: (writes.append(rel), write_bytes(self, rel, data))[1],
+    )
     pipe_file = store.fs.pipe_file
-    monkeypatch.setattr(store.fs, "pipe_file", lambda path, *a, **kw: (writes.append(path),
-                                                                        pipe_file(path, *a, **kw))[1])
-    mapping = {"a": {str(c): f"a{c}" for c in range(k)}, "n0001": {str(c): f"b{c}" for c in range(k)}}
+    monkeypatch.setattr(
+        store.fs,
+        "pipe_file",
+        lambda path, *a, **kw: (writes.append(path), pipe_file(path, *a, **kw))[1],
+    )
+    mapping = {
+        "a": {str(c): f"a{c}" for c in range(k)},
+        "n0001": {str(c): f"b{c}" for c in range(k)},
+    }
     assert import_labels(store, [_Cls(0, "a"), _Cls(1, "b")], mapping) == 2 * k
     assert len(writes) == 1, f"{len(writes)} writes for one import"
     labels = read_labels(store)
@@ -180,19 +203,33 @@ def test_lens_label_import_exits_2_and_keeps_nothing(tmp_path):
     store_url = f"file://{tmp_path}/store"
     store = RunStore(store_url, "0123456789ab")
     _with_concepts(store, ["a"], 3)
-    store.write_json(layout.RUN_JSON, {"run_id": "0123456789ab", "created": "2026-12-04T00:00:00+00:00",
-                                       "classes": [{"index": 0, "id": "a", "name": "a", "slug": "a"}]})
+    store.write_json(
+        layout.RUN_JSON,
+        {
+            "run_id": "0123456789ab",
+            "created": "2026-12-04T00:00:00+00:00",
+            "classes": [{"index": 0, "id": "a", "name": "a", "slug": "a"}],
+        },
+    )
     bad = tmp_path / "labels.json"
     bad.write_text(json.dumps({"a": {"0": "Stem", "1": "Leaf", "7": "no such concept"}}))
-    out = subprocess.run([LENS, "label", "--store", store_url, "--import", str(bad)], capture_output=True,
-                         text=True, timeout=300)
+    out = subprocess.run(
+        [LENS, "label", "--store", store_url, "--import", str(bad)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 2, out.stdout + out.stderr
     assert "0..2, not 7" in out.stderr and "Traceback" not in out.stderr
     assert read_labels(store) == {}
     good = tmp_path / "good.toml"
     good.write_text('[a]\n0 = "Stem"\n1 = "Leaf"\n')
-    out = subprocess.run([LENS, "label", "--store", store_url, "--import", str(good)], capture_output=True,
-                         text=True, timeout=300)
+    out = subprocess.run(
+        [LENS, "label", "--store", store_url, "--import", str(good)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 0, out.stderr
     assert {c: r["text"] for c, r in read_labels(store)["a"].items()} == {"0": "Stem", "1": "Leaf"}
 

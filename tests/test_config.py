@@ -70,15 +70,26 @@ def test_run_id_depends_on_method_not_on_location():
 
 
 def test_credentials_are_redacted_and_moved_to_env():
-    opts = {"endpoint_url": "http://127.0.0.1:9", "key": "AKID", "secret": "s3cr3t", "client_kwargs": {"aws_secret_access_key": "x"}}
+    opts = {
+        "endpoint_url": "http://127.0.0.1:9",
+        "key": "AKID",
+        "secret": "s3cr3t",
+        "client_kwargs": {"aws_secret_access_key": "x"},
+    }
     cfg = AtlasConfig(storage_options=opts)
     text = str(cfg.redacted())
     assert "s3cr3t" not in text and "AKID" not in text and "http://127.0.0.1:9" in text
     assert public_options(opts)["client_kwargs"]["aws_secret_access_key"] == "***"
     public, env = split_secrets(opts)
-    assert "key" not in public and "secret" not in public and "aws_secret_access_key" not in public["client_kwargs"]
+    assert (
+        "key" not in public
+        and "secret" not in public
+        and "aws_secret_access_key" not in public["client_kwargs"]
+    )
     assert env == {"AWS_ACCESS_KEY_ID": "AKID", "AWS_SECRET_ACCESS_KEY": "s3cr3t"}
-    assert opts["client_kwargs"] == {"aws_secret_access_key": "x"}  # the caller's dict is left alone
+    assert opts["client_kwargs"] == {
+        "aws_secret_access_key": "x"
+    }  # the caller's dict is left alone
 
 
 def test_slugs_are_safe_and_unique():

@@ -32,21 +32,34 @@ RED_DISC, GREEN_TRIANGLE, HEXAGON = 0, 4, 10
 HOSTILE_NAME = '<img src=x onerror="window.__xss=1">'
 HOSTILE_LABEL = "<script>window.__xss=2</script> & hexagon"
 LENS = str(Path(sys.executable).with_name("lens"))
-BASE = {"concepts": {"n_concepts": 6}, "importance": {"images": 4, "n_designs": 8},
-        "crops": {"per_concept": 2, "attribution_images": 1},
-        "maco": {"steps": 2, "image_size": 64, "crops": 2}}
+BASE = {
+    "concepts": {"n_concepts": 6},
+    "importance": {"images": 4, "n_designs": 8},
+    "crops": {"per_concept": 2, "attribution_images": 1},
+    "maco": {"steps": 2, "image_size": 64, "crops": 2},
+}
 
 
 @pytest.fixture(scope="module")
 def mistaken(tmp_path_factory: pytest.TempPathFactory) -> dict:
     root = tmp_path_factory.mktemp("mistakes")
-    data = ensure_toy_dataset(f"file://{root}/probe", 10, 10, 0,
-                              recipes={A: (RED_DISC, HEXAGON), A2: (GREEN_TRIANGLE, HEXAGON)})
+    data = ensure_toy_dataset(
+        f"file://{root}/probe",
+        10,
+        10,
+        0,
+        recipes={A: (RED_DISC, HEXAGON), A2: (GREEN_TRIANGLE, HEXAGON)},
+    )
     names = class_names(10)
     (root / "names.json").write_text(json.dumps({names[B]: HOSTILE_NAME}))
-    cfg = make_config({**BASE, "data": {"url": data, "images_per_class": 10,
-                                        "class_names": str(root / "names.json")},
-                       "store": f"file://{root}/store", "publish": f"file://{root}/site"})
+    cfg = make_config(
+        {
+            **BASE,
+            "data": {"url": data, "images_per_class": 10, "class_names": str(root / "names.json")},
+            "store": f"file://{root}/store",
+            "publish": f"file://{root}/site",
+        }
+    )
     out = explain(cfg)
     assert not out["failed"]
     info = out["info"]
@@ -55,10 +68,19 @@ def mistaken(tmp_path_factory: pytest.TempPathFactory) -> dict:
     hexagon = [c for c, part in parts.items() if part == HEXAGON]
     assert hexagon, parts
     set_label(info.store(), b_slug, hexagon[0], HOSTILE_LABEL)
-    assert build_confusions(info)["skipped"] is True  # labels are read when shown: nothing to recompute
+    assert (
+        build_confusions(info)["skipped"] is True
+    )  # labels are read when shown: nothing to recompute
     publish(info)
-    return {"root": root, "info": info, "cfg": cfg, "b": b_slug, "hexagon": set(hexagon),
-            "report": read_confusions(info.store()), "site": root / "site" / info.run_id}
+    return {
+        "root": root,
+        "info": info,
+        "cfg": cfg,
+        "b": b_slug,
+        "hexagon": set(hexagon),
+        "report": read_confusions(info.store()),
+        "site": root / "site" / info.run_id,
+    }
 
 
 def test_images_that_carry_another_class_part_go_there_because_of_that_part(mistaken):
@@ -71,12 +93,14 @@ def test_images_that_carry_another_class_part_go_there_because_of_that_part(mist
         assert top["concept"] in mistaken["hexagon"], (pair["concepts"], mistaken["hexagon"])
         assert top["share"] > 50
     # nothing else is mistaken at this scale: the other classes are drawn as the model learned them
-    assert sum(p["images"] for p in report["pairs"]) == pairs[(info.slugs[A], mistaken["b"])]["images"] \
-        + pairs[(info.slugs[A2], mistaken["b"])]["images"] + sum(
-            p["images"] for k, p in pairs.items() if k[1] != mistaken["b"])
+    assert sum(p["images"] for p in report["pairs"]) == pairs[(info.slugs[A], mistaken["b"])][
+        "images"
+    ] + pairs[(info.slugs[A2], mistaken["b"])]["images"] + sum(
+        p["images"] for k, p in pairs.items() if k[1] != mistaken["b"]
+    )
     assert all(p["images"] <= 1 for k, p in pairs.items() if k[1] != mistaken["b"])
     flag = report["bias"][mistaken["b"]]
-    (concept, entry), = flag.items()
+    ((concept, entry),) = flag.items()
     assert int(concept) in mistaken["hexagon"]
     assert entry["classes"] == 2 and set(entry["pairs"]) == {info.slugs[A], info.slugs[A2]}
 
@@ -93,20 +117,30 @@ def test_every_split_sums_to_the_models_logit(mistaken):
             continue
         total = sum(c["share"] for c in pair["concepts"]) + pair["residual"] + pair["bias"]
         assert total == pytest.approx(100.0, abs=0.05)
-        pooled = store.zarr[f"acts/{pair['true']}"]["image_A"][:][pair["image_positions"]].astype(np.float64)
+        pooled = store.zarr[f"acts/{pair['true']}"]["image_A"][:][pair["image_positions"]].astype(
+            np.float64
+        )
         logits = pooled @ weight.T + bias
         p = pair["predicted_index"]
         assert (logits.argmax(1) == p).all()  # the model's own prediction
-        assert pair["bias"] == pytest.approx(100 * bias[p] * len(pooled) / logits[:, p].sum(), rel=1e-4)
+        assert pair["bias"] == pytest.approx(
+            100 * bias[p] * len(pooled) / logits[:, p].sum(), rel=1e-4
+        )
         checked += 1
     assert checked >= 2
 
 
 def test_a_model_with_no_mistakes_lists_none(tmp_path):
     data = ensure_toy_dataset(f"file://{tmp_path}/toy", 10, 4, 0)
-    cfg = make_config({**BASE, "data": {"url": data, "images_per_class": 4},
-                       "store": f"file://{tmp_path}/store", "publish": f"file://{tmp_path}/site"},
-                      classes=class_names(10)[:3])
+    cfg = make_config(
+        {
+            **BASE,
+            "data": {"url": data, "images_per_class": 4},
+            "store": f"file://{tmp_path}/store",
+            "publish": f"file://{tmp_path}/site",
+        },
+        classes=class_names(10)[:3],
+    )
     out = explain(cfg)
     report = read_confusions(out["info"].store())
     assert report["pairs"] == [] and report["mistaken"] == 0 and report["n_images"] == 12
@@ -118,26 +152,45 @@ def test_a_model_with_no_mistakes_lists_none(tmp_path):
 def test_the_cli_lists_pairs_by_count_as_json(mistaken):
     info = mistaken["info"]
     store = mistaken["cfg"].store
-    res = subprocess.run([LENS, "confusions", "--store", store, "--json"], capture_output=True,
-                         text=True, timeout=120)
+    res = subprocess.run(
+        [LENS, "confusions", "--store", store, "--json"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert res.returncode == 0, res.stderr
     rows = json.loads(res.stdout)
     assert [r["images"] for r in rows] == sorted((r["images"] for r in rows), reverse=True)
     first = rows[0]
     assert first["predicted"] == mistaken["b"] and first["true"] in (info.slugs[A], info.slugs[A2])
-    assert first["concepts"][0]["label"] == HOSTILE_LABEL and first["concepts"][0]["concept"] in mistaken["hexagon"]
+    assert (
+        first["concepts"][0]["label"] == HOSTILE_LABEL
+        and first["concepts"][0]["concept"] in mistaken["hexagon"]
+    )
     assert set(first) >= {"true", "predicted", "images", "concepts", "examples"}
-    one = subprocess.run([LENS, "confusions", "--store", store, "--class", info.slugs[A2], "--json"],
-                         capture_output=True, text=True, timeout=120)
+    one = subprocess.run(
+        [LENS, "confusions", "--store", store, "--class", info.slugs[A2], "--json"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert one.returncode == 0, one.stderr
-    assert {r["true"] for r in json.loads(one.stdout)} | {r["predicted"] for r in json.loads(one.stdout)} \
-        >= {info.slugs[A2]}
+    assert {r["true"] for r in json.loads(one.stdout)} | {
+        r["predicted"] for r in json.loads(one.stdout)
+    } >= {info.slugs[A2]}
     assert all(info.slugs[A2] in (r["true"], r["predicted"]) for r in json.loads(one.stdout))
-    text = subprocess.run([LENS, "confusions", "--store", store], capture_output=True, text=True,
-                          timeout=120)
-    assert text.returncode == 0 and "<script>" in text.stdout  # plain text in a terminal, not markup
-    bad = subprocess.run([LENS, "confusions", "--store", store, "--class", "no-such-class"],
-                         capture_output=True, text=True, timeout=120)
+    text = subprocess.run(
+        [LENS, "confusions", "--store", store], capture_output=True, text=True, timeout=120
+    )
+    assert (
+        text.returncode == 0 and "<script>" in text.stdout
+    )  # plain text in a terminal, not markup
+    bad = subprocess.run(
+        [LENS, "confusions", "--store", store, "--class", "no-such-class"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert bad.returncode == 2 and bad.stderr.startswith("lens: ") and "Traceback" not in bad.stderr
 
 
@@ -148,19 +201,27 @@ def test_the_mistakes_page_ranks_filters_and_escapes(mistaken, browser):
     page.on("pageerror", lambda e: errors.append(str(e)))
     page.on("dialog", lambda d: (errors.append(d.message), d.dismiss()))
     page.goto((site / "mistakes.html").as_uri())
-    counts = [int(t) for t in page.eval_on_selector_all("#pairs > li .mcount", "e => e.map(x => x.textContent)")]
+    counts = [
+        int(t)
+        for t in page.eval_on_selector_all("#pairs > li .mcount", "e => e.map(x => x.textContent)")
+    ]
     assert counts == sorted(counts, reverse=True) and counts[0] >= 6
     first = page.inner_text("#pairs > li:first-child")
     assert HOSTILE_NAME in first and HOSTILE_LABEL in first  # shown as text, never run
     assert page.evaluate("window.__xss") is None
-    overlays = page.eval_on_selector_all("#pairs > li:first-child .mex img", "e => e.map(i => i.complete && i.naturalWidth)")
+    overlays = page.eval_on_selector_all(
+        "#pairs > li:first-child .mex img", "e => e.map(i => i.complete && i.naturalWidth)"
+    )
     assert overlays and all(overlays)
     page.fill("#mfilter", class_names(10)[A2].split("-", 1)[1].replace("-", " "))
     visible = page.eval_on_selector_all("#pairs > li:not([hidden])", "e => e.map(x => x.id)")
     assert visible and all(v.startswith(f"pair-{info.slugs[A2]}--") for v in visible if v)
     page.goto((site / "mistakes.html").as_uri() + f"?class={mistaken['b']}")
     visible = page.eval_on_selector_all("#pairs > li:not([hidden])", "e => e.map(x => x.id)")
-    assert {f"pair-{info.slugs[A]}--{mistaken['b']}", f"pair-{info.slugs[A2]}--{mistaken['b']}"} <= set(visible)
+    assert {
+        f"pair-{info.slugs[A]}--{mistaken['b']}",
+        f"pair-{info.slugs[A2]}--{mistaken['b']}",
+    } <= set(visible)
     assert errors == [] and page.evaluate("window.__xss") is None
     page.close()
 
@@ -178,7 +239,9 @@ def test_class_pages_show_mistakes_both_ways_and_flag_the_bias(mistaken, browser
     hexagon = min(mistaken["hexagon"])
     flag = page.inner_text(f"#concept-{hexagon} .bias-flag")
     assert re.search(r"also drives \d+ mistaken images of 2 other classes", flag), flag
-    links = page.eval_on_selector_all(f"#concept-{hexagon} .bias-flag a", "e => e.map(a => a.getAttribute('href'))")
+    links = page.eval_on_selector_all(
+        f"#concept-{hexagon} .bias-flag a", "e => e.map(a => a.getAttribute('href'))"
+    )
     assert f"../../mistakes.html#pair-{info.slugs[A]}--{mistaken['b']}" in links
     page.goto((site / "classes" / info.slugs[A] / "index.html").as_uri())
     went = page.inner_text("#went")

@@ -48,7 +48,10 @@ def _jpeg(img: Image.Image, quality: int = 95) -> bytes:
 
 def _gradient(size: int = 16) -> Image.Image:
     ramp = np.linspace(0, 255, size, dtype=np.float32)
-    rgb = np.stack([np.tile(ramp, (size, 1)), np.tile(ramp[:, None], (1, size)), np.full((size, size), 90.0)], axis=2)
+    rgb = np.stack(
+        [np.tile(ramp, (size, 1)), np.tile(ramp[:, None], (1, size)), np.full((size, size), 90.0)],
+        axis=2,
+    )
     return Image.fromarray(rgb.astype(np.uint8))
 
 
@@ -82,7 +85,9 @@ def folder(tmp_path: Path) -> Path:
     (root / "alpha" / "notes.txt").write_text("not an image")
     (root / "alpha" / ".hidden.png").write_bytes(_png(_gradient()))
     (root / "beta" / "sub").mkdir(parents=True)
-    (root / "beta" / "sub" / "b.webp").write_bytes(_png(_gradient()))  # content sniffed, not the name
+    (root / "beta" / "sub" / "b.webp").write_bytes(
+        _png(_gradient())
+    )  # content sniffed, not the name
     (root / "empty").mkdir()
     (root / ".git").mkdir()
     (root / "_cache").mkdir()
@@ -98,7 +103,9 @@ def test_listing_order_and_skips(folder: Path) -> None:
     names = [u.rsplit("/", 1)[1] for u in alpha]
     assert sorted(names) == sorted(_odd_images())  # .txt and hidden files ignored, .PNG kept
     assert all(u.startswith("file:///") for u in alpha)
-    assert [u.rsplit("/", 2)[1:] for u in list_images(f"file://{folder}", classes[1])] == [["sub", "b.webp"]]
+    assert [u.rsplit("/", 2)[1:] for u in list_images(f"file://{folder}", classes[1])] == [
+        ["sub", "b.webp"]
+    ]
     assert list_images(str(folder), classes[2]) == []
 
 
@@ -110,7 +117,9 @@ def test_iter_images_counts_and_reasons(folder: Path, caplog: pytest.LogCaptureF
     assert {u.rsplit("/", 1)[1] for u, _ in stats.skipped} == BROKEN
     reasons = {u.rsplit("/", 1)[1]: r for u, r in stats.skipped}
     assert reasons["zero.png"] == "empty file" and "truncated" in reasons["truncated.jpeg"]
-    assert [pos for pos, _, _ in got] == [i for i, u in enumerate(urls) if u.rsplit("/", 1)[1] not in BROKEN]
+    assert [pos for pos, _, _ in got] == [
+        i for i, u in enumerate(urls) if u.rsplit("/", 1)[1] not in BROKEN
+    ]
     for _, _, t in got:
         assert t.shape == (3, 8, 8) and t.dtype == torch.float32 and t.min() >= 0 and t.max() <= 1
     assert "truncated.jpeg" in caplog.text
@@ -119,15 +128,21 @@ def test_iter_images_counts_and_reasons(folder: Path, caplog: pytest.LogCaptureF
 def test_converted_modes_have_right_pixels(folder: Path) -> None:
     url = f"file://{folder}/alpha"
     cmyk = read_image(f"{url}/cmyk.jpg")
-    torch.testing.assert_close(cmyk[:, 4, 4], torch.tensor([200, 100, 50]) / 255.0, atol=3 / 255, rtol=0)
+    torch.testing.assert_close(
+        cmyk[:, 4, 4], torch.tensor([200, 100, 50]) / 255.0, atol=3 / 255, rtol=0
+    )
     grey = read_image(f"{url}/grey16.png", None, None)
     expected = torch.from_numpy(GREY16.astype(np.float32) / 65535.0)
     for c in range(3):
         torch.testing.assert_close(grey[c], expected, atol=1e-6, rtol=0)
     rgba = read_image(f"{url}/rgba.png")  # composited over white
-    torch.testing.assert_close(rgba[:, 0, 0], torch.tensor([1.0, 127 / 255, 127 / 255]), atol=1e-6, rtol=0)
+    torch.testing.assert_close(
+        rgba[:, 0, 0], torch.tensor([1.0, 127 / 255, 127 / 255]), atol=1e-6, rtol=0
+    )
     rgb = read_image(f"{url}/rgb.png", size=16)
-    assert torch.equal(rgb, torch.from_numpy(np.asarray(_gradient()).transpose(2, 0, 1) / np.float32(255.0)))
+    assert torch.equal(
+        rgb, torch.from_numpy(np.asarray(_gradient()).transpose(2, 0, 1) / np.float32(255.0))
+    )
 
 
 def test_palette_and_grey_modes() -> None:
@@ -137,7 +152,9 @@ def test_palette_and_grey_modes() -> None:
     assert torch.allclose(la, torch.ones(3, 4, 4))
     pal = Image.new("P", (4, 4), 1)
     pal.putpalette([0, 0, 0, 10, 200, 30] + [0] * 762)
-    torch.testing.assert_close(decode_image(_png(pal))[:, 0, 0], torch.tensor([10, 200, 30]) / 255.0)
+    torch.testing.assert_close(
+        decode_image(_png(pal))[:, 0, 0], torch.tensor([10, 200, 30]) / 255.0
+    )
     pal.info["transparency"] = 1
     assert torch.allclose(decode_image(_png(pal)), torch.ones(3, 4, 4))
 
@@ -189,12 +206,16 @@ def test_class_name_map_and_safe_slugs(tmp_path: Path) -> None:
     for d in ["n01", "n02", "Café Ünïcode", "a..b", "日本", "A B", "a-b"]:
         (root / d).mkdir(parents=True)
     names = tmp_path / "names.json"
-    names.write_text(json.dumps({"n01": ["crane", "grus"], "n02": "crane, derrick", "zzz": "unused"}))
+    names.write_text(
+        json.dumps({"n01": ["crane", "grus"], "n02": "crane, derrick", "zzz": "unused"})
+    )
     classes = {c.id: c for c in list_classes(str(root), None, f"file://{names}")}
     assert classes["n01"].name == "crane" and classes["n01"].synonyms == ("crane", "grus")
     assert classes["n02"].name == "crane" and classes["n02"].synonyms == ("crane", "derrick")
     assert classes["n01"].slug == "n01-crane"
-    assert classes["Café Ünïcode"].slug == "cafe-unicode" and classes["Café Ünïcode"].synonyms == ("Café Ünïcode",)
+    assert classes["Café Ünïcode"].slug == "cafe-unicode" and classes["Café Ünïcode"].synonyms == (
+        "Café Ünïcode",
+    )
     slugs = [c.slug for c in classes.values()]
     assert len(set(slugs)) == len(slugs)
     assert all(re.fullmatch(r"[a-z0-9]+(-[a-z0-9]+)*", s) for s in slugs)
@@ -227,7 +248,15 @@ def test_extract_patches_matches_crop_and_resize(out_size: int) -> None:
     assert out.shape == (2 * len(boxes), 3, out_size, out_size)
     for i in range(2):
         for p, (x0, y0, x1, y1) in enumerate(boxes):
-            ref = TF.resized_crop(images[i], int(y0), int(x0), int(y1 - y0), int(x1 - x0), [out_size, out_size], antialias=True)
+            ref = TF.resized_crop(
+                images[i],
+                int(y0),
+                int(x0),
+                int(y1 - y0),
+                int(x1 - x0),
+                [out_size, out_size],
+                antialias=True,
+            )
             torch.testing.assert_close(out[i * len(boxes) + p], ref, atol=1e-5, rtol=0)
 
 
@@ -239,16 +268,23 @@ def test_s3_round_trip_and_wrong_secret(s3, bucket: str, caplog: pytest.LogCaptu
     fs.pipe(f"{bucket}/ds/_skip/x.png", _png(_gradient()))
     url = f"s3://{bucket}/ds"
     classes = list_classes(url, s3.storage_options)
-    assert [(c.index, c.id, c.slug) for c in classes] == [(0, "alpha", "alpha"), (1, "beta", "beta")]
+    assert [(c.index, c.id, c.slug) for c in classes] == [
+        (0, "alpha", "alpha"),
+        (1, "beta", "beta"),
+    ]
     urls = list_images(url, classes[0], s3.storage_options)
-    assert len(urls) == len(_odd_images()) and all(u.startswith(f"s3://{bucket}/ds/alpha/") for u in urls)
+    assert len(urls) == len(_odd_images()) and all(
+        u.startswith(f"s3://{bucket}/ds/alpha/") for u in urls
+    )
     stats = ReadStats()
     got = {u.rsplit("/", 1)[1]: t for _, u, t in iter_images(urls, s3.storage_options, 16, stats)}
     assert stats.read == len(_odd_images()) - len(BROKEN)
     assert {u.rsplit("/", 1)[1] for u, _ in stats.skipped} == BROKEN
     grey = read_image(f"{url}/alpha/grey16.png", s3.storage_options)
     torch.testing.assert_close(got["grey16.png"], grey)
-    torch.testing.assert_close(grey[0], torch.from_numpy(GREY16.astype(np.float32) / 65535.0), atol=1e-6, rtol=0)
+    torch.testing.assert_close(
+        grey[0], torch.from_numpy(GREY16.astype(np.float32) / 65535.0), atol=1e-6, rtol=0
+    )
 
     bad = {**s3.storage_options, "secret": "not-" + s3.secret}
     with caplog.at_level(logging.DEBUG):

@@ -35,6 +35,7 @@ STAGES = ("activations", "factorize", "importance", "crops")
 
 # ---- processes ------------------------------------------------------------------------------
 
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -73,8 +74,15 @@ class Proc:
 def _start(name: str, argv: list[str], env: dict[str, str], logdir: Path) -> Proc:
     log = logdir / f"{name}.log"
     with open(log, "wb") as out:
-        popen = subprocess.Popen(argv, env=env, cwd=REPO, stdout=out, stderr=subprocess.STDOUT,
-                                 stdin=subprocess.DEVNULL, start_new_session=True)
+        popen = subprocess.Popen(
+            argv,
+            env=env,
+            cwd=REPO,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
     return Proc(name, popen, log)
 
 
@@ -104,14 +112,22 @@ class Stack:
                 return value
             for p in self.procs:
                 if p.popen.poll() is not None:
-                    pytest.fail(f"{p.name} exited ({p.popen.returncode}) while waiting for {what}\n{self.logs()}")
+                    pytest.fail(
+                        f"{p.name} exited ({p.popen.returncode}) while waiting for {what}\n{self.logs()}"
+                    )
             if time.monotonic() > deadline:
                 pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}\n{self.logs()}")
             time.sleep(every)
 
     def prefect(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-        return subprocess.run([str(BIN / "prefect"), "--no-prompt", *args], env=self.env, cwd=REPO,
-                              capture_output=True, text=True, timeout=timeout)
+        return subprocess.run(
+            [str(BIN / "prefect"), "--no-prompt", *args],
+            env=self.env,
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
 
 
 def _clean_env() -> dict[str, str]:
@@ -163,7 +179,9 @@ def _drain_prefect_services() -> None:
 
 
 @pytest.fixture(scope="module")
-def stack(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+def stack(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Stack]:
     """Server -> work pool -> worker + `prefect deploy --all`; stopped worker first, then server."""
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
@@ -172,12 +190,21 @@ def stack(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
     home.mkdir()
     port = _free_port()
     api = f"http://127.0.0.1:{port}/api"
-    base = {**_clean_env(), "PREFECT_HOME": str(home), "PREFECT_API_URL": api,
-            "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_LOGGING_COLORS": "false"}
+    base = {
+        **_clean_env(),
+        "PREFECT_HOME": str(home),
+        "PREFECT_API_URL": api,
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_LOGGING_COLORS": "false",
+    }
     # the interval schedule is applied but not run by this server: only the test's triggers make runs
     server_env = {**base, "PREFECT_SERVER_SERVICES_SCHEDULER_ENABLED": "false"}
-    server = _start("server", [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-                    server_env, root)
+    server = _start(
+        "server",
+        [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+        server_env,
+        root,
+    )
     procs = [server]
     try:
         s3 = request.getfixturevalue("s3")  # SeaweedFS starts while the server boots
@@ -192,18 +219,44 @@ def stack(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
             from prefect.workers.process import ProcessWorker
 
             with get_client(sync_client=True) as client:
-                client.create_work_pool(WorkPoolCreate(
-                    name=POOL, type="process", base_job_template=ProcessWorker.get_default_base_job_template()))
+                client.create_work_pool(
+                    WorkPoolCreate(
+                        name=POOL,
+                        type="process",
+                        base_job_template=ProcessWorker.get_default_base_job_template(),
+                    )
+                )
         # credentials reach flow runs (and their Dask workers) through the worker's environment only
-        worker_env = {**base, "LENS_WORKERS": "1", "PREFECT_WORKER_QUERY_SECONDS": "1",
-                      "PREFECT_WORKER_PREFETCH_SECONDS": "5",
-                      "AWS_ACCESS_KEY_ID": s3.key, "AWS_SECRET_ACCESS_KEY": s3.secret}
-        procs.append(_start("worker", [str(BIN / "prefect"), "worker", "start", "--pool", POOL], worker_env, root))
-        st.env = {**base, "LENS_REPO": str(REPO), "LENS_CONFIG": str(config_path), "LENS_CHECKPOINTS": st.prefix}
+        worker_env = {
+            **base,
+            "LENS_WORKERS": "1",
+            "PREFECT_WORKER_QUERY_SECONDS": "1",
+            "PREFECT_WORKER_PREFETCH_SECONDS": "5",
+            "AWS_ACCESS_KEY_ID": s3.key,
+            "AWS_SECRET_ACCESS_KEY": s3.secret,
+        }
+        procs.append(
+            _start(
+                "worker",
+                [str(BIN / "prefect"), "worker", "start", "--pool", POOL],
+                worker_env,
+                root,
+            )
+        )
+        st.env = {
+            **base,
+            "LENS_REPO": str(REPO),
+            "LENS_CONFIG": str(config_path),
+            "LENS_CHECKPOINTS": st.prefix,
+        }
         t0 = time.monotonic()
-        deployed = st.prefect("deploy", "--all", "--prefect-file", "deploy/prefect.yaml", timeout=180)
+        deployed = st.prefect(
+            "deploy", "--all", "--prefect-file", "deploy/prefect.yaml", timeout=180
+        )
         st.facts["deploy_seconds"] = time.monotonic() - t0
-        assert deployed.returncode == 0, f"prefect deploy failed:\n{deployed.stdout}\n{deployed.stderr}\n{st.logs()}"
+        assert deployed.returncode == 0, (
+            f"prefect deploy failed:\n{deployed.stdout}\n{deployed.stderr}\n{st.logs()}"
+        )
         yield st
     finally:
         _drain_prefect_services()  # this process's logs and events go out while the server is up
@@ -215,7 +268,10 @@ def stack(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
 def s3_creds(stack: Stack) -> Iterator[None]:
     """The in-process watcher reads S3 with credentials from the environment, as a worker would."""
     old = {k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}
-    os.environ["AWS_ACCESS_KEY_ID"], os.environ["AWS_SECRET_ACCESS_KEY"] = stack.s3.key, stack.s3.secret
+    os.environ["AWS_ACCESS_KEY_ID"], os.environ["AWS_SECRET_ACCESS_KEY"] = (
+        stack.s3.key,
+        stack.s3.secret,
+    )
     yield
     for k, v in old.items():
         if v is None:
@@ -235,6 +291,7 @@ def api(stack: Stack) -> Iterator[Stack]:
 
 # ---- Prefect API helpers ----------------------------------------------------------------------
 
+
 def _client():
     from prefect.client.orchestration import get_client
 
@@ -250,8 +307,10 @@ def _runs_of(deployment: str, tag: str | None = None) -> list[Any]:
 
     with _client() as c:
         dep = c.read_deployment_by_name(deployment)
-        flt = FlowRunFilter(deployment_id=FlowRunFilterDeploymentId(any_=[dep.id]),
-                            tags=FlowRunFilterTags(all_=[tag]) if tag else None)
+        flt = FlowRunFilter(
+            deployment_id=FlowRunFilterDeploymentId(any_=[dep.id]),
+            tags=FlowRunFilterTags(all_=[tag]) if tag else None,
+        )
         return c.read_flow_runs(flow_run_filter=flt, limit=100)
 
 
@@ -261,7 +320,9 @@ def _flow_run(flow_run_id: Any) -> Any:
 
 
 def _final(st: Stack, flow_run_id: Any, what: str, timeout: float) -> Any:
-    return st.wait(what, lambda: (fr := _flow_run(flow_run_id)).state and fr.state.is_final() and fr, timeout)
+    return st.wait(
+        what, lambda: (fr := _flow_run(flow_run_id)).state and fr.state.is_final() and fr, timeout
+    )
 
 
 def _put_checkpoint(st: Stack, url: str, epoch: int | None) -> str:
@@ -273,7 +334,7 @@ def _put_checkpoint(st: Stack, url: str, epoch: int | None) -> str:
     blob = TOY_CHECKPOINT.read_bytes()
     if epoch is not None:
         blob = save(load(blob), metadata={"epoch": str(epoch)})
-    st.s3.filesystem().pipe_file(url[len("s3://"):], blob)
+    st.s3.filesystem().pipe_file(url[len("s3://") :], blob)
     return url
 
 
@@ -283,10 +344,14 @@ def _planned(st: Stack, ckpt: str) -> tuple[str, Any]:
     from lens_core.models import checkpoint_digest
 
     cfg = config_from_parameters(str(st.config_path), checkpoint=ckpt)
-    return planned_run_id(cfg, checkpoint_digest(ckpt, {**cfg.storage_options, "key": st.s3.key, "secret": st.s3.secret})), cfg
+    return planned_run_id(
+        cfg,
+        checkpoint_digest(ckpt, {**cfg.storage_options, "key": st.s3.key, "secret": st.s3.secret}),
+    ), cfg
 
 
 # ---- unit tests (no server) --------------------------------------------------------------------
+
 
 def test_planned_run_id_is_build_atlas_run_id_without_side_effects(tmp_path: Path) -> None:
     from flows.watch import planned_data_url, planned_run_id
@@ -299,15 +364,21 @@ def test_planned_run_id_is_build_atlas_run_id_without_side_effects(tmp_path: Pat
     ckpt.parent.mkdir()
     ckpt.write_bytes(TOY_CHECKPOINT.read_bytes())
     store = tmp_path / "store"
-    inline = {"data": {"toy_classes": 2, "toy_images_per_class": 2, "images_per_class": 2},
-              "concepts": {"n_concepts": 4}}
-    cfg = config_from_parameters(None, inline, f"file://{ckpt}", ["0"], str(store), str(tmp_path / "site"))
+    inline = {
+        "data": {"toy_classes": 2, "toy_images_per_class": 2, "images_per_class": 2},
+        "concepts": {"n_concepts": 4},
+    }
+    cfg = config_from_parameters(
+        None, inline, f"file://{ckpt}", ["0"], str(store), str(tmp_path / "site")
+    )
     planned = planned_run_id(cfg, checkpoint_digest(str(ckpt)))
     assert not store.exists()  # the watcher writes nothing, not even the toy data set
     info = prepare_run(cfg)
     assert (info.run_id, info.data_url) == (planned, planned_data_url(cfg))
     # a real data URL is taken as is; another checkpoint digest is another run
-    real = config_from_parameters(None, {**inline, "data": {**inline["data"], "url": info.data_url}}, f"file://{ckpt}")
+    real = config_from_parameters(
+        None, {**inline, "data": {**inline["data"], "url": info.data_url}}, f"file://{ckpt}"
+    )
     assert planned_data_url(real) == info.data_url
     assert planned_run_id(cfg, "0" * 64) != planned
 
@@ -317,8 +388,13 @@ def test_atlas_config_merges_like_build_atlas(tmp_path: Path) -> None:
 
     toml = tmp_path / "a.toml"
     toml.write_text('store = "s3://b/lens"\nclasses = ["x"]\n[maco]\nsteps = 9\nimage_size = 32\n')
-    cfg = config_from_parameters(str(toml), {"maco": {"steps": 5}}, "s3://b/c.pt", ["0", "1"], None, "s3://b/site")
-    assert (cfg.maco.steps, cfg.maco.image_size) == (5, 32)  # inline fields over the file, per section
+    cfg = config_from_parameters(
+        str(toml), {"maco": {"steps": 5}}, "s3://b/c.pt", ["0", "1"], None, "s3://b/site"
+    )
+    assert (cfg.maco.steps, cfg.maco.image_size) == (
+        5,
+        32,
+    )  # inline fields over the file, per section
     assert cfg.model.checkpoint == "s3://b/c.pt" and cfg.classes == ["0", "1"]
     assert cfg.store == "s3://b/lens" and cfg.publish == "s3://b/site"
     assert config_from_parameters(str(toml)).classes == ["x"]
@@ -327,23 +403,39 @@ def test_atlas_config_merges_like_build_atlas(tmp_path: Path) -> None:
 def test_list_checkpoints_finds_checkpoint_files_recursively(tmp_path: Path) -> None:
     from flows.watch import list_checkpoints
 
-    for name in ("a.pt", "sub/b.safetensors", "sub/deeper/c.CKPT", "d.pth", "notes.txt", "e.pt.tmp"):
+    for name in (
+        "a.pt",
+        "sub/b.safetensors",
+        "sub/deeper/c.CKPT",
+        "d.pth",
+        "notes.txt",
+        "e.pt.tmp",
+    ):
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_bytes(b"x")
     found = list_checkpoints(str(tmp_path))
-    assert found == sorted(f"file://{tmp_path}/{n}" for n in ("a.pt", "d.pth", "sub/b.safetensors", "sub/deeper/c.CKPT"))
-    assert list_checkpoints(f"file://{tmp_path}/sub/b.safetensors") == [f"file://{tmp_path}/sub/b.safetensors"]
+    assert found == sorted(
+        f"file://{tmp_path}/{n}"
+        for n in ("a.pt", "d.pth", "sub/b.safetensors", "sub/deeper/c.CKPT")
+    )
+    assert list_checkpoints(f"file://{tmp_path}/sub/b.safetensors") == [
+        f"file://{tmp_path}/sub/b.safetensors"
+    ]
     assert list_checkpoints(str(tmp_path / "missing")) == []
 
 
-def test_digest_cache_reads_a_checkpoint_again_only_when_it_changes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_digest_cache_reads_a_checkpoint_again_only_when_it_changes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import hashlib
 
     import flows.watch as watch
 
     reads: list[str] = []
     real = watch.checkpoint_digest
-    monkeypatch.setattr(watch, "checkpoint_digest", lambda url, so=None: reads.append(url) or real(url, so))
+    monkeypatch.setattr(
+        watch, "checkpoint_digest", lambda url, so=None: reads.append(url) or real(url, so)
+    )
     ckpt = tmp_path / "ckpt" / "a.pt"
     ckpt.parent.mkdir()
     ckpt.write_bytes(b"weights-1")
@@ -351,44 +443,77 @@ def test_digest_cache_reads_a_checkpoint_again_only_when_it_changes(tmp_path: Pa
 
     def digest_all() -> dict[str, str]:
         cache = watch.DigestCache(store)
-        out = {url: cache.digest(url, fp) for url, fp in watch.find_checkpoints(str(ckpt.parent)).items()}
+        out = {
+            url: cache.digest(url, fp)
+            for url, fp in watch.find_checkpoints(str(ckpt.parent)).items()
+        }
         cache.save()
         return out
 
     url = f"file://{ckpt}"
     assert digest_all() == {url: hashlib.sha256(b"weights-1").hexdigest()} and reads == [url]
-    assert digest_all()[url] == hashlib.sha256(b"weights-1").hexdigest() and reads == [url]  # from the cache
+    assert digest_all()[url] == hashlib.sha256(b"weights-1").hexdigest() and reads == [
+        url
+    ]  # from the cache
     ckpt.write_bytes(b"weights-2, retrained")
-    assert digest_all()[url] == hashlib.sha256(b"weights-2, retrained").hexdigest() and reads == [url, url]
+    assert digest_all()[url] == hashlib.sha256(b"weights-2, retrained").hexdigest() and reads == [
+        url,
+        url,
+    ]
 
 
 def test_an_empty_prefix_is_refused_not_read_as_the_working_directory() -> None:
     from flows.watch import check_prefix
 
     assert check_prefix(" s3://b/ckpt ") == "s3://b/ckpt"
-    for unset in ("", "  ", None, "{{ $LENS_CHECKPOINTS }}"):  # `prefect deploy` turns an unset variable into ""
+    for unset in (
+        "",
+        "  ",
+        None,
+        "{{ $LENS_CHECKPOINTS }}",
+    ):  # `prefect deploy` turns an unset variable into ""
         with pytest.raises(ValueError, match="LENS_CHECKPOINTS"):
             check_prefix(unset)
 
 
-def test_checkpoint_event_resource_is_an_absolute_url(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_checkpoint_event_resource_is_an_absolute_url(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from flows.events import checkpoint_resource
 
     monkeypatch.chdir(tmp_path)
     res = checkpoint_resource("ckpt/ep1.pt")
     assert res["prefect.resource.id"] == f"file://{tmp_path}/ckpt/ep1.pt"
     assert res["prefect.resource.name"] == "ep1.pt"
-    assert checkpoint_resource("s3://b/x/ep2.safetensors")["prefect.resource.id"] == "s3://b/x/ep2.safetensors"
+    assert (
+        checkpoint_resource("s3://b/x/ep2.safetensors")["prefect.resource.id"]
+        == "s3://b/x/ep2.safetensors"
+    )
 
 
 def test_slurm_cluster_gives_each_job_one_gpu_worker_with_the_gpu_resource() -> None:
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("slurm_cluster", REPO / "deploy" / "slurm_cluster.py")
+    spec = importlib.util.spec_from_file_location(
+        "slurm_cluster", REPO / "deploy" / "slurm_cluster.py"
+    )
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    kw = mod.cluster_kwargs(mod.parse_args(["--partition", "gpu", "--account", "p", "--gpus", "2",
-                                            "--sbatch=--constraint=a100", "--port", "9000"]))
+    kw = mod.cluster_kwargs(
+        mod.parse_args(
+            [
+                "--partition",
+                "gpu",
+                "--account",
+                "p",
+                "--gpus",
+                "2",
+                "--sbatch=--constraint=a100",
+                "--port",
+                "9000",
+            ]
+        )
+    )
     assert kw["processes"] == 1 and (kw["queue"], kw["account"]) == ("gpu", "p")
     assert kw["job_extra_directives"] == ["--gres=gpu:2", "--constraint=a100"]
     assert kw["worker_extra_args"] == ["--resources", "GPU=2"]  # what LENS_GPU=1's annotations need
@@ -396,6 +521,7 @@ def test_slurm_cluster_gives_each_job_one_gpu_worker_with_the_gpu_resource() -> 
 
 
 # ---- integration tests ----------------------------------------------------------------------------
+
 
 @pytest.mark.slow
 def test_deploy_applies_both_deployments_with_described_parameters(api: Stack) -> None:
@@ -417,36 +543,59 @@ def test_deploy_applies_both_deployments_with_described_parameters(api: Stack) -
     defs = build.parameter_openapi_schema["definitions"]
     assert props["config"]["anyOf"][0]["$ref"].endswith("/AtlasConfig")
     sections = defs["AtlasConfig"]["properties"]
-    assert {"model", "data", "patches", "concepts", "importance", "maco", "crops", "store", "publish"} <= set(sections)
+    assert {
+        "model",
+        "data",
+        "patches",
+        "concepts",
+        "importance",
+        "maco",
+        "crops",
+        "store",
+        "publish",
+    } <= set(sections)
     arch = defs["ModelConfig"]["properties"]["arch"]
     assert arch["default"] == "toy" and "torchvision" in arch["description"]
     assert defs["MacoConfig"]["properties"]["image_size"]["maximum"] == 2048
     assert defs["ModelConfig"]["properties"]["precision"]["enum"] == ["fp32", "bf16", "fp16"]
-    assert all(watch.parameter_openapi_schema["properties"][p].get("description") for p in ("prefix", "config_path"))
+    assert all(
+        watch.parameter_openapi_schema["properties"][p].get("description")
+        for p in ("prefix", "config_path")
+    )
     # {{ $VAR }} filled from the environment of `prefect deploy`
     assert watch.parameters == {"prefix": api.prefix, "config_path": str(api.config_path)}
-    assert build.pull_steps == [{"prefect.deployments.steps.set_working_directory": {"directory": str(REPO)}}]
+    assert build.pull_steps == [
+        {"prefect.deployments.steps.set_working_directory": {"directory": str(REPO)}}
+    ]
     [schedule] = watch.schedules
     assert schedule.active and schedule.schedule.interval.total_seconds() == 600
     [auto] = [a for a in automations if CHECKPOINT_CREATED in getattr(a.trigger, "expect", set())]
     [action] = auto.actions
-    assert action.deployment_id == watch.id and action.parameters == {"prefix": "{{ event.resource.id }}"}
+    assert action.deployment_id == watch.id and action.parameters == {
+        "prefix": "{{ event.resource.id }}"
+    }
 
 
-def _agrees_with_lens_status(st: Stack, run_id: str, flow_run_id: Any, cfg: Any, capsys, monkeypatch) -> Any:
+def _agrees_with_lens_status(
+    st: Stack, run_id: str, flow_run_id: Any, cfg: Any, capsys, monkeypatch
+) -> Any:
     """Per-class task-run states of the build in Prefect and `lens status` tell the same story."""
     from flows.cli import main as lens_main
     from flows.cli import status_table
     from lens_core.store import RunStore
 
-    store = RunStore(cfg.store, run_id, {**cfg.storage_options, "key": st.s3.key, "secret": st.s3.secret})
+    store = RunStore(
+        cfg.store, run_id, {**cfg.storage_options, "key": st.s3.key, "secret": st.s3.secret}
+    )
     by_name = {r.name: r for r in read_task_runs(flow_run_id)}
     rows = {r["class"]: r for r in status_table(store)}
     assert len(rows) == 2, rows
     for slug, row in rows.items():
         for stage in STAGES:
             task = by_name[f"{stage}[{slug}]"]
-            expected = {"COMPLETED": {"completed", "skipped"}, "FAILED": {"failed"}}[task.state.type.value]
+            expected = {"COMPLETED": {"completed", "skipped"}, "FAILED": {"failed"}}[
+                task.state.type.value
+            ]
             assert row[stage] in expected, (slug, stage, task.state, row)
             assert task.state.is_completed(), (task.name, task.state)
         assert row["state"] == "completed", row
@@ -461,7 +610,10 @@ def _agrees_with_lens_status(st: Stack, run_id: str, flow_run_id: Any, cfg: Any,
 
 @pytest.mark.slow
 def test_new_checkpoints_build_exactly_once_from_watcher_and_event(
-    api: Stack, s3_creds: None, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+    api: Stack,
+    s3_creds: None,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     import flows.watch as watch
     from flows.watch import watch_checkpoints
@@ -481,7 +633,10 @@ def test_new_checkpoints_build_exactly_once_from_watcher_and_event(
 
     monkeypatch.setattr(watch, "run_deployment", gated)
     with ThreadPoolExecutor(2) as pool:
-        futures = [pool.submit(contextvars.copy_context().run, watch_checkpoints, **params) for _ in range(2)]
+        futures = [
+            pool.submit(contextvars.copy_context().run, watch_checkpoints, **params)
+            for _ in range(2)
+        ]
         results = [f.result(timeout=180) for f in futures]
     monkeypatch.setattr(watch, "run_deployment", real)
     entries = [r["checkpoints"] for r in results]
@@ -493,7 +648,9 @@ def test_new_checkpoints_build_exactly_once_from_watcher_and_event(
     flow_run = runs[0]
     assert str(flow_run.id) == entries[0][0]["flow_run_id"]
     assert flow_run.parameters["checkpoint"] == ckpt
-    assert api.s3.secret not in json.dumps(flow_run.parameters) and api.s3.key not in json.dumps(flow_run.parameters)
+    assert api.s3.secret not in json.dumps(flow_run.parameters) and api.s3.key not in json.dumps(
+        flow_run.parameters
+    )
 
     # a watcher while the build is queued or running asks again and gets the same run
     again = watch_checkpoints(**params)
@@ -506,17 +663,32 @@ def test_new_checkpoints_build_exactly_once_from_watcher_and_event(
     run_b, cfg_b = _planned(api, ckpt_b)
     assert run_b != run_id
     t_event = time.monotonic()
-    sent = subprocess.run([sys.executable, "-m", "flows.events", ckpt_b, "--payload", '{"epoch": 2}'],
-                          env=api.env, cwd=REPO, capture_output=True, text=True, timeout=60)
+    sent = subprocess.run(
+        [sys.executable, "-m", "flows.events", ckpt_b, "--payload", '{"epoch": 2}'],
+        env=api.env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert sent.returncode == 0 and ckpt_b in sent.stdout, (sent.stdout, sent.stderr)
     # the trigger runs the watcher deployment on that checkpoint; that watcher triggers build-atlas
-    watcher = api.wait("a watch-checkpoints run created by the lens.checkpoint.created trigger",
-                       lambda: _runs_of(WATCH), timeout=90)
-    assert len(watcher) == 1 and watcher[0].parameters["prefix"] == ckpt_b, [r.parameters for r in watcher]
+    watcher = api.wait(
+        "a watch-checkpoints run created by the lens.checkpoint.created trigger",
+        lambda: _runs_of(WATCH),
+        timeout=90,
+    )
+    assert len(watcher) == 1 and watcher[0].parameters["prefix"] == ckpt_b, [
+        r.parameters for r in watcher
+    ]
     timings["event -> watcher run"] = time.monotonic() - t_event
     watched = _final(api, watcher[0].id, "the event's watcher run", timeout=120)
     assert watched.state.is_completed(), (watched.state, api.logs())
-    [build_b] = api.wait(f"a build-atlas run for run {run_b}", lambda: _runs_of(BUILD, f"lens-run:{run_b}"), timeout=10)
+    [build_b] = api.wait(
+        f"a build-atlas run for run {run_b}",
+        lambda: _runs_of(BUILD, f"lens-run:{run_b}"),
+        timeout=10,
+    )
     assert build_b.parameters["checkpoint"] == ckpt_b
     timings["event -> build-atlas run"] = time.monotonic() - t_event
 
@@ -531,9 +703,14 @@ def test_new_checkpoints_build_exactly_once_from_watcher_and_event(
 
     done_b = _final(api, build_b.id, f"build-atlas run {build_b.name} to finish", timeout=300)
     timings["second build finished"] = time.monotonic() - t_start
-    assert done_b.state.is_completed() and done_b.state.name == "Completed", (done_b.state, api.logs())
+    assert done_b.state.is_completed() and done_b.state.name == "Completed", (
+        done_b.state,
+        api.logs(),
+    )
     _agrees_with_lens_status(api, run_b, build_b.id, cfg_b, capsys, monkeypatch)
-    replay = watch_checkpoints(prefix=ckpt_b, config_path=str(api.config_path))  # the event again: nothing
+    replay = watch_checkpoints(
+        prefix=ckpt_b, config_path=str(api.config_path)
+    )  # the event again: nothing
     assert [c["action"] for c in replay["checkpoints"]] == ["finished"], replay
     assert len(_runs_of(BUILD)) == 2
 
@@ -556,7 +733,9 @@ def test_new_checkpoints_build_exactly_once_from_watcher_and_event(
 
 
 @pytest.mark.slow
-def test_a_run_that_ended_unfinished_is_retried_up_to_max_attempts(api: Stack, s3_creds: None) -> None:
+def test_a_run_that_ended_unfinished_is_retried_up_to_max_attempts(
+    api: Stack, s3_creds: None
+) -> None:
     from prefect.client.schemas.actions import WorkPoolUpdate
     from prefect.states import Failed
 
@@ -570,15 +749,27 @@ def test_a_run_that_ended_unfinished_is_retried_up_to_max_attempts(api: Stack, s
         c.update_work_pool(POOL, WorkPoolUpdate(is_paused=True))  # nothing here may really run
         created = []
         try:
-            failed = c.create_flow_run_from_deployment(dep.id, parameters={}, state=Failed(), tags=[RUN_TAG + run_id],
-                                                       idempotency_key=idempotency_key(run_id, 0))
+            failed = c.create_flow_run_from_deployment(
+                dep.id,
+                parameters={},
+                state=Failed(),
+                tags=[RUN_TAG + run_id],
+                idempotency_key=idempotency_key(run_id, 0),
+            )
             created.append(failed.id)
             retry = request_build(BUILD, "s3://x/c.pt", run_id, {}, cfg, max_attempts=3)
-            assert (retry.action, retry.attempt, retry.flow_run_name) == ("triggered", 1, f"atlas-{run_id}-1"), retry
+            assert (retry.action, retry.attempt, retry.flow_run_name) == (
+                "triggered",
+                1,
+                f"atlas-{run_id}-1",
+            ), retry
             created.append(retry.flow_run_id)
             again = request_build(BUILD, "s3://x/c.pt", run_id, {}, cfg, max_attempts=3)
             assert (again.action, again.flow_run_id) == ("existing", retry.flow_run_id), again
-            assert request_build(BUILD, "s3://x/c.pt", run_id, {}, cfg, max_attempts=1).action == "gave-up"
+            assert (
+                request_build(BUILD, "s3://x/c.pt", run_id, {}, cfg, max_attempts=1).action
+                == "gave-up"
+            )
             assert len(_runs_of(BUILD, RUN_TAG + run_id)) == 2
         finally:
             for flow_run_id in created:

@@ -47,8 +47,15 @@ SMALL = {
 }
 
 SHRUNK = {f"{section}.{key}" for section, values in SMALL.items() for key in values}
-LOCAL = {"store", "publish", "storage_options", "model.checkpoint", "data.url", "data.class_index",
-         "data.class_names"}
+LOCAL = {
+    "store",
+    "publish",
+    "storage_options",
+    "model.checkpoint",
+    "data.url",
+    "data.class_index",
+    "data.class_names",
+}
 
 
 @dataclass(frozen=True)
@@ -66,14 +73,24 @@ class Example:
 
 
 IMAGENET = Example(
-    "imagenet-resnet50.toml", "resnet50", 1000, ("n01443537", "n01514859"), "imagenet/val",
+    "imagenet-resnet50.toml",
+    "resnet50",
+    1000,
+    ("n01443537", "n01514859"),
+    "imagenet/val",
     tuple(f"ILSVRC2012_val_{n:08d}.JPEG" for n in (293, 2138, 3014, 6697, 7197)),
-    "imagenet_class_index.sample.json", "imagenet_class_names.sample.json",
+    "imagenet_class_index.sample.json",
+    "imagenet_class_names.sample.json",
 )
 LEAVES = Example(
-    "leaves-142.toml", "resnet101", 142, ("Rubiaceae", "Fagaceae"), "leaves/test",
+    "leaves-142.toml",
+    "resnet101",
+    142,
+    ("Rubiaceae", "Fagaceae"),
+    "leaves/test",
     ("cleared_0001.png", "cleared_0002.jpg", "xray_0003.png", "xray_0004.png", "cleared_0005.jpeg"),
-    "leaves-142_class_index.sample.json", "leaves-142_class_names.sample.json",
+    "leaves-142_class_index.sample.json",
+    "leaves-142_class_names.sample.json",
 )
 
 
@@ -99,6 +116,7 @@ def _changed(a: AtlasConfig, b: AtlasConfig) -> set[str]:
 
 # ---- the configs as shipped -------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("ex", [IMAGENET, LEAVES], ids=["imagenet", "leaves"])
 def test_the_example_loads_with_its_stated_values(ex: Example):
     cfg = load_config(EXAMPLES / ex.toml)
@@ -112,7 +130,14 @@ def test_the_example_loads_with_its_stated_values(ex: Example):
     assert len(boxes) == 16 and set(boxes[:, 2] - boxes[:, 0]) == {round(64 * scale)}
     assert (cfg.maco.lr, cfg.maco.crop_range) == (1.0, (0.25, 0.30))
     # every URL is on s3, no credential anywhere: the flow accepts the file as a parameter
-    urls = [cfg.store, cfg.publish, m.checkpoint, cfg.data.url, cfg.data.class_index, cfg.data.class_names]
+    urls = [
+        cfg.store,
+        cfg.publish,
+        m.checkpoint,
+        cfg.data.url,
+        cfg.data.class_index,
+        cfg.data.class_names,
+    ]
     assert all(u.startswith("s3://") for u in urls)
     assert set(cfg.storage_options) == {"endpoint_url"}
     assert config_from_parameters(config_path=str(EXAMPLES / ex.toml)) == cfg
@@ -122,12 +147,18 @@ def test_the_imagenet_example_is_the_lens_site_case():
     cfg = load_config(EXAMPLES / IMAGENET.toml)
     assert (cfg.data.images_per_class, cfg.patches.image_size) == (50, 224)
     # MACO at the budget measured in bench/bench_maco_budget.py, in bf16
-    assert (cfg.maco.steps, cfg.maco.crops, cfg.maco.image_size, cfg.model.precision) == (256, 2, 512, "bf16")
+    assert (cfg.maco.steps, cfg.maco.crops, cfg.maco.image_size, cfg.model.precision) == (
+        256,
+        2,
+        512,
+        "bf16",
+    )
     keras = EXAMPLES / IMAGENET.class_index
     assert _label_indices(keras)["n01440764"] == 0
 
 
 # ---- the examples, run end to end at a small size ---------------------------------------------
+
 
 def _class_image(k: int, i: int, grey: bool) -> Image.Image:
     """Image i of class k: a class colour and stripe direction, per-image phase and noise."""
@@ -135,7 +166,9 @@ def _class_image(k: int, i: int, grey: bool) -> Image.Image:
     h, w = 105 + 10 * i, 140
     yy, xx = np.mgrid[0:h, 0:w] / w
     angle, freq = (0.0, 6.0) if k == 0 else (np.pi / 3, 14.0)
-    stripes = 0.5 + 0.5 * np.sin(2 * np.pi * freq * (xx * np.cos(angle) + yy * np.sin(angle)) + rng.uniform(0, 6))
+    stripes = 0.5 + 0.5 * np.sin(
+        2 * np.pi * freq * (xx * np.cos(angle) + yy * np.sin(angle)) + rng.uniform(0, 6)
+    )
     colour = np.array([0.9, 0.5, 0.1]) if k == 0 else np.array([0.1, 0.5, 0.8])
     rgb = colour * (0.4 + 0.6 * stripes)[..., None] + rng.normal(0, 0.04, (h, w, 3))
     img = Image.fromarray((np.clip(rgb, 0, 1) * 255).astype(np.uint8), "RGB")
@@ -161,15 +194,19 @@ def _patches(data: Path, cfg: AtlasConfig) -> torch.Tensor:
     out, wholes = [], []
     for path in sorted(data.iterdir()):
         img = torch.from_numpy(np.asarray(Image.open(path).convert("RGB"), np.float32) / 255)
-        img = F.interpolate(img.permute(2, 0, 1)[None], size=(s, s), mode="bilinear", antialias=True)
-        crops = torch.cat([img[:, :, y:y + side, x:x + side] for y in starts for x in starts])
+        img = F.interpolate(
+            img.permute(2, 0, 1)[None], size=(s, s), mode="bilinear", antialias=True
+        )
+        crops = torch.cat([img[:, :, y : y + side, x : x + side] for y in starts for x in starts])
         size = cfg.model.input_size
         out.append(F.interpolate(crops, size=size, mode="bilinear", antialias=True))
         wholes.append(F.interpolate(img, size=size, mode="bilinear", antialias=True))
     return (torch.cat(out) - mean) / std, (torch.cat(wholes) - mean) / std
 
 
-def _checkpoint(ex: Example, data: Path, cfg: AtlasConfig, indices: tuple[int, int], path: Path) -> None:
+def _checkpoint(
+    ex: Example, data: Path, cfg: AtlasConfig, indices: tuple[int, int], path: Path
+) -> None:
     """The example's architecture at seeded random init, its batch-norm statistics measured on the
     images (as training leaves them: activations of a trained scale) and the two classes' fc rows
     set so each class is predicted on its own patches; saved as a plain state dict."""
@@ -184,7 +221,9 @@ def _checkpoint(ex: Example, data: Path, cfg: AtlasConfig, indices: tuple[int, i
     with torch.no_grad():
         model.train()(torch.cat(patches))
         model.eval()
-        with autocast("cpu", cfg.model.precision):  # the features the run will see (bf16 for ImageNet)
+        with autocast(
+            "cpu", cfg.model.precision
+        ):  # the features the run will see (bf16 for ImageNet)
             feats = [body(x).flatten(1).float() for x in images]
         # a separating direction (least squares on the two classes' images) orthogonal to the
         # features' common (all-positive) direction: the logit is not a difference of two large
@@ -193,8 +232,9 @@ def _checkpoint(ex: Example, data: Path, cfg: AtlasConfig, indices: tuple[int, i
         y = torch.cat([torch.ones(len(feats[0])), -torch.ones(len(feats[1]))]).double()
         common = torch.nn.functional.normalize(X.mean(0), dim=0)
         Xp = X - (X @ common)[:, None] * common
-        d = torch.linalg.lstsq(torch.cat([Xp, torch.ones(len(X), 1, dtype=X.dtype)], 1),
-                               y[:, None]).solution[:-1, 0]
+        d = torch.linalg.lstsq(
+            torch.cat([Xp, torch.ones(len(X), 1, dtype=X.dtype)], 1), y[:, None]
+        ).solution[:-1, 0]
         d = d - (d @ common) * common
         proj = Xp @ d
         low, high = proj[y < 0].max(), proj[y > 0].min()
@@ -213,8 +253,11 @@ def _small_config(ex: Example, root: Path, data: Path, checkpoint: Path) -> Atla
     base = load_config(EXAMPLES / ex.toml).model_dump(mode="json")
     urls = {
         "model": {"checkpoint": str(checkpoint)},
-        "data": {"url": str(data), "class_index": str(root / ex.class_index),
-                 "class_names": str(root / ex.class_names)},
+        "data": {
+            "url": str(data),
+            "class_index": str(root / ex.class_index),
+            "class_names": str(root / ex.class_names),
+        },
     }
     for section in set(SMALL) | set(urls):
         base[section] = {**base[section], **SMALL.get(section, {}), **urls.get(section, {})}
@@ -240,7 +283,9 @@ def test_the_example_explains_two_classes_end_to_end(ex: Example, tmp_path: Path
 
     info = prepare_run(cfg)
     assert info.num_classes == ex.outputs
-    assert sorted((c.id, c.index) for c in info.classes) == sorted(zip(ex.classes, indices, strict=True))
+    assert sorted((c.id, c.index) for c in info.classes) == sorted(
+        zip(ex.classes, indices, strict=True)
+    )
     for slug in info.slugs:
         run_class(info, slug)
     rendered = render_batch(info, pending_items(info))
@@ -277,4 +322,7 @@ def test_keras_names_are_used_without_a_names_file(tmp_path: Path):
     """The ImageNet example's class index alone names the classes (Keras' names)."""
     data = _write_images(IMAGENET, tmp_path)
     got = list_classes(str(data), None, None, str(EXAMPLES / IMAGENET.class_index))
-    assert [(c.id, c.index, c.name) for c in got] == [("n01443537", 1, "goldfish"), ("n01514859", 8, "hen")]
+    assert [(c.id, c.index, c.name) for c in got] == [
+        ("n01443537", 1, "goldfish"),
+        ("n01514859", 8, "hen"),
+    ]

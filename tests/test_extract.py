@@ -57,7 +57,9 @@ def _matched_cosines(W: np.ndarray, truth: np.ndarray) -> np.ndarray:
 
 def _rel(X: np.ndarray, U: np.ndarray, W: np.ndarray) -> float:
     X = X.astype(np.float64)
-    return float(np.linalg.norm(X - U.astype(np.float64) @ W.astype(np.float64)) / np.linalg.norm(X))
+    return float(
+        np.linalg.norm(X - U.astype(np.float64) @ W.astype(np.float64)) / np.linalg.norm(X)
+    )
 
 
 def _brute_force_semi_nmf(X: np.ndarray, k: int, seed: int, iters: int = 100) -> float:
@@ -105,9 +107,16 @@ def test_semi_nmf_error_matches_independent_references(seed, k):
     brute = min(_brute_force_semi_nmf(X, k, s) for s in range(2))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        dl = DictionaryLearning(n_components=k, alpha=1e-4, positive_code=True, max_iter=100,
-                                fit_algorithm="cd", transform_algorithm="lasso_cd",
-                                transform_alpha=1e-4, random_state=seed)
+        dl = DictionaryLearning(
+            n_components=k,
+            alpha=1e-4,
+            positive_code=True,
+            max_iter=100,
+            fit_algorithm="cd",
+            transform_algorithm="lasso_cd",
+            transform_alpha=1e-4,
+            random_state=seed,
+        )
         code = dl.fit_transform(X.astype(np.float64))
     sk = _rel(X, code, dl.components_)
     assert ours.attrs["rel_error"] <= 1.01 * min(brute, sk), (ours.attrs["rel_error"], brute, sk)
@@ -127,8 +136,9 @@ def test_on_a_non_negative_layer_auto_is_nmf_as_good_as_scikit_learn(seed):
     assert fit.attrs["method"] == "nmf" and (fit.W >= 0).all()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
-        ref = NMF(n_components=k, init="nndsvda", solver="cd", max_iter=2000, tol=1e-6,
-                  random_state=0)
+        ref = NMF(
+            n_components=k, init="nndsvda", solver="cd", max_iter=2000, tol=1e-6, random_state=0
+        )
         U = ref.fit_transform(X.astype(np.float64))
     sk = _rel(X, U, ref.components_)
     assert fit.attrs["rel_error"] <= 1.01 * sk
@@ -139,7 +149,7 @@ def test_on_a_non_negative_layer_auto_is_nmf_as_good_as_scikit_learn(seed):
 def test_encoding_on_a_signed_dictionary_is_exact_nnls():
     rng = np.random.default_rng(3)
     W = rng.normal(size=(7, 20)).astype(np.float32)
-    X = (np.maximum(rng.normal(size=(50, 7)), 0) @ W + 0.3 * rng.normal(size=(50, 20)))
+    X = np.maximum(rng.normal(size=(50, 7)), 0) @ W + 0.3 * rng.normal(size=(50, 20))
     X = X.astype(np.float32)
     ref = np.array([scipy_nnls(W.T.astype(np.float64), x.astype(np.float64))[0] for x in X])
     for extractor in (SemiNMFExtractor(7), make_extractor(ConceptConfig(n_concepts=7))):
@@ -175,6 +185,7 @@ def test_semi_nmf_validation():
 
 
 # ---- the tolerance rule and the choice of the method ------------------------------------------
+
 
 def test_rounding_noise_is_clipped_and_nmf_is_chosen():
     rng = np.random.default_rng(0)
@@ -213,9 +224,13 @@ def test_a_signed_layer_picks_semi_nmf_and_explicit_nmf_is_refused_in_one_line()
 
 
 def _tiny(tmp_path, **concepts):
-    cfg = {**TINY, "data": {**TINY["data"], "toy_classes": 2},
-           "concepts": {**TINY["concepts"], **concepts},
-           "store": f"file://{tmp_path}/store", "publish": f"file://{tmp_path}/site"}
+    cfg = {
+        **TINY,
+        "data": {**TINY["data"], "toy_classes": 2},
+        "concepts": {**TINY["concepts"], **concepts},
+        "store": f"file://{tmp_path}/store",
+        "publish": f"file://{tmp_path}/site",
+    }
     return cfg
 
 
@@ -243,8 +258,15 @@ def test_set_up_resolves_the_method_once_per_run(tmp_path):
     assert (store.zarr[layout.concepts(info.slugs[0])]["W"][:] < 0).any()
 
     with pytest.raises(ModelError, match=r"block4\.1.*negative activations.*after a ReLU") as err:
-        prepare_run(make_config({**cfg, "model": {"layer": "block4.1"},
-                                 "concepts": {**cfg["concepts"], "method": "nmf"}}))
+        prepare_run(
+            make_config(
+                {
+                    **cfg,
+                    "model": {"layer": "block4.1"},
+                    "concepts": {**cfg["concepts"], "method": "nmf"},
+                }
+            )
+        )
     assert "\n" not in str(err.value)
 
     plain = prepare_run(make_config(cfg, classes=["0"]))

@@ -37,6 +37,7 @@ MARKERS = {"activations": "acts", "factorize": "concepts", "importance": "import
 
 # ---- fixtures ------------------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def faults(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The control file `faultkit` reads in every process (Dask workers inherit the variable)."""
@@ -44,7 +45,9 @@ def faults(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path.write_text("{}")
     old = {k: os.environ.get(k) for k in (faultkit.CONTROL_ENV, "LENS_MODEL_FACTORIES")}
     os.environ[faultkit.CONTROL_ENV] = str(path)
-    os.environ["LENS_MODEL_FACTORIES"] = "faultkit:toy"  # the worker's allow-list (inherited by its processes)
+    os.environ["LENS_MODEL_FACTORIES"] = (
+        "faultkit:toy"  # the worker's allow-list (inherited by its processes)
+    )
     yield path
     path.write_text("{}")
     for key, value in old.items():
@@ -85,13 +88,19 @@ def _arrays(store: RunStore, slug: str) -> dict[str, np.ndarray]:
 
 
 @pytest.fixture(scope="module")
-def reference(toy_data: str, faults: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, np.ndarray]]:
+def reference(
+    toy_data: str, faults: Path, tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, dict[str, np.ndarray]]:
     """Every array of a clean in-process run of the same configuration (nothing killed or shared),
     on one thread like a Dask worker, so that the numbers match to the last bit."""
     import torch
 
     root = tmp_path_factory.mktemp("reference")
-    info = prepare_run(make_config(_config(toy_data, f"file://{root}/store", f"file://{root}/site"), classes=CLASSES))
+    info = prepare_run(
+        make_config(
+            _config(toy_data, f"file://{root}/store", f"file://{root}/site"), classes=CLASSES
+        )
+    )
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -120,11 +129,17 @@ def _assert_same_as_clean_run(store: RunStore, reference: dict[str, dict[str, np
             assert got[key].shape == want.shape, (slug, key, got[key].shape, want.shape)
             assert np.isfinite(got[key]).all(), (slug, key)
             if key.startswith("acts/") or key == "importance/image_positions":
-                np.testing.assert_allclose(got[key], want, rtol=1e-5, atol=1e-6, err_msg=f"{slug} {key}")
+                np.testing.assert_allclose(
+                    got[key], want, rtol=1e-5, atol=1e-6, err_msg=f"{slug} {key}"
+                )
         A, U, W = got["acts/A"], got["concepts/U"], got["concepts/W"]
         rel = np.linalg.norm(A - U @ W) / np.linalg.norm(A)
         recorded = store.zarr[f"concepts/{slug}"].attrs["rel_error"]
-        assert abs(rel - recorded) < 1e-4 and abs(rel - _rel_error(ref)) < 0.01, (slug, rel, recorded)
+        assert abs(rel - recorded) < 1e-4 and abs(rel - _rel_error(ref)) < 0.01, (
+            slug,
+            rel,
+            recorded,
+        )
         assert sorted(got["importance/order"].tolist()) == list(range(W.shape[0]))
 
 
@@ -138,8 +153,11 @@ def _done(store: RunStore, slugs: list[str]) -> set[tuple[str, str]]:
     done = set()
     for slug in slugs:
         for stage in CLASS_STAGES:
-            ok = (store.files_complete(f"crops/{slug}") if stage == "crops"
-                  else store.is_complete(f"{MARKERS[stage]}/{slug}"))
+            ok = (
+                store.files_complete(f"crops/{slug}")
+                if stage == "crops"
+                else store.is_complete(f"{MARKERS[stage]}/{slug}")
+            )
             if ok:
                 done.add((slug, stage))
     return done
@@ -149,23 +167,41 @@ def _computed(result: dict[str, Any]) -> set[tuple[str, str]]:
     return {(slug, stage) for slug, stages in result["computed"].items() for stage in stages}
 
 
-def _spawn_flow(api: str, cfg: dict[str, Any], workdir: Path, name: str, classes: list[str]) -> subprocess.Popen:
+def _spawn_flow(
+    api: str, cfg: dict[str, Any], workdir: Path, name: str, classes: list[str]
+) -> subprocess.Popen:
     """The build-atlas flow in its own process group (its Dask cluster too), on the test API."""
     spec = workdir / f"{name}.spec.json"
     spec.write_text(json.dumps({"config": cfg, "classes": classes, "workers": 1}))
     home = workdir / f"{name}.prefect"
     home.mkdir(exist_ok=True)
-    env = {**os.environ, "PREFECT_API_URL": api, "PREFECT_HOME": str(home),
-           "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-           "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
+    env = {
+        **os.environ,
+        "PREFECT_API_URL": api,
+        "PREFECT_HOME": str(home),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]),
+    }
     log = open(workdir / f"{name}.log", "wb")  # noqa: SIM115 - kept open for the child's lifetime
     return subprocess.Popen(
-        [sys.executable, str(TESTS / "faultkit.py"), "flow", str(spec), str(workdir / f"{name}.result.json")],
-        env=env, cwd=TESTS.parent, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        [
+            sys.executable,
+            str(TESTS / "faultkit.py"),
+            "flow",
+            str(spec),
+            str(workdir / f"{name}.result.json"),
+        ],
+        env=env,
+        cwd=TESTS.parent,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
     )
 
 
-def _outcome(proc: subprocess.Popen, workdir: Path, name: str, timeout: float = 300) -> dict[str, Any]:
+def _outcome(
+    proc: subprocess.Popen, workdir: Path, name: str, timeout: float = 300
+) -> dict[str, Any]:
     try:
         proc.wait(timeout=timeout)
     finally:
@@ -179,6 +215,7 @@ def _outcome(proc: subprocess.Popen, workdir: Path, name: str, timeout: float = 
 
 
 # ---- leases: one writer per stage and class ---------------------------------------------------------
+
 
 @pytest.fixture(params=["file", "s3"])
 def lease_store(request: pytest.FixtureRequest, tmp_path: Path) -> RunStore:
@@ -211,10 +248,20 @@ def test_lease_is_exclusive_and_taken_over_from_dead_holders(lease_store):
     for t in threads:
         t.join(timeout=60)
     assert sorted(order) == list(range(6)) and max(overlap) == 1, overlap
-    assert not [n for n in lease_store.list("locks/activations/cls") if n.endswith(".json")]  # released
+    assert not [
+        n for n in lease_store.list("locks/activations/cls") if n.endswith(".json")
+    ]  # released
 
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    record = {"token": "dead", "host": socket.gethostname(), "pid": int(dead.stdout), "beats": 0, "ttl": 3600}
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    record = {
+        "token": "dead",
+        "host": socket.gethostname(),
+        "pid": int(dead.stdout),
+        "beats": 0,
+        "ttl": 3600,
+    }
     lease_store.write_json("locks/factorize/cls/00000000.json", record)
     t0 = time.monotonic()
     with lease_store.lease("factorize/cls", poll=0.05) as lease:
@@ -251,7 +298,10 @@ def test_a_holder_whose_lease_was_taken_over_cannot_mark_its_stage_complete(leas
 
 # ---- a Dask worker dies mid-stage ----------------------------------------------------------------
 
-def test_worker_killed_mid_stage_is_retried_and_loses_nothing(prefect_api, faults, toy_data, reference, tmp_path):
+
+def test_worker_killed_mid_stage_is_retried_and_loses_nothing(
+    prefect_api, faults, toy_data, reference, tmp_path
+):
     """A worker SIGKILLs itself between two batches of an activations stage (half its arrays
     written): the nanny restarts it, the scheduler reruns the class, the run completes, and every
     array equals the clean run's: the half-written group was redone, never marked complete."""
@@ -263,7 +313,8 @@ def test_worker_killed_mid_stage_is_retried_and_loses_nothing(prefect_api, fault
     cfg = _config(toy_data, f"file://{tmp_path}/store", f"file://{tmp_path}/site")
     try:
         state = build_atlas.with_options(task_runner=make_task_runner(workers=2))(
-            config=cfg, classes=CLASSES, return_state=True)
+            config=cfg, classes=CLASSES, return_state=True
+        )
     finally:
         faults.write_text("{}")
     assert marker.exists(), "no worker was killed: the fault did not fire"
@@ -277,7 +328,10 @@ def test_worker_killed_mid_stage_is_retried_and_loses_nothing(prefect_api, fault
 
 # ---- the flow process dies and is started again ---------------------------------------------------
 
-def test_flow_process_killed_and_restarted_reruns_only_unfinished_stages(prefect_api, faults, toy_data, tmp_path):
+
+def test_flow_process_killed_and_restarted_reruns_only_unfinished_stages(
+    prefect_api, faults, toy_data, tmp_path
+):
     cfg = _config(toy_data, f"file://{tmp_path}/store", f"file://{tmp_path}/site")
     info = prepare_run(make_config(cfg, classes=CLASSES))
     store = info.store()
@@ -307,12 +361,17 @@ def test_flow_process_killed_and_restarted_reruns_only_unfinished_stages(prefect
     todo = every - done_at_kill
     assert _computed(out["result"]) == todo  # unfinished stages, and only those, ran again
     records = {(s, st): store.read_json(f"status/{s}/{st}.json") or {} for s, st in every}
-    timed = {key for key, rec in records.items() if rec.get("at", 0) > restarted and rec.get("seconds") is not None}
+    timed = {
+        key
+        for key, rec in records.items()
+        if rec.get("at", 0) > restarted and rec.get("seconds") is not None
+    }
     assert timed == todo  # the status files agree: fresh timings for the recomputed stages only
     assert _done(store, info.slugs) == every
 
 
 # ---- two runs of the same checkpoint at once ------------------------------------------------------
+
 
 def test_two_runs_of_one_checkpoint_at_once_share_the_work(faults, toy_data, reference, tmp_path):
     """Two processes run every stage of the same run on one store, starting the same instant (the
@@ -321,8 +380,11 @@ def test_two_runs_of_one_checkpoint_at_once_share_the_work(faults, toy_data, ref
     ends whole and consistent."""
     cfg = _config(toy_data, f"file://{tmp_path}/store", f"file://{tmp_path}/site")
     info = prepare_run(make_config(cfg, classes=CLASSES))
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]),
-           "LENS_LEASE_POLL_S": "0.1"}
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]),
+        "LENS_LEASE_POLL_S": "0.1",
+    }
     spec = tmp_path / "spec.json"
     spec.write_text(json.dumps({"config": cfg, "classes": CLASSES}))
     faults.write_text(json.dumps({"slow": 0.5}))  # activations take seconds: both meet on them
@@ -331,8 +393,18 @@ def test_two_runs_of_one_checkpoint_at_once_share_the_work(faults, toy_data, ref
         for name in ("a", "b"):
             with open(tmp_path / f"{name}.log", "wb") as log:
                 procs[name] = subprocess.Popen(
-                    [sys.executable, str(TESTS / "faultkit.py"), "stages", str(spec), str(tmp_path / f"{name}.json")],
-                    env=env, cwd=TESTS.parent, stdout=log, stderr=subprocess.STDOUT)
+                    [
+                        sys.executable,
+                        str(TESTS / "faultkit.py"),
+                        "stages",
+                        str(spec),
+                        str(tmp_path / f"{name}.json"),
+                    ],
+                    env=env,
+                    cwd=TESTS.parent,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                )
         deadline = time.monotonic() + 120
         while not all((tmp_path / f"{name}.json.ready").exists() for name in procs):
             assert all(p.poll() is None for p in procs.values()) and time.monotonic() < deadline
@@ -340,7 +412,10 @@ def test_two_runs_of_one_checkpoint_at_once_share_the_work(faults, toy_data, ref
         (tmp_path / "spec.go").write_text("")
         for name, proc in procs.items():
             proc.wait(timeout=240)
-            assert proc.returncode == 0, (name, (tmp_path / f"{name}.log").read_text(errors="replace")[-4000:])
+            assert proc.returncode == 0, (
+                name,
+                (tmp_path / f"{name}.log").read_text(errors="replace")[-4000:],
+            )
     finally:
         faults.write_text("{}")
         for proc in procs.values():
@@ -363,15 +438,21 @@ def test_two_whole_flows_of_one_checkpoint_at_once_share_the_work_and_the_site(
     import s3fs
 
     bucket = own_s3.new_bucket()
-    cfg = _config(toy_data, f"s3://{bucket}/lens", f"s3://{bucket}/site",
-                  storage_options={"endpoint_url": own_s3.endpoint_url})
+    cfg = _config(
+        toy_data,
+        f"s3://{bucket}/lens",
+        f"s3://{bucket}/site",
+        storage_options={"endpoint_url": own_s3.endpoint_url},
+    )
     info = prepare_run(make_config(cfg, classes=CLASSES))
     every = {(s, st) for s in info.slugs for st in CLASS_STAGES}
     faults.write_text(json.dumps({"slow": 0.5}))  # activations take seconds: the flows meet on them
     procs: dict[str, subprocess.Popen] = {}
     out, ended = {}, {}
     try:
-        procs = {name: _spawn_flow(prefect_api, cfg, tmp_path, name, CLASSES) for name in ("a", "b")}
+        procs = {
+            name: _spawn_flow(prefect_api, cfg, tmp_path, name, CLASSES) for name in ("a", "b")
+        }
         for name, proc in procs.items():
             out[name] = _outcome(proc, tmp_path, name)
             ended[name] = (tmp_path / f"{name}.result.json").stat().st_mtime
@@ -384,7 +465,11 @@ def test_two_whole_flows_of_one_checkpoint_at_once_share_the_work_and_the_site(
     for name, o in out.items():
         assert o["state"] == "Completed", (name, o["message"])
     started = {name: ended[name] - out[name]["result"]["seconds"] for name in out}
-    assert max(started.values()) < min(ended.values()), ("the two flows did not overlap", started, ended)
+    assert max(started.values()) < min(ended.values()), (
+        "the two flows did not overlap",
+        started,
+        ended,
+    )
     a, b = (_computed(out[name]["result"]) for name in ("a", "b"))
     assert not a & b, f"computed twice: {sorted(a & b)}"
     assert a | b == every
@@ -393,8 +478,12 @@ def test_two_whole_flows_of_one_checkpoint_at_once_share_the_work_and_the_site(
     # no lease record left (SeaweedFS keeps emptied folders, so look for the records themselves)
     left = [p for p in store.fs.find(store.path("locks")) if p.endswith(".json")]
     assert not left, left
-    fs = s3fs.S3FileSystem(endpoint_url=own_s3.endpoint_url, key=own_s3.key, secret=own_s3.secret,
-                           skip_instance_cache=True)
+    fs = s3fs.S3FileSystem(
+        endpoint_url=own_s3.endpoint_url,
+        key=own_s3.key,
+        secret=own_s3.secret,
+        skip_instance_cache=True,
+    )
     site = f"{bucket}/site/{info.run_id}"
     for slug in info.slugs:
         assert store.files_complete(f"viz/{slug}")
@@ -408,6 +497,7 @@ def test_two_whole_flows_of_one_checkpoint_at_once_share_the_work_and_the_site(
 
 
 # ---- S3 goes away -----------------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def weed(tmp_path_factory: pytest.TempPathFactory) -> S3Server:
@@ -448,12 +538,20 @@ def test_store_operations_wait_out_an_outage(own_s3):
     np.testing.assert_array_equal(again.zarr["acts/x/A"][:], np.arange(12).reshape(3, 4))
 
 
-def _stop_when_a_class_has_activations(server: S3Server, store: RunStore, slugs: list[str], down_for: float | None,
-                                       log: dict[str, float]) -> None:
+def _stop_when_a_class_has_activations(
+    server: S3Server,
+    store: RunStore,
+    slugs: list[str],
+    down_for: float | None,
+    log: dict[str, float],
+) -> None:
     """Kill the S3 server once any class has finished activations; start it again after `down_for`."""
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline:
-        if any((store.read_json(f"status/{s}/activations.json") or {}).get("state") == "completed" for s in slugs):
+        if any(
+            (store.read_json(f"status/{s}/activations.json") or {}).get("state") == "completed"
+            for s in slugs
+        ):
             break
         time.sleep(0.2)
     server.kill()
@@ -469,15 +567,22 @@ def test_flow_rides_out_an_s3_outage(prefect_api, own_s3, toy_data, reference, t
     from flows.atlas import build_atlas, make_task_runner
 
     bucket = own_s3.new_bucket()
-    cfg = _config(toy_data, f"s3://{bucket}/lens", f"file://{tmp_path}/site",
-                  storage_options={"endpoint_url": own_s3.endpoint_url})
+    cfg = _config(
+        toy_data,
+        f"s3://{bucket}/lens",
+        f"file://{tmp_path}/site",
+        storage_options={"endpoint_url": own_s3.endpoint_url},
+    )
     info = prepare_run(make_config(cfg, classes=CLASSES))
     times: dict[str, float] = {}
-    outage = threading.Thread(target=_stop_when_a_class_has_activations,
-                              args=(own_s3, info.store(), info.slugs, 8.0, times))
+    outage = threading.Thread(
+        target=_stop_when_a_class_has_activations,
+        args=(own_s3, info.store(), info.slugs, 8.0, times),
+    )
     outage.start()
     state = build_atlas.with_options(task_runner=make_task_runner(workers=2))(
-        config=cfg, classes=CLASSES, return_state=True)
+        config=cfg, classes=CLASSES, return_state=True
+    )
     ended = time.time()
     outage.join()
     assert times["down"] < ended, "the outage came after the run"
@@ -500,15 +605,22 @@ def test_store_down_for_good_fails_clearly_and_keeps_the_published_site(
     before = {p: p.read_bytes() for p in site.rglob("*") if p.is_file()}
     bucket = own_s3.new_bucket()
     fast = {"retries": {"total_max_attempts": 1}}  # ... and so does botocore
-    cfg = _config(toy_data, f"s3://{bucket}/lens", f"file://{site}",
-                  storage_options={"endpoint_url": own_s3.endpoint_url, "config_kwargs": fast})
+    cfg = _config(
+        toy_data,
+        f"s3://{bucket}/lens",
+        f"file://{site}",
+        storage_options={"endpoint_url": own_s3.endpoint_url, "config_kwargs": fast},
+    )
     info = prepare_run(make_config(cfg, classes=CLASSES))
     times: dict[str, float] = {}
-    outage = threading.Thread(target=_stop_when_a_class_has_activations,
-                              args=(own_s3, info.store(), info.slugs, None, times))
+    outage = threading.Thread(
+        target=_stop_when_a_class_has_activations,
+        args=(own_s3, info.store(), info.slugs, None, times),
+    )
     outage.start()
     state = build_atlas.with_options(task_runner=make_task_runner(workers=2))(
-        config=cfg, classes=CLASSES, return_state=True)
+        config=cfg, classes=CLASSES, return_state=True
+    )
     outage.join()
     assert state.is_failed(), (state.name, state.message)
     message = state.message or ""

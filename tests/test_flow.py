@@ -53,9 +53,11 @@ def test_build_atlas_on_dask_and_s3_with_a_failing_class(prefect_api, s3, s3_env
     cfg_dict = _config(bucket, s3_env)
     classes = ["0", "1", "2", "3"]
     info = prepare_run(make_config(cfg_dict, classes=classes))
-    fs = s3fs.S3FileSystem(endpoint_url=s3.endpoint_url, key=s3.key, secret=s3.secret, skip_instance_cache=True)
+    fs = s3fs.S3FileSystem(
+        endpoint_url=s3.endpoint_url, key=s3.key, secret=s3.secret, skip_instance_cache=True
+    )
     victim = info.classes[2]
-    victim_dir = f"{info.data_url[len('s3://'):]}/{victim.id}"
+    victim_dir = f"{info.data_url[len('s3://') :]}/{victim.id}"
     originals = {p: fs.cat_file(p) for p in fs.ls(victim_dir, detail=False)}
     for path in originals:  # every image of one class is corrupt: that class must fail alone
         fs.pipe_file(path, b"not an image")
@@ -71,13 +73,19 @@ def test_build_atlas_on_dask_and_s3_with_a_failing_class(prefect_api, s3, s3_env
     ok = [c for c in info.classes if c.slug != victim.slug]
     for cls in ok:
         assert store.is_complete(f"importance/{cls.slug}")
-        assert store.zarr[f"acts/{cls.slug}/A"].shape == (8 * 16, store.zarr[f"concepts/{cls.slug}/W"].shape[1])
+        assert store.zarr[f"acts/{cls.slug}/A"].shape == (
+            8 * 16,
+            store.zarr[f"concepts/{cls.slug}/W"].shape[1],
+        )
         assert store.files_complete(f"crops/{cls.slug}") and store.files_complete(f"viz/{cls.slug}")
         assert fs.exists(f"{bucket}/site/{info.run_id}/classes/{cls.slug}/index.html")
         assert fs.exists(f"{bucket}/site/{info.run_id}/assets/viz/{cls.slug}/0.png")
     assert not store.is_complete(f"acts/{victim.slug}")
     classes_json = json.loads(fs.cat_file(f"{bucket}/site/{info.run_id}/data/classes.json"))
-    listed = {c["slug"]: c for c in (classes_json["classes"] if isinstance(classes_json, dict) else classes_json)}
+    listed = {
+        c["slug"]: c
+        for c in (classes_json["classes"] if isinstance(classes_json, dict) else classes_json)
+    }
     assert listed[victim.slug]["status"] == "failed"
 
     flow_run_id = state.state_details.flow_run_id
@@ -94,20 +102,31 @@ def test_build_atlas_on_dask_and_s3_with_a_failing_class(prefect_api, s3, s3_env
     assert renders and all(" concept" in name for name in renders)
     for name in ("cross-class", "publish-pages", "publish-index"):
         assert by_name[name].state.is_completed(), (name, by_name[name].state)
-    assert by_name["publish-index"].start_time >= by_name["publish-pages"].end_time  # the index only after the pages
+    assert (
+        by_name["publish-index"].start_time >= by_name["publish-pages"].end_time
+    )  # the index only after the pages
 
     table = read_artifact(f"lens-classes-{info.run_id}")
     rows = json.loads(table.data) if isinstance(table.data, str) else table.data
-    assert len(rows) == len(classes) and all({"note", "score basis", "failed at"} <= set(r) for r in rows)
-    assert rows[0]["class"] == victim.slug and rows[0]["state"].endswith("FAILED")  # failed classes first
+    assert len(rows) == len(classes) and all(
+        {"note", "score basis", "failed at"} <= set(r) for r in rows
+    )
+    assert rows[0]["class"] == victim.slug and rows[0]["state"].endswith(
+        "FAILED"
+    )  # failed classes first
     assert rows[0]["failed at"] == "activations" and "EmptyClassError" in rows[0]["error"]
-    assert "1 FAILED" in table.description and state.message.startswith("PARTIAL: 3/4 classes explained")
+    assert "1 FAILED" in table.description and state.message.startswith(
+        "PARTIAL: 3/4 classes explained"
+    )
     site_artifact = read_artifact(f"lens-site-{info.run_id}")
     assert "lens serve" in site_artifact.data and f"s3://{bucket}/site" in site_artifact.data
 
     # lens status agrees with the flow, and shows why the class failed
     status = {r["class"]: r for r in status_table(store)}
-    assert status[victim.slug]["state"] == "failed" and "no readable image" in status[victim.slug]["error"]
+    assert (
+        status[victim.slug]["state"] == "failed"
+        and "no readable image" in status[victim.slug]["error"]
+    )
     assert all(status[c.slug]["state"] == "completed" for c in ok)
 
     # credentials never reach flow parameters, artifacts or status files
@@ -122,7 +141,9 @@ def test_build_atlas_on_dask_and_s3_with_a_failing_class(prefect_api, s3, s3_env
     computed = state2.result()["computed"]
     assert computed == {victim.slug: ["activations", "factorize", "importance", "crops"]}, computed
     status2 = {r["class"]: r for r in status_table(store)}
-    assert all(r["state"] == "completed" for r in status2.values()), [r for r in status2.values() if r["state"] != "completed"]
+    assert all(r["state"] == "completed" for r in status2.values()), [
+        r for r in status2.values() if r["state"] != "completed"
+    ]
     assert fs.exists(f"{bucket}/site/{info.run_id}/classes/{victim.slug}/index.html")
     top_page = fs.cat_file(f"{bucket}/site/index.html").decode()
     assert f'href="{info.run_id}/index.html"' in top_page
@@ -135,21 +156,33 @@ def test_a_gpu_limit_of_one_is_honoured_without_deadlock(prefect_api, tmp_path):
 
     from flows.atlas import build_atlas, make_task_runner
 
-    cfg = {**_config("unused", {}), "store": f"file://{tmp_path}/store", "publish": f"file://{tmp_path}/site",
-           "storage_options": {}}
+    cfg = {
+        **_config("unused", {}),
+        "store": f"file://{tmp_path}/store",
+        "publish": f"file://{tmp_path}/site",
+        "storage_options": {},
+    }
     with get_client(sync_client=True) as client:
         client.create_concurrency_limit(tag="gpu", concurrency_limit=1)
     try:
         state = build_atlas.with_options(task_runner=make_task_runner(workers=2))(
-            config=cfg, classes=["0", "1"], return_state=True)
+            config=cfg, classes=["0", "1"], return_state=True
+        )
         assert state.is_completed() and state.name == "Completed", state.message
         runs = read_task_runs(state.state_details.flow_run_id)
     finally:
         with get_client(sync_client=True) as client:
             client.delete_concurrency_limit_by_tag("gpu")
     gpu = sorted((r for r in runs if "gpu" in r.tags), key=lambda r: r.start_time)
-    assert {r.name.split("[")[0].split(" ")[0] for r in gpu} == {"activations", "importance", "render", "mistakes"}
-    assert not any("gpu" in r.tags for r in runs if r.name.startswith("class["))  # the chain holds no slot
+    assert {r.name.split("[")[0].split(" ")[0] for r in gpu} == {
+        "activations",
+        "importance",
+        "render",
+        "mistakes",
+    }
+    assert not any(
+        "gpu" in r.tags for r in runs if r.name.startswith("class[")
+    )  # the chain holds no slot
     assert all(set(r.tags) <= {"gpu"} for r in runs)  # only the limited tag is applied
     for a, b in zip(gpu, gpu[1:], strict=False):
         assert a.end_time <= b.start_time, (a.name, b.name)  # one at a time
@@ -167,16 +200,22 @@ def test_tags_fall_back_to_all_candidates_when_the_limits_cannot_be_listed():
 
     said: list[str] = []
     handler = logging.Handler()
-    handler.emit = lambda record: said.append(record.getMessage())  # Prefect reconfigures root logging
+    handler.emit = lambda record: said.append(
+        record.getMessage()
+    )  # Prefect reconfigures root logging
     logger = logging.getLogger("lens.test.limits")
     logger.addHandler(handler)
-    with temporary_settings({PREFECT_API_URL: "http://127.0.0.1:9/api", PREFECT_CLIENT_MAX_RETRIES: 0}):
+    with temporary_settings(
+        {PREFECT_API_URL: "http://127.0.0.1:9/api", PREFECT_CLIENT_MAX_RETRIES: 0}
+    ):
         limited = limited_tags(logger)
     logger.removeHandler(handler)
     assert set(limited) == {t for tags in CANDIDATE_TAGS.values() for t in tags}
     assert any("could not list Prefect concurrency limits" in m for m in said), said
     assert set(tagged(activations_task, limited).tags) == {"stage:activations", "gpu"}
-    assert tagged(factorize_task, ("gpu",)) is factorize_task  # nothing limited on it: the task as defined
+    assert (
+        tagged(factorize_task, ("gpu",)) is factorize_task
+    )  # nothing limited on it: the task as defined
     assert not factorize_task.tags
 
 
@@ -188,7 +227,9 @@ def test_an_invalid_config_parameter_fails_before_the_run_starts(prefect_api, tm
     from flows.atlas import build_atlas
 
     bad = {"store": f"file://{tmp_path}/store", "maco": {"image_size": 10**6}}
-    state = build_atlas.with_options(task_runner=ThreadPoolTaskRunner(max_workers=1))(config=bad, return_state=True)
+    state = build_atlas.with_options(task_runner=ThreadPoolTaskRunner(max_workers=1))(
+        config=bad, return_state=True
+    )
     assert state.is_failed() and "image_size" in (state.message or "")
     assert not (tmp_path / "store").exists()
 
@@ -201,23 +242,37 @@ def test_parameters_holding_credentials_are_refused(prefect_api, tmp_path):
     from flows.atlas import build_atlas
     from flows.watch import watch_checkpoints
 
-    cfg = {"store": f"file://{tmp_path}/store", "publish": f"file://{tmp_path}/site",
-           "storage_options": {"client_kwargs": {"headers": {"Authorization": "Bearer abc.def.ghi-123456"}}}}
-    state = build_atlas.with_options(task_runner=ThreadPoolTaskRunner(max_workers=1))(config=cfg, return_state=True)
+    cfg = {
+        "store": f"file://{tmp_path}/store",
+        "publish": f"file://{tmp_path}/site",
+        "storage_options": {
+            "client_kwargs": {"headers": {"Authorization": "Bearer abc.def.ghi-123456"}}
+        },
+    }
+    state = build_atlas.with_options(task_runner=ThreadPoolTaskRunner(max_workers=1))(
+        config=cfg, return_state=True
+    )
     assert state.is_failed()
     with pytest.raises(Exception, match="Prefect Secret block") as err:
         state.result()
-    assert "abc.def.ghi" not in str(err.value) and "storage_options.client_kwargs.headers" in str(err.value)
-    assert read_task_runs(state.state_details.flow_run_id) == [] and not (tmp_path / "store").exists()
-    state = watch_checkpoints(prefix=str(tmp_path), config={"storage_options": {"secret": "hunter2"}},
-                              return_state=True)
+    assert "abc.def.ghi" not in str(err.value) and "storage_options.client_kwargs.headers" in str(
+        err.value
+    )
+    assert (
+        read_task_runs(state.state_details.flow_run_id) == [] and not (tmp_path / "store").exists()
+    )
+    state = watch_checkpoints(
+        prefix=str(tmp_path), config={"storage_options": {"secret": "hunter2"}}, return_state=True
+    )
     assert state.is_failed()
     with pytest.raises(Exception, match="environment") as err:
         state.result()
     assert "hunter2" not in str(err.value)
 
 
-def test_a_checkpoint_for_another_architecture_fails_the_run_once_before_any_class(prefect_api, tmp_path):
+def test_a_checkpoint_for_another_architecture_fails_the_run_once_before_any_class(
+    prefect_api, tmp_path
+):
     """The model is loaded once in the flow before the fan-out: one clear failure, no class task runs."""
     import torch
     from prefect.task_runners import ThreadPoolTaskRunner
@@ -229,7 +284,8 @@ def test_a_checkpoint_for_another_architecture_fails_the_run_once_before_any_cla
     torch.save(build_model("resnet18", 10).state_dict(), ckpt)
     cfg = {"store": f"file://{tmp_path}/store", "publish": f"file://{tmp_path}/site"}
     state = build_atlas.with_options(task_runner=ThreadPoolTaskRunner(max_workers=2))(
-        config=cfg, checkpoint=str(ckpt), return_state=True)
+        config=cfg, checkpoint=str(ckpt), return_state=True
+    )
     assert state.is_failed()
     with pytest.raises(Exception, match="does not match architecture 'toy'") as err:
         state.result()
@@ -253,8 +309,12 @@ def test_a_second_checkpoint_publishes_what_changed(prefect_api, tmp_path):
     state["fc.weight"][1] *= 0.5  # another checkpoint: class 1 relies less on everything
     ckpt = tmp_path / "epoch-2.safetensors"
     save_file(state, str(ckpt))
-    cfg = {**_config("unused", {}), "store": f"file://{tmp_path}/store", "publish": f"file://{tmp_path}/site",
-           "storage_options": {}}
+    cfg = {
+        **_config("unused", {}),
+        "store": f"file://{tmp_path}/store",
+        "publish": f"file://{tmp_path}/site",
+        "storage_options": {},
+    }
     flow = build_atlas.with_options(task_runner=ThreadPoolTaskRunner(max_workers=2))
     first = flow(config=cfg, classes=["0", "1"], return_state=True)
     assert first.is_completed() and first.result()["changes"]["previous"] is None
@@ -267,7 +327,11 @@ def test_a_second_checkpoint_publishes_what_changed(prefect_api, tmp_path):
     assert names["changes"].state.is_completed()
     table = read_artifact(f"lens-changes-{run2}")
     rows = json.loads(table.data) if isinstance(table.data, str) else table.data
-    assert [r["class"] for r in rows] and {"score", "appeared", "vanished", "matched"} <= set(rows[0])
+    assert [r["class"] for r in rows] and {"score", "appeared", "vanished", "matched"} <= set(
+        rows[0]
+    )
     assert "toy_cnn.safetensors" in table.description or run1 in table.description
     changes = (tmp_path / "site" / run2 / "changes.html").read_text()
-    assert f"../{run1}/index.html" in changes and all(f'id="changed-{r["class"]}"' in changes for r in rows)
+    assert f"../{run1}/index.html" in changes and all(
+        f'id="changed-{r["class"]}"' in changes for r in rows
+    )

@@ -27,8 +27,14 @@ def _finite_positive(x: Any) -> bool:
 def test_cpu_smoke_writes_every_part_with_sane_values(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if k not in ("LENS_GPU", "LENS_DASK_ADDRESS")}
     env["PREFECT_HOME"] = str(tmp_path / "prefect-home")
-    proc = subprocess.run([str(REPO / "bench/gpu.sh"), "--cpu-smoke", "--out", str(tmp_path)], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [str(REPO / "bench/gpu.sh"), "--cpu-smoke", "--out", str(tmp_path)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     res = json.loads((tmp_path / "gpu.json").read_text())
     assert res["mode"] == "cpu-smoke" and res["device"] == "cpu"
@@ -50,7 +56,9 @@ def test_cpu_smoke_writes_every_part_with_sane_values(tmp_path: Path) -> None:
     for r in mac["rows"]:
         assert _finite_positive(r["s_per_concept"]) and math.isfinite(r["objective_mean"])
     assert mac["horama"] == "installed" or mac["horama"].startswith("not installed")
-    assert (mac["horama"] == "installed") == any(r["impl"].startswith("horama") for r in mac["rows"])
+    assert (mac["horama"] == "installed") == any(
+        r["impl"].startswith("horama") for r in mac["rows"]
+    )
 
     nmf = res["nmf"]
     assert nmf["shape"] == sizes["nmf_shape"] and nmf["k"] == sizes["nmf_k"]
@@ -65,7 +73,10 @@ def test_cpu_smoke_writes_every_part_with_sane_values(tmp_path: Path) -> None:
     assert all(e2e["stage_classes"][s] == e2e["classes"] for s in layout.CLASS_STAGES)
     assert all(_finite_positive(v) for v in e2e["stage_s_per_class"].values())
     assert e2e["gpu_util"] is None and "nvidia-smi" in e2e["gpu_util_note"]
-    assert _finite_positive(e2e["classes_and_renders_s"]) and e2e["classes_and_renders_s"] <= e2e["wall_s"]
+    assert (
+        _finite_positive(e2e["classes_and_renders_s"])
+        and e2e["classes_and_renders_s"] <= e2e["wall_s"]
+    )
     assert all(_finite_positive(v) for v in e2e["gpu_hours_1000_classes"].values())
 
     md = (tmp_path / "gpu.md").read_text()
@@ -83,7 +94,9 @@ def test_gpu_devices_follow_cuda_visible_devices_and_refuse_none() -> None:
         cluster_mod.gpu_devices("", 0)
 
 
-def test_gpu_cluster_without_dask_cuda_pins_one_worker_per_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_gpu_cluster_without_dask_cuda_pins_one_worker_per_gpu(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """LENS_GPU=1 without dask-cuda: a plain LocalCluster (TLS, as every LENS cluster), one worker per
     visible GPU with CUDA_VISIBLE_DEVICES set to it alone and resources {"GPU": 1}; no GPU at all
     is a clear error. (Fake device ids: the workers only see the variable on this CPU machine.)"""
@@ -91,9 +104,13 @@ def test_gpu_cluster_without_dask_cuda_pins_one_worker_per_gpu(monkeypatch: pyte
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     monkeypatch.delenv("LENS_DASK_LOCAL_TLS", raising=False)
     with pytest.raises(RuntimeError, match="no CUDA device"):
-        cluster_mod.local_cluster(gpu=True, resources={"GPU": 1}, dashboard_address=None, preload=[])
+        cluster_mod.local_cluster(
+            gpu=True, resources={"GPU": 1}, dashboard_address=None, preload=[]
+        )
     monkeypatch.setattr(cluster_mod, "gpu_devices", lambda: ["3", "5"])
-    with cluster_mod.local_cluster(gpu=True, resources={"GPU": 1}, dashboard_address=None, preload=[]) as cluster:
+    with cluster_mod.local_cluster(
+        gpu=True, resources={"GPU": 1}, dashboard_address=None, preload=[]
+    ) as cluster:
         assert isinstance(cluster, cluster_mod.GPUCluster)
         assert cluster.scheduler_address.startswith("tls://")
         with distributed.Client(cluster, set_as_default=False) as client:
@@ -122,7 +139,11 @@ def test_gpu_sampler_parses_nvidia_smi(tmp_path: Path, monkeypatch: pytest.Monke
             time.sleep(0.05)
     summary = sampler.summary()
     assert summary is not None and summary["samples"] == 2
-    assert summary["util_mean"] == 46 and summary["mem_max_mib"] == 2048 and summary["util_busy_share"] == 1
+    assert (
+        summary["util_mean"] == 46
+        and summary["mem_max_mib"] == 2048
+        and summary["util_busy_share"] == 1
+    )
     monkeypatch.setenv("PATH", str(tmp_path / "empty"))
     with gpu_bench.GpuSampler() as none:
         pass

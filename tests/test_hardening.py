@@ -45,25 +45,35 @@ def _hostile_options() -> dict:
 
 # ---- secrets ------------------------------------------------------------------------------------
 
+
 def test_only_allow_listed_storage_options_are_stored_or_published(tmp_path):
     from lens_core.pipeline import prepare_run, run_class
     from lens_core.publish import publish
     from lens_core.site.runs import list_published_runs
 
     opts = _hostile_options()
-    cfg = make_config({**TINY, "store": f"file://{tmp_path}/store", "publish": f"file://{tmp_path}/site"},
-                      classes=["0"])
+    cfg = make_config(
+        {**TINY, "store": f"file://{tmp_path}/store", "publish": f"file://{tmp_path}/site"},
+        classes=["0"],
+    )
     shown = AtlasConfig.model_validate({**cfg.model_dump(), "storage_options": opts}).redacted()
     assert shown["storage_options"] == {
-        "endpoint_url": "http://127.0.0.1:9", "client_kwargs": {"headers": {"Authorization": "***"}, "region_name": "eu-west-1"},
-        "connection_string": "***", "credential": "***", "config_kwargs": {"signature_version": "s3v4"}}
+        "endpoint_url": "http://127.0.0.1:9",
+        "client_kwargs": {"headers": {"Authorization": "***"}, "region_name": "eu-west-1"},
+        "connection_string": "***",
+        "credential": "***",
+        "config_kwargs": {"signature_version": "s3v4"},
+    }
     # a whole run whose (local) store is given the hostile options: nothing secret lands anywhere
     cfg = cfg.model_copy(update={"storage_options": opts})
     info = prepare_run(cfg)
     run_class(info, info.slugs[0])
     publish(info)
-    everything = "".join(p.read_text(errors="replace") for p in tmp_path.rglob("*") if p.is_file()
-                         and p.suffix in (".json", ".html", ".js"))
+    everything = "".join(
+        p.read_text(errors="replace")
+        for p in tmp_path.rglob("*")
+        if p.is_file() and p.suffix in (".json", ".html", ".js")
+    )
     assert "run.json" in {p.name for p in tmp_path.rglob("run.json")}
     for secret in SECRETS:
         assert secret not in everything, secret
@@ -72,12 +82,15 @@ def test_only_allow_listed_storage_options_are_stored_or_published(tmp_path):
     assert list_published_runs(f"file://{tmp_path}/site")
 
 
-@pytest.mark.parametrize("url", [
-    "s3://user:hunter2@bucket/lens",
-    PRESIGNED,
-    "https://storage.googleapis.com/b/x.pt?X-Goog-Signature=abc&X-Goog-Credential=me",
-    "https://acct.blob.core.windows.net/c/x.pt?sv=2020&sig=abcdef",
-])
+@pytest.mark.parametrize(
+    "url",
+    [
+        "s3://user:hunter2@bucket/lens",
+        PRESIGNED,
+        "https://storage.googleapis.com/b/x.pt?X-Goog-Signature=abc&X-Goog-Credential=me",
+        "https://acct.blob.core.windows.net/c/x.pt?sv=2020&sig=abcdef",
+    ],
+)
 def test_urls_with_credentials_are_refused_everywhere(url):
     for field in ({"store": url}, {"model": {"checkpoint": url}}, {"data": {"url": url}}):
         with pytest.raises(ConfigError, match="credentials in URLs are refused") as err:
@@ -88,13 +101,19 @@ def test_urls_with_credentials_are_refused_everywhere(url):
 
 
 def test_flow_parameters_holding_secrets_are_refused_with_the_way_out():
-    for params in ({"config": {"storage_options": _hostile_options()}},
-                   {"config": {"storage_options": {"key": "AKIA", "secret": "hunter2"}}},
-                   {"checkpoint": PRESIGNED}):
+    for params in (
+        {"config": {"storage_options": _hostile_options()}},
+        {"config": {"storage_options": {"key": "AKIA", "secret": "hunter2"}}},
+        {"checkpoint": PRESIGNED},
+    ):
         with pytest.raises(ConfigError) as err:
             config_from_parameters(**params)
         text = str(err.value)
-        assert "environment" in text and "Prefect Secret block" in text or "credentials in URLs" in text
+        assert (
+            "environment" in text
+            and "Prefect Secret block" in text
+            or "credentials in URLs" in text
+        )
         for secret in SECRETS:
             assert secret not in text
     ok = config_from_parameters(config={"storage_options": {"endpoint_url": "http://127.0.0.1:9"}})
@@ -108,15 +127,19 @@ def test_every_error_text_goes_through_one_scrubber(tmp_path, monkeypatch):
     from lens_core.status import read_status
 
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "env-secret-value-123")
-    text = (f"failed GET {PRESIGNED} with {BEARER}; AccountKey={ACCOUNT_KEY}; "
-            "s3://user:hunter2@b/k; env-secret-value-123")
+    text = (
+        f"failed GET {PRESIGNED} with {BEARER}; AccountKey={ACCOUNT_KEY}; "
+        "s3://user:hunter2@b/k; env-secret-value-123"
+    )
     cleaned = scrub(text)
     for secret in (*SECRETS, "env-secret-value-123"):
         assert secret not in cleaned
     assert "X-Amz-Signature=***" in cleaned and "Bearer ***" in cleaned
 
-    cfg = make_config({**TINY, "store": f"file://{tmp_path}/store", "publish": f"file://{tmp_path}/site"},
-                      classes=["0", "1"])
+    cfg = make_config(
+        {**TINY, "store": f"file://{tmp_path}/store", "publish": f"file://{tmp_path}/site"},
+        classes=["0", "1"],
+    )
     info = prepare_run(cfg)
 
     def leaky(*args, **kwargs):
@@ -137,13 +160,23 @@ def test_every_error_text_goes_through_one_scrubber(tmp_path, monkeypatch):
 
 
 def test_public_options_masks_what_is_not_allow_listed():
-    assert public_options({"endpoint_url": "https://s3.example.org", "anon": False, "profile": "prod",
-                           "client_kwargs": {"verify": False, "aws_session_token": "t0k3n"}}) == {
-        "endpoint_url": "https://s3.example.org", "anon": False, "profile": "***",
-        "client_kwargs": {"verify": False, "aws_session_token": "***"}}
+    assert public_options(
+        {
+            "endpoint_url": "https://s3.example.org",
+            "anon": False,
+            "profile": "prod",
+            "client_kwargs": {"verify": False, "aws_session_token": "t0k3n"},
+        }
+    ) == {
+        "endpoint_url": "https://s3.example.org",
+        "anon": False,
+        "profile": "***",
+        "client_kwargs": {"verify": False, "aws_session_token": "***"},
+    }
 
 
 # ---- untrusted parameters -------------------------------------------------------------------------
+
 
 def test_a_model_factory_needs_the_workers_allow_list(tmp_path, monkeypatch):
     monkeypatch.delenv("LENS_MODEL_FACTORIES", raising=False)
@@ -162,7 +195,8 @@ def test_a_model_factory_needs_the_workers_allow_list(tmp_path, monkeypatch):
 def test_an_entry_point_names_an_allowed_factory(tmp_path, monkeypatch):
     """A package that registers `lens.models` entry points is allowed by being installed."""
     (tmp_path / "leafnets.py").write_text(
-        "from lens_core.toy import ToyCNN\n\ndef leafnet(num_classes=5):\n    return ToyCNN(num_classes)\n")
+        "from lens_core.toy import ToyCNN\n\ndef leafnet(num_classes=5):\n    return ToyCNN(num_classes)\n"
+    )
     dist = tmp_path / "leafnets-1.0.dist-info"
     dist.mkdir()
     (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: leafnets\nVersion: 1.0\n")
@@ -175,16 +209,30 @@ def test_an_entry_point_names_an_allowed_factory(tmp_path, monkeypatch):
 
 
 def test_the_cli_checkpoint_goes_through_validation(tmp_path):
-    env = {**os.environ, "PREFECT_API_URL": "http://127.0.0.1:9/api", "LENS_DASK_ADDRESS": "tcp://127.0.0.1:9"}
-    for bad, words in ((PRESIGNED, "credentials in URLs are refused"), ("gopher2://x/ckpt.pt", "unknown storage protocol")):
-        out = subprocess.run([LENS, "run", "--checkpoint", bad, "--store", str(tmp_path / "s"), "--no-progress"],
-                             capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
+    env = {
+        **os.environ,
+        "PREFECT_API_URL": "http://127.0.0.1:9/api",
+        "LENS_DASK_ADDRESS": "tcp://127.0.0.1:9",
+    }
+    for bad, words in (
+        (PRESIGNED, "credentials in URLs are refused"),
+        ("gopher2://x/ckpt.pt", "unknown storage protocol"),
+    ):
+        out = subprocess.run(
+            [LENS, "run", "--checkpoint", bad, "--store", str(tmp_path / "s"), "--no-progress"],
+            capture_output=True,
+            text=True,
+            env=env,
+            cwd=tmp_path,
+            timeout=120,
+        )
         assert out.returncode == 2 and words in out.stderr, out.stderr[-2000:]
         assert "Traceback" not in out.stderr and "deadbeefcafe" not in out.stderr + out.stdout
         assert not (tmp_path / "s").exists()  # refused before anything was written
 
 
 # ---- bounded resources ------------------------------------------------------------------------
+
 
 def _toy_zip_checkpoint(tmp_path: Path, compress: bool) -> Path:
     plain = tmp_path / "plain.pt"
@@ -212,17 +260,27 @@ def test_compressed_and_oversized_checkpoints_are_refused_before_loading(tmp_pat
         f.truncate(200 << 20)
     with pytest.raises(CheckpointError, match="more than this architecture's weights can fill"):
         load_model(ModelConfig(checkpoint=str(big)), 10)
-    plain = _toy_zip_checkpoint(tmp_path, compress=False)  # stored, but 96 MiB more than the toy holds
+    plain = _toy_zip_checkpoint(
+        tmp_path, compress=False
+    )  # stored, but 96 MiB more than the toy holds
     with pytest.raises(CheckpointError, match="more than this architecture"):
         load_model(ModelConfig(checkpoint=str(plain)), 10)
 
 
-@pytest.mark.parametrize(("section", "field"), [
-    ("patches", "image_size"), ("model", "input_size"), ("maco", "image_size"), ("crops", "size"),
-    ("importance", "n_designs"),
-])
+@pytest.mark.parametrize(
+    ("section", "field"),
+    [
+        ("patches", "image_size"),
+        ("model", "input_size"),
+        ("maco", "image_size"),
+        ("crops", "size"),
+        ("importance", "n_designs"),
+    ],
+)
 def test_sizes_have_an_upper_bound(section, field):
-    with pytest.raises(ConfigError, match=rf"{section}\.{field}: Input should be less than or equal to"):
+    with pytest.raises(
+        ConfigError, match=rf"{section}\.{field}: Input should be less than or equal to"
+    ):
         make_config({section: {field: 10**6}})
 
 
@@ -242,8 +300,13 @@ def test_a_huge_image_is_decoded_toward_the_target_size(tmp_path):
         "peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base;"
         "torch.save(t, sys.argv[1]); print(peak // 1024)"
     )
-    out = subprocess.run([sys.executable, "-c", script, str(tmp_path / "t.pt")], capture_output=True, text=True,
-                         timeout=300, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path / "t.pt")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    )
     peak_mib = int(out.stdout.strip())
     assert peak_mib < 300, f"decoding took {peak_mib} MiB over the interpreter's baseline (was 824)"
     got = torch.load(tmp_path / "t.pt")
@@ -282,6 +345,7 @@ def test_the_model_cache_keeps_at_most_two_models_per_device(monkeypatch):
 
 # ---- odd input --------------------------------------------------------------------------------
 
+
 def test_a_long_class_name_gets_a_short_safe_slug_and_the_site_publishes(tmp_path):
     from lens_core.data import list_classes
     from lens_core.site import build_site
@@ -291,14 +355,31 @@ def test_a_long_class_name_gets_a_short_safe_slug_and_the_site_publishes(tmp_pat
     long_id = "n" + "x" * 70
     for d in (long_id, long_id + "y", "short"):
         (root / d).mkdir(parents=True)
-    name = ("Supercalifragilisticexpialidocious" * 2)[:60] + " " + ("Pneumonoultramicroscopic" * 3)[:60]
+    name = (
+        ("Supercalifragilisticexpialidocious" * 2)[:60]
+        + " "
+        + ("Pneumonoultramicroscopic" * 3)[:60]
+    )
     (tmp_path / "names.json").write_text(json.dumps({long_id: name, long_id + "y": name}))
     classes = list_classes(str(root), None, str(tmp_path / "names.json"))
     slugs = [c.slug for c in classes]
-    assert len(set(slugs)) == 3 and all(len(s) <= MAX_SLUG and SLUG_RE.fullmatch(s) for s in slugs), slugs
-    site = {"run": {"run_id": "abcdefabcdef"}, "classes": [
-        {"index": c.index, "id": c.id, "name": c.name, "slug": c.slug, "status": "failed", "error": "x"}
-        for c in classes]}
+    assert len(set(slugs)) == 3 and all(
+        len(s) <= MAX_SLUG and SLUG_RE.fullmatch(s) for s in slugs
+    ), slugs
+    site = {
+        "run": {"run_id": "abcdefabcdef"},
+        "classes": [
+            {
+                "index": c.index,
+                "id": c.id,
+                "name": c.name,
+                "slug": c.slug,
+                "status": "failed",
+                "error": "x",
+            }
+            for c in classes
+        ],
+    }
     build_site(site, str(tmp_path / "site"), None, {})
     assert all((tmp_path / "site" / "classes" / s / "index.html").exists() for s in slugs)
 
@@ -308,17 +389,38 @@ def test_lens_status_shows_markup_and_escapes_as_plain_text(tmp_path):
     from lens_core.store import RunStore
 
     store = RunStore(f"file://{tmp_path}/store", "0123456789ab")
-    store.write_json("run.json", {"run_id": "0123456789ab", "created": "x", "classes": [
-        {"slug": "evil", "index": 0, "id": "[/]", "name": "n"}]})
-    write_status(store, "evil", "activations", "failed", 0.1,
-                 "boom [/] [link=https://evil.example]click[/link] \x1b[31mred\x1b]8;;https://x\x07 \u202eevil")
-    out = subprocess.run([LENS, "status", "--store", f"file://{tmp_path}/store", "--run", "0123456789ab"],
-                         capture_output=True, text=True, timeout=120, env={**os.environ, "COLUMNS": "300"})
+    store.write_json(
+        "run.json",
+        {
+            "run_id": "0123456789ab",
+            "created": "x",
+            "classes": [{"slug": "evil", "index": 0, "id": "[/]", "name": "n"}],
+        },
+    )
+    write_status(
+        store,
+        "evil",
+        "activations",
+        "failed",
+        0.1,
+        "boom [/] [link=https://evil.example]click[/link] \x1b[31mred\x1b]8;;https://x\x07 \u202eevil",
+    )
+    out = subprocess.run(
+        [LENS, "status", "--store", f"file://{tmp_path}/store", "--run", "0123456789ab"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "COLUMNS": "300"},
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     assert "[/]" in out.stdout and "[link=https://evil.example]click[/link]" in out.stdout
     assert "\x1b" not in out.stdout and "\x07" not in out.stdout and "\u202e" not in out.stdout
-    bad = subprocess.run([LENS, "status", "--store", f"file://{tmp_path}/store", "--run", "../../etc"],
-                         capture_output=True, text=True, timeout=120)
+    bad = subprocess.run(
+        [LENS, "status", "--store", f"file://{tmp_path}/store", "--run", "../../etc"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert bad.returncode == 2 and "is not a run id" in bad.stderr
     assert re.search(r"1 classes, 1 failed", out.stdout)
 
@@ -328,30 +430,60 @@ def test_json_never_carries_nan(tmp_path):
     from lens_core.store import RunStore
 
     store = RunStore(f"file://{tmp_path}/s", "0123456789ab")
-    write_status(store, "c", "importance", "completed", float("nan"), top_importance=float("inf"),
-                 shares=np.array([1.0, np.nan]))
-    text = (tmp_path / "s" / "runs" / "0123456789ab" / "status" / "c" / "importance.json").read_text()
+    write_status(
+        store,
+        "c",
+        "importance",
+        "completed",
+        float("nan"),
+        top_importance=float("inf"),
+        shares=np.array([1.0, np.nan]),
+    )
+    text = (
+        tmp_path / "s" / "runs" / "0123456789ab" / "status" / "c" / "importance.json"
+    ).read_text()
     record = json.loads(text, parse_constant=lambda name: pytest.fail(f"{name} in JSON"))
-    assert record["seconds"] is None and record["top_importance"] is None and record["shares"] == [1.0, None]
+    assert (
+        record["seconds"] is None
+        and record["top_importance"] is None
+        and record["shares"] == [1.0, None]
+    )
     assert io.StringIO(text).read().count("NaN") == 0
 
 
 # ---- issue 21: what still leaked or hung ------------------------------------------------------
 
 # credentials in query parameters whose names no deny-list knew (issue 21, item 7)
-HIDDEN_QUERIES = ("sas_token=s3cr3t-sas", "access_key=s3cr3t-ak", "client_secret=s3cr3t-cs",
-                  "refresh_token=s3cr3t-rt", "private_token=s3cr3t-pt", "code=s3cr3t-code",
-                  "auth=s3cr3t-auth", "credential=s3cr3t-cred", "sig[]=s3cr3t-sig", "sig%20=s3cr3t-sp",
-                  "%73ig=s3cr3t-esc", "versionId=1&api-secret=s3cr3t-2nd", "versionId=1;sig=s3cr3t-semi",
-                  "s3cr3t-bare-token")
+HIDDEN_QUERIES = (
+    "sas_token=s3cr3t-sas",
+    "access_key=s3cr3t-ak",
+    "client_secret=s3cr3t-cs",
+    "refresh_token=s3cr3t-rt",
+    "private_token=s3cr3t-pt",
+    "code=s3cr3t-code",
+    "auth=s3cr3t-auth",
+    "credential=s3cr3t-cred",
+    "sig[]=s3cr3t-sig",
+    "sig%20=s3cr3t-sp",
+    "%73ig=s3cr3t-esc",
+    "versionId=1&api-secret=s3cr3t-2nd",
+    "versionId=1;sig=s3cr3t-semi",
+    "s3cr3t-bare-token",
+)
 
 
 @pytest.mark.parametrize("query", HIDDEN_QUERIES)
 def test_a_url_query_survives_only_when_every_parameter_is_allow_listed(query):
     secret = query.rsplit("=", 1)[-1]
     for url in (f"https://models.example.org/ckpt/model.pt?{query}", f"s3://bucket/data?{query}"):
-        for field in ({"store": url}, {"publish": url}, {"model": {"checkpoint": url}},
-                      {"data": {"url": url}}, {"data": {"class_names": url}}, {"maco": {"magnitude": url}}):
+        for field in (
+            {"store": url},
+            {"publish": url},
+            {"model": {"checkpoint": url}},
+            {"data": {"url": url}},
+            {"data": {"class_names": url}},
+            {"maco": {"magnitude": url}},
+        ):
             with pytest.raises(ConfigError, match="credentials in URLs are refused") as err:
                 make_config(field)
             assert secret not in str(err.value)
@@ -363,21 +495,41 @@ def test_a_url_query_survives_only_when_every_parameter_is_allow_listed(query):
 
 
 def test_allow_listed_query_parameters_still_name_an_object_version():
-    for url in ("s3://bucket/ckpt/model.pt?versionId=3HL4kqtJlcpXroDTDmJ.rmSp-Xd3_dIbrHY",
-                "gs://bucket/model.pt?generation=1700000000000000",
-                "https://models.example.org/model.pt?revision=v2&version=7"):
+    for url in (
+        "s3://bucket/ckpt/model.pt?versionId=3HL4kqtJlcpXroDTDmJ.rmSp-Xd3_dIbrHY",
+        "gs://bucket/model.pt?generation=1700000000000000",
+        "https://models.example.org/model.pt?revision=v2&version=7",
+    ):
         assert make_config({"model": {"checkpoint": url}}).model.checkpoint == url
 
 
 def test_the_changes_label_of_a_run_never_shows_its_query():
     from lens_core.lineage import RunRecord
 
-    rec = RunRecord("0123456789ab", {"checkpoint": "https://h.example/ck/epoch-7.pt?access_key=AK&x=s3cr3t"}, True)
+    rec = RunRecord(
+        "0123456789ab",
+        {"checkpoint": "https://h.example/ck/epoch-7.pt?access_key=AK&x=s3cr3t"},
+        True,
+    )
     assert rec.label == "epoch-7.pt"
 
 
-@pytest.mark.parametrize("name", ["passphrase", "pkey", "sastoken", "jwt", "bearer", "cred", "creds",
-                                  "oauth2_refresh", "sig", "ssh_passphrase", "client_kwargs.pkey"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "passphrase",
+        "pkey",
+        "sastoken",
+        "jwt",
+        "bearer",
+        "cred",
+        "creds",
+        "oauth2_refresh",
+        "sig",
+        "ssh_passphrase",
+        "client_kwargs.pkey",
+    ],
+)
 def test_scrub_masks_the_values_of_every_credential_like_option(name):
     from lens_core.secrets import is_secret_key
 
@@ -441,15 +593,22 @@ def test_a_device_or_fifo_is_refused_not_read_forever(tmp_path):
     os.mkfifo(fifo)
     cfg = {**TINY, "model": {"checkpoint": str(zero)}, "store": f"file://{tmp_path}/store"}
     try:
-        out = subprocess.run([sys.executable, "-c", _DEVICE_SCRIPT, json.dumps(cfg), str(fifo), str(zero)],
-                             capture_output=True, text=True, timeout=240, cwd=tmp_path)
+        out = subprocess.run(
+            [sys.executable, "-c", _DEVICE_SCRIPT, json.dumps(cfg), str(fifo), str(zero)],
+            capture_output=True,
+            text=True,
+            timeout=240,
+            cwd=tmp_path,
+        )
     except subprocess.TimeoutExpired:
         pytest.fail("reading a device or a FIFO never ended")
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])
     for name, got in result.items():
         assert "not a regular file" in got, (name, got)
-    assert result["prepare_run"].startswith("CheckpointError") and "model.pt" in result["prepare_run"]
+    assert (
+        result["prepare_run"].startswith("CheckpointError") and "model.pt" in result["prepare_run"]
+    )
     assert result["class_names"].startswith("DataError")
     assert result["image"].startswith("ImageReadError")  # the image is skipped with its reason
     assert not (tmp_path / "store" / "runs").exists()
@@ -501,8 +660,13 @@ def test_class_names_drop_unicode_format_characters(tmp_path):
     for d in ("a", "b\u202e"):
         (root / d).mkdir(parents=True)
     classes = list_classes(str(root), None, None, str(tmp_path / "index.json"))
-    shown = [*names["a"], *names["b"], *index.names["a"], *[c.name for c in classes],
-             *[s for c in classes for s in c.synonyms]]
+    shown = [
+        *names["a"],
+        *names["b"],
+        *index.names["a"],
+        *[c.name for c in classes],
+        *[s for c in classes for s in c.synonyms],
+    ]
     for text in shown:
         assert not any(unicodedata.category(ch) == "Cf" for ch in text), ascii(text)
     assert names["a"] == ["stem 1 tnatropmi"] and names["b"] == ["ok", "synonym"]

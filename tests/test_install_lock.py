@@ -57,7 +57,9 @@ def installed() -> dict[str, str]:
     for dist in md.distributions():
         name = _name(dist.metadata["Name"])
         if name in found and found[name] != dist.version:
-            pytest.fail(f"{name} is installed twice ({found[name]} and {dist.version}): rebuild the venv")
+            pytest.fail(
+                f"{name} is installed twice ({found[name]} and {dist.version}): rebuild the venv"
+            )
         found[name] = dist.version
     return found
 
@@ -65,12 +67,20 @@ def installed() -> dict[str, str]:
 def test_every_locked_package_is_pinned_with_a_hash() -> None:
     blocks = _lock_blocks()
     pins = locked()
-    assert len(pins) == len(blocks) > 50  # every package once, the whole tree (not just the direct pins)
-    unhashed = [b.splitlines()[0] for b in blocks if not re.search(r"--hash=sha256:[0-9a-f]{64}", b)]
+    assert (
+        len(pins) == len(blocks) > 50
+    )  # every package once, the whole tree (not just the direct pins)
+    unhashed = [
+        b.splitlines()[0] for b in blocks if not re.search(r"--hash=sha256:[0-9a-f]{64}", b)
+    ]
     assert not unhashed, f"without a hash (pip --require-hashes would refuse the lock): {unhashed}"
     # the pins that the project depends on being exact (pyproject.toml), and the build backend for `-e .`
-    for name, version in {"torch": "2.14.1", "prefect": "3.8.8", "sqlalchemy": "2.0.58",
-                          "fastapi": "0.150.0"}.items():
+    for name, version in {
+        "torch": "2.14.1",
+        "prefect": "3.8.8",
+        "sqlalchemy": "2.0.58",
+        "fastapi": "0.150.0",
+    }.items():
         assert pins.get(name) == version, f"{name}: {pins.get(name)} locked, {version} wanted"
     assert "setuptools" in pins
 
@@ -78,8 +88,11 @@ def test_every_locked_package_is_pinned_with_a_hash() -> None:
 def test_pyproject_requirements_are_met_by_the_lock() -> None:
     """A pyproject.toml edit without `scripts/lock.sh` fails here, before any install drifts."""
     project = tomllib.loads((REPO / "pyproject.toml").read_text())
-    reqs = [*project["project"]["dependencies"], *project["project"]["optional-dependencies"]["test"],
-            *project["build-system"]["requires"]]
+    reqs = [
+        *project["project"]["dependencies"],
+        *project["project"]["optional-dependencies"]["test"],
+        *project["build-system"]["requires"],
+    ]
     pins = locked()
     unmet = []
     for text in reqs:
@@ -87,7 +100,9 @@ def test_pyproject_requirements_are_met_by_the_lock() -> None:
         version = pins.get(_name(req.name))
         if version is None or not req.specifier.contains(version, prereleases=True):
             unmet.append(f"{text} (lock: {version})")
-    assert not unmet, "pyproject.toml and requirements.lock disagree; run scripts/lock.sh:\n" + "\n".join(unmet)
+    assert not unmet, (
+        "pyproject.toml and requirements.lock disagree; run scripts/lock.sh:\n" + "\n".join(unmet)
+    )
 
 
 def test_the_environment_holds_exactly_the_lock() -> None:
@@ -95,11 +110,18 @@ def test_the_environment_holds_exactly_the_lock() -> None:
     pins, have = locked(), installed()
     assert have.get(PROJECT), f"{PROJECT} is not installed in {sys.prefix}"
     missing = sorted(f"{n}=={v}" for n, v in pins.items() if n not in have)
-    other = sorted(f"{n}: {have[n]} installed, {v} locked" for n, v in pins.items() if n in have and have[n] != v)
-    extra = sorted(f"{n}=={v}" for n, v in have.items() if n not in pins and n not in NOT_LOCKED | {PROJECT})
+    other = sorted(
+        f"{n}: {have[n]} installed, {v} locked"
+        for n, v in pins.items()
+        if n in have and have[n] != v
+    )
+    extra = sorted(
+        f"{n}=={v}" for n, v in have.items() if n not in pins and n not in NOT_LOCKED | {PROJECT}
+    )
     assert not (missing or other or extra), (
         f"{sys.prefix} is not requirements.lock (re-run scripts/venv.sh, or rebuild the venv):\n"
-        f"missing: {missing}\ndifferent: {other}\nnot in the lock: {extra}")
+        f"missing: {missing}\ndifferent: {other}\nnot in the lock: {extra}"
+    )
 
 
 def test_the_venv_stamp_is_the_lock_it_was_installed_from() -> None:
@@ -107,5 +129,9 @@ def test_the_venv_stamp_is_the_lock_it_was_installed_from() -> None:
     stamp = Path(sys.prefix) / ".lens-installed"
     if not stamp.exists():
         pytest.skip(f"{sys.prefix} was not made by scripts/venv.sh")
-    want = hashlib.sha256((REPO / "pyproject.toml").read_bytes() + LOCK.read_bytes()).hexdigest()[:16]
-    assert stamp.read_text().strip() == want, "the venv predates the current lock: source scripts/venv.sh"
+    want = hashlib.sha256((REPO / "pyproject.toml").read_bytes() + LOCK.read_bytes()).hexdigest()[
+        :16
+    ]
+    assert stamp.read_text().strip() == want, (
+        "the venv predates the current lock: source scripts/venv.sh"
+    )

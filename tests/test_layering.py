@@ -16,7 +16,11 @@ LAYERS = ("flows", "tasks", "lens_core")  # each may import only itself and what
 
 
 def test_lens_core_imports_no_orchestrator():
-    modules = [m.name for m in pkgutil.walk_packages(lens_core.__path__, "lens_core.") if ".toy.train" not in m.name]
+    modules = [
+        m.name
+        for m in pkgutil.walk_packages(lens_core.__path__, "lens_core.")
+        if ".toy.train" not in m.name
+    ]
     code = (
         "import importlib, sys\n"
         f"for m in {modules!r}: importlib.import_module(m)\n"
@@ -55,7 +59,7 @@ def import_graph(root: Path = ROOT) -> dict[str, set[str]]:
                     base = ".".join(up + ([base] if base else []))
                 for a in node.names:
                     full = f"{base}.{a.name}"
-                    if (r := full if full in files else resolve(base)):
+                    if r := full if full in files else resolve(base):
                         deps.add(r)
         graph[mod] = deps - {mod}
     return graph
@@ -107,7 +111,10 @@ def test_the_cycle_finder_finds_a_cycle_and_the_graph_is_real():
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
     assert cycles({"a": {"b"}, "b": set()}) == []
     graph = import_graph()
-    assert len(graph) > 40 and "lens_core.store.run_store" in graph["lens_core.run"] | graph["lens_core.store"]
+    assert (
+        len(graph) > 40
+        and "lens_core.store.run_store" in graph["lens_core.run"] | graph["lens_core.store"]
+    )
 
 
 def test_no_import_cycle():
@@ -116,8 +123,12 @@ def test_no_import_cycle():
 
 def test_imports_go_only_downward():
     rank = {name: i for i, name in enumerate(LAYERS)}
-    upward = [(mod, dep) for mod, deps in import_graph().items() for dep in deps
-              if rank[dep.split(".")[0]] < rank[mod.split(".")[0]]]
+    upward = [
+        (mod, dep)
+        for mod, deps in import_graph().items()
+        for dep in deps
+        if rank[dep.split(".")[0]] < rank[mod.split(".")[0]]
+    ]
     assert upward == []
 
 

@@ -345,7 +345,9 @@ def test_bf16_objective_is_within_5_percent_of_fp32(subject: Subject, magnitude)
     dtypes: set[torch.dtype] = set()
     hook = subject.g[-1].register_forward_hook(lambda m, i, o: dtypes.add(o.dtype))
     try:
-        bf16 = maco.render_concepts(subject.g, dirs, cfg, magnitude, seeds, subject.input_size, precision="bf16")
+        bf16 = maco.render_concepts(
+            subject.g, dirs, cfg, magnitude, seeds, subject.input_size, precision="bf16"
+        )
     finally:
         hook.remove()
     fp32 = maco.render_concepts(subject.g, dirs, cfg, magnitude, seeds, subject.input_size)
@@ -354,4 +356,6 @@ def test_bf16_objective_is_within_5_percent_of_fp32(subject: Subject, magnitude)
     ratio = float(bf16.objective.mean() / fp32.objective.mean())
     assert abs(ratio - 1) < 0.05, (ratio, bf16.objective, fp32.objective)
     with pytest.raises(ValueError, match="precision"):
-        maco.render_concepts(subject.g, dirs[:1], cfg, magnitude, [0], subject.input_size, precision="fp8")
+        maco.render_concepts(
+            subject.g, dirs[:1], cfg, magnitude, [0], subject.input_size, precision="fp8"
+        )

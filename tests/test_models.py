@@ -28,7 +28,15 @@ MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 def _cfg(arch: str, layer: str, checkpoint: str | None = None, size: int = 64) -> ModelConfig:
-    return ModelConfig(arch=arch, layer=layer, checkpoint=checkpoint, num_classes=7, input_size=size, mean=MEAN, std=STD)
+    return ModelConfig(
+        arch=arch,
+        layer=layer,
+        checkpoint=checkpoint,
+        num_classes=7,
+        input_size=size,
+        mean=MEAN,
+        std=STD,
+    )
 
 
 def _perturbed(arch: str) -> nn.Module:
@@ -65,7 +73,9 @@ def resnet50(tmp_path_factory: pytest.TempPathFactory) -> tuple[nn.Module, dict[
     paths = {"plain": d / "r50.pt", "nested": d / "r50.pth", "safetensors": d / "r50.safetensors"}
     torch.save({f"module.{k}": v for k, v in state.items()}, paths["plain"])  # DataParallel prefix
     torch.save({"epoch": 3, "state_dict": state, "optimizer": {"lr": 0.1}}, paths["nested"])
-    paths["safetensors"].write_bytes(save_safetensors({k: v.contiguous() for k, v in state.items()}))
+    paths["safetensors"].write_bytes(
+        save_safetensors({k: v.contiguous() for k, v in state.items()})
+    )
     return model, paths
 
 
@@ -90,8 +100,13 @@ def test_checkpoint_formats_load_exact_weights(resnet50, fmt: str) -> None:
     assert not model.training and not any(p.requires_grad for p in model.parameters())
 
 
-@pytest.mark.parametrize(("layer", "shape"), [("layer3", (2, 1024, 4, 4)), ("layer4", (2, 2048, 2, 2)), ("avgpool", (2, 2048))])
-def test_resnet50_split_reproduces_logits(resnet50, loaded50, layer: str, shape: tuple[int, ...]) -> None:
+@pytest.mark.parametrize(
+    ("layer", "shape"),
+    [("layer3", (2, 1024, 4, 4)), ("layer4", (2, 2048, 2, 2)), ("avgpool", (2, 2048))],
+)
+def test_resnet50_split_reproduces_logits(
+    resnet50, loaded50, layer: str, shape: tuple[int, ...]
+) -> None:
     source, _ = resnet50
     split = split_model(loaded50, layer, _cfg("resnet50", layer))
     x = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(5))
@@ -179,7 +194,10 @@ def test_unexpected_keys_and_wrong_num_classes(tmp_path: Path) -> None:
     state = build_model("resnet18", 5).state_dict()
     state["extra.weight"] = torch.zeros(1)
     torch.save(state, tmp_path / "x.pt")
-    with pytest.raises(CheckpointError, match=r"unexpected keys: 1 \(extra.weight\).*fc.weight: checkpoint \(5, 512\) vs model \(7, 512\)"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"unexpected keys: 1 \(extra.weight\).*fc.weight: checkpoint \(5, 512\) vs model \(7, 512\)",
+    ):
         load_model(_cfg("resnet18", "layer4", str(tmp_path / "x.pt")), None, None)
 
 
@@ -290,7 +308,11 @@ def test_s3_checkpoint_and_wrong_secret(s3, bucket: str) -> None:
     s3.filesystem().pipe(f"{bucket}/ckpt/toy.safetensors", blob)
     url = f"s3://{bucket}/ckpt/toy.safetensors"
     split = load_split_model(_cfg("toy", "block4", url), None, s3.storage_options)
-    assert split.digest == hashlib.sha256(blob).hexdigest() == checkpoint_digest(url, s3.storage_options)
+    assert (
+        split.digest
+        == hashlib.sha256(blob).hexdigest()
+        == checkpoint_digest(url, s3.storage_options)
+    )
     x = torch.rand(2, 3, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(split.h(split.g(x)), _logits(source, x), rtol=1e-4, atol=1e-4)

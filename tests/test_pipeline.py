@@ -50,7 +50,12 @@ class _PatchTruth:
     """The ground-truth part that dominates each patch of a class (masks read once per image)."""
 
     def __init__(self, urls, patches, image_size, storage_options):
-        self.urls, self.patches, self.image_size, self.so = urls, patches, image_size, storage_options
+        self.urls, self.patches, self.image_size, self.so = (
+            urls,
+            patches,
+            image_size,
+            storage_options,
+        )
         self.masks: dict[int, np.ndarray] = {}
 
     def part(self, pid: int) -> int:
@@ -120,7 +125,9 @@ def test_top_concept_crops_show_an_own_part(toy_run):
         if part in own and part not in DISTRACTOR_PARTS and purity >= 0.6:
             hits += 1
     share = hits / len(toy_run.classes)
-    print(f"own-part top concepts: {share:.0%}, mean purity {np.mean(purities):.2f} vs random {np.mean(random_purities):.2f}")
+    print(
+        f"own-part top concepts: {share:.0%}, mean purity {np.mean(purities):.2f} vs random {np.mean(random_purities):.2f}"
+    )
     assert share >= 0.7
     assert np.mean(purities) > np.mean(random_purities) + 0.25
 
@@ -140,7 +147,9 @@ def test_rerun_skips_everything_and_resumes_an_interrupted_stage(toy_run, monkey
     assert all(r["skipped"] for r in results)
     # interrupt importance of one class: it dies after writing part of its group
     victim = toy_run.slugs[1]
-    store.group(f"importance/{victim}", fresh=True).create_array("sobol", data=np.zeros(3, np.float32))
+    store.group(f"importance/{victim}", fresh=True).create_array(
+        "sobol", data=np.zeros(3, np.float32)
+    )
     calls = []
     real = stages.concept_sobol
 
@@ -179,10 +188,17 @@ def test_failure_is_recorded_and_loses_nothing(toy_run, monkeypatch):
 def test_store_on_s3(s3, tmp_path):
     """The stages read and write the run store on a real S3 server (SeaweedFS, auth on)."""
     bucket = s3.new_bucket()
-    cfg = make_config({**TOY, "data": {"images_per_class": 8, "toy_images_per_class": 8, "toy_classes": 10},
-                       "importance": {"images": 4}},
-                      store=f"s3://{bucket}/lens", publish=f"s3://{bucket}/site", storage_options=s3.storage_options,
-                      classes=["0", "1"])
+    cfg = make_config(
+        {
+            **TOY,
+            "data": {"images_per_class": 8, "toy_images_per_class": 8, "toy_classes": 10},
+            "importance": {"images": 4},
+        },
+        store=f"s3://{bucket}/lens",
+        publish=f"s3://{bucket}/site",
+        storage_options=s3.storage_options,
+        classes=["0", "1"],
+    )
     info = prepare_run(cfg)
     assert info.data_url.startswith(f"s3://{bucket}/")
     for slug in info.slugs:

@@ -45,8 +45,11 @@ from lens_core.models import load_split_model
 from lens_core.pipeline import prepare_run, stage_activations, stage_factorize, stage_importance
 from lens_core.toy import ensure_toy_dataset
 
-PARITY = {"data": {"images_per_class": 24, "toy_images_per_class": 24}, "importance": {"images": 12},
-          "concepts": {"tol": 1e-8, "max_iter": 5000}}
+PARITY = {
+    "data": {"images_per_class": 24, "toy_images_per_class": 24},
+    "importance": {"images": 12},
+    "concepts": {"tol": 1e-8, "max_iter": 5000},
+}
 PARITY_CLASSES = ["0", "2", "7"]  # those whose default-tol concepts move most under perturbation
 
 
@@ -76,10 +79,15 @@ def _run(root, prec):
         def wrapped(dev, precision="fp32"):
             seen[where].add(precision)
             return real(dev, precision)
+
         return wrapped
 
-    cfg = make_config({**PARITY, "model": {"precision": prec}}, store=f"file://{root}/{prec}",
-                      publish=f"file://{root}/site-{prec}", classes=PARITY_CLASSES)
+    cfg = make_config(
+        {**PARITY, "model": {"precision": prec}},
+        store=f"file://{root}/{prec}",
+        publish=f"file://{root}/site-{prec}",
+        classes=PARITY_CLASSES,
+    )
     info = prepare_run(cfg)
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(activations, "inference", spy(activations.inference, "activations"))
@@ -135,12 +143,16 @@ def test_bf16_concepts_match_fp32(runs):
 def test_bf16_logit_shares_and_sobol_match_fp32(runs):
     """Per matched concept: logit shares within 2 percentage points, Sobol indices within 0.05."""
     worst_share, worst_sobol = 0.0, 0.0
-    for (slug, c32, c16), (_, m32, m16) in zip(_groups(runs, "concepts"), _groups(runs, "importance"), strict=True):
+    for (slug, c32, c16), (_, m32, m16) in zip(
+        _groups(runs, "concepts"), _groups(runs, "importance"), strict=True
+    ):
         r, c, _ = _matched(c32["W"][:], c16["W"][:])
         assert m32.attrs["importance_basis"] == m16.attrs["importance_basis"] == "logit_share"
         share = np.abs(m32["logit_share"][:][r] - m16["logit_share"][:][c])
         sobol = np.abs(m32["sobol"][:][r] - m16["sobol"][:][c])
-        print(f"{slug}: max share difference {share.max():.3f} points, max Sobol difference {sobol.max():.4f}")
+        print(
+            f"{slug}: max share difference {share.max():.3f} points, max Sobol difference {sobol.max():.4f}"
+        )
         worst_share, worst_sobol = max(worst_share, share.max()), max(worst_sobol, sobol.max())
         assert m16["sobol"].dtype == np.float32 and m16["logit_share"].dtype == np.float32
     assert worst_share <= 2.0
@@ -148,6 +160,7 @@ def test_bf16_logit_shares_and_sobol_match_fp32(runs):
 
 
 # ---- direct calls on the toy CNN ---------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def toy(tmp_path_factory):
@@ -170,11 +183,15 @@ def test_fp16_on_cpu_runs_as_fp32(toy, caplog):
     with device.autocast("cpu", "fp16"):
         assert not torch.is_autocast_enabled("cpu")
     with device.autocast("cpu", "bf16"):
-        assert torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+        assert (
+            torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+        )
     groups = {}
     for prec in ("fp32", "fp16"):
         groups[prec] = zarr.open_group(str(tmp / f"fp16-{prec}.zarr"), mode="w")
-        compute_class_activations(split, 0, urls[:6], groups[prec], patches, spatial_images=4, precision=prec)
+        compute_class_activations(
+            split, 0, urls[:6], groups[prec], patches, spatial_images=4, precision=prec
+        )
     a32, a16 = _arrays(groups["fp32"]), _arrays(groups["fp16"])
     assert a32.keys() == a16.keys()
     for name in a32:
@@ -182,7 +199,9 @@ def test_fp16_on_cpu_runs_as_fp32(toy, caplog):
     acts = torch.from_numpy(a32["spatial"])
     W = np.abs(np.random.default_rng(0).standard_normal((4, acts.shape[1]))).astype(np.float32)
     s32 = concept_sobol(split.h, acts, W, 0, n_designs=8)
-    np.testing.assert_array_equal(concept_sobol(split.h, acts, W, 0, n_designs=8, precision="fp16"), s32)
+    np.testing.assert_array_equal(
+        concept_sobol(split.h, acts, W, 0, n_designs=8, precision="fp16"), s32
+    )
     with pytest.raises(ValueError, match="unknown precision"):
         compute_class_activations(split, 0, urls[:2], groups["fp32"], patches, precision="int8")
     with pytest.raises(ValueError, match="unknown precision"):
@@ -210,6 +229,7 @@ def test_importance_forwards_run_in_the_precision(toy):
 
 # ---- the fast path stores what the sequential loop stores ------------------------------------
 
+
 class _InlineAppender:
     """The sequential appender: the same flush policy, appends written inline."""
 
@@ -226,16 +246,24 @@ class _InlineAppender:
         block = np.concatenate(self.pending.pop(name), axis=0)
         if name not in self.arrays:
             chunks = (min(self.chunk_rows, max(1, block.shape[0])),) + block.shape[1:]
-            self.arrays[name] = self.group.create_array(name, shape=(0,) + block.shape[1:], chunks=chunks,
-                                                        dtype=block.dtype, overwrite=True)
+            self.arrays[name] = self.group.create_array(
+                name, shape=(0,) + block.shape[1:], chunks=chunks, dtype=block.dtype, overwrite=True
+            )
         self.arrays[name].append(block, axis=0)
 
 
-def _sequential_stage(split, class_index, urls, group, patches, spatial_images, chunk_rows, flush_rows):
+def _sequential_stage(
+    split, class_index, urls, group, patches, spatial_images, chunk_rows, flush_rows
+):
     """The stage as a plain loop: decode in this thread, g on patches then on whole images."""
     boxes = patch_boxes(patches.image_size, patches.fraction, patches.grid)
     per_batch = max(1, patches.batch_size // len(boxes))
-    stats, out, read, left = ReadStats(), _InlineAppender(group, chunk_rows, flush_rows), [], spatial_images
+    stats, out, read, left = (
+        ReadStats(),
+        _InlineAppender(group, chunk_rows, flush_rows),
+        [],
+        spatial_images,
+    )
     items = list(iter_images(urls, None, patches.image_size, stats))
     for s in range(0, len(items), per_batch):
         batch = items[s : s + per_batch]
@@ -243,13 +271,17 @@ def _sequential_stage(split, class_index, urls, group, patches, spatial_images, 
         read.extend(u for _, u, _ in batch)
         images = torch.stack([t for _, _, t in batch])
         crops = extract_patches(images, boxes, split.input_size)
-        whole = F.interpolate(images, size=split.input_size, mode="bilinear", antialias=True, align_corners=False)
+        whole = F.interpolate(
+            images, size=split.input_size, mode="bilinear", antialias=True, align_corners=False
+        )
         with torch.inference_mode():
             pa = split.g(crops.contiguous(memory_format=torch.channels_last))
             pl = split.h(pa).float()
             wa = split.g(whole.contiguous(memory_format=torch.channels_last))
             wl = split.h(wa).float()
-        rows = np.concatenate([np.repeat(positions, len(boxes))[:, None], np.tile(boxes, (len(batch), 1))], axis=1)
+        rows = np.concatenate(
+            [np.repeat(positions, len(boxes))[:, None], np.tile(boxes, (len(batch), 1))], axis=1
+        )
         out.add("A", np.ascontiguousarray(pool(pa).numpy(), dtype=np.float32))
         out.add("patches", rows.astype(np.int32))
         out.add("patch_logit", pl[:, class_index].numpy().astype(np.float32))
@@ -266,7 +298,9 @@ def _sequential_stage(split, class_index, urls, group, patches, spatial_images, 
 
 
 @pytest.mark.parametrize(("batch_size", "prefetch"), [(32, 3), (4, 2), (32, None)])
-def test_stage_stores_exactly_what_the_sequential_loop_stores(toy, monkeypatch, batch_size, prefetch):
+def test_stage_stores_exactly_what_the_sequential_loop_stores(
+    toy, monkeypatch, batch_size, prefetch
+):
     """Bit for bit for the patches; the whole images agree to float32 rounding. The stage runs
     whole images in calls of batch_size images, the loop one batch's images at a time, and oneDNN
     may pick other kernels for other batch sizes (N = 1 always; on some CPUs other N too: 1-ulp
@@ -274,12 +308,17 @@ def test_stage_stores_exactly_what_the_sequential_loop_stores(toy, monkeypatch, 
     split, urls, patches, tmp = toy
     patches = patches.model_copy(update={"batch_size": batch_size})
     chunk_rows, flush_rows = 64, 48  # several flushes, queued on the writer thread
-    monkeypatch.setattr(activations, "_Appender",
-                        functools.partial(activations._Appender, chunk_rows=chunk_rows, flush_rows=flush_rows))
+    monkeypatch.setattr(
+        activations,
+        "_Appender",
+        functools.partial(activations._Appender, chunk_rows=chunk_rows, flush_rows=flush_rows),
+    )
     ref = zarr.open_group(str(tmp / f"ref-{batch_size}-{prefetch}.zarr"), mode="w")
     read, skipped = _sequential_stage(split, 1, urls, ref, patches, 5, chunk_rows, flush_rows)
     fast = zarr.open_group(str(tmp / f"fast-{batch_size}-{prefetch}.zarr"), mode="w")
-    summary = compute_class_activations(split, 1, urls, fast, patches, spatial_images=5, prefetch=prefetch)
+    summary = compute_class_activations(
+        split, 1, urls, fast, patches, spatial_images=5, prefetch=prefetch
+    )
     assert summary.n_images == len(read) == len(urls) - 1 and summary.n_skipped == 1
     assert fast.attrs["image_urls"] == read and fast.attrs["skipped"] == [list(s) for s in skipped]
     want, got = _arrays(ref), _arrays(fast)
@@ -287,12 +326,16 @@ def test_stage_stores_exactly_what_the_sequential_loop_stores(toy, monkeypatch, 
     for name in want:
         assert got[name].dtype == want[name].dtype and fast[name].chunks == ref[name].chunks, name
         if name in ("image_A", "image_logit", "spatial"):
-            single = batch_size < 2 * len(patch_boxes(patches.image_size, patches.fraction, patches.grid))
+            single = batch_size < 2 * len(
+                patch_boxes(patches.image_size, patches.fraction, patches.grid)
+            )
             rtol, atol = (1e-4, 1e-5) if single else (1e-6, 1e-6)
             np.testing.assert_allclose(got[name], want[name], rtol=rtol, atol=atol, err_msg=name)
         else:
             np.testing.assert_array_equal(got[name], want[name], err_msg=name)
-    assert not [t.name for t in threading.enumerate() if t.name.startswith(("lens-read", "lens-zarr"))]
+    assert not [
+        t.name for t in threading.enumerate() if t.name.startswith(("lens-read", "lens-zarr"))
+    ]
 
 
 def test_stage_failures_stop_its_threads(toy, monkeypatch):
@@ -308,21 +351,26 @@ def test_stage_failures_stop_its_threads(toy, monkeypatch):
 
     broken = dataclasses.replace(split, g=Failing())
     with pytest.raises(RuntimeError, match="injected g failure"):
-        compute_class_activations(broken, 0, urls, zarr.open_group(str(tmp / "fail.zarr"), mode="w"), patches,
-                                  prefetch=4)
+        compute_class_activations(
+            broken, 0, urls, zarr.open_group(str(tmp / "fail.zarr"), mode="w"), patches, prefetch=4
+        )
 
     def bad_write(self, name, block):
         raise OSError("injected write failure")
 
     monkeypatch.setattr(activations._Appender, "_write", bad_write)
     with pytest.raises(OSError, match="injected write failure"):
-        compute_class_activations(split, 0, urls, zarr.open_group(str(tmp / "fail2.zarr"), mode="w"), patches,
-                                  prefetch=4)
+        compute_class_activations(
+            split, 0, urls, zarr.open_group(str(tmp / "fail2.zarr"), mode="w"), patches, prefetch=4
+        )
     time.sleep(0.2)
-    assert not [t.name for t in threading.enumerate() if t.name.startswith(("lens-read", "lens-zarr"))]
+    assert not [
+        t.name for t in threading.enumerate() if t.name.startswith(("lens-read", "lens-zarr"))
+    ]
 
 
 # ---- the prefetching reader ------------------------------------------------------------------
+
 
 def _png(colour, size=(40, 30)) -> bytes:
     buf = io.BytesIO()
@@ -342,9 +390,22 @@ def _jpeg(colour, size=(300, 200)) -> bytes:
 @pytest.fixture
 def mixed_folder(tmp_path: Path) -> list[str]:
     """Good PNG/JPEG files with unreadable ones between them (and a missing one), in listed order."""
-    files = [_png((10, 20, 30)), b"", _jpeg((200, 10, 10)), _png((0, 255, 0)), b"garbage", None,
-             _jpeg((5, 5, 250))[:300], _png((1, 2, 3), (17, 90)), _png((9, 9, 9)), _jpeg((40, 80, 120), (64, 48)),
-             b"\x89PNG\r\n\x1a\n broken", _png((255, 255, 255)), _jpeg((90, 60, 30)), _png((50, 100, 150))]
+    files = [
+        _png((10, 20, 30)),
+        b"",
+        _jpeg((200, 10, 10)),
+        _png((0, 255, 0)),
+        b"garbage",
+        None,
+        _jpeg((5, 5, 250))[:300],
+        _png((1, 2, 3), (17, 90)),
+        _png((9, 9, 9)),
+        _jpeg((40, 80, 120), (64, 48)),
+        b"\x89PNG\r\n\x1a\n broken",
+        _png((255, 255, 255)),
+        _jpeg((90, 60, 30)),
+        _png((50, 100, 150)),
+    ]
     urls = []
     for i, blob in enumerate(files):
         ext = "jpg" if blob and blob.startswith(JPEG_MAGIC) else "png"
@@ -368,7 +429,10 @@ def test_prefetch_reads_the_same_images_in_the_same_order(mixed_folder, ahead, w
     assert all(torch.equal(a, b) for (_, _, a), (_, _, b) in zip(pre, seq, strict=True))
     assert pre_stats.skipped == seq_stats.skipped and pre_stats.read == seq_stats.read == len(seq)
     assert pre_log == seq_log
-    assert len(seq_stats.skipped) == 5 and {r for _, r in seq_stats.skipped} >= {"empty file", "file not found"}
+    assert len(seq_stats.skipped) == 5 and {r for _, r in seq_stats.skipped} >= {
+        "empty file",
+        "file not found",
+    }
 
 
 def test_reader_pool_is_bounded_ordered_and_raises_in_place():

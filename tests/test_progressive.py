@@ -56,7 +56,9 @@ def broken_links(pages: dict[str, bytes], exists: Callable[[str], bool]) -> list
             for ref in parser.refs:
                 if SKIP_SCHEMES.match(ref):
                     continue
-                target = posixpath.normpath(posixpath.join(posixpath.dirname(page), ref.split("#")[0].split("?")[0]))
+                target = posixpath.normpath(
+                    posixpath.join(posixpath.dirname(page), ref.split("#")[0].split("?")[0])
+                )
                 if ref.split("#")[0].split("?")[0] and not exists(target):
                     bad.append(f"{page} -> {ref}")
         elif page.endswith("data/classes.json"):
@@ -68,7 +70,9 @@ def broken_links(pages: dict[str, bytes], exists: Callable[[str], bool]) -> list
     return bad
 
 
-def crawl(read: Callable[[str], bytes | None], exists: Callable[[str], bool], start: list[str]) -> tuple[int, list[str]]:
+def crawl(
+    read: Callable[[str], bytes | None], exists: Callable[[str], bool], start: list[str]
+) -> tuple[int, list[str]]:
     """A reader arriving at the `start` pages and following every link: (pages read, broken
     links). Each page is read before the files it links are looked up."""
     seen, todo, bad = set(start), list(start), []
@@ -83,7 +87,9 @@ def crawl(read: Callable[[str], bytes | None], exists: Callable[[str], bool], st
             parser = _Refs()
             parser.feed(body.decode())
             for ref in parser.refs:
-                target = posixpath.normpath(posixpath.join(posixpath.dirname(page), ref.split("#")[0].split("?")[0]))
+                target = posixpath.normpath(
+                    posixpath.join(posixpath.dirname(page), ref.split("#")[0].split("?")[0])
+                )
                 if target.endswith(".html") and not SKIP_SCHEMES.match(ref) and target not in seen:
                     seen.add(target)
                     todo.append(target)
@@ -95,12 +101,18 @@ class LocalSite:
         self.root = root
 
     def snapshot(self) -> dict[str, bytes]:
-        return {p.relative_to(self.root).as_posix(): p.read_bytes() for p in sorted(self.root.rglob("*"))
-                if p.is_file() and ".tmp-" not in p.name}
+        return {
+            p.relative_to(self.root).as_posix(): p.read_bytes()
+            for p in sorted(self.root.rglob("*"))
+            if p.is_file() and ".tmp-" not in p.name
+        }
 
     def pages(self) -> dict[str, bytes]:
-        return {p.relative_to(self.root).as_posix(): p.read_bytes() for p in sorted(self.root.rglob("*"))
-                if p.is_file() and (p.suffix == ".html" or p.name == "classes.json")}
+        return {
+            p.relative_to(self.root).as_posix(): p.read_bytes()
+            for p in sorted(self.root.rglob("*"))
+            if p.is_file() and (p.suffix == ".html" or p.name == "classes.json")
+        }
 
     def exists(self, rel: str) -> bool:
         return (self.root / rel).is_file()
@@ -111,7 +123,7 @@ class S3Site:
         self.fs, self.root = filesystem(url, storage_options)
 
     def _rel(self, key: str) -> str:
-        return key[len(self.root) + 1:]
+        return key[len(self.root) + 1 :]
 
     def snapshot(self) -> dict[str, bytes]:
         keys = self.fs.find(self.root)
@@ -136,7 +148,9 @@ def _config(root: Path, publish: str, **extra: Any) -> Any:
     return make_config(cfg, classes=CLASSES)
 
 
-def _grow(info: Any, pub: PartialSite, site: LocalSite | S3Site, after: Callable[[], None] = lambda: None) -> list:
+def _grow(
+    info: Any, pub: PartialSite, site: LocalSite | S3Site, after: Callable[[], None] = lambda: None
+) -> list:
     """The flow's order: each class's chain, its page at once; a class's renders once the next
     class is done (renders queue behind chains); the final publish. Checks every step."""
     snapshots = []
@@ -149,8 +163,10 @@ def _grow(info: Any, pub: PartialSite, site: LocalSite | S3Site, after: Callable
         pages = check(site)
         index = pages[f"{run_dir}/index.html"].decode()
         assert f'href="classes/{slug}/index.html"' in index
-        for later in info.slugs[i + 1:]:  # still running: a card without a link, no page
-            assert f"classes/{later}/index.html" not in index and not site.exists(f"{run_dir}/classes/{later}/index.html")
+        for later in info.slugs[i + 1 :]:  # still running: a card without a link, no page
+            assert f"classes/{later}/index.html" not in index and not site.exists(
+                f"{run_dir}/classes/{later}/index.html"
+            )
         snapshots.append(pages)
         if i:
             prev = info.slugs[i - 1]
@@ -203,7 +219,9 @@ def test_partial_site_on_disk_never_links_a_missing_page(tmp_path):
     # the final site is whole: no pending card, no placeholder, equal to a one-shot publish
     final = site.snapshot()
     assert 'class="card pending"' not in final[f"{run}/index.html"].decode()
-    assert not any(b"rendering\xe2\x80\xa6" in body for p, body in final.items() if p.endswith(".html"))
+    assert not any(
+        b"rendering\xe2\x80\xa6" in body for p, body in final.items() if p.endswith(".html")
+    )
     publish(info, f"file://{tmp_path}/oneshot")
     _same_site(final, LocalSite(tmp_path / "oneshot").snapshot(), run)
 
@@ -252,7 +270,11 @@ def test_partial_site_on_s3(tmp_path, s3, bucket):
     snapshots = _grow(info, PartialSite(info, interval_s=0), site)
     assert 'class="card pending"' in snapshots[0][f"{info.run_id}/index.html"].decode()
     publish(info, f"s3://{bucket}/oneshot")
-    _same_site(site.snapshot(), S3Site(f"s3://{bucket}/oneshot", s3.storage_options).snapshot(), info.run_id)
+    _same_site(
+        site.snapshot(),
+        S3Site(f"s3://{bucket}/oneshot", s3.storage_options).snapshot(),
+        info.run_id,
+    )
 
 
 class Clock:
@@ -285,7 +307,9 @@ def test_index_updates_are_rate_limited(tmp_path):
     assert pub.flush() is None
     clock.t = 10.0
     assert pub.due_in() == 0.0 and pub.flush() is not None and pub.due_in() is None
-    assert 'class="card pending"' not in (tmp_path / "site" / info.run_id / "index.html").read_text()
+    assert (
+        'class="card pending"' not in (tmp_path / "site" / info.run_id / "index.html").read_text()
+    )
     writes = pub.stats["index_writes"]
     assert pub.flush(force=True) is None and pub.stats["index_writes"] == writes  # nothing pending
 
@@ -310,7 +334,9 @@ def test_renders_come_by_rank_across_classes(tmp_path):
     for r in range(TINY["concepts"]["n_concepts"]):  # ... within a rank, classes in label order
         assert [s for (s, _), k in zip(items, rank, strict=True) if k == r] == info.slugs
     per_class = [viz_pool.pending_items(info, [s]) for s in info.slugs]
-    assert viz_pool.by_rank([x for p in per_class for x in p]) == items  # the flow's queue, re-sorted
+    assert (
+        viz_pool.by_rank([x for p in per_class for x in p]) == items
+    )  # the flow's queue, re-sorted
 
 
 def test_top_k_renders_only_the_top_concepts_and_a_larger_k_only_the_missing(tmp_path):
@@ -328,15 +354,23 @@ def test_top_k_renders_only_the_top_concepts_and_a_larger_k_only_the_missing(tmp
     page = (root / "site" / small.run_id / "data" / f"{small.slugs[0]}.json").read_text()
     concepts = json.loads(page)["concepts"]
     top = viz_pool.concept_order(store, small.slugs[0])[0]
-    assert [c["id"] for c in concepts if c["viz"]] == [top] and not any(c["viz_pending"] for c in concepts)
+    assert [c["id"] for c in concepts if c["viz"]] == [top] and not any(
+        c["viz_pending"] for c in concepts
+    )
 
     larger = prepare_run(_config(root, f"file://{root}/site", maco={**TINY["maco"], "top_k": 2}))
     assert larger.run_id == small.run_id  # the same run: top_k is not part of its identity
     items = viz_pool.pending_items(larger)
-    assert items == [(s, viz_pool.concept_order(store, s)[1]) for s in larger.slugs]  # only the missing
+    assert items == [
+        (s, viz_pool.concept_order(store, s)[1]) for s in larger.slugs
+    ]  # only the missing
     assert viz_pool.render_batch(larger, items)["rendered"] == len(larger.slugs)
     assert sorted(viz_pool.finalize_viz(larger)) == sorted(larger.slugs)
-    marker = json.loads((root / "store" / "runs" / larger.run_id / layout.viz(larger.slugs[0]) / "_SUCCESS").read_text())
+    marker = json.loads(
+        (
+            root / "store" / "runs" / larger.run_id / layout.viz(larger.slugs[0]) / "_SUCCESS"
+        ).read_text()
+    )
     assert sorted(marker["concepts"]) == sorted(viz_pool.concept_order(store, larger.slugs[0])[:2])
     smaller = prepare_run(_config(root, f"file://{root}/site", maco={**TINY["maco"], "top_k": 1}))
     assert viz_pool.pending_items(smaller) == []  # what a larger K rendered covers a smaller one

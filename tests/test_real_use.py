@@ -39,8 +39,12 @@ CFG = {
 
 
 def _cfg(root: Path, data_url: str, **data: object) -> dict:
-    return {**CFG, "data": {**CFG["data"], "url": data_url, **data},
-            "store": f"file://{root}/store", "publish": f"file://{root}/site"}
+    return {
+        **CFG,
+        "data": {**CFG["data"], "url": data_url, **data},
+        "store": f"file://{root}/store",
+        "publish": f"file://{root}/site",
+    }
 
 
 def _explain(cfg: dict, classes: list[str] | None = None):
@@ -55,7 +59,7 @@ def toy(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The toy data set (10 classes, 8 images each) as a plain image folder."""
     root = tmp_path_factory.mktemp("toydata")
     url = ensure_toy_dataset(f"file://{root}/toy", N_CLASSES, 8, 0)
-    return Path(url[len("file://"):])
+    return Path(url[len("file://") :])
 
 
 def _copy_class(toy: Path, index: int, dest: Path) -> None:
@@ -65,12 +69,17 @@ def _copy_class(toy: Path, index: int, dest: Path) -> None:
 def _importance(info, slug: str) -> dict[str, np.ndarray]:
     store = info.store()
     imp = store.zarr[f"importance/{slug}"]
-    out = {name: imp[name][:] for name in ("sobol", "order") + (("logit_share",) if "logit_share" in set(imp.array_keys()) else ())}
+    out = {
+        name: imp[name][:]
+        for name in ("sobol", "order")
+        + (("logit_share",) if "logit_share" in set(imp.array_keys()) else ())
+    }
     out["W"] = store.zarr[f"concepts/{slug}/W"][:]
     return out
 
 
 # ---- 1. class folders that are a subset of the label set -------------------------------------
+
 
 def test_a_subset_of_the_label_set_needs_a_mapping_and_then_matches_the_full_folder(toy, tmp_path):
     names = class_names(N_CLASSES)
@@ -81,7 +90,9 @@ def test_a_subset_of_the_label_set_needs_a_mapping_and_then_matches_the_full_fol
     for i in picked:
         _copy_class(toy, i, subset / names[i])
     bare = _cfg(tmp_path / "bare", str(subset))
-    with pytest.raises(ConfigError) as err:  # 10 outputs, 3 folders: never guessed from sorted order
+    with pytest.raises(
+        ConfigError
+    ) as err:  # 10 outputs, 3 folders: never guessed from sorted order
         prepare_run(make_config(bare))
     assert "10 outputs" in str(err.value) and "3 class folders" in str(err.value)
     assert "data.class_index" in str(err.value)
@@ -89,7 +100,9 @@ def test_a_subset_of_the_label_set_needs_a_mapping_and_then_matches_the_full_fol
     mapping = tmp_path / "subset" / "class_index.json"
     mapping.write_text(json.dumps({names[i]: i for i in picked}))
     sub = _explain(_cfg(tmp_path / "sub", str(subset), class_index=str(mapping)))
-    assert [c.index for c in sub.classes] == picked and [c.id for c in sub.classes] == [names[i] for i in picked]
+    assert [c.index for c in sub.classes] == picked and [c.id for c in sub.classes] == [
+        names[i] for i in picked
+    ]
     for a, b in zip(full.classes, sub.classes, strict=True):
         ref, got = _importance(full, a.slug), _importance(sub, b.slug)
         np.testing.assert_allclose(got["W"], ref["W"], rtol=1e-5, atol=1e-6)
@@ -101,7 +114,9 @@ def test_a_subset_of_the_label_set_needs_a_mapping_and_then_matches_the_full_fol
     as_list = tmp_path / "list.json"
     as_list.write_text(json.dumps(names))  # every class dir in label order (ImageNet's usual list)
     keras = tmp_path / "imagenet_class_index.json"
-    keras.write_text(json.dumps({str(i): [names[i], f"class number {i}"] for i in range(N_CLASSES)}))
+    keras.write_text(
+        json.dumps({str(i): [names[i], f"class number {i}"] for i in range(N_CLASSES)})
+    )
     for url in (as_list, keras):
         listed = list_classes(str(subset), None, None, str(url))
         assert [(c.id, c.index) for c in listed] == [(names[i], i) for i in picked]
@@ -112,6 +127,7 @@ def test_a_subset_of_the_label_set_needs_a_mapping_and_then_matches_the_full_fol
 
 
 # ---- 2. results are never reused for another class ---------------------------------------------
+
 
 def _published_class(site: Path, run_id: str, slug: str) -> tuple[dict, dict[str, bytes]]:
     data = json.loads((site / run_id / "data" / f"{slug}.json").read_text())
@@ -142,16 +158,27 @@ def test_a_new_class_that_takes_an_existing_slug_never_reuses_its_results(toy, t
     info = prepare_run(make_config(cfg))
     assert info.run_id == first.run_id  # same checkpoint, data URL and method: the same run
     assert [(c.id, c.slug) for c in info.classes] == [("A", "a"), ("a", "a-2"), ("b", "b")]
-    redone = {slug: [r["stage"] for r in run_class(info, slug) if not r["skipped"]] for slug in info.slugs}
-    assert redone == {"a": ["activations", "factorize", "importance", "crops"],
-                      "a-2": ["activations", "factorize", "importance", "crops"], "b": []}
+    redone = {
+        slug: [r["stage"] for r in run_class(info, slug) if not r["skipped"]] for slug in info.slugs
+    }
+    assert redone == {
+        "a": ["activations", "factorize", "importance", "crops"],
+        "a-2": ["activations", "factorize", "importance", "crops"],
+        "b": [],
+    }
     publish(info)
     store = info.store()
     for cls in info.classes:  # every class's activations come from its own folder
         urls = store.zarr[f"acts/{cls.slug}"].attrs["image_urls"]
         assert urls and all(f"/images/{cls.id}/" in u for u in urls), cls
 
-    clean = _explain({**cfg, "store": f"file://{tmp_path}/clean/store", "publish": f"file://{tmp_path}/clean/site"})
+    clean = _explain(
+        {
+            **cfg,
+            "store": f"file://{tmp_path}/clean/store",
+            "publish": f"file://{tmp_path}/clean/site",
+        }
+    )
     publish(clean)
     for cls in info.classes:  # the pages of the re-run show exactly what a clean run shows
         got, got_files = _published_class(tmp_path / "run" / "site", info.run_id, cls.slug)
@@ -163,6 +190,7 @@ def test_a_new_class_that_takes_an_existing_slug_never_reuses_its_results(toy, t
 
 
 # ---- 3. the logit share for any pooled linear head -------------------------------------------
+
 
 class PoolLinear(nn.Module):
     """Average pooling and a linear layer in one plain module (not a Sequential)."""
@@ -191,12 +219,22 @@ def mlp_head_toy(num_classes: int = N_CLASSES) -> nn.Module:
     """The toy CNN's blocks under a two-layer MLP head: no exact split of the logit exists."""
     _, blocks = _toy_blocks()
     torch.manual_seed(0)
-    head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(128, 32), nn.ReLU(), nn.Linear(32, num_classes))
+    head = nn.Sequential(
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(128, 32),
+        nn.ReLU(),
+        nn.Linear(32, num_classes),
+    )
     return nn.Sequential(OrderedDict([*blocks.items(), ("head", head)]))
 
 
-def test_a_head_in_another_module_gets_the_same_shares_and_an_mlp_head_gets_sobol(toy, tmp_path, monkeypatch):
-    monkeypatch.setenv("LENS_MODEL_FACTORIES", f"{__name__}:wrapped_head_toy,{__name__}:mlp_head_toy")
+def test_a_head_in_another_module_gets_the_same_shares_and_an_mlp_head_gets_sobol(
+    toy, tmp_path, monkeypatch
+):
+    monkeypatch.setenv(
+        "LENS_MODEL_FACTORIES", f"{__name__}:wrapped_head_toy,{__name__}:mlp_head_toy"
+    )
     names = class_names(N_CLASSES)
     classes = [names[0], names[4]]
     twin = _explain(_cfg(tmp_path / "twin", str(toy)), classes)
@@ -216,7 +254,9 @@ def test_a_head_in_another_module_gets_the_same_shares_and_an_mlp_head_gets_sobo
     slug = mlp.slugs[0]
     imp = store.zarr[f"importance/{slug}"]
     assert "logit_share" not in set(imp.array_keys())
-    assert imp.attrs["importance_basis"] == "sobol" and imp.attrs["basis_reason"] == "no-linear-head"
+    assert (
+        imp.attrs["importance_basis"] == "sobol" and imp.attrs["basis_reason"] == "no-linear-head"
+    )
     assert list(imp["order"][:]) == list(np.argsort(-imp["sobol"][:], kind="stable"))
     publish(mlp)
     site = tmp_path / "mlp" / "site" / mlp.run_id
@@ -225,13 +265,20 @@ def test_a_head_in_another_module_gets_the_same_shares_and_an_mlp_head_gets_sobo
     assert all(c["logit_share"] is None for c in data["concepts"])
     assert sum(c["sobol_share"] for c in data["concepts"]) == pytest.approx(100, abs=0.1)
     page = (site / "classes" / slug / "index.html").read_text()
-    note = re.search(r'<div class="notice[^"]*" role="note" id="basis-note">(.*?)</div>', page, re.S)
-    assert note and "not a linear map of the pooled activations" in note.group(1) and "Sobol" in note.group(1)
+    note = re.search(
+        r'<div class="notice[^"]*" role="note" id="basis-note">(.*?)</div>', page, re.S
+    )
+    assert (
+        note
+        and "not a linear map of the pooled activations" in note.group(1)
+        and "Sobol" in note.group(1)
+    )
     shown = re.findall(r'<b class="share">([^<]*)</b>', page)
     assert shown and all(s.endswith("%") and s != "–" for s in shown)  # never an empty bar
 
 
 # ---- 7. a class the model gets wrong ----------------------------------------------------------
+
 
 def _strict_json(text: str) -> object:
     def refuse(name: str) -> None:
@@ -260,7 +307,9 @@ def scrambled(toy, tmp_path_factory):
     root = tmp_path_factory.mktemp("scrambled")
     state = load_file(str(TOY_CHECKPOINT))
     gen = torch.Generator().manual_seed(0)
-    state["fc.weight"][3] = state["fc.weight"][3][torch.randperm(state["fc.weight"].shape[1], generator=gen)]
+    state["fc.weight"][3] = state["fc.weight"][3][
+        torch.randperm(state["fc.weight"].shape[1], generator=gen)
+    ]
     state["fc.bias"][3] -= 4.0
     ckpt = root / "scrambled.safetensors"
     save_file(state, str(ckpt))
@@ -271,8 +320,12 @@ def scrambled(toy, tmp_path_factory):
         cfg = {**_cfg(root / kind, str(toy)), "model": model}
         info = _explain(cfg, classes)
         publish(info)
-        runs[kind] = {"info": info, "site": root / kind / "site" / info.run_id, "root": root / kind,
-                      "status": {r["class"]: r for r in status_table(info.store())}}
+        runs[kind] = {
+            "info": info,
+            "site": root / kind / "site" / info.run_id,
+            "root": root / kind,
+            "status": {r["class"]: r for r in status_table(info.store())},
+        }
     return runs
 
 
@@ -280,8 +333,14 @@ def test_a_class_the_model_no_longer_recognises_gets_a_clear_notice(scrambled):
     good, bad = scrambled["shipped"], scrambled["scrambled"]
     victim = bad["info"].classes[1]
     imp = bad["info"].store().zarr[f"importance/{victim.slug}"]
-    assert imp.attrs["assigned_images"] < 3 <= good["info"].store().zarr[f"importance/{victim.slug}"].attrs["assigned_images"]
-    assert imp.attrs["basis_reason"] == "few-predicted" and "logit_share" not in set(imp.array_keys())
+    assert (
+        imp.attrs["assigned_images"]
+        < 3
+        <= good["info"].store().zarr[f"importance/{victim.slug}"].attrs["assigned_images"]
+    )
+    assert imp.attrs["basis_reason"] == "few-predicted" and "logit_share" not in set(
+        imp.array_keys()
+    )
 
     page = (bad["site"] / "classes" / victim.slug / "index.html").read_text()
     assert 'id="basis-note"' in page and "The model rarely predicts this class." in page
@@ -289,7 +348,11 @@ def test_a_class_the_model_no_longer_recognises_gets_a_clear_notice(scrambled):
     assert f"<b>{imp.attrs['assigned_images']} of 8</b> images" in counts
     assert f"<b>{imp.attrs['assigned_patches']} of 128</b> patches" in counts
     index = (bad["site"] / "index.html").read_text()
-    card = re.search(rf'<li class="card[^"]*"[^>]*><a href="classes/{victim.slug}/index.html">.*?</li>', index, re.S)
+    card = re.search(
+        rf'<li class="card[^"]*"[^>]*><a href="classes/{victim.slug}/index.html">.*?</li>',
+        index,
+        re.S,
+    )
     assert card and "rarely predicted" in card.group(0)
     assert "rarely predicted" in bad["status"][victim.slug]["note"]
     assert all(not row["note"] for slug, row in bad["status"].items() if slug != victim.slug)
@@ -310,6 +373,7 @@ def test_a_class_the_model_no_longer_recognises_gets_a_clear_notice(scrambled):
 
 
 # ---- 5. attribution maps a person can read ---------------------------------------------------
+
 
 def test_concept_colours_are_the_sites_colours():
     css = (Path(crops_mod.__file__).parent / "site" / "static" / "lens.css").read_text()
@@ -336,7 +400,11 @@ def test_the_overlay_shows_the_top_concept_where_it_is(scrambled, browser):
     from lens_core.factorize import project_nnls
 
     n, c, h, w = spatial.shape
-    coeffs = np.asarray(project_nnls(spatial.transpose(0, 2, 3, 1).reshape(-1, c), W)).reshape(h, w, -1).transpose(2, 0, 1)
+    coeffs = (
+        np.asarray(project_nnls(spatial.transpose(0, 2, 3, 1).reshape(-1, c), W))
+        .reshape(h, w, -1)
+        .transpose(2, 0, 1)
+    )
     size = CFG["crops"].get("size", 96) * 2
     dominant, strength = crops_mod.dominance(coeffs, size)
     top = int(order[0])
@@ -348,22 +416,33 @@ def test_the_overlay_shows_the_top_concept_where_it_is(scrambled, browser):
         def log_message(self, *args) -> None:
             pass
 
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(site)))
+    server = http.server.ThreadingHTTPServer(
+        ("127.0.0.1", 0), functools.partial(Quiet, directory=str(site))
+    )
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         page = browser.new_page()
         page.goto(f"http://127.0.0.1:{server.server_address[1]}/classes/{slug}/index.html")
         fig = page.locator("#attribution figure").first
         fig.scroll_into_view_if_needed()
-        page.wait_for_function("() => [...document.querySelectorAll('#attribution figure')[0].querySelectorAll('img')]"
-                               ".every(i => i.complete && i.naturalWidth > 0)", timeout=15000)
+        page.wait_for_function(
+            "() => [...document.querySelectorAll('#attribution figure')[0].querySelectorAll('img')]"
+            ".every(i => i.complete && i.naturalWidth > 0)",
+            timeout=15000,
+        )
         pixels = page.evaluate(
             """([x, y]) => [...document.querySelectorAll('#attribution figure')[0].querySelectorAll('img')].map(img => {
                 const c = document.createElement('canvas'); c.width = img.naturalWidth; c.height = img.naturalHeight;
                 const g = c.getContext('2d'); g.drawImage(img, 0, 0);
-                return [...g.getImageData(x, y, 1, 1).data].slice(0, 3); })""", [x, y])
-        swatch = page.evaluate("() => getComputedStyle(document.querySelector('#attribution .legend3 .sw')).backgroundColor")
-        classes = page.evaluate("() => document.querySelector('#attribution .legend3 .sw').className")
+                return [...g.getImageData(x, y, 1, 1).data].slice(0, 3); })""",
+            [x, y],
+        )
+        swatch = page.evaluate(
+            "() => getComputedStyle(document.querySelector('#attribution .legend3 .sw')).backgroundColor"
+        )
+        classes = page.evaluate(
+            "() => document.querySelector('#attribution .legend3 .sw').className"
+        )
         page.close()
     finally:
         server.shutdown()
@@ -371,7 +450,9 @@ def test_the_overlay_shows_the_top_concept_where_it_is(scrambled, browser):
     colour = crops_mod._hex_rgb(crops_mod.concept_color(0)) * 255
     assert np.abs(overlay - plain).sum() > 60, (plain, overlay)
     assert np.linalg.norm(overlay - colour) < np.linalg.norm(plain - colour)
-    assert classes.split()[-1] == "k0"  # the legend's first entry is the top concept, in its card colour
+    assert (
+        classes.split()[-1] == "k0"
+    )  # the legend's first entry is the top concept, in its card colour
     assert swatch == "rgb({}, {}, {})".format(*(int(v) for v in colour.round()))
 
 
@@ -386,7 +467,11 @@ def test_a_negative_share_has_its_own_look_and_explanation(tmp_path):
     build_site(site, str(tmp_path / "pub"), None, assets)
     page = (tmp_path / "pub" / "classes" / site["classes"][0]["slug"] / "index.html").read_text()
     item = re.search(rf'<li id="concept-{concept["id"]}".*?</li>', page, re.S).group(0)
-    assert 'class="score against"' in item and 'class="bar neg"' in item and "argues against the class" in item
+    assert (
+        'class="score against"' in item
+        and 'class="bar neg"' in item
+        and "argues against the class" in item
+    )
     assert "-2.1%" in item
     assert 'id="negative-note"' in page and "argues <em>against</em> this class" in page
     other = (tmp_path / "pub" / "classes" / site["classes"][1]["slug"] / "index.html").read_text()
@@ -403,4 +488,6 @@ def test_a_layer_with_negative_activations_is_refused_at_set_up(toy, tmp_path):
     cfg["concepts"] = {**cfg["concepts"], "method": "nmf"}
     with pytest.raises(ModelError, match=r"negative activations.*after a ReLU"):
         prepare_run(make_config(cfg))
-    assert not (tmp_path / "store" / "runs").exists() or not any((tmp_path / "store" / "runs").rglob("acts"))
+    assert not (tmp_path / "store" / "runs").exists() or not any(
+        (tmp_path / "store" / "runs").rglob("acts")
+    )

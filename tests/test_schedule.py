@@ -19,7 +19,7 @@ DEPLOYMENT = "tick/every-3s"
 INTERVAL = 3  # seconds between scheduled runs
 WANT_COMPLETED = 2
 
-FLOW = f'''
+FLOW = f"""
 from prefect import flow
 
 
@@ -30,7 +30,7 @@ def tick() -> str:
 
 if __name__ == "__main__":
     tick.serve(name="every-3s", interval={INTERVAL}, limit=1)
-'''
+"""
 
 # what a broken scheduler writes to the server log (seen with SQLAlchemy 2.1.9: an ERROR line for
 # each failed schedule_deployments / schedule_recent_deployments, then the traceback), and any crash
@@ -45,22 +45,39 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     home.mkdir()
     port = _free_port()
     api = f"http://127.0.0.1:{port}/api"
-    base = {**_clean_env(), "PREFECT_HOME": str(home), "PREFECT_API_URL": api,
-            "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_LOGGING_COLORS": "false"}
-    server_env = {**base,
-                  "PREFECT_SERVER_SERVICES_SCHEDULER_ENABLED": "true",
-                  "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "1",
-                  "PREFECT_SERVER_SERVICES_SCHEDULER_RECENT_DEPLOYMENTS_LOOP_SECONDS": "1",
-                  "PREFECT_SERVER_SERVICES_SCHEDULER_MAX_RUNS": "20"}
-    server = _start("server", [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1",
-                               "--port", str(port)], server_env, root)
+    base = {
+        **_clean_env(),
+        "PREFECT_HOME": str(home),
+        "PREFECT_API_URL": api,
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_LOGGING_COLORS": "false",
+    }
+    server_env = {
+        **base,
+        "PREFECT_SERVER_SERVICES_SCHEDULER_ENABLED": "true",
+        "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "1",
+        "PREFECT_SERVER_SERVICES_SCHEDULER_RECENT_DEPLOYMENTS_LOOP_SECONDS": "1",
+        "PREFECT_SERVER_SERVICES_SCHEDULER_MAX_RUNS": "20",
+    }
+    server = _start(
+        "server",
+        [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+        server_env,
+        root,
+    )
     st = Stack(api, base, home, bucket="", config_path=root, prefix="", s3=None, procs=[server])
     try:
         script = root / "tick_flow.py"
         script.write_text(FLOW)
         st.wait("the Prefect server's /api/health", lambda: _healthy(api), timeout=90, every=0.5)
-        st.procs.append(_start("serve", [str(BIN / "python"), str(script)],
-                               {**base, "PREFECT_RUNNER_POLL_FREQUENCY": "1"}, root))
+        st.procs.append(
+            _start(
+                "serve",
+                [str(BIN / "python"), str(script)],
+                {**base, "PREFECT_RUNNER_POLL_FREQUENCY": "1"},
+                root,
+            )
+        )
         yield st
     finally:
         for p in reversed(st.procs):  # the served flow before the server
@@ -87,22 +104,36 @@ def test_an_interval_deployment_gets_its_runs_created_and_completed(served: Stac
 
     t0 = time.monotonic()
     with temporary_settings(updates={PREFECT_API_URL: served.api}):
+
         def completed() -> list[Any]:
             runs = _deployment_runs()
             done = [r for r in runs if r.state is not None and r.state.is_completed()]
             return done if len(done) >= WANT_COMPLETED else []
 
-        done = served.wait(f"{WANT_COMPLETED} completed scheduled runs of {DEPLOYMENT}", completed,
-                           timeout=75, every=1.0)
+        done = served.wait(
+            f"{WANT_COMPLETED} completed scheduled runs of {DEPLOYMENT}",
+            completed,
+            timeout=75,
+            every=1.0,
+        )
         runs = _deployment_runs()
     scheduled = [r for r in runs if r.auto_scheduled]
     # the scheduler made them (nothing here creates a run by hand), several intervals ahead
     assert all(r.auto_scheduled for r in done), [(r.name, r.auto_scheduled) for r in done]
     assert len(scheduled) >= WANT_COMPLETED + 1, f"{len(scheduled)} scheduled runs"
     times = sorted(r.expected_start_time for r in scheduled)
-    assert {round((b - a).total_seconds()) for a, b in zip(times, times[1:], strict=False)} == {INTERVAL}
+    assert {round((b - a).total_seconds()) for a, b in zip(times, times[1:], strict=False)} == {
+        INTERVAL
+    }
     log = served.procs[0].log.read_text(errors="replace")
-    bad = [line for line in log.splitlines()
-           if any(e in line for e in SCHEDULER_ERRORS) or ("| ERROR" in line and "schedul" in line)]
-    assert not bad, "scheduler errors in the server log:\n" + "\n".join(bad[:5]) + "\n" + served.logs()
-    print(f"{len(scheduled)} runs scheduled, {len(done)} completed within {time.monotonic() - t0:.0f} s")
+    bad = [
+        line
+        for line in log.splitlines()
+        if any(e in line for e in SCHEDULER_ERRORS) or ("| ERROR" in line and "schedul" in line)
+    ]
+    assert not bad, (
+        "scheduler errors in the server log:\n" + "\n".join(bad[:5]) + "\n" + served.logs()
+    )
+    print(
+        f"{len(scheduled)} runs scheduled, {len(done)} completed within {time.monotonic() - t0:.0f} s"
+    )

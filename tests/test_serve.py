@@ -74,12 +74,18 @@ def test_serves_pages_with_their_content_types(site: Path) -> None:
         assert headers["content-type"] == "text/html; charset=utf-8"
         assert get(port, "/classes/espresso/")[2] == b"<p>espresso</p>"
         status, headers, body = get(port, "/data/atlas.json?v=1")
-        assert status == 200 and headers["content-type"].startswith("application/json") and b"classes" in body
+        assert (
+            status == 200
+            and headers["content-type"].startswith("application/json")
+            and b"classes" in body
+        )
         assert get(port, "/inside.html")[2].decode("utf-8") == PAGE
         assert get(port, "/a%20b/")[2] == b"spaced"
         assert get(port, "/missing.html")[0] == 404
         status, headers, body = get(port, "/index.html", method="HEAD")
-        assert status == 200 and body == b"" and headers["content-length"] == str(len(PAGE.encode()))
+        assert (
+            status == 200 and body == b"" and headers["content-length"] == str(len(PAGE.encode()))
+        )
 
 
 def test_symlinks_out_of_the_publish_root_are_not_followed(site: Path) -> None:
@@ -91,8 +97,18 @@ def test_symlinks_out_of_the_publish_root_are_not_followed(site: Path) -> None:
             assert b"SECRET" not in body
 
 
-@pytest.mark.parametrize("target", ["/%00", "/index.html%00.png", "/classes%00/", "/%ff%fe", "/a%0d%0aX-Evil:%201",
-                                    "/..%5c..%5cpasswd", "*"])
+@pytest.mark.parametrize(
+    "target",
+    [
+        "/%00",
+        "/index.html%00.png",
+        "/classes%00/",
+        "/%ff%fe",
+        "/a%0d%0aX-Evil:%201",
+        "/..%5c..%5cpasswd",
+        "*",
+    ],
+)
 def test_nul_and_invalid_paths_get_a_clean_client_error(site: Path, target: str) -> None:
     """A NUL, an undecodable byte, a control character or a backslash: 400 (or 404), and the
     server keeps answering (the old server raised and dropped the connection on /%00)."""
@@ -103,14 +119,19 @@ def test_nul_and_invalid_paths_get_a_clean_client_error(site: Path, target: str)
         assert get(port, "/")[0] == 200
 
 
-@pytest.mark.parametrize(("target", "expected"), [
-    ("/classes", "/classes/"),
-    ("/classes/espresso?x=1", "/classes/espresso/"),
-    ("//evil.example/../classes", "/classes/"),  # the old server echoed the raw path
-    ("/%2Fevil.example/../classes", "/classes/"),
-    ("/a%20b", "/a%20b/"),
-])
-def test_directory_redirect_names_the_normalized_path_only(site: Path, target: str, expected: str) -> None:
+@pytest.mark.parametrize(
+    ("target", "expected"),
+    [
+        ("/classes", "/classes/"),
+        ("/classes/espresso?x=1", "/classes/espresso/"),
+        ("//evil.example/../classes", "/classes/"),  # the old server echoed the raw path
+        ("/%2Fevil.example/../classes", "/classes/"),
+        ("/a%20b", "/a%20b/"),
+    ],
+)
+def test_directory_redirect_names_the_normalized_path_only(
+    site: Path, target: str, expected: str
+) -> None:
     """A 301's Location is built from the normalized, re-quoted path: one leading '/', no host."""
     with running(str(site)) as port:
         status, headers, _ = get(port, target)

@@ -61,8 +61,9 @@ def test_the_image_split_is_gradient_times_input_on_a_resnet_at_layer4(tmp_path:
     fmap = (u @ Wt + r)[:, :, None, None].expand(-1, -1, 3, 3)
     out = model.double().fc(torch.flatten(model.avgpool(fmap), 1))[:, 3]
     out.sum().backward()
-    np.testing.assert_allclose(parts["contributions"], (u.grad * u).detach().numpy(),
-                               rtol=1e-6, atol=1e-8)
+    np.testing.assert_allclose(
+        parts["contributions"], (u.grad * u).detach().numpy(), rtol=1e-6, atol=1e-8
+    )
     assert np.abs(parts["contributions"]).max() > 1e-3  # not trivially zero
 
 
@@ -71,11 +72,16 @@ def small_patches(tmp_path_factory: pytest.TempPathFactory):
     """The toy CNN on 4 classes with tiny patches: it classifies every image, few patches."""
     root = tmp_path_factory.mktemp("small-patches")
     url = ensure_toy_dataset(f"file://{root}/toy", 10, 8, 0)
-    cfg = {"data": {"url": url, "images_per_class": 8}, "patches": {"fraction": 0.08, "grid": 2},
-           "concepts": {"n_concepts": 3}, "importance": {"images": 4, "n_designs": 4},
-           "crops": {"per_concept": 1, "attribution_images": 1},
-           "maco": {"steps": 2, "image_size": 64, "crops": 2},
-           "store": f"file://{root}/store", "publish": f"file://{root}/site"}
+    cfg = {
+        "data": {"url": url, "images_per_class": 8},
+        "patches": {"fraction": 0.08, "grid": 2},
+        "concepts": {"n_concepts": 3},
+        "importance": {"images": 4, "n_designs": 4},
+        "crops": {"per_concept": 1, "attribution_images": 1},
+        "maco": {"steps": 2, "image_size": 64, "crops": 2},
+        "store": f"file://{root}/store",
+        "publish": f"file://{root}/site",
+    }
     info = prepare_run(make_config(cfg, classes=class_names(10)[:4]))
     for slug in info.slugs:
         run_class(info, slug)
@@ -118,8 +124,9 @@ def test_the_share_is_a_plain_sum_over_the_assigned_images(small_patches):
         W = store.zarr[f"concepts/{slug}"]["W"][:].astype(np.float64)
         image_A = acts["image_A"][:].astype(np.float64)
         # the stored logits and predictions are the model's: ā . w + b for a pooled-linear head
-        np.testing.assert_allclose(image_A @ weight[c] + bias[c], acts["image_logit"][:], rtol=1e-4,
-                                   atol=1e-4)
+        np.testing.assert_allclose(
+            image_A @ weight[c] + bias[c], acts["image_logit"][:], rtol=1e-4, atol=1e-4
+        )
         num, den, n = np.zeros(len(W)), 0.0, 0
         for i in range(len(image_A)):
             if int(np.argmax(image_A[i] @ weight.T + bias)) != c:
@@ -131,17 +138,24 @@ def test_the_share_is_a_plain_sum_over_the_assigned_images(small_patches):
             n += 1
         assert n == imp.attrs["share_images"] >= 3
         np.testing.assert_allclose(imp["logit_share"][:], 100 * num / den, rtol=1e-3, atol=0.05)
-        total = float(imp["logit_share"][:].sum()) + imp.attrs["share_residual"] + imp.attrs["share_bias"]
+        total = (
+            float(imp["logit_share"][:].sum())
+            + imp.attrs["share_residual"]
+            + imp.attrs["share_bias"]
+        )
         assert total == pytest.approx(100.0, abs=1e-3)
 
 
 def test_too_few_assigned_images_fall_back_to_sobol_with_the_counts(tmp_path: Path):
     url = ensure_toy_dataset(f"file://{tmp_path}/toy", 10, 3, 0)
-    cfg = {"data": {"url": url, "images_per_class": 3}, "patches": {"grid": 2},
-           "concepts": {"n_concepts": 3}, "importance": {"images": 2, "n_designs": 4,
-                                                          "min_share_images": 4},
-           "crops": {"per_concept": 1, "attribution_images": 1},
-           "store": f"file://{tmp_path}/store"}
+    cfg = {
+        "data": {"url": url, "images_per_class": 3},
+        "patches": {"grid": 2},
+        "concepts": {"n_concepts": 3},
+        "importance": {"images": 2, "n_designs": 4, "min_share_images": 4},
+        "crops": {"per_concept": 1, "attribution_images": 1},
+        "store": f"file://{tmp_path}/store",
+    }
     info = prepare_run(make_config(cfg, classes=class_names(10)[:1]))
     run_class(info, info.slugs[0])
     imp = info.store().zarr[f"importance/{info.slugs[0]}"]
@@ -174,7 +188,8 @@ def test_every_concept_has_a_circle_in_the_similarity_chart(tmp_path: Path, brow
     nodes = page.eval_on_selector_all(
         "svg.layout circle",
         "els => els.map(e => [e.nextElementSibling.textContent, e.r.baseVal.value,"
-        " e.getAttribute('r'), e.classList.contains('against')])")
+        " e.getAttribute('r'), e.classList.contains('against')])",
+    )
     page.close()
     assert console == []
     ids = sorted(int(label) for label, *_ in nodes)

@@ -27,7 +27,11 @@ from lens_core.site.render import immutable_paths, static_paths
 from lens_core.site.runs import list_published_runs, write_runs_index
 
 RUN_ID = "0123456789ab"  # the form lens_core.identity.short_hash gives
-HTML, CSS, JS = "text/html; charset=utf-8", "text/css; charset=utf-8", "text/javascript; charset=utf-8"
+HTML, CSS, JS = (
+    "text/html; charset=utf-8",
+    "text/css; charset=utf-8",
+    "text/javascript; charset=utf-8",
+)
 JSON = "application/json; charset=utf-8"
 
 
@@ -123,7 +127,11 @@ def test_static_files_are_content_addressed(s3, published):
 def test_local_publish_keeps_its_files_and_leaves_no_temporaries(tmp_path):
     site, assets = make_site(n_classes=6, n_crops=3, n_points=20, n_thumbs=4)
     summary = build_site(site, str(tmp_path / "pub"), None, assets)
-    files = {p.relative_to(tmp_path / "pub").as_posix() for p in (tmp_path / "pub").rglob("*") if p.is_file()}
+    files = {
+        p.relative_to(tmp_path / "pub").as_posix()
+        for p in (tmp_path / "pub").rglob("*")
+        if p.is_file()
+    }
     assert files == set(summary["written"])
     assert set(static_paths().values()) | {"index.html"} <= files
 
@@ -145,7 +153,9 @@ def test_headers_by_path(rel, ctype, cache):
     assert all(cache_control(p, immutable_paths()) == IMMUTABLE for p in static_paths().values())
 
 
-@pytest.mark.parametrize("key", [*static_paths().values(), "assets/lens.css", "assets/lens.js", "assets/favicon.svg"])
+@pytest.mark.parametrize(
+    "key", [*static_paths().values(), "assets/lens.css", "assets/lens.js", "assets/favicon.svg"]
+)
 def test_an_asset_may_not_take_a_static_files_name(tmp_path, key):
     site, _ = make_site(n_classes=2, n_points=5)
     with pytest.raises(SiteError):
@@ -182,7 +192,9 @@ def served(s3, published) -> Iterator[str]:
 
 
 def _visible_names(pg) -> list[str]:
-    return pg.eval_on_selector_all("#grid > li:not([hidden]) .nm", "els => els.map(e => e.textContent)")
+    return pg.eval_on_selector_all(
+        "#grid > li:not([hidden]) .nm", "els => els.map(e => e.textContent)"
+    )
 
 
 def _assert_styled_and_scripted(page) -> None:
@@ -220,7 +232,10 @@ def test_site_renders_straight_from_the_s3_endpoint(page, s3, published):
     fs.call_s3("put_bucket_policy", Bucket=bucket, Policy=json.dumps(policy))
     base = f"{s3.endpoint_url}/{bucket}/site"
     response = page.goto(f"{base}/index.html")  # a document, not a download
-    assert (response.headers["content-type"], response.headers["cache-control"]) == (HTML, REVALIDATE)
+    assert (response.headers["content-type"], response.headers["cache-control"]) == (
+        HTML,
+        REVALIDATE,
+    )
     page.click(f'a[href="{RUN_ID}/index.html"]')
     page.wait_for_url(f"{base}/{RUN_ID}/index.html")
     assert page.evaluate("document.contentType") == "text/html"
@@ -267,7 +282,9 @@ def test_every_put_sends_content_type_and_cache_control(s3, bucket, puts):
     summary = build_site(site, f"s3://{bucket}/site/{RUN_ID}", s3.storage_options, assets)
     write_runs_index(f"s3://{bucket}/site", run_meta(), s3.storage_options)
     assert len(puts.calls) == summary["files"] + 2
-    missing = [p["Key"] for p in puts.calls if not p.get("ContentType") or not p.get("CacheControl")]
+    missing = [
+        p["Key"] for p in puts.calls if not p.get("ContentType") or not p.get("CacheControl")
+    ]
     assert not missing, missing[:5]
     types = {posixpath.splitext(p["Key"])[1]: p["ContentType"] for p in puts.calls}
     assert types == {".html": HTML, ".css": CSS, ".js": JS, ".json": JSON, ".svg": "image/svg+xml",
@@ -280,7 +297,9 @@ def test_a_batch_with_several_header_sets_is_put_at_once(s3, bucket, puts):
     from lens_core.store import filesystem
 
     out = SiteWriter(*filesystem(f"s3://{bucket}/site", s3.storage_options))
-    out.write_many((f"classes/c{i}/index.html" if i % 2 else f"data/c{i}.json", b"{}") for i in range(BATCH))
+    out.write_many(
+        (f"classes/c{i}/index.html" if i % 2 else f"data/c{i}.json", b"{}") for i in range(BATCH)
+    )
     assert len(puts.calls) == BATCH and puts.peak == BATCH
     assert {p["CacheControl"] for p in puts.calls} == {PAGE}
     assert {p["ContentType"] for p in puts.calls} == {HTML, JSON}
@@ -306,7 +325,10 @@ class _Links(html.parser.HTMLParser):
 
 def _plant(fs, root: str, folder: str, meta) -> None:
     fs.makedirs(f"{root}/{folder}", exist_ok=True)
-    fs.pipe_file(f"{root}/{folder}/run.json", (meta if isinstance(meta, bytes) else json.dumps(meta).encode()))
+    fs.pipe_file(
+        f"{root}/{folder}/run.json",
+        (meta if isinstance(meta, bytes) else json.dumps(meta).encode()),
+    )
 
 
 HOSTILE = "<img src=x onerror=alert(1)>"
@@ -339,7 +361,9 @@ def test_runs_page_links_only_real_runs(where, tmp_path, browser, request):
         fs, root = fsspec.filesystem("file"), str(tmp_path / "site")
         url, opts = root, None
     _plant_all(fs, root)
-    fs.makedirs(f"{root}/{RUN_ID}", exist_ok=True)  # the run's own site is written before the runs page
+    fs.makedirs(
+        f"{root}/{RUN_ID}", exist_ok=True
+    )  # the run's own site is written before the runs page
     write_runs_index(url, run_meta(), opts)
     runs = list_published_runs(url, opts)
     assert [r["run_id"] for r in runs] == [RUN_ID, "aaaaaaaaaaaa"]

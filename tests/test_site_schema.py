@@ -14,7 +14,9 @@ from lens_core.site.schema import SiteError, normalize_site, schema_markdown
 
 
 def test_schema_md_is_generated_from_the_models():
-    committed = (Path(__file__).resolve().parents[1] / "lens_core" / "site" / "SCHEMA.md").read_text()
+    committed = (
+        Path(__file__).resolve().parents[1] / "lens_core" / "site" / "SCHEMA.md"
+    ).read_text()
     assert committed == schema_markdown(), "run scripts/site-schema.sh"
 
 
@@ -37,24 +39,47 @@ def test_every_field_publish_emits_reaches_the_data_file(tmp_path):
     from lens_core.pipeline import prepare_run, run_class
     from lens_core.publish import collect_site_data, publish
 
-    info = prepare_run(make_config({**TINY, "store": f"file://{tmp_path}/store", "publish": f"file://{tmp_path}/site"},
-                                   classes=["0"]))
+    info = prepare_run(
+        make_config(
+            {**TINY, "store": f"file://{tmp_path}/store", "publish": f"file://{tmp_path}/site"},
+            classes=["0"],
+        )
+    )
     run_class(info, info.slugs[0])
     viz_pool.render_batch(info, viz_pool.pending_items(info))
     viz_pool.finalize_viz(info)
     site, _ = collect_site_data(info)
     emitted = _keys(site["classes"][0])
     publish(info)
-    written = json.loads((tmp_path / "site" / info.run_id / "data" / f"{info.slugs[0]}.json").read_text())
+    written = json.loads(
+        (tmp_path / "site" / info.run_id / "data" / f"{info.slugs[0]}.json").read_text()
+    )
     assert emitted - _keys(written) == set()
-    for field in ("color", "skipped_images", "rank", "sobol_share", "assigned_images", "importance_basis"):
+    for field in (
+        "color",
+        "skipped_images",
+        "rank",
+        "sobol_share",
+        "assigned_images",
+        "importance_basis",
+    ):
         assert any(k.endswith(field) for k in _keys(written)), field
 
 
 def test_bad_values_name_their_field():
-    site = {"run": {"run_id": "abcdefabcdef"}, "classes": [{"name": "x", "slug": "x", "concepts": [
-        {"id": 0, "logit_share": float("nan"), "crops": ["../etc/passwd"]}]}]}
+    site = {
+        "run": {"run_id": "abcdefabcdef"},
+        "classes": [
+            {
+                "name": "x",
+                "slug": "x",
+                "concepts": [{"id": 0, "logit_share": float("nan"), "crops": ["../etc/passwd"]}],
+            }
+        ],
+    }
     with pytest.raises(SiteError, match=r"classes\[0\]\.concepts\[0\]\.crops\[0\]: unsafe"):
         normalize_site(site)
     site["classes"][0]["concepts"][0]["crops"] = []
-    assert normalize_site(site)["classes"][0]["concepts"][0]["logit_share"] is None  # NaN never reaches JSON
+    assert (
+        normalize_site(site)["classes"][0]["concepts"][0]["logit_share"] is None
+    )  # NaN never reaches JSON

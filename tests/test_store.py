@@ -95,5 +95,7 @@ def test_many_workers_open_a_fresh_store_at_once(tmp_path: Path) -> None:
         for t in threads:
             t.join()
         assert not errors, errors[:3]
-        assert sorted(RunStore(url, "run1").zarr["acts"].group_keys()) == sorted(f"c{i}" for i in range(n))
+        assert sorted(RunStore(url, "run1").zarr["acts"].group_keys()) == sorted(
+            f"c{i}" for i in range(n)
+        )
         shutil.rmtree(tmp_path / "store")

@@ -34,20 +34,34 @@ K = 10
 
 # ---- small instances of torchvision's classes (factories the runs are allowed to call) ---------
 
+
 def tiny_vit(num_classes: int = K) -> nn.Module:
     """A 2-block ViT on 32 px images, 8 px patches (a 4x4 token grid). torchvision initialises the
     head to zeros (every logit 0): it gets random weights, as a trained head has."""
     torch.manual_seed(0)
-    m = VisionTransformer(image_size=32, patch_size=8, num_layers=3, num_heads=2, hidden_dim=32,
-                          mlp_dim=64, num_classes=num_classes)
+    m = VisionTransformer(
+        image_size=32,
+        patch_size=8,
+        num_layers=3,
+        num_heads=2,
+        hidden_dim=32,
+        mlp_dim=64,
+        num_classes=num_classes,
+    )
     nn.init.normal_(m.heads.head.weight, std=0.3)
     return m
 
 
 def tiny_swin(num_classes: int = K) -> nn.Module:
     torch.manual_seed(0)
-    return SwinTransformer(patch_size=[4, 4], embed_dim=24, depths=[1, 1], num_heads=[2, 2],
-                           window_size=[4, 4], num_classes=num_classes)
+    return SwinTransformer(
+        patch_size=[4, 4],
+        embed_dim=24,
+        depths=[1, 1],
+        num_heads=[2, 2],
+        window_size=[4, 4],
+        num_classes=num_classes,
+    )
 
 
 def tiny_convnext(num_classes: int = K) -> nn.Module:
@@ -111,7 +125,7 @@ class _Rest(nn.Module):
     def forward(self, m: torch.Tensor, cls: torch.Tensor) -> torch.Tensor:
         vit = self.vit
         t = torch.cat([cls, m.flatten(2).transpose(1, 2)], 1)
-        for b in list(vit.encoder.layers)[self.cut:]:
+        for b in list(vit.encoder.layers)[self.cut :]:
             t = b(t)
         return vit.heads(vit.encoder.ln(t)[:, 0])
 
@@ -141,18 +155,32 @@ def flat_net(num_classes: int = K) -> nn.Module:
     from collections import OrderedDict
 
     torch.manual_seed(0)
-    return nn.Sequential(OrderedDict(conv=nn.Conv2d(3, 8, 3), tok=nn.Flatten(2),
-                                     pool=nn.AdaptiveAvgPool1d(1), flat=nn.Flatten(1),
-                                     fc=nn.Linear(8, num_classes)))
+    return nn.Sequential(
+        OrderedDict(
+            conv=nn.Conv2d(3, 8, 3),
+            tok=nn.Flatten(2),
+            pool=nn.AdaptiveAvgPool1d(1),
+            flat=nn.Flatten(1),
+            fc=nn.Linear(8, num_classes),
+        )
+    )
 
 
-FACTORIES = ",".join(f"{__name__}:{f}" for f in
-                     ("tiny_vit", "tiny_swin", "tiny_convnext", "token_net", "broken_token_net"))
+FACTORIES = ",".join(
+    f"{__name__}:{f}"
+    for f in ("tiny_vit", "tiny_swin", "tiny_convnext", "token_net", "broken_token_net")
+)
 
 
 def _cfg(layer: str, size: int) -> ModelConfig:
-    return ModelConfig(arch="x", layer=layer, input_size=size, num_classes=K,
-                       mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+    return ModelConfig(
+        arch="x",
+        layer=layer,
+        input_size=size,
+        num_classes=K,
+        mean=(0.485, 0.456, 0.406),
+        std=(0.229, 0.224, 0.225),
+    )
 
 
 def _images(n: int, size: int) -> torch.Tensor:
@@ -175,6 +203,7 @@ def _max_error(split, model, x, cfg) -> float:
 
 
 # ---- h(g(x)) is the model ---------------------------------------------------------------------
+
 
 def _vit_b16() -> nn.Module:
     """torchvision's ViT-B/16 (12 blocks of 768 channels) on 64 px images (a 4x4 token grid: the
@@ -231,9 +260,14 @@ def test_vit_b16_at_encoder_is_the_model_but_its_patch_tokens_never_reach_the_he
         assert "\n" not in text and repr(layer) in text and "encoder_layer_10" in text
 
 
-@pytest.mark.parametrize("layer, shape, exact", [("features", (768, 2, 2), False),
-                                                 ("norm", (768, 2, 2), True),
-                                                 ("features.3", (192, 8, 8), False)])
+@pytest.mark.parametrize(
+    "layer, shape, exact",
+    [
+        ("features", (768, 2, 2), False),
+        ("norm", (768, 2, 2), True),
+        ("features.3", (192, 8, 8), False),
+    ],
+)
 def test_swin_t_split_permutes_its_channels_last_maps_and_is_the_model(layer, shape, exact):
     torch.manual_seed(0)
     model = torchvision.models.swin_t(weights=None, num_classes=K).eval()
@@ -262,8 +296,9 @@ def test_a_lens_split_model_whose_g_sets_the_class_token_aside(monkeypatch):
         with torch.no_grad():
             m = split.g(x)
             extra = tokens.extra_tokens(split.g, m)
-            torch.testing.assert_close(split.h(m.clone(), extra), _logits(model, x, cfg),
-                                       rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(
+                split.h(m.clone(), extra), _logits(model, x, cfg), rtol=1e-5, atol=1e-5
+            )
         assert tuple(m.shape) == (3, 32, 4, 4) and split.head is None
 
 
@@ -292,8 +327,12 @@ def test_convnext_head_normalizes_then_is_linear_so_each_images_logit_splits_exa
         total = parts["contributions"].sum(1) + parts["residual"] + parts["bias"]
         np.testing.assert_allclose(total, ref[:, c].numpy(), rtol=1e-4, atol=1e-5)
     # the scale is the normalization's: doubling the pooled activation leaves the logits alone
-    np.testing.assert_allclose(split.norm_head.logits(torch.from_numpy(2 * pooled)).numpy(),
-                               ref.numpy(), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(
+        split.norm_head.logits(torch.from_numpy(2 * pooled)).numpy(),
+        ref.numpy(),
+        rtol=1e-4,
+        atol=1e-5,
+    )
 
 
 # ---- unsupported splits: one line, never a traceback -------------------------------------------
@@ -313,8 +352,11 @@ UNSUPPORTED = [
 ]
 
 
-@pytest.mark.parametrize("factory, layer, size, says", UNSUPPORTED,
-                         ids=[f"{f.__name__}-{layer}-{s}" for f, layer, s, _ in UNSUPPORTED])
+@pytest.mark.parametrize(
+    "factory, layer, size, says",
+    UNSUPPORTED,
+    ids=[f"{f.__name__}-{layer}-{s}" for f, layer, s, _ in UNSUPPORTED],
+)
 def test_an_unsupported_split_is_one_clear_line(factory, layer, size, says):
     with pytest.raises(ModelError) as err:
         split_model(factory(), layer, _cfg(layer, size))
@@ -340,10 +382,16 @@ def test_each_family_runs_the_whole_atlas(family, tmp_path, monkeypatch):
     and the site, for one toy class; a ViT's stored class tokens give back the model's logits."""
     monkeypatch.setenv("LENS_MODEL_FACTORIES", FACTORIES)
     arch, layer, size, pooled_linear = FAMILIES[family]
-    cfg = make_config({**TINY, "data": {**TINY["data"], "toy_classes": 2},
-                       "model": {"arch": arch, "layer": layer, "input_size": size},
-                       "store": f"file://{tmp_path}/store", "publish": f"file://{tmp_path}/site"},
-                      classes=["0"])
+    cfg = make_config(
+        {
+            **TINY,
+            "data": {**TINY["data"], "toy_classes": 2},
+            "model": {"arch": arch, "layer": layer, "input_size": size},
+            "store": f"file://{tmp_path}/store",
+            "publish": f"file://{tmp_path}/site",
+        },
+        classes=["0"],
+    )
     result = explain(cfg)
     assert result["failed"] == []
     info = result["info"]
@@ -362,8 +410,9 @@ def test_each_family_runs_the_whole_atlas(family, tmp_path, monkeypatch):
         if family == "convnext":  # its head favours the class: the share is defined
             assert imp.attrs["importance_basis"] == "logit_share"
         if "logit_share" in set(imp.array_keys()):  # enough images predicted as the class
-            total = (imp["logit_share"][:].sum() + imp.attrs["share_residual"]
-                     + imp.attrs["share_bias"])
+            total = (
+                imp["logit_share"][:].sum() + imp.attrs["share_residual"] + imp.attrs["share_bias"]
+            )
             assert total == pytest.approx(100, abs=1e-3)
             assert ("normalizes" in imp.attrs["note"]) == (family == "convnext")
     else:
@@ -379,8 +428,12 @@ def test_each_family_runs_the_whole_atlas(family, tmp_path, monkeypatch):
         split = split_model(model, layer, info.config.model)
         with torch.no_grad():
             logits = split.h(torch.from_numpy(spatial), torch.from_numpy(extra))
-        np.testing.assert_allclose(logits[:, info.classes[0].index].numpy(),
-                                   acts["image_logit"][: len(spatial)], rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(
+            logits[:, info.classes[0].index].numpy(),
+            acts["image_logit"][: len(spatial)],
+            rtol=1e-4,
+            atol=1e-5,
+        )
     else:
         assert "spatial_extra" not in set(acts.array_keys())
     run = Path(str(tmp_path / "store" / "runs" / info.run_id))
@@ -394,10 +447,14 @@ def test_each_family_runs_the_whole_atlas(family, tmp_path, monkeypatch):
 
 # ---- the shipped examples -------------------------------------------------------------------
 
-@pytest.mark.parametrize("name, arch, layer", [
-    ("vit-b16.toml", "vit_b_16", "encoder.layers.encoder_layer_10"),
-    ("convnext-tiny.toml", "convnext_tiny", "features"),
-])
+
+@pytest.mark.parametrize(
+    "name, arch, layer",
+    [
+        ("vit-b16.toml", "vit_b_16", "encoder.layers.encoder_layer_10"),
+        ("convnext-tiny.toml", "convnext_tiny", "features"),
+    ],
+)
 def test_the_token_and_convnext_examples_load_with_their_stated_values(name, arch, layer):
     cfg = load_config(EXAMPLES / name)
     assert (cfg.model.arch, cfg.model.layer, cfg.model.input_size) == (arch, layer, 224)

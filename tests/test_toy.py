@@ -101,7 +101,9 @@ def test_class_names_and_recipes() -> None:
 def test_class_recipes_scale_to_a_thousand_classes() -> None:
     names = class_names(1000)
     assert len(set(names)) == 1000 and names == sorted(names)
-    assert names[:10] == [n.replace(f"{i:02d}-", f"{i:03d}-", 1) for i, n in enumerate(class_names(10))]
+    assert names[:10] == [
+        n.replace(f"{i:02d}-", f"{i:03d}-", 1) for i, n in enumerate(class_names(10))
+    ]
     recipes = {class_parts(c, 1000) for c in range(1000)}
     assert len(recipes) == 1000
     assert all(2 <= len(r) <= 4 and not set(r) & set(DISTRACTOR_PARTS) for r in recipes)
@@ -121,7 +123,9 @@ def test_dataset_seeds_avoid_training_and_evaluation_seeds() -> None:
     assert image_seed(0, 1) != image_seed(1, 1)
 
 
-def _check_dataset(url: str, n_classes: int, n_per_class: int, seed: int, storage_options=None) -> None:
+def _check_dataset(
+    url: str, n_classes: int, n_per_class: int, seed: int, storage_options=None
+) -> None:
     from lens_core.store import filesystem
 
     fs, root = filesystem(url, storage_options)
@@ -136,7 +140,9 @@ def _check_dataset(url: str, n_classes: int, n_per_class: int, seed: int, storag
             assert np.array_equal(np.asarray(Image.open(io.BytesIO(data))), img)
             got = read_mask(f"{url}/masks/{name}/{i:04d}.png", storage_options)
             assert got.dtype == np.int16 and np.array_equal(got, mask)
-            raw = np.asarray(Image.open(io.BytesIO(fs.cat_file(f"{root}/masks/{name}/{i:04d}.png"))))
+            raw = np.asarray(
+                Image.open(io.BytesIO(fs.cat_file(f"{root}/masks/{name}/{i:04d}.png")))
+            )
             assert raw.dtype == np.uint8 and np.array_equal(raw.astype(np.int16) - 1, mask)
 
 
@@ -152,7 +158,9 @@ def test_ensure_toy_dataset_on_disk_and_skips_when_complete(tmp_path) -> None:
 
 def test_ensure_toy_dataset_on_s3(s3, bucket) -> None:
     url = f"s3://{bucket}/data/toy"
-    images = ensure_toy_dataset(url, n_classes=2, n_per_class=1, seed=0, storage_options=s3.storage_options)
+    images = ensure_toy_dataset(
+        url, n_classes=2, n_per_class=1, seed=0, storage_options=s3.storage_options
+    )
     assert images == f"{url}/images"
     _check_dataset(url, 2, 1, 0, s3.storage_options)
 

@@ -39,10 +39,30 @@ def _text(html: str) -> str:
 
 # ---- the per-class table artifact ----------------------------------------------------------
 
-NASTY = ["-", "1.", "* x", "# not a heading", "<root>/<class dir>", "a | b", "**bold**", "`code`",
-         "[link](http://x)", "EmptyClassError: no readable image in s3://b/k_1/ (3 of 3)\nline 2",
-         "&amp; &lt;", "+", "> quote", "_x_", "\\", "---", "1) x", "2024. a year", "= x", "~~gone~~",
-         "![img](x.png)", "02-green-triangle"]
+NASTY = [
+    "-",
+    "1.",
+    "* x",
+    "# not a heading",
+    "<root>/<class dir>",
+    "a | b",
+    "**bold**",
+    "`code`",
+    "[link](http://x)",
+    "EmptyClassError: no readable image in s3://b/k_1/ (3 of 3)\nline 2",
+    "&amp; &lt;",
+    "+",
+    "> quote",
+    "_x_",
+    "\\",
+    "---",
+    "1) x",
+    "2024. a year",
+    "= x",
+    "~~gone~~",
+    "![img](x.png)",
+    "02-green-triangle",
+]
 
 
 @pytest.mark.parametrize("text", NASTY)
@@ -63,11 +83,22 @@ def test_cells_keep_numbers_and_bound_their_text() -> None:
     assert len(_text(_html(md_cell("x" * 5000)))) <= 300
 
 
-def _outcome(stages: dict[str, str], ok: bool, error: str = "", top: Any = None, note: str = "") -> dict[str, Any]:
-    return {"ok": ok, "error": error, "summary": {
-        "stages": stages, "seconds": 1.5, "errors": {}, "top_concept": top,
-        "top_importance": 53.242 if top is not None else None, "importance_basis": "logit share" if top else None,
-        "note": note}}
+def _outcome(
+    stages: dict[str, str], ok: bool, error: str = "", top: Any = None, note: str = ""
+) -> dict[str, Any]:
+    return {
+        "ok": ok,
+        "error": error,
+        "summary": {
+            "stages": stages,
+            "seconds": 1.5,
+            "errors": {},
+            "top_concept": top,
+            "top_importance": 53.242 if top is not None else None,
+            "importance_basis": "logit share" if top else None,
+            "note": note,
+        },
+    }
 
 
 def test_the_table_puts_what_matters_first_and_keeps_each_column_one_kind() -> None:
@@ -94,12 +125,19 @@ def test_the_table_puts_what_matters_first_and_keeps_each_column_one_kind() -> N
         assert {r[s] for s in layout.STATUS_STAGES} <= states, r  # stage columns: stage states only
     assert rows[2]["top concept score"] == 53.242 and rows[2]["importance"] == "completed"
     shown = table_artifact_rows(rows)
-    assert shown[0]["state"] == "FAILED" and shown[1]["state"] == "renders FAILED" and shown[2]["state"] == "completed"
-    assert all(_text(_html(v)) != "" or v == "" for r in shown for v in r.values() if isinstance(v, str))
+    assert (
+        shown[0]["state"] == "FAILED"
+        and shown[1]["state"] == "renders FAILED"
+        and shown[2]["state"] == "completed"
+    )
+    assert all(
+        _text(_html(v)) != "" or v == "" for r in shown for v in r.values() if isinstance(v, str)
+    )
     assert "<li>" not in _html(shown[1]["note"])  # "- rarely predicted" is no bullet
 
 
 # ---- the site link -------------------------------------------------------------------------
+
 
 def _info(cfg: Any, run_id: str = "0123456789ab") -> Any:
     from types import SimpleNamespace
@@ -114,7 +152,10 @@ def test_the_site_link_is_lens_serve_for_a_local_site(tmp_path: Path) -> None:
     cfg = make_config({"publish": f"file://{tmp_path}/site"})
     url, how = site_link(_info(cfg), config_path="my atlas.toml")
     assert url == "http://127.0.0.1:8000/0123456789ab/index.html"
-    assert "file://" not in how and "lens serve --config 'my atlas.toml' --publish " + str(tmp_path / "site") in how
+    assert (
+        "file://" not in how
+        and "lens serve --config 'my atlas.toml' --publish " + str(tmp_path / "site") in how
+    )
     assert url in _text(_html(how))
 
 
@@ -127,13 +168,16 @@ def test_the_site_link_is_the_public_address_when_one_is_configured() -> None:
     cfg = make_config({**base, "publish_base_url": "https://bucket.example.org/site/"})
     url, how = site_link(_info(cfg))
     assert url == "https://bucket.example.org/site/0123456789ab/index.html" and f"]({url})" in how
-    assert compute_run_id("d", "u", cfg) == compute_run_id("d", "u", make_config(base))  # not the run's identity
+    assert compute_run_id("d", "u", cfg) == compute_run_id(
+        "d", "u", make_config(base)
+    )  # not the run's identity
     for bad in ("ftp://x/site", "https://user:pw@x/site", "https://x/site?sig=abc", "x/site"):
         with pytest.raises(ConfigError, match="publish_base_url"):
             make_config({**base, "publish_base_url": bad})
 
 
 # ---- the run form --------------------------------------------------------------------------
+
 
 def _resolve(schema: dict[str, Any], node: dict[str, Any]) -> dict[str, Any]:
     ref = node.get("$ref")
@@ -147,9 +191,19 @@ def _initial_branch(prop: dict[str, Any], schema: dict[str, Any]) -> dict[str, A
     if "default" not in prop:
         return options[0]
     d = prop["default"]
-    kind = ("null" if d is None else "string" if isinstance(d, str) else "array" if isinstance(d, list)
-            else "object" if isinstance(d, dict) else "boolean" if isinstance(d, bool)
-            else "number")
+    kind = (
+        "null"
+        if d is None
+        else "string"
+        if isinstance(d, str)
+        else "array"
+        if isinstance(d, list)
+        else "object"
+        if isinstance(d, dict)
+        else "boolean"
+        if isinstance(d, bool)
+        else "number"
+    )
     for o in options:
         if o.get("type") == kind or (kind == "number" and o.get("type") == "integer"):
             return o
@@ -189,8 +243,14 @@ def test_optional_fields_stay_optional_for_prefects_validation(form_schema: dict
     from prefect.utilities.schema_tools.validation import preprocess_schema, validate
 
     schema = preprocess_schema(form_schema)
-    empty = {"config_path": None, "checkpoint": None, "classes": None, "store": None, "publish": None,
-             "config": {"model": {"checkpoint": None}, "data": {"url": None}, "classes": None}}
+    empty = {
+        "config_path": None,
+        "checkpoint": None,
+        "classes": None,
+        "store": None,
+        "publish": None,
+        "config": {"model": {"checkpoint": None}, "data": {"url": None}, "classes": None},
+    }
     assert validate(empty, schema, raise_on_error=False, preprocess=False) == []
     assert "url" not in form_schema["definitions"]["DataConfig"].get("required", [])
 
@@ -216,18 +276,29 @@ def test_the_watch_form_has_no_field_starting_as_none_and_empties_mean_unset(wat
             checked += 1
     assert checked >= 5  # config_path, config, classes, store, publish
     schema = preprocess_schema(watch_schema)
-    assert validate({"prefix": "s3://b/ckpt", "config_path": None, "classes": None}, schema,
-                    raise_on_error=False, preprocess=False) == []
+    assert (
+        validate(
+            {"prefix": "s3://b/ckpt", "config_path": None, "classes": None},
+            schema,
+            raise_on_error=False,
+            preprocess=False,
+        )
+        == []
+    )
     for name, prop in _properties(watch_schema):
         if prop.get("description") and "*" in prop["description"]:
             assert "<em>" not in _html(prop["description"]), name  # `*.pt` stays a glob
 
 
-def test_descriptions_survive_markdown_and_classes_hints_valid_names(form_schema: dict[str, Any]) -> None:
+def test_descriptions_survive_markdown_and_classes_hints_valid_names(
+    form_schema: dict[str, Any],
+) -> None:
     for name, prop in _properties(form_schema):
         if prop.get("description"):
             shown = _text(_html(prop["description"]))
-            assert "<" not in prop["description"] or "<root>/<class dir>" in shown or "<" in shown, name
+            assert (
+                "<" not in prop["description"] or "<root>/<class dir>" in shown or "<" in shown
+            ), name
     url = form_schema["definitions"]["DataConfig"]["properties"]["url"]["description"]
     assert "<root>/<class dir>" in _text(_html(url))
     hint = _text(_html(form_schema["properties"]["classes"]["description"]))
@@ -246,9 +317,13 @@ def test_the_form_and_config_path_merge_field_by_field(tmp_path: Path) -> None:
     form["concepts"]["n_concepts"] = 5
     form["crops"]["size"] = 64
     cfg = config_from_parameters(str(toml), AtlasConfig.model_validate(form))
-    assert cfg.maco.steps == 7 and cfg.store == "file:///from/file"  # the file's, form left at default
+    assert (
+        cfg.maco.steps == 7 and cfg.store == "file:///from/file"
+    )  # the file's, form left at default
     assert cfg.concepts.n_concepts == 5 and cfg.crops.size == 64  # the form's, changed there
-    alone = config_from_parameters(None, AtlasConfig.model_validate(form))  # without a file: the form
+    alone = config_from_parameters(
+        None, AtlasConfig.model_validate(form)
+    )  # without a file: the form
     assert alone.maco.steps == AtlasConfig().maco.steps and alone.concepts.n_concepts == 5
     top = config_from_parameters(str(toml), None, store="file:///top")
     assert top.store == "file:///top"  # a top-level parameter wins over both
@@ -257,11 +332,14 @@ def test_the_form_and_config_path_merge_field_by_field(tmp_path: Path) -> None:
 def test_form_empties_mean_unset() -> None:
     from flows.atlas import _given
 
-    assert _given("") is None and _given("  ") is None and _given([]) is None and _given(None) is None
+    assert (
+        _given("") is None and _given("  ") is None and _given([]) is None and _given(None) is None
+    )
     assert _given(" s3://b/x ") == "s3://b/x" and _given(["0"]) == ["0"]
 
 
 # ---- render names --------------------------------------------------------------------------
+
 
 def test_render_names_say_what_they_hold_and_never_repeat() -> None:
     from flows.atlas import render_label
@@ -275,8 +353,14 @@ def test_render_names_say_what_they_hold_and_never_repeat() -> None:
 
 # ---- flows on a real Prefect API -----------------------------------------------------------
 
+
 def _tiny(tmp_path: Path, **extra: Any) -> dict[str, Any]:
-    return {**TINY, "store": f"file://{tmp_path}/store", "publish": f"file://{tmp_path}/site", **extra}
+    return {
+        **TINY,
+        "store": f"file://{tmp_path}/store",
+        "publish": f"file://{tmp_path}/site",
+        **extra,
+    }
 
 
 def _flow_logs(flow_run_id: Any, wait_for: str | None = None) -> list[str]:
@@ -286,7 +370,9 @@ def _flow_logs(flow_run_id: Any, wait_for: str | None = None) -> list[str]:
     messages: list[str] = []
     with get_client(sync_client=True) as client:
         for _ in range(20):
-            logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))
+            logs = client.read_logs(
+                log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id]))
+            )
             messages = [log.message for log in logs]
             if messages and (wait_for is None or any(wait_for in m for m in messages)):
                 break
@@ -354,17 +440,23 @@ def test_a_failing_cross_class_step_never_discards_the_classes(prefect_api, tmp_
     assert result["site_written"] and set(result["steps_failed"]) == {"changes", "cross-class"}
     site = tmp_path / "site" / run_id
     assert (site / "index.html").exists()
-    assert all((site / "classes" / slug / "index.html").exists() for slug in ("0", "1")) or \
-        len(list((site / "classes").iterdir())) == 2
+    assert (
+        all((site / "classes" / slug / "index.html").exists() for slug in ("0", "1"))
+        or len(list((site / "classes").iterdir())) == 2
+    )
     assert not (tmp_path / "store" / "runs" / run_id / "finished.json").exists()
     table = read_artifact(f"lens-classes-{run_id}")
-    assert "changes step FAILED" in table.description and "2/2 classes explained" in table.description
+    assert (
+        "changes step FAILED" in table.description and "2/2 classes explained" in table.description
+    )
     link = read_artifact(f"lens-site-{run_id}")
     assert link.type == "markdown" and "lens serve" in link.data and "file://" not in link.data
     classes_progress = read_artifact(f"lens-progress-{run_id}")
     renders_progress = read_artifact(f"lens-renders-{run_id}")
     assert "2/2 classes finished" in classes_progress.description
-    assert re.search(r"\d+/\d+ concepts rendered", renders_progress.description), renders_progress.description
+    assert re.search(r"\d+/\d+ concepts rendered", renders_progress.description), (
+        renders_progress.description
+    )
     runs = read_task_runs(state.state_details.flow_run_id)
     renders = [r.name for r in runs if r.name.startswith("render")]
     assert len(renders) >= 2 and len(set(renders)) == len(renders), renders
@@ -401,13 +493,22 @@ def test_lens_run_whose_every_class_failed_exits_2_with_one_lens_line(tmp_path):
     _corrupt_classes(cfg, ["0", "1"])
     toml = tmp_path / "atlas.toml"
     top = [f"{k} = {json.dumps(v)}" for k, v in cfg.items() if not isinstance(v, dict)]
-    sections = [f"[{k}]\n" + "\n".join(f"{kk} = {json.dumps(vv)}" for kk, vv in v.items())
-                for k, v in cfg.items() if isinstance(v, dict)]
+    sections = [
+        f"[{k}]\n" + "\n".join(f"{kk} = {json.dumps(vv)}" for kk, vv in v.items())
+        for k, v in cfg.items()
+        if isinstance(v, dict)
+    ]
     toml.write_text("\n".join(top) + "\n" + "\n".join(sections) + "\n")  # JSON scalars are TOML
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
     env.update(PREFECT_HOME=str(tmp_path / "prefect"), LENS_WORKERS="1", LENS_LOG="WARNING")
-    proc = subprocess.run([LENS, "run", "--config", str(toml), "--classes", "0,1", "--no-progress"],
-                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
+    proc = subprocess.run(
+        [LENS, "run", "--config", str(toml), "--classes", "0,1", "--no-progress"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=600,
+    )
     out = proc.stdout + proc.stderr
     assert proc.returncode == 2, out
     assert proc.stderr.strip().splitlines()[-1].startswith("lens: every class failed (2/2)"), out
@@ -431,7 +532,9 @@ def test_workers_start_in_the_background_and_a_dead_dashboard_is_not_announced(p
     handler.emit = lambda record: said.append(record.getMessage())
     runner = make_task_runner(workers=1)
     runner.logger.addHandler(handler)
-    scheduler_log = logging.getLogger("distributed.scheduler")  # runs in this process (LocalCluster)
+    scheduler_log = logging.getLogger(
+        "distributed.scheduler"
+    )  # runs in this process (LocalCluster)
     scheduler_log.addHandler(handler)
     old_level = scheduler_log.level
     scheduler_log.setLevel(logging.INFO)
@@ -450,11 +553,17 @@ def test_workers_start_in_the_background_and_a_dead_dashboard_is_not_announced(p
         scheduler_log.removeHandler(handler)
         scheduler_log.setLevel(old_level)
     assert starting.startswith("starting the Dask workers"), starting
-    assert read_artifact("lens-progress-0123456789ab").description.startswith("0/2 classes finished (workers")
+    assert read_artifact("lens-progress-0123456789ab").description.startswith(
+        "0/2 classes finished (workers"
+    )
     assert read_artifact("lens-renders-0123456789ab") is not None
-    assert any("Creating a new Dask cluster" in m for m in said), said  # the handler saw the runner's lines
+    assert any("Creating a new Dask cluster" in m for m in said), (
+        said
+    )  # the handler saw the runner's lines
     assert not any(m.startswith(DASHBOARD_LINE) for m in said), said
-    assert any("Scheduler at" in m for m in said) and not any("dashboard at" in m for m in said), said
+    assert any("Scheduler at" in m for m in said) and not any("dashboard at" in m for m in said), (
+        said
+    )
     assert link and not dashboard_served(link)  # what the line would have announced gives 404
 
 
@@ -466,6 +575,7 @@ def test_a_plain_slug_is_left_as_it_is() -> None:
 
 
 # ---- in Prefect's own UI (Chromium) --------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def prefect_ui(tmp_path_factory: pytest.TempPathFactory):
@@ -481,12 +591,30 @@ def prefect_ui(tmp_path_factory: pytest.TempPathFactory):
         port = s.getsockname()[1]
     base = f"http://127.0.0.1:{port}"
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
-    env.update(PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false", PREFECT_UI_ENABLED="true",
-               PREFECT_UI_API_URL=f"{base}/api")
+    env.update(
+        PREFECT_HOME=str(home),
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        PREFECT_UI_ENABLED="true",
+        PREFECT_UI_API_URL=f"{base}/api",
+    )
     with (home / "server.log").open("wb") as log:
-        server = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
-                                   "--port", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT,
-                                  start_new_session=True)
+        server = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "prefect",
+                "server",
+                "start",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+            ],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     try:
         for _ in range(240):
             try:
@@ -519,10 +647,16 @@ def test_the_run_form_and_the_table_in_prefects_ui(prefect_ui, browser, tmp_path
     from flows.atlas import build_atlas, class_rows, table_artifact_rows
 
     done = dict.fromkeys(("activations", "factorize", "importance", "crops"), "completed")
-    outcomes = {"02-green-triangle": {**_outcome(done, True, top=4), "render": "completed"},
-                "n05-broken": _outcome({"activations": "failed"}, False,
-                                       error="EmptyClassError: no image <b>read</b> in 1. - y"),
-                "c": {**_outcome(done, True, top=1, note="- rarely predicted"), "render": "failed"}}
+    outcomes = {
+        "02-green-triangle": {**_outcome(done, True, top=4), "render": "completed"},
+        "n05-broken": _outcome(
+            {"activations": "failed"},
+            False,
+            error="EmptyClassError: no image <b>read</b> in 1. - y",
+        ),
+        "c": {**_outcome(done, True, top=1, note="- rarely predicted"), "render": "failed"},
+    }
+
     def register() -> tuple[Any, Any]:  # in a thread: Playwright's event loop runs in this one
         with temporary_settings({PREFECT_API_URL: f"{prefect_ui}/api"}):
             deployment = build_atlas.to_deployment(name="form-check").apply()
@@ -548,7 +682,10 @@ def test_the_run_form_and_the_table_in_prefects_ui(prefect_ui, browser, tmp_path
         cells = [c.strip() for c in page.locator(".artifact-data-table__cell").all_inner_texts()]
         assert headers[:5] == ["class", "state", "failed at", "note", "error"], headers
         assert page.locator(".artifact-data-table li, .artifact-data-table b").count() == 0
-        assert "- rarely predicted" in cells and "EmptyClassError: no image <b>read</b> in 1. - y" in cells
+        assert (
+            "- rarely predicted" in cells
+            and "EmptyClassError: no image <b>read</b> in 1. - y" in cells
+        )
         assert cells[:3] == ["n05-broken", "FAILED", "activations"], cells
     finally:
         page.close()

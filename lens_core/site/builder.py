@@ -103,8 +103,12 @@ def _chunks(items: Iterable[Any], n: int) -> Iterator[list[Any]]:
         yield chunk
 
 
-def iter_class_files(data: dict, max_concepts: int = 10, slugs: Collection[str] | None = None,
-                     known: Collection[str] | None = None) -> Iterator[tuple[str, bytes]]:
+def iter_class_files(
+    data: dict,
+    max_concepts: int = 10,
+    slugs: Collection[str] | None = None,
+    known: Collection[str] | None = None,
+) -> Iterator[tuple[str, bytes]]:
     """(path, bytes) of each class's data file and page, class by class: of `slugs` only when
     given; pages link only to the classes in `known` (default: every class of the site)."""
     known = set(known) if known is not None else {c["slug"] for c in data["classes"]}
@@ -176,7 +180,9 @@ def build_pages(
     }
 
 
-def build_index(site: dict, publish_url: str, storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
+def build_index(
+    site: dict, publish_url: str, storage_options: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """Write the method page, the class list (search data) and, last, index.html: once the pages exist."""
     t0 = time.perf_counter()
     data = normalize_site(site)
@@ -196,8 +202,14 @@ def build_index(site: dict, publish_url: str, storage_options: dict[str, Any] | 
     out.write_many(pages)
     index = render.render_index(data).encode()
     out.write_many([("index.html", index)])
-    return {"index_url": join_url(url, "index.html"), "index_bytes": len(index), "files": len(out.order),
-            "bytes": out.bytes, "written": out.order, "seconds": time.perf_counter() - t0}
+    return {
+        "index_url": join_url(url, "index.html"),
+        "index_bytes": len(index),
+        "files": len(out.order),
+        "bytes": out.bytes,
+        "written": out.order,
+        "seconds": time.perf_counter() - t0,
+    }
 
 
 def build_site(
@@ -217,8 +229,17 @@ def build_site(
 
 def merge_summaries(pages: dict[str, Any], index: dict[str, Any]) -> dict[str, Any]:
     """One summary of a whole site from `build_pages`'s and `build_index`'s (or a subset of their keys)."""
-    seconds = {**pages["seconds"], "index": index["seconds"], "total": pages["seconds"]["total"] + index["seconds"]}
-    merged = {**pages, "index_url": index["index_url"], "index_bytes": index["index_bytes"], "seconds": seconds}
+    seconds = {
+        **pages["seconds"],
+        "index": index["seconds"],
+        "total": pages["seconds"]["total"] + index["seconds"],
+    }
+    merged = {
+        **pages,
+        "index_url": index["index_url"],
+        "index_bytes": index["index_bytes"],
+        "seconds": seconds,
+    }
     for key in ("files", "bytes", "written"):
         if key in pages and key in index:
             merged[key] = pages[key] + index[key]

@@ -67,7 +67,9 @@ def environment() -> Environment:
         lstrip_blocks=True,
         undefined=StrictUndefined,
     )
-    env.filters.update(pct=pct, pct_of=pct_of, num=num, json_html=lambda o: Markup(json_for_html(o)))
+    env.filters.update(
+        pct=pct, pct_of=pct_of, num=num, json_html=lambda o: Markup(json_for_html(o))
+    )
     return env
 
 
@@ -153,7 +155,9 @@ def _page(template: str, data: dict, r: str, **ctx: Any) -> str:
     ctx.setdefault("changes", data.get("changes"))
     ctx.setdefault("mistakes", data.get("mistakes"))
     return (
-        environment().get_template(template).render(run=data["run"], r=r, static=static_paths(), **ctx)
+        environment()
+        .get_template(template)
+        .render(run=data["run"], r=r, static=static_paths(), **ctx)
     )
 
 
@@ -176,7 +180,13 @@ def render_index(data: dict) -> str:
     n_pending = sum(c["status"] == "pending" for c in classes)
     n_concepts = sum(len(c["concepts"]) for c in classes if c["status"] == "ok")
     return _page(
-        "index.html", data, "", slug=None, cards=cards, n_failed=n_failed, n_concepts=n_concepts,
+        "index.html",
+        data,
+        "",
+        slug=None,
+        cards=cards,
+        n_failed=n_failed,
+        n_concepts=n_concepts,
         n_pending=n_pending,
     )
 
@@ -203,7 +213,9 @@ def render_class(data: dict, i: int, known: set[str], max_concepts: int = 10) ->
     classes = data["classes"]
     cls = classes[i]
     prev = next((classes[j] for j in range(i - 1, -1, -1) if classes[j]["slug"] in known), None)
-    nxt = next((classes[j] for j in range(i + 1, len(classes)) if classes[j]["slug"] in known), None)
+    nxt = next(
+        (classes[j] for j in range(i + 1, len(classes)) if classes[j]["slug"] in known), None
+    )
     top = cls["concepts"][:max_concepts]
     colour = {c["id"]: j for j, c in enumerate(top) if j < PALETTE_SIZE}
     shares = {c["id"]: _shown(cls, c) for c in cls["concepts"]}

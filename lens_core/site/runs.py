@@ -72,7 +72,9 @@ def _read_run(fs: Any, entry: str) -> dict[str, Any] | None:
     return clean_run(meta, folder)
 
 
-def list_published_runs(publish_url: str, storage_options: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+def list_published_runs(
+    publish_url: str, storage_options: dict[str, Any] | None = None
+) -> list[dict[str, Any]]:
     """The cleaned run.json of every run published under `publish_url`, newest first."""
     fs, root = filesystem(publish_url, storage_options)
     try:
@@ -88,7 +90,9 @@ def render_runs_page(runs: list[dict[str, Any]]) -> str:
     return _ENV.get_template("runs.html").render(runs=runs)
 
 
-def write_runs_index(publish_url: str, run_meta: dict[str, Any], storage_options: dict[str, Any] | None = None) -> str:
+def write_runs_index(
+    publish_url: str, run_meta: dict[str, Any], storage_options: dict[str, Any] | None = None
+) -> str:
     """Record this run's `run.json` in its folder, then rewrite `<publish>/index.html`."""
     if not is_run_id(run_meta.get("run_id")):
         raise ValueError(f"not a run id: {run_meta.get('run_id')!r} (12 lowercase hex digits)")

@@ -19,7 +19,9 @@ from lens_core.secrets import mask_secrets, public_options
 SLUG_RE = re.compile(r"[a-z0-9]+(?:-[a-z0-9]+)*")  # every pattern here is matched whole (fullmatch)
 PATH_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]*(?:/[A-Za-z0-9_][A-Za-z0-9._-]*)*")
 MAX_SLUG = 120
-STATIC_RE = re.compile(r"assets/(lens(\.[^/]*)?\.(css|js)|favicon(\.[^/]*)?\.svg)")  # the site's own files
+STATIC_RE = re.compile(
+    r"assets/(lens(\.[^/]*)?\.(css|js)|favicon(\.[^/]*)?\.svg)"
+)  # the site's own files
 
 
 class SiteError(ValueError):
@@ -44,11 +46,14 @@ def check_asset_path(path: Any) -> str:
     """An asset key lives under assets/ and must not overwrite the site's own CSS/JS/icon."""
     check_path(path, "asset path")
     if not path.startswith("assets/") or STATIC_RE.fullmatch(path):
-        raise SiteError(f"asset path {path!r} must be under assets/ and not one of the site's own files")
+        raise SiteError(
+            f"asset path {path!r} must be under assets/ and not one of the site's own files"
+        )
     return path
 
 
 # ---- field types ---------------------------------------------------------------------------
+
 
 def _slug(v: Any) -> str:
     return check_slug(v)
@@ -142,7 +147,9 @@ class ConceptBias(_Model):
 
     images: int = 0
     classes: int = 0
-    pairs: list[Slug] = Field(default_factory=list, description="the true classes of those images, most first")
+    pairs: list[Slug] = Field(
+        default_factory=list, description="the true classes of those images, most first"
+    )
 
 
 class Concept(_Model):
@@ -151,24 +158,42 @@ class Concept(_Model):
     id: Annotated[int, BeforeValidator(_integer)]
     rank: Integer = Field(None, description="rank by importance (1 = first); tie-break only")
     color: str | None = Field(None, description="its colour on maps and charts (by rank)")
-    logit_share: Number = Field(None, description="percent of the summed class logit over the images classified as the class; negative = argues against the class")
+    logit_share: Number = Field(
+        None,
+        description="percent of the summed class logit over the images classified as the class; negative = argues against the class",
+    )
     sobol: Number = Field(None, description="Sobol total index")
-    sobol_share: Number = Field(None, description="percent of the class's summed Sobol total indices (shown when there is no logit share)")
+    sobol_share: Number = Field(
+        None,
+        description="percent of the class's summed Sobol total indices (shown when there is no logit share)",
+    )
     important: bool = False
     n_top_images: Integer = None
     viz: Path = Field(None, description="MACO image with its transparency map as alpha (RGBA PNG)")
-    viz_plain: Path = Field(None, description="the same without alpha; shown by default, `viz` on toggle")
-    viz_pending: bool = Field(False, description="while the run goes on: the render is still to come (the page "
-                              "shows 'rendering')")
-    crops: list[Annotated[str, BeforeValidator(lambda v: check_path(v))]] = Field(default_factory=list, description="top-activating crops")
+    viz_plain: Path = Field(
+        None, description="the same without alpha; shown by default, `viz` on toggle"
+    )
+    viz_pending: bool = Field(
+        False,
+        description="while the run goes on: the render is still to come (the page "
+        "shows 'rendering')",
+    )
+    crops: list[Annotated[str, BeforeValidator(lambda v: check_path(v))]] = Field(
+        default_factory=list, description="top-activating crops"
+    )
     similar: list[Similar] = Field(default_factory=list)
     aligned_classes: list[Aligned] = Field(default_factory=list)
-    label: OptText = Field(None, description="the name people gave the concept (shown instead of 'concept 3')")
+    label: OptText = Field(
+        None, description="the name people gave the concept (shown instead of 'concept 3')"
+    )
     label_source: Literal["user", "carried"] | None = None
     label_from: OptText = Field(None, description="where a carried label came from")
     change: ConceptChange | None = None
-    bias: ConceptBias | None = Field(None, description="a bias candidate: the concept carries most of the "
-                                     "mistaken logit for images of several other classes")
+    bias: ConceptBias | None = Field(
+        None,
+        description="a bias candidate: the concept carries most of the "
+        "mistaken logit for images of several other classes",
+    )
 
 
 class Point(_Model):
@@ -242,8 +267,11 @@ class ClassChanges(_Model):
     logit_change: Number = None
     accuracy_before: Number = None
     accuracy_after: Number = None
-    previous_page: bool = Field(False, description="the previous run's page of the class is published beside this "
-                                "site (links go there only then)")
+    previous_page: bool = Field(
+        False,
+        description="the previous run's page of the class is published beside this "
+        "site (links go there only then)",
+    )
 
 
 class ClassEntry(_Model):
@@ -254,19 +282,35 @@ class ClassEntry(_Model):
     name: Annotated[str, BeforeValidator(lambda v: _text(v) if v is not None else v)]
     slug: Slug
     synonyms: list[Annotated[str, BeforeValidator(_text)]] = Field(default_factory=list)
-    status: Literal["ok", "failed", "pending"] = Field("ok", description="pending: still running (a partial "
-                                                      "site; no page yet, so nothing links to it)")
+    status: Literal["ok", "failed", "pending"] = Field(
+        "ok",
+        description="pending: still running (a partial site; no page yet, so nothing links to it)",
+    )
     error: str | None = None
     n_images: Integer = None
     n_patches: Integer = None
     skipped_images: Integer = None
-    assigned_images: Integer = Field(None, description="of the class's images, how many the model classifies as the class")
+    assigned_images: Integer = Field(
+        None, description="of the class's images, how many the model classifies as the class"
+    )
     assigned_patches: Integer = Field(None, description="the same for patches")
-    importance_basis: Literal["logit_share", "sobol"] | None = Field(None, description="what the percentages are")
-    share_residual: Number = Field(None, description="with a logit share: the percent of the summed class logit that the concepts do not reconstruct")
-    share_bias: Number = Field(None, description="with a logit share: the head's bias, in percent of the summed class logit")
-    note: str | None = Field(None, description="why the percentages are Sobol-based, or another finding")
-    flag: str | None = Field(None, description="a finding flagged on the index, e.g. rarely-predicted")
+    importance_basis: Literal["logit_share", "sobol"] | None = Field(
+        None, description="what the percentages are"
+    )
+    share_residual: Number = Field(
+        None,
+        description="with a logit share: the percent of the summed class logit that the concepts do not reconstruct",
+    )
+    share_bias: Number = Field(
+        None,
+        description="with a logit share: the head's bias, in percent of the summed class logit",
+    )
+    note: str | None = Field(
+        None, description="why the percentages are Sobol-based, or another finding"
+    )
+    flag: str | None = Field(
+        None, description="a finding flagged on the index, e.g. rarely-predicted"
+    )
     thumb: Path = None
     concepts: list[Concept] = Field(default_factory=list, description="sorted by importance")
     cluster: Cluster = Field(default_factory=Cluster)
@@ -281,7 +325,11 @@ class ClassEntry(_Model):
 
         def key(c: Concept) -> tuple:
             score = c.sobol_share if sobol_basis else c.logit_share
-            return (-(score if score is not None else -math.inf), c.rank if c.rank is not None else 1 << 30, c.id)
+            return (
+                -(score if score is not None else -math.inf),
+                c.rank if c.rank is not None else 1 << 30,
+                c.id,
+            )
 
         self.concepts.sort(key=key)
         if self.error == "":
@@ -319,7 +367,9 @@ class ChangedConcept(_Model):
     id: Annotated[int, BeforeValidator(_integer)]
     label: OptText = None
     viz: Path = None
-    crops: list[Annotated[str, BeforeValidator(lambda v: check_path(v))]] = Field(default_factory=list)
+    crops: list[Annotated[str, BeforeValidator(lambda v: check_path(v))]] = Field(
+        default_factory=list
+    )
     shown: Number = None
 
 
@@ -352,7 +402,9 @@ class SiteChanges(_Model):
 
     previous_run: RunId
     previous_label: Text = ""
-    previous_site: bool = Field(False, description="the previous run's site is published beside this one")
+    previous_site: bool = Field(
+        False, description="the previous run's site is published beside this one"
+    )
     threshold: Number = None
     ranking: list[ChangedClass] = Field(default_factory=list)
     not_comparable: list[NotComparable] = Field(default_factory=list)
@@ -362,8 +414,12 @@ class MistakeConcept(_Model):
     """A concept of the predicted class in a mistake's explanation."""
 
     concept: Annotated[int, BeforeValidator(_integer)]
-    share: Number = Field(None, description="percent of the mistaken logit (or of the summed Sobol indices)")
-    rank: Integer = Field(None, description="its rank on the predicted class's page (0 = first): its colour")
+    share: Number = Field(
+        None, description="percent of the mistaken logit (or of the summed Sobol indices)"
+    )
+    rank: Integer = Field(
+        None, description="its rank on the predicted class's page (0 = first): its colour"
+    )
     label: OptText = None
 
 
@@ -380,7 +436,9 @@ class MistakePair(_Model):
 
     true: Slug
     true_name: Text = ""
-    predicted: Slug | None = Field(None, description="None when the predicted class is not in this run")
+    predicted: Slug | None = Field(
+        None, description="None when the predicted class is not in this run"
+    )
     predicted_name: Text = ""
     images: int = 0
     basis: Literal["logit_share", "sobol"] | None = None
@@ -430,7 +488,12 @@ def normalize_site(site: Any) -> dict:
         raise SiteError("site: expected an object with 'run' and 'classes'")
     classes = site.get("classes")
     if isinstance(classes, list):  # a class's index defaults to its position
-        site = {**site, "classes": [{"index": j, **e} if isinstance(e, dict) else e for j, e in enumerate(classes)]}
+        site = {
+            **site,
+            "classes": [
+                {"index": j, **e} if isinstance(e, dict) else e for j, e in enumerate(classes)
+            ],
+        }
     try:
         model = Site.model_validate(site)
     except ValidationError as err:
@@ -480,15 +543,42 @@ def _type_name(annotation: Any) -> str:
 def schema_markdown() -> str:
     """SCHEMA.md: one table per model, from the models' fields and descriptions."""
     parts = [_INTRO]
-    for model in (Site, Run, ClassEntry, Concept, ConceptChange, Similar, Aligned, Cluster, Point, LayoutPoint,
-                  Attribution, OverlayConcept, Fidelity, ClassChanges, Vanished, SiteChanges, ChangedClass,
-                  ChangedConcept, NotComparable, ConceptBias, SiteMistakes, MistakePair,
-                  MistakeConcept, MistakeExample):
+    for model in (
+        Site,
+        Run,
+        ClassEntry,
+        Concept,
+        ConceptChange,
+        Similar,
+        Aligned,
+        Cluster,
+        Point,
+        LayoutPoint,
+        Attribution,
+        OverlayConcept,
+        Fidelity,
+        ClassChanges,
+        Vanished,
+        SiteChanges,
+        ChangedClass,
+        ChangedConcept,
+        NotComparable,
+        ConceptBias,
+        SiteMistakes,
+        MistakePair,
+        MistakeConcept,
+        MistakeExample,
+    ):
         parts.append(f"\n## `{model.__name__}`\n\n{(model.__doc__ or '').strip()}\n")
         parts.append("| field | type | default | notes |\n|---|---|---|---|")
         for name, field in model.model_fields.items():
-            default = "required" if field.is_required() else repr(field.get_default(call_default_factory=True))
+            default = (
+                "required"
+                if field.is_required()
+                else repr(field.get_default(call_default_factory=True))
+            )
             kind = _type_name(field.annotation).replace("|", "\\|")
-            parts.append(f"| `{name}` | {kind} | {default.replace('|', chr(92) + '|')} | {field.description or ''} |")
+            parts.append(
+                f"| `{name}` | {kind} | {default.replace('|', chr(92) + '|')} | {field.description or ''} |"
+            )
     return "\n".join(parts) + "\n"
-

@@ -12,7 +12,25 @@ from lens_core.store.zarr_store import RetryingStore, zarr_store
 from lens_core.urls import join_url, normalize_url
 
 __all__ = [
-    "SUCCESS", "Lease", "LeaseLostError", "RetryingStore", "RunStore", "StoreAccessError", "StoreError",
-    "acall", "call", "check_leases_held", "dumps_json", "filesystem", "finite", "is_transient",
-    "is_unreachable", "join_url", "normalize_url", "retry_seconds", "scrub", "write_beside", "zarr_store",
+    "SUCCESS",
+    "Lease",
+    "LeaseLostError",
+    "RetryingStore",
+    "RunStore",
+    "StoreAccessError",
+    "StoreError",
+    "acall",
+    "call",
+    "check_leases_held",
+    "dumps_json",
+    "filesystem",
+    "finite",
+    "is_transient",
+    "is_unreachable",
+    "join_url",
+    "normalize_url",
+    "retry_seconds",
+    "scrub",
+    "write_beside",
+    "zarr_store",
 ]

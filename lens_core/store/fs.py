@@ -40,12 +40,16 @@ def _cached(kind: str, url: str, opts: dict[str, Any], make: Callable[[], T]) ->
         return _CACHE[key]
 
 
-def filesystem(url: str, storage_options: dict[str, Any] | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
+def filesystem(
+    url: str, storage_options: dict[str, Any] | None = None
+) -> tuple[fsspec.AbstractFileSystem, str]:
     """(filesystem, path) for a URL; s3 filesystems are shared per process and options."""
     url = normalize_url(url)
     opts = dict(storage_options or {})
     if url.startswith("s3://"):
-        opts.setdefault("skip_instance_cache", True)  # our cache below keys on the env credentials too
+        opts.setdefault(
+            "skip_instance_cache", True
+        )  # our cache below keys on the env credentials too
         # markers and status files are polled across processes: a cached listing would be stale
         opts.setdefault("use_listings_cache", False)
         fs = _cached("s3fs", "s3", opts, lambda: url_to_fs(url, **opts)[0])
@@ -80,8 +84,13 @@ READ_BLOCK = 8 << 20
 
 
 def _describe_mode(mode: int) -> str:
-    kinds = ((stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
-             (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"), (stat.S_ISDIR, "a directory"))
+    kinds = (
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISFIFO, "a FIFO"),
+        (stat.S_ISSOCK, "a socket"),
+        (stat.S_ISDIR, "a directory"),
+    )
     return next((name for test, name in kinds if test(mode)), "not a plain file")
 
 

@@ -56,8 +56,10 @@ def check_leases_held() -> None:
     """
     for lease in _HELD.get():
         if not lease.held():
-            raise LeaseLostError(f"lease {lease.prefix} was taken over by another process; "
-                                 "this attempt's work is left unmarked")
+            raise LeaseLostError(
+                f"lease {lease.prefix} was taken over by another process; "
+                "this attempt's work is left unmarked"
+            )
 
 
 class LeaseStore(Protocol):
@@ -83,8 +85,9 @@ class Lease:
     creating generation 0 (none exists) or the next one (the current holder is gone), atomically.
     """
 
-    def __init__(self, store: LeaseStore, prefix: str, ttl: float | None = None,
-                 poll: float | None = None):
+    def __init__(
+        self, store: LeaseStore, prefix: str, ttl: float | None = None, poll: float | None = None
+    ):
         self.store = store
         self.prefix = prefix.rstrip("/")
         self.ttl = ttl if ttl is not None else _lease_ttl()
@@ -101,8 +104,16 @@ class Lease:
         return f"{self.prefix}/{gen:08d}.json"
 
     def _record(self) -> bytes:
-        return json.dumps({"token": self.token, "host": socket.gethostname(), "pid": os.getpid(),
-                           "beats": self._beats, "ttl": self.ttl, "at": time.time()}).encode()
+        return json.dumps(
+            {
+                "token": self.token,
+                "host": socket.gethostname(),
+                "pid": os.getpid(),
+                "beats": self._beats,
+                "ttl": self.ttl,
+                "at": time.time(),
+            }
+        ).encode()
 
     def _generations(self) -> list[int]:
         gens = []
@@ -140,7 +151,12 @@ class Lease:
                     rec = {}
                 if not self._stale(top, rec):
                     if not logged:
-                        log.info("waiting for %s: held by %s pid %s", self.prefix, rec.get("host"), rec.get("pid"))
+                        log.info(
+                            "waiting for %s: held by %s pid %s",
+                            self.prefix,
+                            rec.get("host"),
+                            rec.get("pid"),
+                        )
                         logged = True
                     time.sleep(self.poll)
                     continue
@@ -156,7 +172,9 @@ class Lease:
 
     def _start_heartbeat(self) -> None:
         self._stop.clear()
-        self._thread = threading.Thread(target=self._heartbeat, name=f"lease:{self.prefix}", daemon=True)
+        self._thread = threading.Thread(
+            target=self._heartbeat, name=f"lease:{self.prefix}", daemon=True
+        )
         self._thread.start()
 
     def _heartbeat(self) -> None:
@@ -178,7 +196,10 @@ class Lease:
         if not gens or gens[-1] != self.generation:
             return False
         try:
-            return json.loads(self.store.read_bytes(self._rel(self.generation))).get("token") == self.token
+            return (
+                json.loads(self.store.read_bytes(self._rel(self.generation))).get("token")
+                == self.token
+            )
         except (FileNotFoundError, json.JSONDecodeError):
             return False
 

@@ -26,13 +26,30 @@ log = logging.getLogger("lens_core.store")
 
 _UNREACHABLE_TYPES = (ConnectionError, TimeoutError, socket.timeout, asyncio.TimeoutError)
 _UNREACHABLE_NAMES = {
-    "EndpointConnectionError", "ConnectTimeoutError", "ReadTimeoutError", "ConnectionClosedError",
-    "ProxyConnectionError", "HTTPClientError", "ClientConnectorError", "ServerDisconnectedError",
-    "ClientOSError", "ClientPayloadError", "ResponseStreamingError", "FSTimeoutError",
+    "EndpointConnectionError",
+    "ConnectTimeoutError",
+    "ReadTimeoutError",
+    "ConnectionClosedError",
+    "ProxyConnectionError",
+    "HTTPClientError",
+    "ClientConnectorError",
+    "ServerDisconnectedError",
+    "ClientOSError",
+    "ClientPayloadError",
+    "ResponseStreamingError",
+    "FSTimeoutError",
 }
 _UNREACHABLE_ERRNO = {
-    errno.ECONNREFUSED, errno.ECONNRESET, errno.ECONNABORTED, errno.ETIMEDOUT, errno.EPIPE,
-    errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EAGAIN, errno.EBUSY, errno.EREMOTEIO,
+    errno.ECONNREFUSED,
+    errno.ECONNRESET,
+    errno.ECONNABORTED,
+    errno.ETIMEDOUT,
+    errno.EPIPE,
+    errno.EHOSTUNREACH,
+    errno.ENETUNREACH,
+    errno.EAGAIN,
+    errno.EBUSY,
+    errno.EREMOTEIO,
 }
 
 
@@ -76,8 +93,13 @@ def _describe(err: BaseException, storage_options: dict[str, Any] | None) -> str
 class _Retry:
     """Bookkeeping of one retried operation: deadline, backoff, the final error."""
 
-    def __init__(self, url: str, action: str, storage_options: dict[str, Any] | None,
-                 access_error: type[StoreAccessError] = StoreAccessError):
+    def __init__(
+        self,
+        url: str,
+        action: str,
+        storage_options: dict[str, Any] | None,
+        access_error: type[StoreAccessError] = StoreAccessError,
+    ):
         self.url, self.action, self.opts = url, action, storage_options
         self.access_error = access_error
         self.start = time.monotonic()
@@ -91,8 +113,13 @@ class _Retry:
         if elapsed + self.delay > retry_seconds():
             return None
         delay, self.delay = self.delay, min(self.delay * 2, 4.0)
-        log.warning("storage unreachable %s %s (%s); retrying in %.1f s",
-                    self.action, self.url, _describe(err, self.opts), delay)
+        log.warning(
+            "storage unreachable %s %s (%s); retrying in %.1f s",
+            self.action,
+            self.url,
+            _describe(err, self.opts),
+            delay,
+        )
         return delay
 
     def final(self, err: BaseException) -> BaseException:
@@ -112,8 +139,13 @@ class _Retry:
         return err
 
 
-def call(op: Callable[[], T], url: str, action: str, storage_options: dict[str, Any] | None = None,
-         access_error: type[StoreAccessError] = StoreAccessError) -> T:
+def call(
+    op: Callable[[], T],
+    url: str,
+    action: str,
+    storage_options: dict[str, Any] | None = None,
+    access_error: type[StoreAccessError] = StoreAccessError,
+) -> T:
     """Run a storage operation, retrying while the store is unreachable; errors name `url`."""
     retry = _Retry(url, action, storage_options, access_error)
     while True:
@@ -131,8 +163,12 @@ def call(op: Callable[[], T], url: str, action: str, storage_options: dict[str, 
     raise final  # raised outside the handler: no chained traceback soup, nothing to retry again
 
 
-async def acall(op: Callable[[], Awaitable[T]], url: str, action: str,
-                storage_options: dict[str, Any] | None = None) -> T:
+async def acall(
+    op: Callable[[], Awaitable[T]],
+    url: str,
+    action: str,
+    storage_options: dict[str, Any] | None = None,
+) -> T:
     """`call` for coroutines (the Zarr store runs on an event loop)."""
     retry = _Retry(url, action, storage_options)
     while True:

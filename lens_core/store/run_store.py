@@ -69,7 +69,10 @@ def _not_implemented(err: BaseException) -> bool:
     cause = getattr(err, "__cause__", None) or err
     response = getattr(cause, "response", None) or {}
     code = str(response.get("Error", {}).get("Code", ""))
-    return code == "NotImplemented" or response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 501
+    return (
+        code == "NotImplemented"
+        or response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 501
+    )
 
 
 class RunStore:
@@ -186,7 +189,9 @@ class RunStore:
             current = json.loads(self.read_bytes(rel))
         except FileNotFoundError:
             current = None
-        before = None if current is None else dumps_json(current, indent=1)  # `change` may edit in place
+        before = (
+            None if current is None else dumps_json(current, indent=1)
+        )  # `change` may edit in place
         new = change(copy.deepcopy(default) if current is None else current)
         text = dumps_json(new, indent=1)
         if text != before:
@@ -244,7 +249,9 @@ class RunStore:
                 return new
             attempt += 1  # another writer got in first: read again, apply again
             if time.monotonic() > deadline:
-                raise StoreError(f"gave up updating {self.url(rel)}: {attempt} concurrent writes won over ours")
+                raise StoreError(
+                    f"gave up updating {self.url(rel)}: {attempt} concurrent writes won over ours"
+                )
             time.sleep(random.uniform(0, min(0.02 * 2 ** min(attempt, 6), 1.0)))
 
     def list(self, rel: str) -> list[str]:
@@ -283,10 +290,14 @@ class RunStore:
     def mark_files_complete(self, prefix: str, inputs: str | None = None, **attrs: Any) -> None:
         """Write the prefix's `_SUCCESS` marker last, recording what the files were computed from."""
         check_leases_held()
-        self.write_bytes(join_url(prefix, SUCCESS), dumps_json({"inputs": inputs, **attrs}).encode())
+        self.write_bytes(
+            join_url(prefix, SUCCESS), dumps_json({"inputs": inputs, **attrs}).encode()
+        )
 
     @contextlib.contextmanager
-    def lease(self, name: str, ttl: float | None = None, poll: float | None = None) -> Iterator[Lease]:
+    def lease(
+        self, name: str, ttl: float | None = None, poll: float | None = None
+    ) -> Iterator[Lease]:
         """Hold the lease `name` (e.g. 'activations/<class>') for the block; waits while another has it."""
         with Lease(self, layout.lease_prefix(name), ttl, poll) as held:
             yield held
@@ -302,10 +313,14 @@ class RunStore:
                 store = zarr_store(url, self.storage_options)
                 try:
                     return zarr.open_group(store=store, mode="a", zarr_format=3)
-                except ContainsGroupError:  # another worker created it between zarr's look and its create
+                except (
+                    ContainsGroupError
+                ):  # another worker created it between zarr's look and its create
                     return zarr.open_group(store=store, mode="r+", zarr_format=3)
 
-            self._zarr = open_root() if self.local else _cached("zarr", url, self.storage_options, open_root)
+            self._zarr = (
+                open_root() if self.local else _cached("zarr", url, self.storage_options, open_root)
+            )
         return self._zarr
 
     def group(self, path: str, fresh: bool = False) -> zarr.Group:

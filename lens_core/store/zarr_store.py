@@ -40,10 +40,14 @@ class RetryingStore(WrapperStore):
     async def get(self, key: str, prototype: Any, byte_range: Any = None) -> Any:
         return await self._do("reading", key, lambda: self._store.get(key, prototype, byte_range))
 
-    async def get_partial_values(self, prototype: Any, key_ranges: Iterable[tuple[str, Any]]) -> list[Any]:
+    async def get_partial_values(
+        self, prototype: Any, key_ranges: Iterable[tuple[str, Any]]
+    ) -> list[Any]:
         ranges = list(key_ranges)
         key = ranges[0][0] if ranges else ""
-        return await self._do("reading", key, lambda: self._store.get_partial_values(prototype, ranges))
+        return await self._do(
+            "reading", key, lambda: self._store.get_partial_values(prototype, ranges)
+        )
 
     async def exists(self, key: str) -> bool:
         return await self._do("checking", key, lambda: self._store.exists(key))
@@ -70,7 +74,9 @@ class RetryingStore(WrapperStore):
     async def is_empty(self, prefix: str) -> bool:
         return await self._do("listing", prefix, lambda: self._store.is_empty(prefix))
 
-    async def _listed(self, prefix: str, listing: Callable[[], AsyncIterator[str]]) -> AsyncIterator[str]:
+    async def _listed(
+        self, prefix: str, listing: Callable[[], AsyncIterator[str]]
+    ) -> AsyncIterator[str]:
         async def collect() -> list[str]:
             return [k async for k in listing()]
 
@@ -91,7 +97,7 @@ def zarr_store(url: str, storage_options: dict[str, Any] | None = None, read_onl
     """A zarr v3 store for a URL: LocalStore on disk, FsspecStore (async s3fs) elsewhere; retried."""
     url = normalize_url(url)
     if url.startswith("file://"):
-        return zarr.storage.LocalStore(url[len("file://"):], read_only=read_only)
+        return zarr.storage.LocalStore(url[len("file://") :], read_only=read_only)
     opts = dict(storage_options or {})
     opts.setdefault("skip_instance_cache", True)
     inner = zarr.storage.FsspecStore.from_url(url, storage_options=opts, read_only=read_only)

@@ -35,11 +35,26 @@ class Part:
 
 
 _C: dict[str, RGB] = {
-    "red": (225, 30, 35), "yellow": (250, 215, 30), "black": (15, 15, 15), "blue": (35, 70, 225),
-    "white": (245, 245, 245), "green": (30, 165, 55), "orange": (250, 135, 20), "navy": (20, 25, 90),
-    "magenta": (225, 40, 200), "cyan": (40, 220, 230), "purple": (115, 40, 165), "lime": (165, 235, 40),
-    "pink": (255, 155, 195), "teal": (0, 130, 130), "sky": (140, 200, 250), "slate": (70, 80, 95),
-    "brown": (120, 70, 30), "olive": (120, 125, 30), "beige": (225, 205, 160), "umber": (60, 40, 25),
+    "red": (225, 30, 35),
+    "yellow": (250, 215, 30),
+    "black": (15, 15, 15),
+    "blue": (35, 70, 225),
+    "white": (245, 245, 245),
+    "green": (30, 165, 55),
+    "orange": (250, 135, 20),
+    "navy": (20, 25, 90),
+    "magenta": (225, 40, 200),
+    "cyan": (40, 220, 230),
+    "purple": (115, 40, 165),
+    "lime": (165, 235, 40),
+    "pink": (255, 155, 195),
+    "teal": (0, 130, 130),
+    "sky": (140, 200, 250),
+    "slate": (70, 80, 95),
+    "brown": (120, 70, 30),
+    "olive": (120, 125, 30),
+    "beige": (225, 205, 160),
+    "umber": (60, 40, 25),
 }
 
 PARTS: tuple[Part, ...] = (
@@ -78,7 +93,9 @@ DISTRACTOR_PARTS: tuple[int, ...] = (20, 21, 22, 23)
 # The 10 hand-designed default classes: disjoint pairs of own parts.
 DEFAULT_RECIPES: tuple[tuple[int, ...], ...] = tuple((2 * i, 2 * i + 1) for i in range(10))
 MAX_OWN_PER_CLASS = 4
-MASK_ENCODING = "PNG, 8-bit grey (16-bit if more than 254 parts): value = part id + 1, 0 = background"
+MASK_ENCODING = (
+    "PNG, 8-bit grey (16-bit if more than 254 parts): value = part id + 1, 0 = background"
+)
 IMAGE_SIZE = 128
 
 
@@ -236,7 +253,10 @@ def _layout(rng: np.random.Generator, sizes: list[int], size: int) -> list[tuple
             for _ in range(60):
                 x, y = (int(v) for v in rng.integers(0, size - s + 1, 2))
                 if all(
-                    x + s + gap <= bx or bx + bs + gap <= x or y + s + gap <= by or by + bs + gap <= y
+                    x + s + gap <= bx
+                    or bx + bs + gap <= x
+                    or y + s + gap <= by
+                    or by + bs + gap <= y
                     for bx, by, bs in boxes
                 ):
                     boxes.append((x, y, s))
@@ -250,13 +270,19 @@ def _layout(rng: np.random.Generator, sizes: list[int], size: int) -> list[tuple
     for c, s in zip(rng.permutation(9)[: len(sizes)], sizes, strict=False):
         s = min(s, cell)
         x0, y0 = int(c % 3) * cell, int(c // 3) * cell
-        out.append((x0 + int(rng.integers(0, cell - s + 1)), y0 + int(rng.integers(0, cell - s + 1)), s))
+        out.append(
+            (x0 + int(rng.integers(0, cell - s + 1)), y0 + int(rng.integers(0, cell - s + 1)), s)
+        )
     return out
 
 
 def render_image(
-    class_index: int, n_classes: int = 10, seed: int = 0, size: int = IMAGE_SIZE,
-    parts: tuple[int, ...] | None = None, distractors: tuple[int, ...] | None = None,
+    class_index: int,
+    n_classes: int = 10,
+    seed: int = 0,
+    size: int = IMAGE_SIZE,
+    parts: tuple[int, ...] | None = None,
+    distractors: tuple[int, ...] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """One image of a class: (uint8 H x W x 3, int16 H x W part-id mask, -1 = background).
 
@@ -267,7 +293,9 @@ def render_image(
     own = class_parts(class_index, n_classes) if parts is None else tuple(parts)
     rng = np.random.default_rng([seed, class_index, 0x70C])
     n_distract = int(rng.integers(1, 3)) if len(own) <= 2 else 1
-    pool = DISTRACTOR_PARTS if distractors is None else tuple(d for d in distractors if d not in own)
+    pool = (
+        DISTRACTOR_PARTS if distractors is None else tuple(d for d in distractors if d not in own)
+    )
     distract = [int(d) for d in rng.choice(pool, n_distract, replace=False)]
     parts = list(own) + distract
     lo, hi = (30, 45) if len(parts) <= 4 else (28, 36)
@@ -323,14 +351,23 @@ def toy_manifest(n_classes: int, n_per_class: int, seed: int) -> dict[str, Any]:
         "image_seeds": "image i of every class is render_image(class, n_classes, image_seed(seed, i))",
         "mask_encoding": MASK_ENCODING,
         "parts": [
-            {"id": i, "name": p.name, "shape": p.shape, "fill": p.fill,
-             "kind": "distractor" if i in DISTRACTOR_PARTS else "own"}
+            {
+                "id": i,
+                "name": p.name,
+                "shape": p.shape,
+                "fill": p.fill,
+                "kind": "distractor" if i in DISTRACTOR_PARTS else "own",
+            }
             for i, p in enumerate(PARTS)
         ],
         "distractors": list(DISTRACTOR_PARTS),
         "classes": [
-            {"index": c, "name": name, "parts": list(class_parts(c, n_classes)),
-             "part_names": [PART_NAMES[p] for p in class_parts(c, n_classes)]}
+            {
+                "index": c,
+                "name": name,
+                "parts": list(class_parts(c, n_classes)),
+                "part_names": [PART_NAMES[p] for p in class_parts(c, n_classes)],
+            }
             for c, name in enumerate(class_names(n_classes))
         ],
     }
@@ -360,13 +397,17 @@ def ensure_toy_dataset(
         for kind in ("images", "masks"):
             fs.makedirs(posixpath.join(root, kind, name), exist_ok=True)
         for i in range(n_per_class):
-            img, mask = render_image(c, n_classes, image_seed(seed, i), parts=(recipes or {}).get(c))
+            img, mask = render_image(
+                c, n_classes, image_seed(seed, i), parts=(recipes or {}).get(c)
+            )
             files[posixpath.join(root, "images", name, f"{i:04d}.png")] = _png(img)
             files[posixpath.join(root, "masks", name, f"{i:04d}.png")] = encode_mask(mask)
         fs.pipe(files)
     manifest = toy_manifest(n_classes, n_per_class, seed)
     for c, parts in (recipes or {}).items():  # a probe data set says which classes it changed
-        manifest["classes"][c].update(parts=list(parts), part_names=[PART_NAMES[p] for p in parts], changed=True)
+        manifest["classes"][c].update(
+            parts=list(parts), part_names=[PART_NAMES[p] for p in parts], changed=True
+        )
     manifest = json.dumps(manifest, indent=1).encode()
     fs.pipe_file(posixpath.join(root, "toy.json"), manifest)
     fs.pipe_file(marker, b"")

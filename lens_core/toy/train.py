@@ -36,16 +36,20 @@ def normalize(x: torch.Tensor) -> torch.Tensor:
 
 
 def render_set(
-    n_classes: int, n_per_class: int, seed_offset: int,
-    recipes: dict[int, tuple[int, ...]] | None = None, distractors: tuple[int, ...] | None = None,
+    n_classes: int,
+    n_per_class: int,
+    seed_offset: int,
+    recipes: dict[int, tuple[int, ...]] | None = None,
+    distractors: tuple[int, ...] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
     """uint8 images (N,3,S,S), int64 labels (N,), int16 masks (N,S,S) with image seeds offset+i
     (`recipes` and `distractors` change the world, as in `render_image`)."""
     images, labels, masks = [], [], []
     for c in range(n_classes):
         for i in range(n_per_class):
-            img, mask = render_image(c, n_classes, seed_offset + i, parts=(recipes or {}).get(c),
-                                     distractors=distractors)
+            img, mask = render_image(
+                c, n_classes, seed_offset + i, parts=(recipes or {}).get(c), distractors=distractors
+            )
             images.append(img)
             masks.append(mask)
             labels.append(c)
@@ -53,8 +57,12 @@ def render_set(
     return x, torch.tensor(labels), np.stack(masks)
 
 
-def own_centroids(masks: np.ndarray, labels: torch.Tensor, n_classes: int,
-                  recipes: dict[int, tuple[int, ...]] | None = None) -> np.ndarray:
+def own_centroids(
+    masks: np.ndarray,
+    labels: torch.Tensor,
+    n_classes: int,
+    recipes: dict[int, tuple[int, ...]] | None = None,
+) -> np.ndarray:
     """(N, 2) centre (x, y as fractions of the side) of one own part per image and recipe slot."""
 
     def own(c: int) -> tuple[int, ...]:
@@ -123,17 +131,23 @@ def grid_boxes(size: int = IMAGE_SIZE) -> list[tuple[int, int, int, int]]:
 
 @torch.no_grad()
 def patch_accuracy(
-    model: torch.nn.Module, images: torch.Tensor, masks: np.ndarray, labels: torch.Tensor, n_classes: int
+    model: torch.nn.Module,
+    images: torch.Tensor,
+    masks: np.ndarray,
+    labels: torch.Tensor,
+    n_classes: int,
 ) -> tuple[float, float, int]:
     """Accuracy over grid patches showing an own part (>= PATCH_COVERAGE), over all, and that count."""
     hits, covered, total_hits, total = 0, 0, 0, 0
     for x0, y0, x1, y1 in grid_boxes(images.shape[-1]):
         pred = predict(model, resize(images[:, :, y0:y1, x0:x1]))
         ok = (pred == labels).numpy()
-        own = np.array([
-            np.isin(m[y0:y1, x0:x1], class_parts(c, n_classes)).mean() >= PATCH_COVERAGE
-            for m, c in zip(masks, labels.tolist(), strict=True)
-        ])
+        own = np.array(
+            [
+                np.isin(m[y0:y1, x0:x1], class_parts(c, n_classes)).mean() >= PATCH_COVERAGE
+                for m, c in zip(masks, labels.tolist(), strict=True)
+            ]
+        )
         hits += int(ok[own].sum())
         covered += int(own.sum())
         total_hits += int(ok.sum())
@@ -141,8 +155,14 @@ def patch_accuracy(
     return hits / max(covered, 1), total_hits / total, covered
 
 
-def _step(model: ToyCNN, opt: torch.optim.Optimizer, images: torch.Tensor, labels: torch.Tensor,
-          centroids: np.ndarray, rng: np.random.Generator) -> float:
+def _step(
+    model: ToyCNN,
+    opt: torch.optim.Optimizer,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    centroids: np.ndarray,
+    rng: np.random.Generator,
+) -> float:
     """One optimizer step on random crops of a batch (half patch-sized, often on an own part)."""
     x = crop_batch(images, sample_crops(rng, centroids))
     loss = F.cross_entropy(model(x), labels, label_smoothing=0.05)
@@ -176,7 +196,12 @@ def train(
 
 
 def _train(
-    n_classes: int, per_class: int, epochs: int, batch_size: int, lr: float, seed: int,
+    n_classes: int,
+    per_class: int,
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    seed: int,
     eval_per_class: int,
 ) -> tuple[ToyCNN, dict]:
     torch.manual_seed(seed)
@@ -199,8 +224,11 @@ def _train(
             sched.step()
             loss_sum += loss * len(idx)
             seen += len(idx)
-        print(f"epoch {epoch + 1}/{epochs} loss {loss_sum / seen:.4f} "
-              f"({time.perf_counter() - start:.0f} s)", flush=True)
+        print(
+            f"epoch {epoch + 1}/{epochs} loss {loss_sum / seen:.4f} "
+            f"({time.perf_counter() - start:.0f} s)",
+            flush=True,
+        )
     train_seconds = time.perf_counter() - start
     ev_images, ev_labels, ev_masks = render_set(n_classes, eval_per_class, EVAL_SEED_OFFSET)
     acc = float((predict(model, resize(ev_images)) == ev_labels).float().mean())
