@@ -58,15 +58,15 @@ from lens_core.store import StoreError, normalize_url
 from lens_core.summary import class_summary
 from lens_core.viz_pool import by_rank, pending_items
 from tasks.chain import class_chain_task
-from tasks.stages import (
+from tasks.class_tasks import render_task
+from tasks.run_tasks import (
     changes_task,
     cross_class_task,
     mistakes_task,
     publish_index_task,
     publish_pages_task,
-    render_task,
-    tagged,
 )
+from tasks.wrapping import tagged
 
 ProgressFn = Callable[[str, int, int], None]
 _LISTENERS: list[ProgressFn] = []

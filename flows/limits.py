@@ -1,6 +1,6 @@
 """Which task tags a Prefect concurrency limit names, read once per flow run.
 
-A tag on a task run costs a slot request to the API (tasks.stages.tagged says what it cost), so
+A tag on a task run costs a slot request to the API (tasks.wrapping.tagged says what it cost), so
 the flow tags its tasks only with what some limit names. A limit made while a run is going is
 honoured from the next run on.
 """
@@ -12,7 +12,7 @@ from typing import Any
 
 from prefect.client.orchestration import get_client
 
-from tasks.stages import CANDIDATE_TAGS
+from tasks.wrapping import CANDIDATE_TAGS
 
 PAGE = 200
 

@@ -30,7 +30,16 @@ from lens_core.importance import (
 from lens_core.model_cache import get_split
 from lens_core.results import complete_fingerprint
 from lens_core.run import RunInfo
-from lens_core.tracking import Inputs, Stage, StageError, mark, run_stage, upstream_inputs
+from lens_core.tracking import (
+    Inputs,
+    Stage,
+    StageError,
+    StageOutput,
+    StageResult,
+    mark,
+    run_stage,
+    upstream_inputs,
+)
 
 # ---- activations ------------------------------------------------------------------------------
 
@@ -51,7 +60,7 @@ def _record(inputs: Inputs) -> dict[str, Any]:
     return {k: v for k, v in inputs.items() if k not in ("urls", "fingerprint")}
 
 
-def _activations(info: RunInfo, slug: str, inputs: Inputs, device: str | None) -> dict[str, Any]:
+def _activations(info: RunInfo, slug: str, inputs: Inputs, device: str | None) -> StageOutput:
     """Patches of the class's sampled images -> g -> acts/<class> (A, patches, image arrays)."""
     store, cfg, cls = info.store(), info.config, info.cls(slug)
     urls = inputs["urls"]
@@ -91,7 +100,7 @@ ACTIVATIONS = Stage("activations", _activation_inputs, _activations)
 # ---- factorize --------------------------------------------------------------------------------
 
 
-def _factorize(info: RunInfo, slug: str, inputs: Inputs, device: str | None) -> dict[str, Any]:
+def _factorize(info: RunInfo, slug: str, inputs: Inputs, device: str | None) -> StageOutput:
     """Concepts of the class's patch activations: concepts/<class>/U, W and the fit's error."""
     store = info.store()
     A = store.zarr[layout.acts(slug)]["A"][:]
@@ -192,7 +201,7 @@ def _linear_head(
     )
 
 
-def _importance(info: RunInfo, slug: str, inputs: Inputs, device: str | None) -> dict[str, Any]:
+def _importance(info: RunInfo, slug: str, inputs: Inputs, device: str | None) -> StageOutput:
     """Sobol total indices, logit share (or why not), per-image importance and the deletion curve."""
     store, cfg, cls = info.store(), info.config, info.cls(slug)
     dev = pick_device(device)
@@ -341,7 +350,7 @@ IMPORTANCE = Stage("importance", upstream_inputs, _importance)
 # ---- crops ------------------------------------------------------------------------------------
 
 
-def _crops(info: RunInfo, slug: str, inputs: Inputs, _device: str | None) -> dict[str, Any]:
+def _crops(info: RunInfo, slug: str, inputs: Inputs, _device: str | None) -> StageOutput:
     """Top crops per concept, thumbnails, attribution overlays and their plain images under crops/<class>/."""
     store, cfg = info.store(), info.config
     store.remove(layout.crops(slug))  # files of an earlier computation of this slug
@@ -413,23 +422,23 @@ CROPS = Stage("crops", upstream_inputs, _crops)
 CHAIN: tuple[Stage, ...] = (ACTIVATIONS, FACTORIZE, IMPORTANCE, CROPS)  # a class's stages, in order
 
 
-def stage_activations(info: RunInfo, slug: str, device: str | None = None) -> dict[str, Any]:
+def stage_activations(info: RunInfo, slug: str, device: str | None = None) -> StageResult:
     return run_stage(ACTIVATIONS, info, slug, device)
 
 
-def stage_factorize(info: RunInfo, slug: str, device: str | None = None) -> dict[str, Any]:
+def stage_factorize(info: RunInfo, slug: str, device: str | None = None) -> StageResult:
     return run_stage(FACTORIZE, info, slug, device)
 
 
-def stage_importance(info: RunInfo, slug: str, device: str | None = None) -> dict[str, Any]:
+def stage_importance(info: RunInfo, slug: str, device: str | None = None) -> StageResult:
     return run_stage(IMPORTANCE, info, slug, device)
 
 
-def stage_crops(info: RunInfo, slug: str, device: str | None = None) -> dict[str, Any]:
+def stage_crops(info: RunInfo, slug: str, device: str | None = None) -> StageResult:
     return run_stage(CROPS, info, slug, device)
 
 
-def run_class(info: RunInfo, slug: str, device: str | None = None) -> list[dict[str, Any]]:
+def run_class(info: RunInfo, slug: str, device: str | None = None) -> list[StageResult]:
     """All per-class stages in order (a notebook convenience; the flow runs them as tasks)."""
     return [run_stage(stage, info, slug, device) for stage in CHAIN]
 

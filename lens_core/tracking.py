@@ -13,9 +13,10 @@ import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NotRequired, TypedDict
 
 from lens_core import layout
+from lens_core.run import RunInfo
 from lens_core.secrets import error_text
 from lens_core.status import write_status
 from lens_core.store import RunStore
@@ -23,6 +24,26 @@ from lens_core.store import RunStore
 log = logging.getLogger("lens")
 
 Inputs = dict[str, Any]  # {"fingerprint": str, ...}: what a stage reads, recorded in its marker
+
+
+class StageOutput(TypedDict, total=False):
+    """What a stage body returns: the figures its status records (counts, fit error)."""
+
+    status: dict[str, Any]
+
+
+# What `run_stage` returns for one class: the stage, the class, its seconds, whether it was
+# skipped (done before), and the body's status when it ran.
+StageResult = TypedDict(
+    "StageResult",
+    {
+        "stage": str,
+        "class": str,
+        "seconds": float,
+        "skipped": bool,
+        "status": NotRequired[dict[str, Any]],
+    },
+)
 
 
 class StageError(RuntimeError):
@@ -34,12 +55,12 @@ class Stage:
     """A per-class stage: its name, what it is computed from, and its body.
 
     `inputs(info, slug)` returns the inputs (a dict with a "fingerprint"); `compute(info, slug,
-    inputs, device)` writes the outputs, then the marker (`mark`), and returns {"status": {...}}.
+    inputs, device)` writes the outputs, then the marker (`mark`), and returns its StageOutput.
     """
 
     name: str
-    inputs: Callable[[Any, str], Inputs]
-    compute: Callable[[Any, str, Inputs, str | None], dict[str, Any]]
+    inputs: Callable[[RunInfo, str], Inputs]
+    compute: Callable[[RunInfo, str, Inputs, str | None], StageOutput]
 
     def done(self, store: RunStore, slug: str, inputs: Inputs) -> bool:
         """True when the stage's marker exists and records these inputs."""
@@ -63,13 +84,13 @@ def mark(store: RunStore, stage: str, slug: str, inputs: Inputs, **attrs: Any) -
         store.mark_complete(where, inputs["fingerprint"], **attrs)
 
 
-def run_stage(stage: Stage, info: Any, slug: str, device: str | None = None) -> dict[str, Any]:
-    """Run `stage` for one class unless done; returns {stage, class, seconds, skipped, ...}."""
+def run_stage(stage: Stage, info: RunInfo, slug: str, device: str | None = None) -> StageResult:
+    """Run `stage` for one class unless done (the skip, the lease, the status record)."""
     store = info.store()
     t0 = time.perf_counter()
     try:
         inputs = stage.inputs(info, slug)
-        result: dict[str, Any] = {"skipped": True}
+        result: StageOutput | None = None  # None: skipped, done before
         if not stage.done(store, slug, inputs):
             # one writer per (stage, class) across concurrent runs: a second run waits, then reuses
             with store.lease(layout.lock(stage.name, slug)):
@@ -81,20 +102,17 @@ def run_stage(stage: Stage, info: Any, slug: str, device: str | None = None) -> 
         log.debug("stage %s failed for %s:\n%s", stage.name, slug, traceback.format_exc())
         raise
     seconds = time.perf_counter() - t0
-    if not result.get("skipped"):
-        write_status(store, slug, stage.name, "completed", seconds, **result.get("status", {}))
-    elif not store.exists(layout.status_file(slug, stage.name)):
+    done: StageResult = {"stage": stage.name, "class": slug, "seconds": seconds, "skipped": True}
+    if result is not None:
+        status = result.get("status", {})
+        write_status(store, slug, stage.name, "completed", seconds, **status)
+        return {**done, "skipped": False, "status": status}
+    if not store.exists(layout.status_file(slug, stage.name)):
         write_status(store, slug, stage.name, "completed", None)
-    return {
-        "stage": stage.name,
-        "class": slug,
-        "seconds": seconds,
-        **result,
-        "skipped": bool(result.get("skipped")),
-    }
+    return done
 
 
-def upstream_inputs(info: Any, slug: str) -> Inputs:
+def upstream_inputs(info: RunInfo, slug: str) -> Inputs:
     """The inputs of a stage that reads the class's activations: the activations' own fingerprint."""
     store = info.store()
     group = store.get_group(layout.acts(slug))

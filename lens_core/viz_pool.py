@@ -11,7 +11,7 @@ import hashlib
 import io
 import logging
 from collections.abc import Iterator
-from typing import Any
+from typing import NotRequired, TypedDict
 
 import numpy as np
 import torch
@@ -174,9 +174,20 @@ def by_rank(items: list[tuple[str, int]]) -> list[tuple[str, int]]:
     return [(slug, c) for _, _, slug, c in sorted(keyed, key=lambda t: t[:2])]
 
 
+class RenderResult(TypedDict):
+    """What a render batch did: concepts rendered and skipped (already rendered); the render task
+    adds the classes it marked complete and its seconds."""
+
+    rendered: int
+    skipped: int
+    objective: NotRequired[list[float]]
+    marked: NotRequired[list[str]]
+    seconds: NotRequired[float]
+
+
 def render_batch(
     info: RunInfo, items: list[tuple[str, int]], device: str | None = None
-) -> dict[str, Any]:
+) -> RenderResult:
     """Render a batch of concepts (any classes) together and write their PNG/WebP files."""
     store = info.store()
     todo = [(s, c) for s, c in items if not viz_done(store, s, c)]

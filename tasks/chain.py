@@ -11,7 +11,7 @@ RunInfo of every class would be walked at submission and again in each task run.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, TypedDict
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
@@ -19,34 +19,43 @@ from prefect.cache_policies import NO_CACHE
 from lens_core.run import RunInfo
 from lens_core.summary import class_summary
 from lens_core.viz_pool import pending_items
-from tasks.stages import (
-    activations_task,
-    crops_task,
-    factorize_task,
-    importance_task,
-    scrubbed,
-    tagged,
-)
+from tasks.class_tasks import STAGE_TASKS
+from tasks.wrapping import scrubbed, tagged
 
-STAGE_TASKS = (activations_task, factorize_task, importance_task, crops_task)
+
+class StageRecord(TypedDict):
+    """One stage of a chain: whether it was skipped (done before) and its seconds."""
+
+    skipped: bool
+    seconds: float
+
+
+# What a class chain returns to the flow: the class's slug, its stages, its summary (stage
+# states, top concept) and the (class, concept) renders still to do.
+ChainResult = TypedDict(
+    "ChainResult",
+    {
+        "class": str,
+        "stages": dict[str, StageRecord],
+        "summary": dict[str, Any],
+        "render_items": list[tuple[str, int]],
+    },
+)
 
 
 @task(name="class", task_run_name="class[{slug}]", cache_policy=NO_CACHE, persist_result=False)
 @scrubbed
 def class_chain_task(
     info: RunInfo, slug: str, device: str | None = None, limited: tuple[str, ...] = ()
-) -> dict[str, Any]:
-    """Run activations -> factorize -> importance -> crops for one class; the first failure stops it.
+) -> ChainResult:
+    """Run the class's stages in order (activations -> factorize -> importance -> crops); the
+    first failure stops it.
 
-    limited: the tags that have a Prefect concurrency limit (`tasks.stages.tagged`).
+    limited: the tags that have a Prefect concurrency limit (`tasks.wrapping.tagged`).
 
-    Returns per-stage skipped/seconds, the class's summary (`class_summary`: stage states, top
-    concept) and the (class, concept) renders still to do.
     """
-    results = [tagged(stage_task, limited)(info, slug, device) for stage_task in STAGE_TASKS]
-    stages = {
-        r["stage"]: {"skipped": bool(r.get("skipped")), "seconds": r["seconds"]} for r in results
-    }
+    results = [tagged(t, limited)(info, slug, device) for t in STAGE_TASKS.values()]
+    stages = {r["stage"]: StageRecord(skipped=r["skipped"], seconds=r["seconds"]) for r in results}
     # read here, on the worker and in parallel, rather than class by class in the flow
     return {
         "class": slug,

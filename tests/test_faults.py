@@ -278,7 +278,7 @@ def test_a_holder_whose_lease_was_taken_over_cannot_mark_its_stage_complete(leas
     """A holder that stalled past its TTL was replaced; waking up, its completion marker is refused
     (LeaseLostError, retried as transient) and the group stays unmarked for the new holder."""
     from lens_core.store import LeaseLostError
-    from tasks.stages import is_transient
+    from tasks.wrapping import is_transient
 
     with lease_store.lease("activations/cls", ttl=3600) as lease:
         lease_store.group("acts/cls").create_array("A", shape=(2,), dtype="f4")

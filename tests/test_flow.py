@@ -196,7 +196,10 @@ def test_tags_fall_back_to_all_candidates_when_the_limits_cannot_be_listed():
     from prefect.settings import PREFECT_API_URL, PREFECT_CLIENT_MAX_RETRIES, temporary_settings
 
     from flows.limits import limited_tags
-    from tasks.stages import CANDIDATE_TAGS, activations_task, factorize_task, tagged
+    from tasks.class_tasks import STAGE_TASKS
+    from tasks.wrapping import CANDIDATE_TAGS, tagged
+
+    activations_task, factorize_task = STAGE_TASKS["activations"], STAGE_TASKS["factorize"]
 
     said: list[str] = []
     handler = logging.Handler()
