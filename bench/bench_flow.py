@@ -127,7 +127,7 @@ def overhead(root: Path, n_classes: int, workers: int) -> dict[str, Any]:
 
 def pure_compute(cfg_dict: dict[str, Any]) -> float:
     """The same stages, renders, cross-class step and publish in this process, no Prefect or Dask."""
-    from lens_core import cross_class, publish, viz_pool
+    from lens_core import cross_class, publish, renders
     from lens_core.config import make_config
     from lens_core.pipeline import prepare_run, run_class
 
@@ -136,10 +136,10 @@ def pure_compute(cfg_dict: dict[str, Any]) -> float:
     info = prepare_run(cfg)
     for slug in info.slugs:
         run_class(info, slug)
-    items = viz_pool.pending_items(info)
+    items = renders.pending_items(info)
     for i in range(0, len(items), cfg.maco.batch_size):
-        viz_pool.render_batch(info, items[i : i + cfg.maco.batch_size])
-    viz_pool.finalize_viz(info)
+        renders.render_batch(info, items[i : i + cfg.maco.batch_size])
+    renders.finalize_viz(info)
     cross_class.build_cross_class(info)
     publish.publish(info)
     return time.perf_counter() - t0

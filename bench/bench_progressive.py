@@ -22,7 +22,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lens_core import viz_pool  # noqa: E402
+from lens_core import renders  # noqa: E402
 from lens_core.config import make_config  # noqa: E402
 from lens_core.pipeline import prepare_run, run_class  # noqa: E402
 from lens_core.publish import PartialSite, publish  # noqa: E402
@@ -111,8 +111,8 @@ def main() -> None:
                     first_page = first_page or time.perf_counter() - t
                 early = time.perf_counter() - t
                 if not rendered:  # the renders, once (not timed)
-                    viz_pool.render_batch(info, viz_pool.pending_items(info))
-                    viz_pool.finalize_viz(info)
+                    renders.render_batch(info, renders.pending_items(info))
+                    renders.finalize_viz(info)
                     rendered = True
                 t = time.perf_counter()
                 for slug in info.slugs:  # each class's page again as its renders are finalized

@@ -50,13 +50,13 @@ from lens_core.labels import read_labels
 from lens_core.models import ModelError
 from lens_core.publish import PartialSite, published
 from lens_core.publish import site_url as run_site_url
+from lens_core.renders import by_rank, pending_items
 from lens_core.run import RunInfo, check_model, mark_finished, prepare_run
 from lens_core.secrets import error_text, scrub
 from lens_core.settings import settings
 from lens_core.status import write_status
 from lens_core.store import StoreError, normalize_url
 from lens_core.summary import class_summary
-from lens_core.viz_pool import by_rank, pending_items
 from tasks.chain import class_chain_task
 from tasks.class_tasks import render_task
 from tasks.run_tasks import (
@@ -434,7 +434,7 @@ class _Progress:
         self,
         classes_done: int,
         classes_failed: int,
-        pool: _RenderPool,
+        batches: _RenderBatches,
         force: bool = False,
         live: _LiveSite | None = None,
     ) -> None:
@@ -443,7 +443,11 @@ class _Progress:
             return
         self.last = now
         failed = f", {classes_failed} failed" if classes_failed else ""
-        left = " (renders go on)" if classes_done == self.n and pool.rendered < pool.queued else ""
+        left = (
+            " (renders go on)"
+            if classes_done == self.n and batches.rendered < batches.queued
+            else ""
+        )
         link = (
             f"; site so far ({len(live.site.published)} class pages): {live.link}"
             if live is not None and live.first_page_s is not None
@@ -454,18 +458,18 @@ class _Progress:
             100.0 * classes_done / max(1, self.n),
             description=(f"{classes_done}/{self.n} classes finished{failed}{left}{link}"),
         )
-        total = pool.queued if classes_done == self.n else max(pool.queued, 1)
+        total = batches.queued if classes_done == self.n else max(batches.queued, 1)
         more = "" if classes_done == self.n else " so far (more as classes finish)"
         update_progress_artifact(
             self.renders_id,
-            100.0 * pool.rendered / max(1, total)
-            if pool.queued
+            100.0 * batches.rendered / max(1, total)
+            if batches.queued
             else (100.0 if classes_done == self.n else 0.0),
-            description=f"{pool.rendered}/{pool.queued} concepts rendered{more}",
+            description=f"{batches.rendered}/{batches.queued} concepts rendered{more}",
         )
 
 
-class _RenderPool:
+class _RenderBatches:
     """MACO renders pooled across classes: batches of `batch` concepts, submitted as classes finish."""
 
     def __init__(
@@ -578,7 +582,7 @@ def _explain_classes(
                 waited = False
                 progress.workers_ready()
     outcomes: dict[str, dict[str, Any]] = {}
-    pool = _RenderPool(info, cfg.maco.batch_size, track, limited)
+    batches = _RenderBatches(info, cfg.maco.batch_size, track, limited)
     pending = len(slugs)
     t_chains = 0.0
     workers = 0
@@ -590,7 +594,7 @@ def _explain_classes(
             continue
         pending -= 1
         if kind == "render":
-            marked = pool.done(payload, fut, logger)
+            marked = batches.done(payload, fut, logger)
             if live is not None:  # a marking alone never makes the first page (see _LiveSite.pages)
                 live.pages(marked, ok=False)
         else:
@@ -612,33 +616,33 @@ def _explain_classes(
             # fills its slot and Dask's queue keeps the chains behind it (chains are root-ish
             # and queued, the first few batches are not), whatever their priority
             workers = workers or _n_workers()
-            pending += pool.add(
+            pending += batches.add(
                 items, final=len(outcomes) == len(slugs), hold=len(slugs) - len(outcomes) > workers
             )
             _notify("classes", len(outcomes), len(slugs))
-        _notify("concepts", pool.rendered, pool.queued)
+        _notify("concepts", batches.rendered, batches.queued)
         if live is not None:
             live.flush_if_due()
         n_failed = sum(not o["ok"] for o in outcomes.values())
         progress.update(
             len(outcomes),
             n_failed,
-            pool,
+            batches,
             live=live,
             force=not pending or (kind != "render" and len(outcomes) == len(slugs)),
         )
     if live is not None:  # its last pages written, the progress gives the link to them
         live.close()
         n_failed = sum(not o["ok"] for o in outcomes.values())
-        progress.update(len(outcomes), n_failed, pool, force=True, live=live)
+        progress.update(len(outcomes), n_failed, batches, force=True, live=live)
     for slug, out in outcomes.items():
-        out["render"] = pool.state(slug)
+        out["render"] = batches.state(slug)
     timings = {
         "classes_and_renders": time.perf_counter() - t_start,
         "last_chain": t_chains,
-        "render_compute": pool.seconds,
-        "render_batches": pool.batches,
-        "concepts_rendered": pool.rendered,
+        "render_compute": batches.seconds,
+        "render_batches": batches.batches,
+        "concepts_rendered": batches.rendered,
     }
     return outcomes, timings
 

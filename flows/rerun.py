@@ -42,8 +42,8 @@ def finished_unchanged(config: AtlasConfig) -> Finished | None:
         finished = store.read_json(layout.FINISHED)
         if not isinstance(finished, dict) or not info.classes:
             return None
+        from lens_core.renders import pending_items
         from lens_core.stages import class_complete
-        from lens_core.viz_pool import pending_items
 
         if not all(class_complete(store, slug) for slug in info.slugs):
             return None

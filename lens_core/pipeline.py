@@ -48,7 +48,7 @@ __all__ = [
 def explain(config: AtlasConfig, device: str | None = None) -> dict[str, Any]:
     """The whole atlas in this process, in the flow's order (every class, renders, cross-class,
     changes since the previous checkpoint, mistakes explained by concepts, the site): what `lens run` does without Prefect or Dask."""
-    from lens_core import changes, confusions, cross_class, publish, viz_pool
+    from lens_core import changes, confusions, cross_class, publish, renders
     from lens_core.run import mark_finished
 
     info = prepare_run(config)
@@ -58,10 +58,10 @@ def explain(config: AtlasConfig, device: str | None = None) -> dict[str, Any]:
             run_class(info, slug, device)
         except Exception as err:  # noqa: BLE001 - one bad class never sinks the run (its status says why)
             failed.append((slug, err))
-    items = viz_pool.pending_items(info)
+    items = renders.pending_items(info)
     for i in range(0, len(items), config.maco.batch_size):
-        viz_pool.render_batch(info, items[i : i + config.maco.batch_size], device)
-    viz_pool.finalize_viz(info)
+        renders.render_batch(info, items[i : i + config.maco.batch_size], device)
+    renders.finalize_viz(info)
     cross_class.build_cross_class(info, device)
     changed = changes.compare_with_previous(info)
     mistakes = confusions.build_confusions(info, device)

@@ -18,12 +18,12 @@ from lens_core.changes import read_changes
 from lens_core.confusions import concept_label, read_confusions
 from lens_core.crops import concept_color
 from lens_core.labels import read_labels
+from lens_core.renders import rendered_concepts
 from lens_core.run import RunInfo
 from lens_core.settings import settings
 from lens_core.stages import class_complete
 from lens_core.status import class_note, class_state, read_status
 from lens_core.store import RunStore, filesystem, join_url, normalize_url
-from lens_core.viz_pool import rendered_concepts
 
 TOP_CONCEPTS = 10
 

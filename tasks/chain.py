@@ -16,9 +16,9 @@ from typing import Any, TypedDict
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
+from lens_core.renders import pending_items
 from lens_core.run import RunInfo
 from lens_core.summary import class_summary
-from lens_core.viz_pool import pending_items
 from tasks.class_tasks import STAGE_TASKS
 from tasks.wrapping import scrubbed, tagged
 

@@ -12,11 +12,11 @@ import time
 
 from prefect import Task, task
 
-from lens_core import viz_pool
+from lens_core import renders
+from lens_core.renders import RenderResult
 from lens_core.run import RunInfo
 from lens_core.stages import CHAIN
 from lens_core.tracking import Stage, StageResult, run_stage
-from lens_core.viz_pool import RenderResult
 from tasks.wrapping import TASK_OPTIONS, scrubbed
 
 
@@ -47,7 +47,7 @@ def render_task(
 ) -> RenderResult:
     """Render one pooled batch of concepts (from any classes) with MACO."""
     t0 = time.perf_counter()
-    out = viz_pool.render_batch(info, items, device)
-    out["marked"] = viz_pool.finalize_viz(info, sorted({s for s, _ in items}))
+    out = renders.render_batch(info, items, device)
+    out["marked"] = renders.finalize_viz(info, sorted({s for s, _ in items}))
     out["seconds"] = time.perf_counter() - t0
     return out

@@ -26,7 +26,7 @@ TINY = {**_TINY, "data": {"toy_images_per_class": 2, "images_per_class": 2}}
 @pytest.fixture(scope="module")
 def published(tmp_path_factory: pytest.TempPathFactory):
     """A run with two explained classes and one failed class, and its published site."""
-    from lens_core import cross_class, publish, viz_pool
+    from lens_core import cross_class, publish, renders
     from lens_core.config import make_config
     from lens_core.pipeline import prepare_run, run_class
     from lens_core.status import write_status
@@ -40,8 +40,8 @@ def published(tmp_path_factory: pytest.TempPathFactory):
     ok, bad = info.slugs[:2], info.slugs[2]
     for slug in ok:
         run_class(info, slug)
-    viz_pool.render_batch(info, viz_pool.pending_items(info, ok))
-    viz_pool.finalize_viz(info, ok)
+    renders.render_batch(info, renders.pending_items(info, ok))
+    renders.finalize_viz(info, ok)
     write_status(
         info.store(), bad, "activations", "failed", 0.1, "EmptyClassError: no readable image here"
     )

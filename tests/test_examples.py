@@ -31,7 +31,7 @@ from lens_core.data import list_classes, patch_boxes
 from lens_core.device import autocast
 from lens_core.pipeline import prepare_run, run_class
 from lens_core.publish import publish
-from lens_core.viz_pool import finalize_viz, pending_items, render_batch
+from lens_core.renders import finalize_viz, pending_items, render_batch
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)

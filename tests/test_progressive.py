@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 from tiny import TINY
 
-from lens_core import layout, viz_pool
+from lens_core import layout, renders
 from lens_core.config import make_config
 from lens_core.pipeline import prepare_run, run_class
 from lens_core.publish import PartialSite, publish
@@ -170,13 +170,13 @@ def _grow(
         snapshots.append(pages)
         if i:
             prev = info.slugs[i - 1]
-            viz_pool.render_batch(info, viz_pool.pending_items(info, [prev]))
-            assert viz_pool.finalize_viz(info, [prev]) == [prev]
+            renders.render_batch(info, renders.pending_items(info, [prev]))
+            assert renders.finalize_viz(info, [prev]) == [prev]
             pub.pages([prev])
             after()
             snapshots.append(check(site))
-    viz_pool.render_batch(info, viz_pool.pending_items(info))
-    viz_pool.finalize_viz(info)
+    renders.render_batch(info, renders.pending_items(info))
+    renders.finalize_viz(info)
     pub.pages(info.slugs)
     pub.finish()
     after()
@@ -327,15 +327,15 @@ def test_renders_come_by_rank_across_classes(tmp_path):
     for slug in info.slugs:
         run_class(info, slug)
     store = info.store()
-    items = viz_pool.pending_items(info)
-    order = {s: viz_pool.concept_order(store, s) for s in info.slugs}
+    items = renders.pending_items(info)
+    order = {s: renders.concept_order(store, s) for s in info.slugs}
     rank = [order[s].index(c) for s, c in items]
     assert rank == sorted(rank)  # every class's first concept before any class's second, ...
     for r in range(TINY["concepts"]["n_concepts"]):  # ... within a rank, classes in label order
         assert [s for (s, _), k in zip(items, rank, strict=True) if k == r] == info.slugs
-    per_class = [viz_pool.pending_items(info, [s]) for s in info.slugs]
+    per_class = [renders.pending_items(info, [s]) for s in info.slugs]
     assert (
-        viz_pool.by_rank([x for p in per_class for x in p]) == items
+        renders.by_rank([x for p in per_class for x in p]) == items
     )  # the flow's queue, re-sorted
 
 
@@ -345,37 +345,37 @@ def test_top_k_renders_only_the_top_concepts_and_a_larger_k_only_the_missing(tmp
     for slug in small.slugs:
         run_class(small, slug)
     store = small.store()
-    items = viz_pool.pending_items(small)
-    assert items == [(s, viz_pool.concept_order(store, s)[0]) for s in small.slugs]
-    viz_pool.render_batch(small, items)
-    assert sorted(viz_pool.finalize_viz(small)) == sorted(small.slugs)
-    assert viz_pool.pending_items(small) == []  # rendered for what it shows
+    items = renders.pending_items(small)
+    assert items == [(s, renders.concept_order(store, s)[0]) for s in small.slugs]
+    renders.render_batch(small, items)
+    assert sorted(renders.finalize_viz(small)) == sorted(small.slugs)
+    assert renders.pending_items(small) == []  # rendered for what it shows
     publish(small)
     page = (root / "site" / small.run_id / "data" / f"{small.slugs[0]}.json").read_text()
     concepts = json.loads(page)["concepts"]
-    top = viz_pool.concept_order(store, small.slugs[0])[0]
+    top = renders.concept_order(store, small.slugs[0])[0]
     assert [c["id"] for c in concepts if c["viz"]] == [top] and not any(
         c["viz_pending"] for c in concepts
     )
 
     larger = prepare_run(_config(root, f"file://{root}/site", maco={**TINY["maco"], "top_k": 2}))
     assert larger.run_id == small.run_id  # the same run: top_k is not part of its identity
-    items = viz_pool.pending_items(larger)
+    items = renders.pending_items(larger)
     assert items == [
-        (s, viz_pool.concept_order(store, s)[1]) for s in larger.slugs
+        (s, renders.concept_order(store, s)[1]) for s in larger.slugs
     ]  # only the missing
-    assert viz_pool.render_batch(larger, items)["rendered"] == len(larger.slugs)
-    assert sorted(viz_pool.finalize_viz(larger)) == sorted(larger.slugs)
+    assert renders.render_batch(larger, items)["rendered"] == len(larger.slugs)
+    assert sorted(renders.finalize_viz(larger)) == sorted(larger.slugs)
     marker = json.loads(
         (
             root / "store" / "runs" / larger.run_id / layout.viz(larger.slugs[0]) / "_SUCCESS"
         ).read_text()
     )
-    assert sorted(marker["concepts"]) == sorted(viz_pool.concept_order(store, larger.slugs[0])[:2])
+    assert sorted(marker["concepts"]) == sorted(renders.concept_order(store, larger.slugs[0])[:2])
     smaller = prepare_run(_config(root, f"file://{root}/site", maco={**TINY["maco"], "top_k": 1}))
-    assert viz_pool.pending_items(smaller) == []  # what a larger K rendered covers a smaller one
+    assert renders.pending_items(smaller) == []  # what a larger K rendered covers a smaller one
     everything = prepare_run(_config(root, f"file://{root}/site"))
-    assert len(viz_pool.pending_items(everything)) == len(everything.slugs)  # the third concepts
+    assert len(renders.pending_items(everything)) == len(everything.slugs)  # the third concepts
 
 
 def test_top_k_is_not_part_of_the_run_id():

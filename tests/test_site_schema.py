@@ -34,7 +34,7 @@ def _keys(obj: Any, path: str = "") -> set[str]:
 
 
 def test_every_field_publish_emits_reaches_the_data_file(tmp_path):
-    from lens_core import viz_pool
+    from lens_core import renders
     from lens_core.config import make_config
     from lens_core.pipeline import prepare_run, run_class
     from lens_core.publish import collect_site_data, publish
@@ -46,8 +46,8 @@ def test_every_field_publish_emits_reaches_the_data_file(tmp_path):
         )
     )
     run_class(info, info.slugs[0])
-    viz_pool.render_batch(info, viz_pool.pending_items(info))
-    viz_pool.finalize_viz(info)
+    renders.render_batch(info, renders.pending_items(info))
+    renders.finalize_viz(info)
     site, _ = collect_site_data(info)
     emitted = _keys(site["classes"][0])
     publish(info)

@@ -1,4 +1,5 @@
-"""The MACO render pool: feature visualizations of concepts from many classes, rendered in batches.
+"""The concepts' feature visualizations over the run store: which are still to render, rendering
+a batch of them (from any classes) with MACO, and marking a class's renders complete.
 
 One call renders a batch of (class, concept) items in one pass through the network and writes
 ``viz/<class>/<concept>.png`` (RGBA: image + transparency map) and ``<concept>.webp`` (plain).
