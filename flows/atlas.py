@@ -51,7 +51,7 @@ from lens_core.models import ModelError
 from lens_core.publish import PartialSite, published
 from lens_core.publish import site_url as run_site_url
 from lens_core.renders import by_rank, pending_items
-from lens_core.run import RunInfo, check_model, mark_finished, prepare_run
+from lens_core.run import RunInfo, mark_finished, prepare_run
 from lens_core.secrets import error_text, scrub
 from lens_core.settings import settings
 from lens_core.status import write_status
@@ -70,6 +70,7 @@ from tasks.wrapping import tagged
 
 ProgressFn = Callable[[str, int, int], None]
 _LISTENERS: list[ProgressFn] = []
+_PREPARED: dict[str, RunInfo] = {}  # runs `lens run` prepared, by their config's JSON
 PROGRESS_EVERY_S = 2.0  # the progress artifact is updated at most this often (one API call each)
 CHAIN_PRIORITY = 10  # Dask priority of class chains: before any queued render batch (default 0)
 MISTAKE_ROWS = 20  # rows of the mistakes table artifact
@@ -152,6 +153,24 @@ def progress_listener(fn: ProgressFn) -> Iterator[None]:
         _LISTENERS.remove(fn)
 
 
+@contextlib.contextmanager
+def prepared_run(config: AtlasConfig, info: RunInfo) -> Iterator[None]:
+    """Hand the flow a run prepared in this process from `config` (`lens run` prepares it before
+    starting Prefect or Dask, to fail fast): the flow takes it instead of preparing it again."""
+    key = config.model_dump_json()
+    _PREPARED[key] = info
+    try:
+        yield
+    finally:
+        _PREPARED.pop(key, None)
+
+
+def _prepare(config: AtlasConfig) -> RunInfo:
+    """The run of `config`: the one `prepared_run` handed over, else prepared here (the
+    checkpoint read, hashed and checked once, before any class is submitted)."""
+    return _PREPARED.pop(config.model_dump_json(), None) or prepare_run(config)
+
+
 def _notify(kind: str, done: int, total: int) -> None:
     for fn in list(_LISTENERS):
         with contextlib.suppress(Exception):
@@ -210,8 +229,7 @@ def build_atlas(
         runner.start_in_background()  # the workers start while the run is set up below
     t0 = time.perf_counter()
     try:
-        info = prepare_run(cfg)
-        check_model(info)  # a bad checkpoint fails the run once, before any class is submitted
+        info = _prepare(cfg)
     except USER_ERRORS as err:
         return _refused(logger, err, cfg.storage_options)
     t_prepare = time.perf_counter() - t0

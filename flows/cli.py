@@ -13,9 +13,9 @@ from typing import Any
 from flows.cli_common import class_list, print_table
 from lens_core import layout
 from lens_core.config import (
+    AtlasConfig,
     ConfigError,
     load_config,
-    make_config,
     refuse_secrets,
     split_secrets,
 )
@@ -26,20 +26,15 @@ from lens_core.store import RunStore, normalize_url
 log = logging.getLogger("lens")
 
 
-def _config(args: argparse.Namespace):
-    """The run's config: the TOML file, then the command-line overrides, all validated."""
-    cfg = load_config(
+def _config(args: argparse.Namespace) -> AtlasConfig:
+    """The run's config: the TOML file, then the command-line overrides, validated once."""
+    return load_config(
         args.config,
+        checkpoint=getattr(args, "checkpoint", None),
         classes=class_list(args.classes),
         store=getattr(args, "store", None),
         publish=getattr(args, "publish", None),
     )
-    checkpoint = getattr(args, "checkpoint", None)
-    if checkpoint:  # through validation, like every other value (URL checks included)
-        data = cfg.model_dump(mode="json")
-        data["model"]["checkpoint"] = checkpoint
-        cfg = make_config(data)
-    return cfg
 
 
 QUIET_ENV = {
@@ -175,37 +170,32 @@ def _finished_answer(cfg: Any, force_publish: bool) -> int | None:
 def cmd_run(args: argparse.Namespace) -> int:
     cfg = _config(args)  # a bad config fails here, before anything starts
     public_options, secret_env = split_secrets(cfg.storage_options)
-    refuse_secrets(
-        {"storage_options": public_options}, "storage options"
-    )  # the rest would be a flow parameter
+    # the config is a flow parameter (stored by the Prefect API): credentials go by the environment
+    refuse_secrets({"storage_options": public_options}, "storage options")
     _quiet_console()
     os.environ.update(secret_env)  # the store is read below, and the Dask workers inherit them
-    public = cfg.model_copy(update={"storage_options": public_options})
-    answered = _finished_answer(public, args.force_publish)
+    cfg = cfg.model_copy(update={"storage_options": public_options})
+    answered = _finished_answer(cfg, args.force_publish)
     if answered is not None:
         return answered
     from flows.api import TemporaryAPI, drain_prefect_queues
 
-    api = (
-        None if _api_url_configured() else TemporaryAPI().start()
-    )  # boots while we import and prepare
+    # the API boots while we import and prepare
+    api = None if _api_url_configured() else TemporaryAPI().start()
     cluster: _Cluster | None = None
     try:
-        os.environ.update(
-            secret_env
-        )  # Dask workers started below inherit them; parameters never see them
-        cfg = cfg.model_copy(update={"storage_options": public_options})
         from prefect.settings import PREFECT_API_URL, temporary_settings
 
-        from flows.atlas import build_atlas, make_task_runner, progress_listener
-        from lens_core.run import check_model, prepare_run
+        from flows.atlas import build_atlas, make_task_runner, prepared_run, progress_listener
+        from lens_core.run import prepare_run
 
         address = args.dask_address or settings().dask_address
         if not address and not settings().gpu:
             cluster = _Cluster(args.workers)
             print("starting Dask workers (they import torch and Prefect) while the run is set up")
+        # unknown classes or a foreign checkpoint fail here, before Prefect or Dask is reached;
+        # the flow takes this run as it is (`prepared_run`): the checkpoint is read once
         info = prepare_run(cfg)
-        check_model(info)  # loaded once here; the flow below finds it in this process's cache
         print(
             f"LENS run {info.run_id}: {len(info.classes)} classes, model {cfg.model.arch}, "
             f"store {normalize_url(cfg.store)}"
@@ -225,14 +215,11 @@ def cmd_run(args: argparse.Namespace) -> int:
             quiet_task_failures()  # a failed class is one line here; its traceback goes to the API
         with (
             temporary_settings(updates=api_settings),
+            prepared_run(cfg, info),
             progress_listener(bars.update),
             bars.progress,
         ):
-            state = build_atlas.with_options(task_runner=runner)(
-                config=cfg.model_dump(mode="json", exclude={"classes"}),
-                classes=cfg.classes,
-                return_state=True,
-            )
+            state = build_atlas.with_options(task_runner=runner)(config=cfg, return_state=True)
             drain_prefect_queues()
     finally:
         if cluster is not None:

@@ -515,18 +515,33 @@ def make_config(data: dict[str, Any] | None = None, **overrides: Any) -> AtlasCo
         raise ConfigError(_format_errors(err)) from None
 
 
-def load_config(path: str | os.PathLike[str] | None = None, **overrides: Any) -> AtlasConfig:
-    """Load a TOML config file (None = the embedded default), then apply overrides."""
-    data: dict[str, Any] = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file not found: {p}")
-        try:
-            data = tomllib.loads(p.read_text())
-        except tomllib.TOMLDecodeError as err:
-            raise ConfigError(f"config file {p} is not valid TOML: {err}") from None
-    return make_config(data, **overrides)
+def read_toml(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The fields of a TOML config file, not validated yet (`make_config` does that)."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {p}")
+    try:
+        return tomllib.loads(p.read_text())
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"config file {p} is not valid TOML: {err}") from None
+
+
+def load_config(
+    path: str | os.PathLike[str] | None = None, checkpoint: str | None = None, **overrides: Any
+) -> AtlasConfig:
+    """Load a TOML config file (None = the embedded default), then apply the overrides: top-level
+    fields, and `checkpoint` for model.checkpoint."""
+    data = read_toml(path) if path is not None else {}
+    return make_config(with_checkpoint(data, checkpoint), **overrides)
+
+
+def with_checkpoint(data: dict[str, Any], checkpoint: str | None) -> dict[str, Any]:
+    """Config fields with model.checkpoint set to `checkpoint` (unchanged when None)."""
+    return (
+        {**data, "model": {**data.get("model", {}), "checkpoint": checkpoint}}
+        if checkpoint
+        else data
+    )
 
 
 def inline_fields(config: AtlasConfig | dict[str, Any] | None) -> dict[str, Any]:
@@ -587,24 +602,23 @@ def config_from_parameters(
     field by field, then the checkpoint, class, store and publish overrides.
 
     Parameters are stored by the Prefect API: any that holds a credential is refused
-    (`refuse_secrets`); a TOML file on the worker may hold them, it is not a parameter.
+    (`refuse_secrets`); a TOML file on the worker may hold them, it is not a parameter. A
+    validated AtlasConfig alone (what `lens run` passes) is used as it is; anything else is
+    validated once, after the merge.
     """
-    inline = inline_fields(config)
+    overrides = {"checkpoint": checkpoint, "store": store, "publish": publish}
+    whole = isinstance(config, AtlasConfig) and not config_path
+    inline = config.model_dump(mode="json") if whole else inline_fields(config)
     refuse_secrets(
-        {
-            "config": inline,
-            "checkpoint": checkpoint,
-            "store": store,
-            "publish": publish,
-            "config_path": config_path,
-            "classes": classes or [],
-        },
+        {"config": inline, **overrides, "config_path": config_path, "classes": classes or []},
         "flow parameters",
     )
-    data: dict[str, Any] = load_config(config_path).model_dump(mode="json") if config_path else {}
+    if isinstance(config, AtlasConfig) and whole and not classes and not any(overrides.values()):
+        return config
+    data: dict[str, Any] = read_toml(config_path) if config_path else {}
     for key, value in inline.items():
         merge = isinstance(value, dict) and isinstance(data.get(key), dict)
         data[key] = {**data[key], **value} if merge else value
-    if checkpoint:
-        data["model"] = {**data.get("model", {}), "checkpoint": checkpoint}
-    return make_config(data, classes=classes or None, store=store, publish=publish)
+    return make_config(
+        with_checkpoint(data, checkpoint), classes=classes or None, store=store, publish=publish
+    )

@@ -14,7 +14,7 @@ from typing import Any
 from lens_core.config import AtlasConfig
 from lens_core.layout import CLASS_STAGES
 from lens_core.model_cache import get_split
-from lens_core.run import RunInfo, check_model, prepare_run, resolve_data_url
+from lens_core.run import RunInfo, prepare_run, resolve_data_url
 from lens_core.stages import (
     class_complete,
     run_class,
@@ -31,7 +31,6 @@ __all__ = [
     "explain",
     "RunInfo",
     "StageError",
-    "check_model",
     "class_complete",
     "class_summary",
     "get_split",

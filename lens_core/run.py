@@ -29,7 +29,7 @@ from lens_core.data import (
 from lens_core.extract import SignedLayerError, choose_method
 from lens_core.identity import compute_run_id, planned_data_url, toy_data_url
 from lens_core.lineage import find_run, lineage_key
-from lens_core.model_cache import get_split, remember
+from lens_core.model_cache import remember
 from lens_core.models import ModelError, SplitModel, checkpoint_digest, load_split_model
 from lens_core.store import RunStore
 
@@ -294,11 +294,6 @@ def _check_previous_run(config: AtlasConfig) -> None:
             f"changes.previous_run: {err} (give the id of a run in this store, or leave "
             "it unset to compare with the latest finished run of the same data and method)"
         ) from None
-
-
-def check_model(info: RunInfo) -> None:
-    """Load the run's model once (CPU, cached in this process): `prepare_run` already did."""
-    get_split(info, "cpu")
 
 
 def mark_finished(info: RunInfo, site: str) -> None:

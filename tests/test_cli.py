@@ -1,4 +1,5 @@
-"""The `lens` command: `run --help`, config errors, `status` on a store, `serve` of a published site.
+"""The `lens` command: `run --help`, config errors, `status` on a store, `serve` of a published
+site.
 
 The store and site come from the lens_core stages run in-process on tiny budgets (no Prefect or
 Dask here: tests/test_flow.py covers the flow); `serve` and the config error run the real console
@@ -167,3 +168,46 @@ def _get(url: str, tries: int = 50) -> str:
                 raise
             time.sleep(0.1)
     raise AssertionError(f"no answer from {url}")
+
+
+COUNT_LOADS = """
+import sys
+import lens_core.run as run
+from flows.cli import main
+
+loads = []
+load = run.load_split_model
+run.load_split_model = lambda *a, **k: loads.append(1) or load(*a, **k)
+code = main(sys.argv[1:])
+print(f"checkpoint loads in the lens process: {len(loads)}")
+sys.exit(code)
+"""
+
+
+def test_lens_run_reads_the_checkpoint_once_and_passes_the_config_object(tmp_path: Path) -> None:
+    """`lens run` prepares the run before starting Prefect or Dask; the flow takes that run as it
+    is (`flows.atlas.prepared_run`): the checkpoint is loaded and hashed once in its process."""
+    toml = tmp_path / "atlas.toml"
+    sections = [
+        f"[{k}]\n" + "\n".join(f"{kk} = {vv!r}" for kk, vv in v.items()) for k, v in TINY.items()
+    ]
+    toml.write_text(
+        f'store = "file://{tmp_path}/store"\npublish = "file://{tmp_path}/site"\n'
+        + "\n".join(sections)
+        + "\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env.update(PREFECT_HOME=str(tmp_path / "prefect"), LENS_WORKERS="1", LENS_LOG="WARNING")
+    args = ["run", "--config", str(toml), "--classes", "0", "--no-progress"]
+    proc = subprocess.run(
+        [sys.executable, "-c", COUNT_LOADS, *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=600,
+    )
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out
+    assert "checkpoint loads in the lens process: 1" in out, out
+    assert (tmp_path / "site").is_dir(), out
