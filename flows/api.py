@@ -1,7 +1,8 @@
 """A temporary Prefect API for one `lens run`, started early and stopped quietly.
 
-Without `PREFECT_API_URL`, Prefect starts an ephemeral server when the flow begins (about 6 s
-of its own, during which nothing else happens) and prints its log lines and telemetry errors.
+Without `PREFECT_API_URL`, Prefect starts an ephemeral server when the flow begins (seconds
+during which nothing else happens: docs/performance.md) and prints its log lines and telemetry
+errors.
 `lens run` starts the same server (uvicorn + Prefect's app factory, SQLite under PREFECT_HOME)
 as its very first step, so it boots while the CLI imports torch and prepares the run; its output
 goes to a log file, named in the error if it fails to start.
@@ -28,7 +29,8 @@ def _free_port() -> int:
 
 
 class TemporaryAPI:
-    """`start()` returns at once; `wait()` blocks until /api/health answers and returns the API URL."""
+    """`start()` returns at once; `wait()` blocks until /api/health answers, then returns the
+    API URL."""
 
     def __init__(self) -> None:
         self.port = _free_port()

@@ -1,15 +1,12 @@
 """The `build-atlas` flow: fan out per-class chains on Dask, pool MACO renders, aggregate, publish.
 
-Orchestration costs measured on 2 cores and what keeps them small (bench/bench_flow.py):
-one Dask submission per class (tasks/chain.py) carrying a RunInfo narrowed to that class; the
-stage task runs nested in it, tagged only with what a concurrency limit names (flows/limits.py:
-each tag costs an API call per task run); submissions without Dask tokenization
-(flows/runner.py); workers
-started without Dask's malloc trim threshold (flows/cluster.py); task runs on the workers
-reporting to this flow's API, never to servers of their own (`_shared_api`). A class's renders
-are queued when its chain ends and submitted in batches across classes (the last ones split over
-the workers); completions are handled as they come (a queue fed by future callbacks). On CPU the
-workers stay busy: the flow takes about the stages' compute divided by the workers.
+What keeps orchestration small (its costs: docs/performance.md, bench/bench_flow.py): one Dask
+submission per class (tasks/chain.py) carrying a RunInfo narrowed to that class; the stage task
+runs nested in it, tagged only with what a concurrency limit names (flows/limits.py); submissions
+without Dask tokenization (flows/runner.py); task runs on the workers reporting to this flow's
+API, never to servers of their own (`_shared_api`). A class's renders are queued when its chain
+ends and submitted in batches across classes (the last ones split over the workers);
+completions are handled as they come (a queue fed by future callbacks).
 """
 
 from __future__ import annotations
@@ -80,7 +77,8 @@ MISTAKE_ROWS = 20  # rows of the mistakes table artifact
 
 
 def cluster_spec(workers: int | None = None, gpu: bool | None = None) -> tuple[str, dict[str, Any]]:
-    """(cluster factory, kwargs) of the local cluster: one worker per GPU, else `workers` CPU workers.
+    """(cluster factory, kwargs) of the local cluster: one worker per GPU, else `workers` CPU
+    workers.
 
     The factory (flows/cluster.py) sets the workers' environment: torch threads = cores // workers
     and no malloc trim threshold (it tripled MACO time on CPU).
@@ -132,8 +130,8 @@ def _shared_api() -> Iterator[None]:
     """Point task runs on Dask workers at this flow's API.
 
     Without a configured API URL the flow talks to an ephemeral server; the settings that travel
-    to Dask workers carry no URL, so each worker would start its own server (~15 s of CPU each)
-    and report its task runs there, out of sight of the flow's API.
+    to Dask workers carry no URL, so each worker would start its own server (seconds of CPU
+    each) and report its task runs there, out of sight of the flow's API.
     """
     if PREFECT_API_URL.value():
         yield
@@ -145,7 +143,8 @@ def _shared_api() -> Iterator[None]:
 
 @contextlib.contextmanager
 def progress_listener(fn: ProgressFn) -> Iterator[None]:
-    """Call fn(kind, done, total) as classes ('classes') and renders ('concepts') finish in this process."""
+    """Call fn(kind, done, total) as classes ('classes') and renders ('concepts') finish in this
+    process."""
     _LISTENERS.append(fn)
     try:
         yield
@@ -337,8 +336,8 @@ class _LiveSite:
     """The site published while the run goes on (`PartialSite`): a class's page when its chain
     ends, again when its renders are marked, the index at most once per LENS_INDEX_INTERVAL_S.
 
-    Each `pages()` call blocks 0.1-0.4 s per class (reads and writes): it runs on one thread of
-    its own, in submission order, never in the flow's loop. A failure here is logged and never
+    Each `pages()` call blocks on the store's reads and writes: it runs on one thread of its
+    own, in submission order, never in the flow's loop. A failure here is logged and never
     fails the run: the final publish writes the whole site anyway.
     """
 
@@ -444,7 +443,8 @@ class _Progress:
             self.classes_id,
             0.0,
             description=(
-                f"0/{self.n} classes finished (workers started in {time.perf_counter() - self.t0:.0f} s)"
+                f"0/{self.n} classes finished "
+                f"(workers started in {time.perf_counter() - self.t0:.0f} s)"
             ),
         )
 
@@ -488,7 +488,8 @@ class _Progress:
 
 
 class _RenderBatches:
-    """MACO renders pooled across classes: batches of `batch` concepts, submitted as classes finish."""
+    """The render queue: concepts of every class, submitted as render tasks in batches of `batch`
+    as classes finish."""
 
     def __init__(
         self,
@@ -674,7 +675,8 @@ def _n_workers() -> int:
 
 
 def _changes_artifact(info: RunInfo, changed: dict[str, Any]) -> None:
-    """A table artifact of the most changed classes since the previous checkpoint (when there is one)."""
+    """A table artifact of the most changed classes since the previous checkpoint (when there is
+    one)."""
     if not changed.get("previous"):
         return
     top = info.config.changes.most_changed or 10
@@ -693,7 +695,9 @@ def _changes_artifact(info: RunInfo, changed: dict[str, Any]) -> None:
     create_table_artifact(
         rows,
         key=f"lens-changes-{info.run_id}",
-        description=f"most changed classes since {changed['previous_label']} (run {changed['previous']})",
+        description=(
+            f"most changed classes since {changed['previous_label']} (run {changed['previous']})"
+        ),
     )
 
 
@@ -935,7 +939,9 @@ def _finish(
             "; ..." if len(failed) > 3 else ""
         )
         return Failed(
-            message=f"every class failed ({len(failed)}/{len(slugs)}), nothing was published: {detail}",
+            message=(
+                f"every class failed ({len(failed)}/{len(slugs)}), nothing was published: {detail}"
+            ),
             data=result,
         )
     tail = (

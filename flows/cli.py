@@ -38,14 +38,16 @@ def _config(args: argparse.Namespace) -> AtlasConfig:
 
 
 QUIET_ENV = {
-    "PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL": "WARNING",  # INFO logs still reach the API (task run logs)
+    # INFO logs still reach the API (task run logs)
+    "PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL": "WARNING",
     "DASK_LOGGING__DISTRIBUTED": "warning",
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",  # no telemetry errors without network
 }
 
 
 def _quiet_console() -> None:
-    """Console output of `lens run`: the progress bars and the summary; warnings and errors still show.
+    """Console output of `lens run`: the progress bars and the summary; warnings and errors still
+    show.
 
     LENS_LOG=INFO (or DEBUG) keeps every library's INFO lines.
     """
@@ -97,7 +99,8 @@ class _Bars:
 
 
 class _Cluster:
-    """The local Dask cluster of `lens run`, started in the background (workers import torch meanwhile)."""
+    """The local Dask cluster of `lens run`, started in the background (workers import torch
+    meanwhile)."""
 
     def __init__(self, workers: int | None):
         from flows.atlas import cluster_spec
@@ -251,7 +254,8 @@ def _report(state: Any, info: Any, cfg: Any) -> int:
     if "classes_and_renders" in timings:
         print(
             f"time: classes and renders {timings['classes_and_renders']:.0f} s "
-            f"({timings['concepts_rendered']} concepts in {timings['render_batches']} render batches), "
+            f"({timings['concepts_rendered']} concepts in "
+            f"{timings['render_batches']} render batches), "
             f"cross-class {timings.get('cross_class', 0.0):.1f} s, "
             f"mistakes {timings.get('mistakes', 0.0):.1f} s, "
             f"publish {timings.get('publish', 0.0):.1f} s"

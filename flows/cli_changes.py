@@ -110,7 +110,8 @@ def cmd_label(args: argparse.Namespace) -> int:
         raise ConfigError(f"concept must be a concept number, not {concept!r}")
     set_label(store, by_key[key], int(concept), text)
     print(
-        f"{by_key[key]} concept {concept}: {text!r} (run {record.run_id}); `lens publish` shows it on the site"
+        f"{by_key[key]} concept {concept}: {text!r} (run {record.run_id}); "
+        "`lens publish` shows it on the site"
     )
     return 0
 
@@ -126,7 +127,8 @@ def cmd_publish(args: argparse.Namespace) -> int:
     info = prepare_run(cfg)
     summary = publish(info)
     print(
-        f"published {summary['classes']} classes ({summary['failed']} failed) at {site_url(info)}/index.html"
+        f"published {summary['classes']} classes ({summary['failed']} failed) "
+        f"at {site_url(info)}/index.html"
     )
     return 0
 

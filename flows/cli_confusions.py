@@ -1,4 +1,5 @@
-"""`lens confusions`: the pairs of classes a run's model confuses, and the concepts that carried it."""
+"""`lens confusions`: the pairs of classes a run's model confuses, and the concepts that carried
+it."""
 
 from __future__ import annotations
 
@@ -14,8 +15,8 @@ from lens_core.naming import plain_text
 def _rows(
     report: dict[str, Any], labels: dict[str, Any], wanted: str | None
 ) -> list[dict[str, Any]]:
-    """The pairs as `lens confusions --json` prints them, most images first; one class's with `wanted`;
-    concept labels as they are now."""
+    """The pairs as `lens confusions --json` prints them, most images first; one class's with
+    `wanted`; concept labels as they are now."""
     from lens_core.confusions import concept_label
 
     rows = []

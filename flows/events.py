@@ -35,7 +35,8 @@ def emit_checkpoint_created(
 ) -> Event | None:
     """Emit `lens.checkpoint.created` for `url`; `payload` carries free-form facts (epoch, metrics).
 
-    With `strict`, raise when Prefect sends no events (no PREFECT_API_URL): the trigger would never fire.
+    With `strict`, raise when Prefect sends no events (no PREFECT_API_URL): the trigger would
+    never fire.
     """
     event = emit_event(CHECKPOINT_CREATED, resource=checkpoint_resource(url), payload=payload or {})
     if event is None and strict:

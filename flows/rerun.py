@@ -3,9 +3,9 @@
 `lens run` on a run that is finished (`finished.json`) with the same inputs has nothing to
 compute: the run id is the same (checkpoint digest, data URL, method settings), every class of
 the selection is complete, no render is pending under the current `maco.top_k`, mistakes are
-explained, and the site is at the publish URL. What that costs to check (the embedded default on
-2 cores, docs/performance.md): importing torch (~2 s, the data and stage modules need it), the
-checkpoint's sha256 and one listing of the class folders; the model is not loaded.
+explained, and the site is at the publish URL. Checking that costs importing torch (the data
+and stage modules need it), the checkpoint's sha256 and one listing of the class folders; the
+model is not loaded (figures: docs/performance.md).
 
 Anything else (a class missing or failed, a render pending, another publish URL without a site)
 takes the normal path: the flow skips what is done, so the answer is the same, only slower.

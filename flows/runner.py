@@ -5,7 +5,7 @@ Dask's `Client.submit` hashes (tokenizes) a task's function and arguments unless
 for a Prefect task that is a cloudpickled closure over the task and its parameters, and a task
 run is never submitted twice, so the hash buys nothing. `pure` is a public keyword of
 `Client.submit`; the runner's public `client` property hands prefect-dask a client whose submit
-passes it. bench/bench_runner.py measures what it buys per submitted task.
+passes it (what it buys per submitted task: bench/bench_runner.py).
 
 prefect-dask starts its cluster on the first submission, in the flow's thread: the flow then
 waits for every worker to start (each imports torch and Prefect) before anything else happens.

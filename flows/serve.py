@@ -65,7 +65,8 @@ class SiteFiles:
         self.real_root = os.path.realpath(self.root) if self.local else self.root
 
     def resolve(self, rel: str) -> str | None:
-        """The path to read for `rel`: its real path in a local folder, None when that leaves the root."""
+        """The path to read for `rel`: its real path in a local folder, None when that leaves the
+        root."""
         path = posixpath.join(self.root, rel) if rel else self.root
         if not self.local:
             return path  # object stores have no links; site_path keeps keys under the root

@@ -1,4 +1,5 @@
-"""The `watch-checkpoints` flow: trigger `build-atlas` once for every checkpoint without a finished run.
+"""The `watch-checkpoints` flow: trigger `build-atlas` once for every checkpoint without a finished
+run.
 
 The Prefect server is the lock: every trigger carries an idempotency key derived from the run id
 (the server keeps one flow run per flow and key), so overlapping watcher runs - the interval
@@ -179,7 +180,10 @@ def request_build(
             run_id,
             "gave-up",
             attempt=attempt,
-            message=f"{attempt} runs ended without finishing; not retrying (max_attempts={max_attempts})",
+            message=(
+                f"{attempt} runs ended without finishing; "
+                f"not retrying (max_attempts={max_attempts})"
+            ),
         )
     marker = marker or f"lens-trigger:{uuid.uuid4().hex[:8]}"
     fr = run_deployment(
@@ -198,7 +202,8 @@ def request_build(
 
 
 def check_prefix(prefix: str | None) -> str:
-    """The prefix to list; empty means LENS_CHECKPOINTS was unset at `prefect deploy` (it becomes "")."""
+    """The prefix to list; empty means LENS_CHECKPOINTS was unset at `prefect deploy` (it becomes
+    "")."""
     if not prefix or not prefix.strip() or _PLACEHOLDER.search(prefix):
         raise ValueError(
             f"no checkpoint prefix ({prefix!r}): set LENS_CHECKPOINTS in the environment of "

@@ -21,7 +21,8 @@ _LOCK = threading.Lock()
 
 
 def get_split(info: Any, device: str | torch.device | None = None) -> SplitModel:
-    """The split model of `info` (a RunInfo) on `device`, loaded on first use, least recently used evicted."""
+    """The split model of `info` (a RunInfo) on `device`, loaded on first use; the least recently
+    used is evicted."""
     dev = pick_device(device)
     key = (info.run_id, str(dev))
     with _LOCK:
@@ -39,7 +40,8 @@ def get_split(info: Any, device: str | torch.device | None = None) -> SplitModel
 
 
 def remember(info: Any, device: str | torch.device | None, split: SplitModel) -> SplitModel:
-    """Hold a split model loaded elsewhere (run set-up) as `info`'s on `device`: never loaded twice."""
+    """Hold a split model loaded elsewhere (run set-up) as `info`'s on `device`: never loaded
+    twice."""
     dev = pick_device(device)
     split = split.to(dev)
     with _LOCK:

@@ -91,7 +91,8 @@ def _files_done(store: RunStore, slug: str) -> set[int]:
 
 
 def _concepts_ready(store: RunStore, slug: str) -> str | None:
-    """The class fingerprint when its concepts are computed for its current activations, else None."""
+    """The class fingerprint when its concepts are computed for its current activations, else
+    None."""
     fp = class_fingerprint(store, slug)
     return fp if fp is not None and store.is_complete(layout.concepts(slug), fp) else None
 
@@ -136,7 +137,8 @@ def rendered_concepts(store: RunStore, slug: str, fp: str | None) -> set[int]:
 def _unrendered(
     store: RunStore, slugs: list[str], top_k: int | None
 ) -> Iterator[tuple[str, str, list[int]]]:
-    """(class, fingerprint, wanted concepts by rank) of the classes with a wanted render not marked done."""
+    """(class, fingerprint, wanted concepts by rank) of the classes with a wanted render not
+    marked done."""
     for slug in slugs:
         fp = _concepts_ready(store, slug)
         if fp is None:

@@ -64,8 +64,8 @@ class RunInfo:
     def narrowed(self, slugs: Iterable[str]) -> RunInfo:
         """The same run restricted to these classes: what a per-class task needs, cheap to send.
 
-        Prefect walks every task parameter (about 25 ms for a RunInfo of 1,000 classes, at
-        submission and again on the worker); per-class stages only look up their own class.
+        Prefect walks every task parameter (at submission and again on the worker: a RunInfo of
+        1,000 classes costs tens of ms); per-class stages only look up their own class.
         """
         keep = [self.cls(s) for s in slugs]
         return replace(self, classes=keep, all_classes=[], _by_slug={})
@@ -89,7 +89,8 @@ def resolve_data_url(config: AtlasConfig) -> str:
 
 
 def select_classes(classes: list[ClassInfo], wanted: Iterable[str] | None) -> list[ClassInfo]:
-    """The classes named by id, name, slug or label index (all when `wanted` is empty), label order."""
+    """The classes named by id, name, slug or label index (all when `wanted` is empty), in label
+    order."""
     if not wanted:
         return classes
     wanted = list(wanted)
@@ -122,7 +123,8 @@ def model_digest(config: AtlasConfig) -> str:
 
 
 def _toy_index(config: AtlasConfig) -> ClassIndex | None:
-    """The generated toy data's class index: folder i holds the toy's class i, whatever the count."""
+    """The generated toy data's class index: folder i holds the toy's class i, whatever the
+    count."""
     if config.data.url:
         return None
     from lens_core.toy import class_names
@@ -225,7 +227,8 @@ def planned_info(config: AtlasConfig) -> RunInfo:
 
 
 def prepare_run(config: AtlasConfig) -> RunInfo:
-    """Resolve data, classes, checkpoint digest and run id; load and check the model; write run.json."""
+    """Resolve data, classes, checkpoint digest and run id; load and check the model (once);
+    write run.json."""
     _check_previous_run(config)
     data_url, class_index, all_classes, classes, provisional = _classes(config)
     # the checkpoint is read, hashed and checked once: its digest (the run id's input) comes with it

@@ -81,7 +81,8 @@ def _activations(info: RunInfo, slug: str, inputs: Inputs, device: str | None) -
     )
     if summary.n_patches < cfg.concepts.n_concepts:
         raise StageError(
-            f"class {cls.name!r}: {summary.n_patches} patches from {summary.n_images} readable images "
+            f"class {cls.name!r}: {summary.n_patches} patches from {summary.n_images} "
+            "readable images "
             f"is fewer than n_concepts={cfg.concepts.n_concepts}"
         )
     mark(store, "activations", slug, inputs, **_record(inputs))
@@ -202,7 +203,8 @@ def _linear_head(
 
 
 def _importance(info: RunInfo, slug: str, inputs: Inputs, device: str | None) -> StageOutput:
-    """Sobol total indices, logit share (or why not), per-image importance and the deletion curve."""
+    """Sobol total indices, logit share (or why not), per-image importance and the deletion
+    curve."""
     store, cfg, cls = info.store(), info.config, info.cls(slug)
     dev = pick_device(device)
     split = get_split(info, dev)
@@ -341,7 +343,10 @@ def basis_note(reason: str | None, counts: dict[str, int]) -> str:
             f"rarely predicted: {seen}, too few to define the share of its logit; concepts are "
             "ranked by Sobol importance instead"
         )
-    return f"{seen}, and their summed class logit is not positive: concepts are ranked by Sobol importance"
+    return (
+        f"{seen}, and their summed class logit is not positive: "
+        "concepts are ranked by Sobol importance"
+    )
 
 
 IMPORTANCE = Stage("importance", upstream_inputs, _importance)
@@ -351,7 +356,8 @@ IMPORTANCE = Stage("importance", upstream_inputs, _importance)
 
 
 def _crops(info: RunInfo, slug: str, inputs: Inputs, _device: str | None) -> StageOutput:
-    """Top crops per concept, thumbnails, attribution overlays and their plain images under crops/<class>/."""
+    """Top crops per concept, thumbnails, attribution overlays and their plain images under
+    crops/<class>/."""
     store, cfg = info.store(), info.config
     store.remove(layout.crops(slug))  # files of an earlier computation of this slug
     acts = store.zarr[layout.acts(slug)]

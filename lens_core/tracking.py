@@ -113,7 +113,8 @@ def run_stage(stage: Stage, info: RunInfo, slug: str, device: str | None = None)
 
 
 def upstream_inputs(info: RunInfo, slug: str) -> Inputs:
-    """The inputs of a stage that reads the class's activations: the activations' own fingerprint."""
+    """The inputs of a stage that reads the class's activations: the activations' own
+    fingerprint."""
     store = info.store()
     group = store.get_group(layout.acts(slug))
     if group is None or not group.attrs.get("complete", False):

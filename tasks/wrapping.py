@@ -51,7 +51,8 @@ def scrubbed(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def retry_if_transient(_task: Any, _task_run: Any, state: Any) -> bool:
-    """Prefect retry condition: retry I/O hiccups (and lost leases) only; bad input fails at once."""
+    """Prefect retry condition: retry I/O hiccups (and lost leases) only; bad input fails at
+    once."""
     try:
         state.result(raise_on_failure=True)
     except StageFailed as err:
