@@ -12,7 +12,7 @@ import platform
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -191,10 +191,18 @@ def _class_record(c: ClassInfo) -> dict[str, Any]:
     }
 
 
-def _classes(
-    config: AtlasConfig,
-) -> tuple[str, ClassIndex | None, list[ClassInfo], list[ClassInfo], int]:
-    """(data URL, class index, every class, the selected classes, provisional number of outputs)."""
+class _Plan(NamedTuple):
+    """What a run's classes are, before any model is loaded."""
+
+    data_url: str
+    class_index: ClassIndex | None
+    all_classes: list[ClassInfo]
+    classes: list[ClassInfo]  # the selected ones
+    provisional: int  # the number of outputs the checkpoint should have
+
+
+def _plan(config: AtlasConfig) -> _Plan:
+    """The data URL, class index, every class, the selected ones and the provisional outputs."""
     data_url = resolve_data_url(config)
     so = config.storage_options
     class_index = (
@@ -207,45 +215,39 @@ def _classes(
         raise DataError(f"no class folders found under {data_url}")
     classes = select_classes(all_classes, config.classes)
     provisional = config.model.num_classes or max(c.index for c in all_classes) + 1
-    return data_url, class_index, all_classes, classes, provisional
+    return _Plan(data_url, class_index, all_classes, classes, provisional)
+
+
+def _run_info(config: AtlasConfig, plan: _Plan, digest: str) -> RunInfo:
+    run_id = compute_run_id(digest, plan.data_url, config)
+    return RunInfo(
+        run_id,
+        config,
+        plan.data_url,
+        digest,
+        plan.provisional,
+        plan.classes,
+        plan.all_classes,
+    )
 
 
 def planned_info(config: AtlasConfig) -> RunInfo:
     """The RunInfo `prepare_run` would build, without loading the model or writing run.json (the
     checkpoint is hashed, not loaded; num_classes stays provisional)."""
-    data_url, _, all_classes, classes, provisional = _classes(config)
-    digest = model_digest(config)
-    return RunInfo(
-        compute_run_id(digest, data_url, config),
-        config,
-        data_url,
-        digest,
-        provisional,
-        classes,
-        all_classes,
-    )
+    return _run_info(config, _plan(config), model_digest(config))
 
 
 def prepare_run(config: AtlasConfig) -> RunInfo:
     """Resolve data, classes, checkpoint digest and run id; load and check the model (once);
     write run.json."""
     _check_previous_run(config)
-    data_url, class_index, all_classes, classes, provisional = _classes(config)
+    plan = _plan(config)
     # the checkpoint is read, hashed and checked once: its digest (the run id's input) comes with it
-    split = load_split_model(config.model, provisional, config.storage_options)
-    digest = split.digest
-    info = RunInfo(
-        compute_run_id(digest, data_url, config),
-        config,
-        data_url,
-        digest,
-        provisional,
-        classes,
-        all_classes,
-    )
+    split = load_split_model(config.model, plan.provisional, config.storage_options)
+    info = _run_info(config, plan, split.digest)
     split = remember(info, "cpu", split)  # this process's stages use it from the cache
     info.config = resolve_concept_method(info.config, split)
-    check_label_set(info, class_index, split.num_classes)
+    check_label_set(info, plan.class_index, split.num_classes)
     info.num_classes = split.num_classes
     _record_run(info)
     return info

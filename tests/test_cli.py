@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 from tiny import TINY as _TINY
+from tiny import run_isolated, write_toml
 
 from flows.cli import main
 
@@ -187,26 +188,12 @@ sys.exit(code)
 def test_lens_run_reads_the_checkpoint_once_and_passes_the_config_object(tmp_path: Path) -> None:
     """`lens run` prepares the run before starting Prefect or Dask; the flow takes that run as it
     is (`flows.atlas.prepared_run`): the checkpoint is loaded and hashed once in its process."""
-    toml = tmp_path / "atlas.toml"
-    sections = [
-        f"[{k}]\n" + "\n".join(f"{kk} = {vv!r}" for kk, vv in v.items()) for k, v in TINY.items()
-    ]
-    toml.write_text(
-        f'store = "file://{tmp_path}/store"\npublish = "file://{tmp_path}/site"\n'
-        + "\n".join(sections)
-        + "\n"
+    toml = write_toml(
+        {"store": f"file://{tmp_path}/store", "publish": f"file://{tmp_path}/site", **TINY},
+        tmp_path / "atlas.toml",
     )
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
-    env.update(PREFECT_HOME=str(tmp_path / "prefect"), LENS_WORKERS="1", LENS_LOG="WARNING")
     args = ["run", "--config", str(toml), "--classes", "0", "--no-progress"]
-    proc = subprocess.run(
-        [sys.executable, "-c", COUNT_LOADS, *args],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=tmp_path,
-        timeout=600,
-    )
+    proc = run_isolated([sys.executable, "-c", COUNT_LOADS, *args], tmp_path)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out
     assert "checkpoint loads in the lens process: 1" in out, out
