@@ -114,7 +114,8 @@ def test_the_changed_class_ranks_first_and_its_parts_swap_importance(lineage):
     assert new or gained[0]["delta"] >= 10, report
     assert (new[0]["importance"] if new else gained[0]["importance_after"]) >= 15
     print(
-        f"\nground truth: changed class score {scores[lineage['slug']]:.3f} (rank 1), others' median "
+        "\nground truth: changed class score "
+        f"{scores[lineage['slug']]:.3f} (rank 1), others' median "
         f"{np.median(others):.3f}; cross concept {pair[0] if pair else gone[0]}; "
         f"hexagon concept {gained[0] if gained else new[0]}"
     )
@@ -125,8 +126,11 @@ def test_a_run_compared_with_itself_has_no_change(lineage):
     a = find_run(store_url, lineage["a"].run_id)
     summary, reports = compare(store_url, None, a, a, write=False)
     assert [row["score"] for row in summary["ranking"]] == [0.0] * 10
+    assert sorted(reports) == sorted(lineage["a"].slugs)
     for report in reports.values():
         assert not report["appeared"] and not report["vanished"]
+        # every concept matched to itself (an empty "matched" would pass the `all` below)
+        assert sorted(m["before"] for m in report["matched"]) == list(range(6)), report
         assert all(
             m["similarity"] >= 0.9999 and m["before"] == m["after"] and m["delta"] == 0
             for m in report["matched"]
@@ -275,12 +279,15 @@ def test_labels_carry_over_are_escaped_and_survive_a_republish(lineage, tmp_path
 
 def _toml(cfg) -> str:
     return (
-        f'store = "{cfg.store}"\npublish = "{cfg.publish}"\n[model]\ncheckpoint = "{cfg.model.checkpoint}"\n'
+        f'store = "{cfg.store}"\npublish = '
+        f'"{cfg.publish}"\n[model]\ncheckpoint = "{cfg.model.checkpoint}"\n'
         f'[data]\nurl = "{cfg.data.url}"\nimages_per_class = {cfg.data.images_per_class}\n'
         f"[concepts]\nn_concepts = {cfg.concepts.n_concepts}\n"
         f"[importance]\nimages = {cfg.importance.images}\nn_designs = {cfg.importance.n_designs}\n"
-        f"[crops]\nper_concept = {cfg.crops.per_concept}\nattribution_images = {cfg.crops.attribution_images}\n"
-        f"[maco]\nsteps = {cfg.maco.steps}\nimage_size = {cfg.maco.image_size}\ncrops = {cfg.maco.crops}\n"
+        f"[crops]\nper_concept = {cfg.crops.per_concept}\nattribution_images = "
+        f"{cfg.crops.attribution_images}\n"
+        f"[maco]\nsteps = {cfg.maco.steps}\nimage_size = "
+        f"{cfg.maco.image_size}\ncrops = {cfg.maco.crops}\n"
     )
 
 
@@ -293,9 +300,9 @@ def test_the_site_shows_what_changed(lineage):
     assert order[0] == slug and len(order) == 10
     first = re.search(rf'<li id="changed-{slug}".*?</li>\n', changes, re.S).group(0)
     before_imgs = re.findall(r'<div class="before">.*?</div>', first, re.S)[0]
-    for src in re.findall(
-        r'src="([^"]+)"', before_imgs
-    ):  # the previous run's viz and crops, side by side
+    srcs = re.findall(r'src="([^"]+)"', before_imgs)  # the previous run's viz and crops
+    assert srcs, before_imgs
+    for src in srcs:  # side by side
         assert src.startswith(f"../{a.run_id}/") and (site / src).resolve().exists(), src
     page = (site / "classes" / slug / "index.html").read_text()
     since = re.search(r'<section id="since".*?</section>', page, re.S).group(0)
@@ -351,7 +358,8 @@ def test_lens_diff_on_a_local_and_an_s3_store(lineage, s3, tmp_path):
         fs.put(str(local / run), f"{bucket}/store/runs/", recursive=True)
     cfg = tmp_path / "s3.toml"
     cfg.write_text(
-        f'store = "s3://{bucket}/store"\nstorage_options = {{ endpoint_url = "{s3.endpoint_url}" }}\n'
+        f'store = "s3://{bucket}/store"\n'
+        f'storage_options = {{ endpoint_url = "{s3.endpoint_url}" }}\n'
     )
     env = {**os.environ, "AWS_ACCESS_KEY_ID": s3.key, "AWS_SECRET_ACCESS_KEY": s3.secret}
     out = subprocess.run(
@@ -368,7 +376,7 @@ def test_lens_diff_on_a_local_and_an_s3_store(lineage, s3, tmp_path):
     assert {r.run_id for r in list_runs(f"s3://{bucket}/store", s3.storage_options)} >= {a, b}
 
 
-# ---- issue 21: one class never sinks the comparison; links only to what exists; late labels carry ----
+# ---- issue 21: one class never sinks the comparison; links only to what exists; late labels carry
 def test_a_previous_run_that_does_not_exist_is_refused_at_set_up(tmp_path):
     cfg = make_config(
         {
@@ -385,9 +393,9 @@ def test_a_previous_run_that_does_not_exist_is_refused_at_set_up(tmp_path):
 
 @pytest.fixture(scope="module")
 def edited(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """Two runs of three toy classes on two checkpoints (the second: the toy CNN with a little noise).
-    Between them, class 2's images were replaced (new files), so that class shares no patch with the
-    previous run. Run A is published under site-a, run B under site-b (not beside A)."""
+    """Two runs of three toy classes on two checkpoints (the second: the toy CNN with a little
+    noise). Between them, class 2's images were replaced (new files), so that class shares no patch
+    with the previous run. Run A is published under site-a, run B under site-b (not beside A)."""
     root = tmp_path_factory.mktemp("edited")
     data = ensure_toy_dataset(f"file://{root}/data", 10, 3, 0)
     weights = load_file(str(TOY_CHECKPOINT))
