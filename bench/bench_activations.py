@@ -340,7 +340,8 @@ def _print_profile(row: dict) -> None:
     prof = dict(row["profile"])
     total = prof.pop("total")
     print(
-        f"\nprofile: {row['arch']} {row['precision']}, one sequential pass of {row['images']} images "
+        f"\nprofile: {row['arch']} {row['precision']}, "
+        f"one sequential pass of {row['images']} images "
         f"({total:.2f} s)"
     )
     print(f"  {'part':26s} {'ms/image':>9s} {'share':>7s}")
@@ -386,17 +387,20 @@ def main() -> None:
 
     default = "prefetch" if _default_prefetch(torch.device("cpu"), 1) else "sequential"
     print(
-        f"\nactivation stage vs bare g loop over the same patches (median of {args.repeats} interleaved "
+        "\nactivation stage vs bare g loop over the same "
+        f"patches (median of {args.repeats} interleaved "
         f"ratios; best-of in brackets; goal >= 0.9x). The stage's default here: {default}"
     )
     print(
-        f"  {'arch':10s} {'prec':5s} {'patches':>7s} {'bare p/s':>9s} {'stage p/s':>9s} {'prefetch/bare':>15s} "
+        f"  {'arch':10s} {'prec':5s} {'patches':>7s} "
+        f"{'bare p/s':>9s} {'stage p/s':>9s} {'prefetch/bare':>15s} "
         f"{'sequential/bare':>16s} {'waiting for images: prefetch, sequential':>42s}"
     )
     for r in rows:
         print(
             f"  {r['arch']:10s} {r['precision']:5s} {r['patches']:7d} {r['bare_pps']:9.1f} "
-            f"{r[default + '_pps']:9.1f} {r['prefetch_ratio']:6.2f}x ({r['prefetch_best_ratio']:.2f}x) "
+            f"{r[default + '_pps']:9.1f} {r['prefetch_ratio']:6.2f}x "
+            f"({r['prefetch_best_ratio']:.2f}x) "
             f"{r['sequential_ratio']:7.2f}x ({r['sequential_best_ratio']:.2f}x) "
             f"{100 * r['waits']['prefetch']:28.1f}% {100 * r['waits']['sequential']:11.1f}%"
         )
@@ -422,10 +426,12 @@ def main() -> None:
             peaks.append(json.loads(out.stdout.strip().splitlines()[-1]))
         for p in peaks:
             print(
-                f"  peak RSS with {p['images']:4d} images: {p['peak_mb']:7.1f} MB (stage grew it by {p['growth_mb']:.1f} MB)"
+                f"  peak RSS with {p['images']:4d} images: {p['peak_mb']:7.1f} "
+                f"MB (stage grew it by {p['growth_mb']:.1f} MB)"
             )
         print(
-            f"  peak ratio 4x/1x images: {peaks[1]['peak_mb'] / peaks[0]['peak_mb']:.3f} (goal: ~1.0)"
+            "  peak ratio 4x/1x images: "
+            f"{peaks[1]['peak_mb'] / peaks[0]['peak_mb']:.3f} (goal: ~1.0)"
         )
 
 

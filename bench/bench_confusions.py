@@ -5,11 +5,12 @@ Run: scripts/bench.sh bench_confusions.py [--classes 1000] [--images 50] [--accu
 1,000 classes of 50 validation images with a ResNet50-like layer (2,048 channels, 10 concepts per
 class) at 76% top-1 leave about 12,000 mistaken images. The step's numerical part codes each
 mistaken image on the predicted class's dictionary (NNLS) and splits the predicted logit over
-its concepts (`lens_core.confusions._codes`, one NNLS call per predicted class, and `pair_split`), then finds the bias candidates; it is timed here
-on synthetic activations, against the per-class importance stage's own coding of the same number
-of images as the baseline (the work every run already does). The example overlays cost one g
-forward per example image (`mistakes.examples` x `mistakes.example_pairs`, 900 by default): on a
-GPU that is a second; their CPU cost is the activations stage's per-image cost (docs/performance.md).
+its concepts (`lens_core.confusions._codes`, one NNLS call per predicted class, and `pair_split`),
+then finds the bias candidates; it is timed here on synthetic activations, against the per-class
+importance stage's own coding of the same number of images as the baseline (the work every run
+already does). The example overlays cost one g forward per example image (`mistakes.examples` x
+`mistakes.example_pairs`, 900 by default): on a GPU that is a second; their CPU cost is the
+activations stage's per-image cost (docs/performance.md).
 """
 
 from __future__ import annotations
@@ -103,7 +104,8 @@ def main() -> None:
         f"| baseline: coding as many images per class | {base:.2f} |"
     )
     print(
-        f"ratio to baseline: {step / base:.2f}x; {sum(len(v) for v in flags.values())} bias candidates; "
+        f"ratio to baseline: {step / base:.2f}x; "
+        f"{sum(len(v) for v in flags.values())} bias candidates; "
         f"{1000 * step / max(wrong.sum(), 1):.2f} ms per mistaken image"
     )
 

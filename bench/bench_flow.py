@@ -1,7 +1,7 @@
-"""Flow benchmark: orchestration overhead per class, the embedded default end to end, 1 vs 2 workers.
+"""Flow benchmark: orchestration overhead per class, embedded default end to end, 1 vs 2 workers.
 
-    .venv/bin/python bench/bench_flow.py            # 100 and 1,000 synthetic classes; full default run
-    .venv/bin/python bench/bench_flow.py --quick    # 100 synthetic classes; default run on 3 classes
+    .venv/bin/python bench/bench_flow.py          # 100 and 1,000 synthetic classes; full default
+    .venv/bin/python bench/bench_flow.py --quick  # 100 synthetic classes; default on 3 classes
 
 1. Overhead per class. A synthetic run: the toy CNN architecture with a random-init checkpoint for
    N classes (written here, safetensors), the generated toy data with N classes, tiny budgets.
@@ -65,7 +65,8 @@ def synthetic_config(root: Path, n_classes: int) -> dict[str, Any]:
 
 
 def compute_seconds(cfg_dict: dict[str, Any], timings: dict[str, Any]) -> tuple[float, float]:
-    """(per-class stage seconds from the status files, render + cross-class + publish task seconds)."""
+    """(per-class stage seconds from the status files,
+    render + cross-class + publish task seconds)."""
     from lens_core.config import make_config
     from lens_core.pipeline import prepare_run
     from lens_core.status import read_status
@@ -126,7 +127,8 @@ def overhead(root: Path, n_classes: int, workers: int) -> dict[str, Any]:
 
 
 def pure_compute(cfg_dict: dict[str, Any]) -> float:
-    """The same stages, renders, cross-class step and publish in this process, no Prefect or Dask."""
+    """The same stages, renders, cross-class step and publish in this process,
+    no Prefect or Dask."""
     from lens_core import cross_class, publish, renders
     from lens_core.config import make_config
     from lens_core.pipeline import prepare_run, run_class
@@ -216,7 +218,8 @@ def main() -> None:
                         f"  {n} classes: wall {r['wall']:.1f} s, timings {r['timings']}", flush=True
                     )
                 print(
-                    f"\n## Orchestration overhead per class ({args.workers} workers, synthetic toy, tiny budgets)\n"
+                    f"\n## Orchestration overhead per class ({args.workers} "
+                    "workers, synthetic toy, tiny budgets)\n"
                 )
                 table(
                     [
@@ -257,7 +260,8 @@ def main() -> None:
                     wall, result = run_flow(cfg_dict, w)
                     walls[w] = (wall, result["timings"])
                 print(
-                    f"\n## 1 vs 2 Dask workers (embedded toy default{', 3 classes' if toy_classes else ''})\n"
+                    "\n## 1 vs 2 Dask workers (embedded toy "
+                    f"default{', 3 classes' if toy_classes else ''})\n"
                 )
                 table(
                     ["workers", "flow wall s", "classes+renders s", "vs 1 worker"],
@@ -280,7 +284,8 @@ def main() -> None:
                 }
                 pure = pure_compute(cfg_dict)
                 print(
-                    f"\n## Embedded default end to end (`lens run`{', 3 classes' if toy_classes else ''}, fresh store)\n"
+                    "\n## Embedded default end to end (`lens "
+                    f"run`{', 3 classes' if toy_classes else ''}, fresh store)\n"
                 )
                 table(
                     ["run", "wall s", "vs one process"],
@@ -295,7 +300,8 @@ def main() -> None:
                     ],
                 )
                 print(
-                    f"\n`lens run` printed {len(e2e['stdout'])} lines on stdout and {e2e['stderr_lines']} on stderr:"
+                    f"\n`lens run` printed {len(e2e['stdout'])} lines on stdout and "
+                    f"{e2e['stderr_lines']} on stderr:"
                 )
                 for line in e2e["stdout"]:
                     print(f"    {line}")

@@ -4,7 +4,8 @@ Both sides use the same model (the shipped toy CNN split at block4), the same co
 directions, image size, steps, crops, crop sizes, noise and magnitude spectrum; final objectives
 are evaluated identically (whole image resized to the model input, no augmentation).
 
-    .venv/bin/python bench/bench_maco.py [--steps 64] [--size 128] [--concepts 16] [--threads 1] [--device cpu]
+    .venv/bin/python bench/bench_maco.py [--steps 64] [--size 128] [--concepts 16]
+        [--threads 1] [--device cpu]
 
 Horama is bench-only: install it beside the venv, never into it:
     .venv/bin/pip install --no-deps --target /tmp/horama_pkg horama==0.3.0
@@ -61,7 +62,8 @@ def load_subject(device: torch.device) -> tuple[str, nn.Module, int, torch.Tenso
 
 
 def concept_directions(g: nn.Module, images: torch.Tensor, n: int, input_size: int) -> torch.Tensor:
-    """n non-negative directions: NMF-like parts from per-image pooled activations (excess over mean)."""
+    """n non-negative directions:
+    NMF-like parts from per-image pooled activations (excess over mean)."""
     x = torch.nn.functional.interpolate(images, size=input_size, mode="bilinear", antialias=True)
     dev = next(g.parameters()).device
     with torch.no_grad():
@@ -227,21 +229,25 @@ def main() -> None:
         ),
     ]
     print(
-        f"\n{k} concepts (one run each), same model / directions / spectrum / {args.steps} steps / {args.size}px"
+        f"\n{k} concepts (one run each), same model / directions "
+        f"/ spectrum / {args.steps} steps / {args.size}px"
     )
     print(
-        "| method | s / concept | speed vs Horama | mean objective | vs Horama | geo-mean objective | vs Horama | worst |"
+        "| method | s / concept | speed vs Horama | mean objective | vs Horama | geo-mean "
+        "objective | vs Horama | worst |"
     )
     print("|---|---|---|---|---|---|---|---|")
     geo = lambda o: float(o.clamp_min(1e-6).log().mean().exp())  # noqa: E731
     for label, t, obj in rows:
         speed = f"{t_h / t:.2f}x" if t == t else "-"
         print(
-            f"| {label} | {t:.3f} | {speed} | {obj.mean():.3f} | {obj.mean() / obj_h.mean():.2f}x | "
+            f"| {label} | {t:.3f} | {speed} | {obj.mean():.3f} "
+            f"| {obj.mean() / obj_h.mean():.2f}x | "
             f"{geo(obj):.3f} | {geo(obj) / geo(obj_h):.2f}x | {obj.min():.3f} |"
         )
     print(
-        "Objectives differ in their random starts (Horama draws from torch's global RNG), so compare "
+        "Objectives differ in their random starts (Horama "
+        "draws from torch's global RNG), so compare "
         "means over concepts, not concept by concept."
     )
 

@@ -1,8 +1,11 @@
-"""MACO budget study: the objective against steps and crops per step, and early stopping on a plateau.
+"""MACO budget study: the objective against steps and crops per step, early stopping on a plateau.
 
-    .venv/bin/python bench/bench_maco_budget.py                         # toy + resnet18, CPU, ~30 min
-    .venv/bin/python bench/bench_maco_budget.py --models toy --crops 2,4 --steps 256   # a quick look
-    .venv/bin/python bench/bench_maco_budget.py --report bench/out/maco_budget.json  # tables of a saved run
+    # toy + resnet18, CPU, ~30 min
+    .venv/bin/python bench/bench_maco_budget.py
+    # a quick look
+    .venv/bin/python bench/bench_maco_budget.py --models toy --crops 2,4 --steps 256
+    # tables of a saved run
+    .venv/bin/python bench/bench_maco_budget.py --report bench/out/maco_budget.json
 
 docs/performance.md quotes `--models toy --k 3` and `--models resnet18 --k 2` (one thread each, side
 by side: 7 and 13 minutes on the shared 2-core machine).
@@ -127,7 +130,8 @@ def run_setting(
     device: torch.device,
     precision: str,
 ) -> dict[str, Any]:
-    """One render of every concept with snapshots: per-step history, snapshot objective/activation."""
+    """One render of every concept with snapshots: per-step history,
+    snapshot objective/activation."""
     dirs, n = sub["directions"], len(sub["directions"])
     marks = sorted(set(range(every, cfg.steps + 1, every)) | {s for s in STEPS if s <= cfg.steps})
     snap_obj = {t: [float("nan")] * n for t in marks}
@@ -182,7 +186,8 @@ def _obj_at(run: dict[str, Any], t: int) -> np.ndarray:
 
 
 def steps_table(model: dict[str, Any]) -> tuple[list[list[Any]], dict[str, Any]]:
-    """Rows (crops, steps, cost, mean obj/ref, worst, viz/top crops) and the cheapest setting >= 95%."""
+    """Rows (crops, steps, cost, mean obj/ref, worst, viz/top crops)
+    and the cheapest setting >= 95%."""
     runs = sorted(model["runs"], key=lambda r: r["crops"])
     ref_run = runs[-1]
     ref = _obj_at(ref_run, ref_run["steps"])
@@ -223,8 +228,8 @@ def steps_table(model: dict[str, Any]) -> tuple[list[list[Any]], dict[str, Any]]
 
 
 def plateau_reached(history: torch.Tensor, window: int, tol: float) -> bool:
-    """Whether a concept's objective has levelled off: the mean of its last `window` steps gains less
-    than `tol` (relative to that mean) over the mean of the `window` steps before them."""
+    """Whether a concept's objective has levelled off: the mean of its last `window` steps gains
+    less than `tol` (relative to that mean) over the mean of the `window` steps before them."""
     t = history.shape[0]
     if window <= 0 or t < 2 * window:
         return False
@@ -261,7 +266,8 @@ def report(data: dict[str, Any]) -> None:
     for model in data["models"]:
         rows, summary = steps_table(model)
         print(
-            f"\n## {model['name']} ({model['concepts']} NMF concepts, render {data['image_size']} px, "
+            f"\n## {model['name']} ({model['concepts']} NMF "
+            f"concepts, render {data['image_size']} px, "
             f"input {model['input_size']} px, {data['device']}, {data['precision']})\n"
         )
         print_table(
@@ -269,13 +275,15 @@ def report(data: dict[str, Any]) -> None:
         )
         ref = summary["ref"]
         print(
-            f"\nreference: {ref['steps']} steps x {ref['crops']} crops; random phase (step 0) scores "
+            f"\nreference: {ref['steps']} steps x {ref['crops']} "
+            "crops; random phase (step 0) scores "
             f"{summary['random_start']:.3f} of it"
         )
         best = summary["best"]
         if best:
             print(
-                f"cheapest setting >= 95% of the reference: {best['steps']} steps x {best['crops']} crops = "
+                "cheapest setting >= 95% of the reference: "
+                f"{best['steps']} steps x {best['crops']} crops = "
                 f"{best['cost']} passes ({best['ratio']:.3f}, worst concept {best['worst']:.3f}), "
                 f"{summary['ref_cost'] / best['cost']:.1f}x cheaper than the reference"
             )
@@ -303,7 +311,8 @@ def report(data: dict[str, Any]) -> None:
                         ]
                     )
         print(
-            "\nEarly stop on a plateau, replayed on the recorded objective (stop vs the full run of the same crops):\n"
+            "\nEarly stop on a plateau, replayed on the recorded "
+            "objective (stop vs the full run of the same crops):\n"
         )
         print_table(
             ["crops", "window", "tol", "mean steps", "steps saved", "objective / full", "worst"],

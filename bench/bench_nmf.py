@@ -6,9 +6,9 @@ overcomplete (PyPI 0.3.0) is a bench-only extra; set OVERCOMPLETE_PATH to a dire
 
 Each solver is timed twice: at its own stopping rule, and at equal error, i.e. the smallest
 iteration budget (found by doubling then bisection, to ~5%) whose error is within 1% (--within)
-of the error scikit-learn reaches at convergence. Ratios are against scikit-learn measured in the same run.
-Timings are the best of REPEATS runs, single-threaded by default (--threads) so they hold on a
-shared machine.
+of the error scikit-learn reaches at convergence. Ratios are against scikit-learn measured in the
+same run. Timings are the best of REPEATS runs, single-threaded by default (--threads) so they hold
+on a shared machine.
 """
 
 from __future__ import annotations
@@ -113,7 +113,8 @@ def best_of(run: Run, max_iter: int, repeats: int) -> tuple[float, float, int, i
 def to_target(
     run: Run, target: float, start: int = 4, cap: int = 4096
 ) -> tuple[float, float, int, int] | None:
-    """The run with the smallest budget (doubling, then bisection to ~5%) reaching rel_error <= target."""
+    """The run with the smallest budget (doubling, then bisection to ~5%)
+    reaching rel_error <= target."""
     lo, m = 0, start
     while True:
         best = run(m)
@@ -210,7 +211,8 @@ def main() -> None:
             overcomplete_run(NMF, warm, 4, dev, 0.0)(5)
     nmf(warm, 4, solver="sklearn", max_iter=5)
     print(
-        f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads, devices {devices}, k={args.k}"
+        f"torch {torch.__version__}, {torch.get_num_threads()} "
+        f"CPU threads, devices {devices}, k={args.k}"
     )
     head = [
         "case",
@@ -237,8 +239,10 @@ def main() -> None:
         if i == 0:
             print("  ".join("-" * w for w in widths))
     print(
-        "err = ||A - UW||_F / ||A||_F at each solver's own stop (tol 1e-4); 'vs sk' = sklearn seconds / "
-        f"solver seconds (>1 = faster). eq* = smallest budget reaching {1 + args.within:g} x sklearn's converged error; "
+        "err = ||A - UW||_F / ||A||_F at each solver's own "
+        "stop (tol 1e-4); 'vs sk' = sklearn seconds / "
+        "solver seconds (>1 = faster). eq* = smallest budget "
+        f"reaching {1 + args.within:g} x sklearn's converged error; "
         "'eq vs sk' compares those times."
     )
 

@@ -150,7 +150,8 @@ def main() -> None:
     )
     for name, files, nbytes, secs, first, index in [base_row, *rows]:
         print(
-            f"{name:32} {files:7d} {files / n:9.1f} {nbytes / 1e6:6.2f} {secs:8.2f} {secs / n:8.3f} "
+            f"{name:32} {files:7d} {files / n:9.1f} "
+            f"{nbytes / 1e6:6.2f} {secs:8.2f} {secs / n:8.3f} "
             f"{first:12.2f} {index:12d} {files / base_row[1]:8.2f} {secs / base_row[3]:9.2f}"
         )
     print(

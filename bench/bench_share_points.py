@@ -47,7 +47,8 @@ IMAGENET = {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
 
 
 def _fitted_resnet(arch: str, data_url: str, n_classes: int, path: Path) -> None:
-    """A torchvision `arch` at random init with its fc fitted on toy images (a checkpoint at path)."""
+    """A torchvision `arch` at random init with its
+    fc fitted on toy images (a checkpoint at path)."""
     import torchvision
     from sklearn.linear_model import LogisticRegression
 
@@ -69,7 +70,8 @@ def _fitted_resnet(arch: str, data_url: str, n_classes: int, path: Path) -> None
     scale = X.std() or 1.0
     clf = LogisticRegression(max_iter=2000, C=10.0).fit(X / scale, labels)
     print(
-        f"  {arch} head fitted on {len(X)} images: train accuracy {clf.score(X / scale, labels):.2f}"
+        f"  {arch} head fitted on {len(X)} images: train accuracy "
+        f"{clf.score(X / scale, labels):.2f}"
     )
     with torch.no_grad():
         model.fc.weight.copy_(torch.from_numpy(clf.coef_ / scale).float())
@@ -154,7 +156,8 @@ def compare(info, title: str) -> dict[str, float]:
     n = len(info.slugs)
     print(
         f"\nshare defined: images {defined['images']}/{n}, patches {defined['patches']}/{n}; "
-        f"top-3 order equals Sobol's: images {agree['images']}/{n}, patches {agree['patches']}/{n}; "
+        "top-3 order equals Sobol's: images "
+        f"{agree['images']}/{n}, patches {agree['patches']}/{n}; "
         f"median fidelity (deletion AUC / random): images {np.nanmedian(fid['images']):.3f}, "
         f"patches {np.nanmedian(fid['patches']):.3f}"
     )
@@ -162,7 +165,8 @@ def compare(info, title: str) -> dict[str, float]:
 
 
 def residual_basis(info, title: str) -> None:
-    """|residual| / |logit - bias| per image for ū of the pooled map and ū = mean of per-position ū."""
+    """|residual| / |logit - bias| per image for ū of
+    the pooled map and ū = mean of per-position ū."""
     split = get_split(info, "cpu")
     weight, bias = (t.detach().double().numpy() for t in split.head)
     store, cfg = info.store(), info.config

@@ -53,21 +53,26 @@ def main() -> None:
     per100_small = 100 * little["seconds"]["classes"] / small
     render100 = 100 * t_render / n
     print(
-        f"classes: {n}  files written: {big['files']}  ({big['n_assets']} assets)  bytes: {big['bytes'] / 1e6:.1f} MB"
+        f"classes: {n}  files written: {big['files']}  "
+        f"({big['n_assets']} assets)  bytes: {big['bytes'] / 1e6:.1f} MB"
     )
     print(
         f"total build: {big['seconds']['total']:.2f} s  (assets {big['seconds']['assets']:.2f} s, "
-        f"class pages+data {big['seconds']['classes']:.2f} s, method+list+index {big['seconds']['index']:.2f} s)"
+        f"class pages+data {big['seconds']['classes']:.2f} s, method+list+index "
+        f"{big['seconds']['index']:.2f} s)"
     )
     print(f"seconds per 100 class pages (render + write page and data file): {per100:.3f}")
     print(
-        f"max class-page HTML: {big['max_class_page_bytes'] / 1000:.1f} KB   index.html: {big['index_bytes'] / 1000:.1f} KB"
+        f"max class-page HTML: {big['max_class_page_bytes'] / 1000:.1f} KB   index.html: "
+        f"{big['index_bytes'] / 1000:.1f} KB"
     )
     print(
-        f"baseline, render only (no I/O): {render100:.3f} s per 100 pages -> write/render ratio {per100 / render100:.2f}"
+        f"baseline, render only (no I/O): {render100:.3f} s per "
+        f"100 pages -> write/render ratio {per100 / render100:.2f}"
     )
     print(
-        f"baseline, {small} classes: {per100_small:.3f} s per 100 pages -> linearity ratio ({n} vs {small}) {per100 / per100_small:.2f}"
+        f"baseline, {small} classes: {per100_small:.3f} s per 100 pages -> linearity ratio ({n} vs "
+        f"{small}) {per100 / per100_small:.2f}"
     )
 
 

@@ -1,7 +1,8 @@
-"""The GPU benchmark behind bench/gpu.sh: activations, MACO (vs Horama), NMF, and `lens run` end to end.
+"""The GPU benchmark behind bench/gpu.sh: activations, MACO (vs Horama), NMF, `lens run` end to end.
 
     bench/gpu.sh                  # on a GPU machine: at most ~8 minutes on one GPU
-    bench/gpu.sh --cpu-smoke      # every part at tiny sizes on the CPU (< 3 minutes): the same code paths
+    bench/gpu.sh --cpu-smoke      # every part at tiny sizes on the CPU (< 3 minutes): the same
+                                  # code paths
 
 Writes <out>/gpu.json (every figure, per part) and <out>/gpu.md (the tables). A part that fails is
 recorded under "errors" and the others still run. Baselines are measured in the same run:
@@ -10,8 +11,9 @@ recorded under "errors" and the others still run. Baselines are measured in the 
                against a bare torch loop over the same patches already on the device, same dtype,
                fp32 and bf16.
   maco         seconds per concept at 512 px and 256 steps for B = 1, 8, 32, 64 concepts per batch
-               (bf16), LENS B = 1 in fp32 and Horama 0.3.0 (one by one, fp32; when importable) on the
-               same model, directions, spectrum, steps and crops; final objectives evaluated alike.
+               (bf16), LENS B = 1 in fp32 and Horama 0.3.0 (one by one, fp32; when importable) on
+               the same model, directions, spectrum, steps and crops; final objectives evaluated
+               alike.
   nmf          lens_core.factorize.nmf(solver="torch") on the device against scikit-learn on the
                CPU, 4,800 x 2,048, k = 10, at equal error (torch stops at sklearn's error).
   e2e          `python -m flows.cli run` (the `lens run` command) on 20 synthetic classes with a
@@ -70,7 +72,8 @@ SIZES: dict[str, dict[str, Any]] = {
             "concepts": {"n_concepts": 10},
             "importance": {"n_designs": 32, "images": 16},
             "crops": {"per_concept": 10, "attribution_images": 3},
-            # the budget chosen in docs/performance.md (bench_maco_budget.py): 256 steps x 2 crops at 512 px
+            # the budget chosen in docs/performance.md (bench_maco_budget.py): 256 steps x 2 crops
+            # at 512 px
             "maco": {
                 "steps": 256,
                 "crops": 2,
@@ -150,7 +153,8 @@ _SPLITS: dict[tuple[int, str], Any] = {}
 
 
 def resnet50_split(input_size: int, device: Any, num_classes: int = 20):
-    """ResNet50 (seeded random init) split at layer4 as a run splits it; built once per size and device."""
+    """ResNet50 (seeded random init) split at layer4 as a run splits it;
+    built once per size and device."""
     from lens_core.config import ModelConfig
     from lens_core.models import load_split_model
 
@@ -222,13 +226,14 @@ def part_activations(s: dict[str, Any], device, tmp: Path) -> dict[str, Any]:
         "patches": n_patches,
         "batch": patches.batch_size,
         "rows": rows,
-        "note": "ours = decode JPEGs + cut patches + g + h + Zarr appends; bare = g + h on patches already "
-        "on the device (no I/O); ours_vs_bare = throughput ratio",
+        "note": "ours = decode JPEGs + cut patches + g + h + Zarr appends; bare = g + h on patches "
+        "already on the device (no I/O); ours_vs_bare = throughput ratio",
     }
 
 
 def _maco_subject(s: dict[str, Any], device, tmp: Path):
-    """ResNet50 g, NMF concept directions of its layer4 activations on synthetic images, a spectrum."""
+    """ResNet50 g, NMF concept directions of its layer4 activations on synthetic images,
+    a spectrum."""
     import torch
 
     from lens_core import maco
@@ -406,7 +411,8 @@ def part_nmf(s: dict[str, Any], device, _tmp: Path) -> dict[str, Any]:
 
 
 class GpuSampler:
-    """nvidia-smi sampled in the background (utilization %, memory MiB); nothing without nvidia-smi."""
+    """nvidia-smi sampled in the background (utilization %, memory MiB);
+    nothing without nvidia-smi."""
 
     def __init__(self, period_ms: int = 250):
         self.exe = shutil.which("nvidia-smi")
@@ -624,7 +630,8 @@ def markdown(res: dict[str, Any]) -> str:
     m = res.get("maco")
     if m:
         lines += [
-            f"## MACO: {m['image_size']} px, {m['steps']} steps, {m['crops']} crops of {m['crop_range']}, "
+            f"## MACO: {m['image_size']} px, {m['steps']} "
+            f"steps, {m['crops']} crops of {m['crop_range']}, "
             f"input {m['input_size']} (Horama: {m['horama']})",
             "",
             "| implementation | precision | B | s / concept | mean final objective |",
@@ -675,8 +682,10 @@ def markdown(res: dict[str, Any]) -> str:
                 if util.get("util_mean") is not None
                 else e.get("gpu_util_note", "no samples")
             ),
-            f"extrapolated GPU-hours for 1,000 classes: {e['gpu_hours_1000_classes']['from_flow_time']:.2f} "
-            f"(flow time), {e['gpu_hours_1000_classes']['from_wall_incl_startup']:.2f} (wall incl. start-up)",
+            "extrapolated GPU-hours for 1,000 classes: "
+            f"{e['gpu_hours_1000_classes']['from_flow_time']:.2f} "
+            f"(flow time), {e['gpu_hours_1000_classes']['from_wall_incl_startup']:.2f} "
+            "(wall incl. start-up)",
             "",
         ]
     if res["errors"]:

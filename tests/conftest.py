@@ -29,7 +29,8 @@ CHROMIUM_ARGS = [  # no sandbox as root, and no background connections on a mach
 
 @pytest.fixture(scope="session")
 def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
-    """SeaweedFS S3 for the session: .endpoint_url, .key, .secret, .storage_options, .new_bucket()."""
+    """SeaweedFS S3 for the session: .endpoint_url, .key, .secret, .storage_options,
+    .new_bucket()."""
     server = start_s3_server(tmp_path_factory.mktemp("weed"))
     try:
         yield server
@@ -55,7 +56,8 @@ def prefect_api() -> Iterator[str]:
 
 
 def read_task_runs(flow_run_id: Any) -> list[Any]:
-    """The task runs of a flow run, once they are all final (they reach the API shortly after the flow)."""
+    """The task runs of a flow run,
+    once they are all final (they reach the API shortly after the flow)."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 

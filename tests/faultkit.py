@@ -1,4 +1,5 @@
-"""Test-only fault injection for LENS runs that cross process boundaries (Dask workers, flow processes).
+"""Test-only fault injection for LENS runs that cross process boundaries (Dask workers, flow
+processes).
 
 `toy` is a model factory (`model.arch = "faultkit:toy"`, allowed through LENS_MODEL_FACTORIES,
 which the `faults` fixture sets for every process of a test): the embedded toy CNN whose first block

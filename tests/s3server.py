@@ -115,7 +115,8 @@ class S3Server:
         return self.process is not None and self.process.poll() is None
 
     def start(self, timeout: float = 60.0) -> None:
-        """(Re)start `weed` with the same ports, data directory and credentials; wait until S3 works."""
+        """(Re)start `weed` with the same ports, data directory and credentials;
+        wait until S3 works."""
         if self.running:
             return
         with open(self.log_path or self.workdir / "weed.log", "ab") as log:
@@ -191,7 +192,8 @@ def _launch(weed: str, workdir: Path, key: str, secret: str, timeout: float) -> 
     args = [
         weed, f"-logdir={logs}", "server", f"-dir={data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
         f"-master.port={master}", f"-master.port.grpc={master_g}", "-master.telemetry=false",
-        "-master.volumeSizeLimitMB=64", "-master.electionTimeout=1s", "-volume.max=2000", "-volume.preStopSeconds=0",
+        "-master.volumeSizeLimitMB=64", "-master.electionTimeout=1s", "-volume.max=2000",
+        "-volume.preStopSeconds=0",
         f"-volume.port={volume}", f"-volume.port.grpc={volume_g}",
         "-filer", f"-filer.port={filer}", f"-filer.port.grpc={filer_g}",
         f"-filer.localSocket={workdir}/filer.sock",

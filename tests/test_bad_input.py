@@ -347,7 +347,8 @@ def test_lens_run_reports_bad_config_and_refused_credentials_in_one_line(
     cfg.write_text(
         f'store = "s3://{bucket}/lens"\npublish = "{tmp_path}/site"\n'
         f'storage_options = {{ endpoint_url = "{s3.endpoint_url}" }}\n'
-        f'[data]\nurl = "{data_dir}"\nimages_per_class = 12\nclass_index = "{data_dir.parent / "class_index.json"}"\n'
+        f'[data]\nurl = "{data_dir}"\nimages_per_class = 12\nclass_index = '
+        f'"{data_dir.parent / "class_index.json"}"\n'
     )
     wrong = "wrong-" + s3.secret[::-1]
     env = {
@@ -374,7 +375,8 @@ def test_lens_run_reports_unknown_classes_and_a_foreign_checkpoint_in_one_line(d
     cfg = tmp_path / "ok.toml"
     cfg.write_text(
         f'store = "{tmp_path}/store"\npublish = "{tmp_path}/site"\n'
-        f'[data]\nurl = "{data_dir}"\nimages_per_class = 12\nclass_index = "{data_dir.parent / "class_index.json"}"\n'
+        f'[data]\nurl = "{data_dir}"\nimages_per_class = 12\nclass_index = '
+        f'"{data_dir.parent / "class_index.json"}"\n'
     )
     env = {"PREFECT_API_URL": "http://127.0.0.1:9/api", "LENS_DASK_ADDRESS": "tcp://127.0.0.1:9"}
     out = _lens(

@@ -23,7 +23,8 @@ def test_embedded_default_needs_no_file():
 def test_toml_round_trip(tmp_path):
     path = tmp_path / "atlas.toml"
     path.write_text(
-        'store = "s3://bucket/lens"\n[model]\narch = "resnet50"\nlayer = "layer4"\ninput_size = 224\n'
+        'store = "s3://bucket/lens"\n'
+        '[model]\narch = "resnet50"\nlayer = "layer4"\ninput_size = 224\n'
         "[concepts]\nn_concepts = 12\n"
     )
     cfg = load_config(path)

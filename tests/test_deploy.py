@@ -113,7 +113,8 @@ class Stack:
             for p in self.procs:
                 if p.popen.poll() is not None:
                     pytest.fail(
-                        f"{p.name} exited ({p.popen.returncode}) while waiting for {what}\n{self.logs()}"
+                        f"{p.name} exited ({p.popen.returncode}) "
+                        f"while waiting for {what}\n{self.logs()}"
                     )
             if time.monotonic() > deadline:
                 pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}\n{self.logs()}")
@@ -197,7 +198,8 @@ def stack(
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "PREFECT_LOGGING_COLORS": "false",
     }
-    # the interval schedule is applied but not run by this server: only the test's triggers make runs
+    # the interval schedule is applied but not run by this server: only the test's triggers make
+    # runs
     server_env = {**base, "PREFECT_SERVER_SERVICES_SCHEDULER_ENABLED": "false"}
     server = _start(
         "server",
@@ -520,7 +522,7 @@ def test_slurm_cluster_gives_each_job_one_gpu_worker_with_the_gpu_resource() -> 
     assert kw["scheduler_options"]["port"] == 9000
 
 
-# ---- integration tests ----------------------------------------------------------------------------
+# ---- integration tests ---------------------------------------------------------------------------
 
 
 @pytest.mark.slow
@@ -539,7 +541,8 @@ def test_deploy_applies_both_deployments_with_described_parameters(api: Stack) -
     for name in ("config_path", "config", "checkpoint", "classes", "store", "publish"):
         assert len(props[name].get("description") or "") > 10, (name, props[name])
     assert "checkpoint URL" in props["checkpoint"]["description"]
-    # `config` is the typed AtlasConfig: the form shows its sections and fields, with defaults and limits
+    # `config` is the typed AtlasConfig: the form shows its sections and fields, with defaults and
+    # limits
     defs = build.parameter_openapi_schema["definitions"]
     assert props["config"]["anyOf"][0]["$ref"].endswith("/AtlasConfig")
     sections = defs["AtlasConfig"]["properties"]

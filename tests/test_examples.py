@@ -5,8 +5,9 @@ Only URLs and sizes are overridden: the architecture, layer, number of outputs, 
 normalization and every method choice are the example's own. The checkpoint is the architecture
 at seeded random init (no pretrained weights) whose classifier rows for the two classes point from
 one class's mean image features to the other's, so the model classifies most of each class's
-images as the class. The logit share then exists, and only if LENS gives each class the label index of the
-class-index file: the other class's row takes about a quarter of the patches, any other row none.
+images as the class. The logit share then exists, and only if LENS gives each class the label index
+of the class-index file: the other class's row takes about a quarter of the patches, any other row
+none.
 """
 
 from __future__ import annotations

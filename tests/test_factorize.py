@@ -1,4 +1,5 @@
-"""NMF and NNLS projection, checked against scikit-learn, scipy.optimize.nnls and hand-built cases."""
+"""NMF and NNLS projection, checked against scikit-learn,
+scipy.optimize.nnls and hand-built cases."""
 
 from __future__ import annotations
 

@@ -214,7 +214,7 @@ def _outcome(
     return json.loads(result.read_text())
 
 
-# ---- leases: one writer per stage and class ---------------------------------------------------------
+# ---- leases: one writer per stage and class ------------------------------------------------------
 
 
 @pytest.fixture(params=["file", "s3"])
@@ -226,7 +226,8 @@ def lease_store(request: pytest.FixtureRequest, tmp_path: Path) -> RunStore:
 
 
 def test_lease_is_exclusive_and_taken_over_from_dead_holders(lease_store):
-    """Six contenders never overlap; a holder whose pid is gone, or that stopped beating, is replaced."""
+    """Six contenders never overlap; a holder whose pid is gone, or that stopped beating,
+    is replaced."""
     inside, overlap, order = [0], [], []
     lock = threading.Lock()
     start = threading.Barrier(6)
@@ -326,7 +327,7 @@ def test_worker_killed_mid_stage_is_retried_and_loses_nothing(
     assert not any(store.list(f"locks/{stage}") for stage in CLASS_STAGES)  # leases released
 
 
-# ---- the flow process dies and is started again ---------------------------------------------------
+# ---- the flow process dies and is started again --------------------------------------------------
 
 
 def test_flow_process_killed_and_restarted_reruns_only_unfinished_stages(
@@ -370,7 +371,7 @@ def test_flow_process_killed_and_restarted_reruns_only_unfinished_stages(
     assert _done(store, info.slugs) == every
 
 
-# ---- two runs of the same checkpoint at once ------------------------------------------------------
+# ---- two runs of the same checkpoint at once -----------------------------------------------------
 
 
 def test_two_runs_of_one_checkpoint_at_once_share_the_work(faults, toy_data, reference, tmp_path):
@@ -496,7 +497,7 @@ def test_two_whole_flows_of_one_checkpoint_at_once_share_the_work_and_the_site(
     assert json.loads(fs.cat_file(f"{site}/run.json"))["run_id"] == info.run_id
 
 
-# ---- S3 goes away -----------------------------------------------------------------------------------
+# ---- S3 goes away --------------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
@@ -509,7 +510,8 @@ def weed(tmp_path_factory: pytest.TempPathFactory) -> S3Server:
 
 @pytest.fixture
 def own_s3(weed: S3Server, monkeypatch: pytest.MonkeyPatch) -> S3Server:
-    """The module's server, running (a previous test may have stopped it); credentials in the env."""
+    """The module's server, running (a previous test may have stopped it);
+    credentials in the env."""
     weed.start()
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", weed.key)
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", weed.secret)
@@ -545,7 +547,8 @@ def _stop_when_a_class_has_activations(
     down_for: float | None,
     log: dict[str, float],
 ) -> None:
-    """Kill the S3 server once any class has finished activations; start it again after `down_for`."""
+    """Kill the S3 server once any class has finished activations;
+    start it again after `down_for`."""
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline:
         if any(
@@ -563,7 +566,8 @@ def _stop_when_a_class_has_activations(
 
 
 def test_flow_rides_out_an_s3_outage(prefect_api, own_s3, toy_data, reference, tmp_path):
-    """S3 dies mid-run (writes in flight) for ~12 s and comes back: the run completes, nothing lost."""
+    """S3 dies mid-run (writes in flight) for ~12 s and comes back: the run completes,
+    nothing lost."""
     from flows.atlas import build_atlas, make_task_runner
 
     bucket = own_s3.new_bucket()

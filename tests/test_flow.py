@@ -276,7 +276,8 @@ def test_parameters_holding_credentials_are_refused(prefect_api, tmp_path):
 def test_a_checkpoint_for_another_architecture_fails_the_run_once_before_any_class(
     prefect_api, tmp_path
 ):
-    """The model is loaded once in the flow before the fan-out: one clear failure, no class task runs."""
+    """The model is loaded once in the flow before the fan-out: one clear failure,
+    no class task runs."""
     import torch
     from prefect.task_runners import ThreadPoolTaskRunner
 

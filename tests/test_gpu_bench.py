@@ -1,5 +1,6 @@
 """bench/gpu.sh cannot rot: its --cpu-smoke run (every part, tiny sizes, CPU) writes a gpu.json with
-every part and sane values; and the GPU cluster works without dask-cuda (one pinned worker per GPU)."""
+every part and sane values; and the GPU cluster works without dask-cuda (one pinned worker per
+GPU)."""
 
 from __future__ import annotations
 
@@ -97,9 +98,10 @@ def test_gpu_devices_follow_cuda_visible_devices_and_refuse_none() -> None:
 def test_gpu_cluster_without_dask_cuda_pins_one_worker_per_gpu(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """LENS_GPU=1 without dask-cuda: a plain LocalCluster (TLS, as every LENS cluster), one worker per
-    visible GPU with CUDA_VISIBLE_DEVICES set to it alone and resources {"GPU": 1}; no GPU at all
-    is a clear error. (Fake device ids: the workers only see the variable on this CPU machine.)"""
+    """LENS_GPU=1 without dask-cuda: a plain LocalCluster (TLS, as every LENS cluster), one worker
+    per visible GPU with CUDA_VISIBLE_DEVICES set to it alone and resources {"GPU": 1}; no GPU at
+    all is a clear error. (Fake device ids: the workers only see the variable on this CPU
+    machine.)"""
     monkeypatch.setattr(cluster_mod, "_dask_cuda", lambda: None)
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     monkeypatch.delenv("LENS_DASK_LOCAL_TLS", raising=False)

@@ -1,4 +1,5 @@
-"""Sobol indices, logit split and share, deletion curves, each checked against an independent truth."""
+"""Sobol indices, logit split and share, deletion curves,
+each checked against an independent truth."""
 
 from __future__ import annotations
 
@@ -148,7 +149,8 @@ SCALES = np.array([0.5, 4.0, 1.0, 2.0])  # concept strengths: the true order is 
 
 @pytest.fixture(scope="module")
 def linear_toy():
-    """Spatial activations built from known concepts, read by pool -> linear (an exactly linear h)."""
+    """Spatial activations built from known concepts,
+    read by pool -> linear (an exactly linear h)."""
     rng = np.random.default_rng(0)
     n, hw, k, c = 12, 3, 4, 6
     W = rng.random((k, c)).astype(np.float32) + np.eye(k, c, dtype=np.float32)

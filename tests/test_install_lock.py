@@ -74,7 +74,8 @@ def test_every_locked_package_is_pinned_with_a_hash() -> None:
         b.splitlines()[0] for b in blocks if not re.search(r"--hash=sha256:[0-9a-f]{64}", b)
     ]
     assert not unhashed, f"without a hash (pip --require-hashes would refuse the lock): {unhashed}"
-    # the pins that the project depends on being exact (pyproject.toml), and the build backend for `-e .`
+    # the pins that the project depends on being exact (pyproject.toml), and the build backend for
+    # `-e .`
     for name, version in {
         "torch": "2.14.1",
         "prefect": "3.8.8",

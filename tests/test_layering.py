@@ -24,7 +24,8 @@ def test_lens_core_imports_no_orchestrator():
     code = (
         "import importlib, sys\n"
         f"for m in {modules!r}: importlib.import_module(m)\n"
-        "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('prefect', 'dask', 'distributed', 'prefect_dask'))\n"
+        "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('prefect', 'dask', "
+        "'distributed', 'prefect_dask'))\n"
         "print(','.join(bad))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
@@ -33,7 +34,8 @@ def test_lens_core_imports_no_orchestrator():
 
 
 def import_graph(root: Path = ROOT) -> dict[str, set[str]]:
-    """{module: project modules it imports}, from the source (every import statement, at any depth)."""
+    """{module: project modules it imports}, from the source (every import statement,
+    at any depth)."""
     files = {}
     for pkg in LAYERS:
         for path in (root / pkg).rglob("*.py"):

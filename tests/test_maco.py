@@ -1,4 +1,5 @@
-"""MACO rendering: it optimizes, it is selective, the alpha map finds the region, batches are exact."""
+"""MACO rendering: it optimizes, it is selective, the alpha map finds the region,
+batches are exact."""
 
 from __future__ import annotations
 
@@ -42,7 +43,8 @@ class _Normalize(nn.Module):
 
 @dataclass
 class Subject:
-    """A model g (images in [0,1] -> activations), its input side, sample images, concept directions."""
+    """A model g (images in [0,1] -> activations), its input side, sample images,
+    concept directions."""
 
     name: str
     g: nn.Module
@@ -76,7 +78,8 @@ def _toy_subject() -> Subject:
 
 
 def _class_directions(g: nn.Module, images: torch.Tensor, n_cls: int) -> torch.Tensor:
-    """NMF-like directions: each class's mean pooled activation in excess of the overall mean, >= 0."""
+    """NMF-like directions: each class's mean pooled
+    activation in excess of the overall mean (>= 0)."""
     with torch.no_grad():
         acts = maco.pool(g(images)).view(n_cls, -1, maco.pool(g(images[:1])).shape[1]).mean(1)
     return (acts - acts.mean(0)).clamp(min=0)
@@ -128,7 +131,8 @@ def test_objective_kinds_on_known_values() -> None:
 
 
 def test_crops_sample_the_drawn_window() -> None:
-    """A crop (side f, centre c) of a coordinate-ramp image holds exactly the ramp of that window."""
+    """A crop (side f, centre c)
+    of a coordinate-ramp image holds exactly the ramp of that window."""
     s, n = 64, 32
     ys, xs = torch.meshgrid(torch.arange(s).float(), torch.arange(s).float(), indexing="ij")
     ramp = torch.stack([xs, ys, torch.zeros_like(xs)])[None]
@@ -338,7 +342,8 @@ def test_png_roundtrips() -> None:
 def test_bf16_objective_is_within_5_percent_of_fp32(subject: Subject, magnitude) -> None:
     """model.precision=bf16 runs g's forward and backward in bf16 (seen by a hook) and reaches the
     fp32 objective: mean over 24 renders (8 concepts x 3 seeds, same seeds in both precisions)
-    within 5%. Single renders diverge (the optimization is chaotic), so only the mean is compared."""
+    within 5%. Single renders diverge (the optimization is chaotic), so only the mean is
+    compared."""
     cfg = MacoConfig(steps=64, image_size=SIZE, crops=4, batch_size=24)
     dirs = subject.directions.repeat(3, 1)
     seeds = list(range(100, 100 + len(dirs)))

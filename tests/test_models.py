@@ -41,7 +41,8 @@ def _cfg(arch: str, layer: str, checkpoint: str | None = None, size: int = 64) -
 
 def _perturbed(arch: str) -> nn.Module:
     """A model whose weights differ from the seeded default init, so a loader that ignores the
-    checkpoint is caught: vectors (norm weights, biases, BN running stats) randomised, kernels scaled."""
+    checkpoint is caught: vectors (norm weights, biases, BN running stats) randomised, kernels
+    scaled."""
     model = build_model(arch, 7)
     gen = torch.Generator().manual_seed(123)
     with torch.no_grad():
@@ -196,7 +197,8 @@ def test_unexpected_keys_and_wrong_num_classes(tmp_path: Path) -> None:
     torch.save(state, tmp_path / "x.pt")
     with pytest.raises(
         CheckpointError,
-        match=r"unexpected keys: 1 \(extra.weight\).*fc.weight: checkpoint \(5, 512\) vs model \(7, 512\)",
+        match=r"unexpected keys: 1 \(extra.weight\).*"
+        r"fc.weight: checkpoint \(5, 512\) vs model \(7, 512\)",
     ):
         load_model(_cfg("resnet18", "layer4", str(tmp_path / "x.pt")), None, None)
 

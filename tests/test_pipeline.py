@@ -89,7 +89,8 @@ def test_every_class_has_its_arrays(toy_run):
 
 
 def test_logit_split_reproduces_the_model(toy_run):
-    """Concept contributions + residual + bias equal the logits the model computed on the patches."""
+    """Concept contributions + residual + bias equal
+    the logits the model computed on the patches."""
     from lens_core.importance import logit_contributions
 
     store = toy_run.store()
@@ -126,7 +127,8 @@ def test_top_concept_crops_show_an_own_part(toy_run):
             hits += 1
     share = hits / len(toy_run.classes)
     print(
-        f"own-part top concepts: {share:.0%}, mean purity {np.mean(purities):.2f} vs random {np.mean(random_purities):.2f}"
+        f"own-part top concepts: {share:.0%}, mean purity {np.mean(purities):.2f} vs random "
+        f"{np.mean(random_purities):.2f}"
     )
     assert share >= 0.7
     assert np.mean(purities) > np.mean(random_purities) + 0.25

@@ -151,7 +151,8 @@ def test_bf16_logit_shares_and_sobol_match_fp32(runs):
         share = np.abs(m32["logit_share"][:][r] - m16["logit_share"][:][c])
         sobol = np.abs(m32["sobol"][:][r] - m16["sobol"][:][c])
         print(
-            f"{slug}: max share difference {share.max():.3f} points, max Sobol difference {sobol.max():.4f}"
+            f"{slug}: max share difference {share.max():.3f} "
+            f"points, max Sobol difference {sobol.max():.4f}"
         )
         worst_share, worst_sobol = max(worst_share, share.max()), max(worst_sobol, sobol.max())
         assert m16["sobol"].dtype == np.float32 and m16["logit_share"].dtype == np.float32
@@ -389,7 +390,8 @@ def _jpeg(colour, size=(300, 200)) -> bytes:
 
 @pytest.fixture
 def mixed_folder(tmp_path: Path) -> list[str]:
-    """Good PNG/JPEG files with unreadable ones between them (and a missing one), in listed order."""
+    """Good PNG/JPEG files with unreadable ones between them (and a missing one),
+    in listed order."""
     files = [
         _png((10, 20, 30)),
         b"",

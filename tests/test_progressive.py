@@ -43,9 +43,9 @@ class _Refs(html.parser.HTMLParser):
 
 def broken_links(pages: dict[str, bytes], exists: Callable[[str], bool]) -> list[str]:
     """`page -> target` for every local link of the pages (publish-relative paths -> bytes) whose
-    target does not exist, every page that is not whole, plus every class in data/classes.json without a page (the search and
-    "random class" link them). Pages are read before `exists` is asked: anything written before a
-    page is there when it is checked."""
+    target does not exist, every page that is not whole, plus every class in data/classes.json
+    without a page (the search and "random class" link them). Pages are read before `exists` is
+    asked: anything written before a page is there when it is checked."""
     bad = []
     for page, body in pages.items():
         if page.endswith(".html"):

@@ -431,14 +431,17 @@ def test_the_overlay_shows_the_top_concept_where_it_is(scrambled, browser):
             timeout=15000,
         )
         pixels = page.evaluate(
-            """([x, y]) => [...document.querySelectorAll('#attribution figure')[0].querySelectorAll('img')].map(img => {
-                const c = document.createElement('canvas'); c.width = img.naturalWidth; c.height = img.naturalHeight;
-                const g = c.getContext('2d'); g.drawImage(img, 0, 0);
-                return [...g.getImageData(x, y, 1, 1).data].slice(0, 3); })""",
+            "([x, y]) => [...document.querySelectorAll('#attribution figure')[0]"
+            ".querySelectorAll('img')].map(img => {\n"
+            "                const c = document.createElement('canvas');"
+            " c.width = img.naturalWidth; c.height = img.naturalHeight;\n"
+            "                const g = c.getContext('2d'); g.drawImage(img, 0, 0);\n"
+            "                return [...g.getImageData(x, y, 1, 1).data].slice(0, 3); })",
             [x, y],
         )
         swatch = page.evaluate(
-            "() => getComputedStyle(document.querySelector('#attribution .legend3 .sw')).backgroundColor"
+            "() => getComputedStyle(document.querySelector('#attribution .legend3 .sw'))"
+            ".backgroundColor"
         )
         classes = page.evaluate(
             "() => document.querySelector('#attribution .legend3 .sw').className"
@@ -479,8 +482,8 @@ def test_a_negative_share_has_its_own_look_and_explanation(tmp_path):
 
 
 def test_a_layer_with_negative_activations_is_refused_at_set_up(toy, tmp_path):
-    """ConvNeXt's `features` end without an activation: with concepts.method = 'nmf' (explicit; 'auto'
-    picks semi-NMF there) the run says so before any class pays for its activations."""
+    """ConvNeXt's `features` end without an activation: with concepts.method = 'nmf' (explicit;
+    'auto' picks semi-NMF there) the run says so before any class pays for its activations."""
     from lens_core.models import ModelError
 
     cfg = _cfg(tmp_path, str(toy))

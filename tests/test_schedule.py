@@ -1,9 +1,9 @@
-"""Scheduled runs fire: a real `prefect server` with its scheduler on (short loops) creates the runs of
-an interval deployment, a served flow completes them, and the server logs no scheduler error.
+"""Scheduled runs fire: a real `prefect server` with its scheduler on (short loops) creates the runs
+of an interval deployment, a served flow completes them, and the server logs no scheduler error.
 
-This is what a fresh install broke once (SQLAlchemy 2.1 under Prefect 3.8.8: "Can't evaluate bulk DML
-statement" on every scheduler loop, so an interval deployment never got a run). The deploy tests start
-runs by hand or by event, so only a test that waits for the schedule itself can see it.
+This is what a fresh install broke once (SQLAlchemy 2.1 under Prefect 3.8.8: "Can't evaluate bulk
+DML statement" on every scheduler loop, so an interval deployment never got a run). The deploy tests
+start runs by hand or by event, so only a test that waits for the schedule itself can see it.
 """
 
 from __future__ import annotations
@@ -135,5 +135,6 @@ def test_an_interval_deployment_gets_its_runs_created_and_completed(served: Stac
         "scheduler errors in the server log:\n" + "\n".join(bad[:5]) + "\n" + served.logs()
     )
     print(
-        f"{len(scheduled)} runs scheduled, {len(done)} completed within {time.monotonic() - t0:.0f} s"
+        f"{len(scheduled)} runs scheduled, {len(done)} "
+        f"completed within {time.monotonic() - t0:.0f} s"
     )

@@ -157,7 +157,8 @@ def test_index_lists_every_class_with_counts(tab, built):
     assert page.locator("#grid img").count() == 5
     # thumbnails load lazily: wait for every one to decode (a broken one never does: timeout)
     page.wait_for_function(
-        "() => Array.from(document.querySelectorAll('#grid img')).every(i => i.complete && i.naturalWidth > 0)",
+        "() => Array.from(document.querySelectorAll('#grid img'))"
+        ".every(i => i.complete && i.naturalWidth > 0)",
         timeout=15_000,
     )
     _screenshot(page, "index-desktop.png")
@@ -310,7 +311,8 @@ def test_crops_expand_and_viz_toggles(tab, built):
         and first.locator(".more").get_attribute("aria-expanded") == "true"
     )
     page.wait_for_function(
-        "() => Array.from(document.querySelectorAll('.concept .crops.open img')).every(i => i.complete && i.naturalWidth > 0)"
+        "() => Array.from(document.querySelectorAll('.concept .crops.open img'))"
+        ".every(i => i.complete && i.naturalWidth > 0)"
     )
     first.locator(".more").click()
     assert first.evaluate(visible) == 6
@@ -538,7 +540,8 @@ def test_publish_to_s3_and_browse(s3, browser, built):
         t.page.wait_for_url(base + "classes/n00000004-great-white-shark/index.html")
         assert t.page.locator(".concept").count() == 10
         t.page.wait_for_function(
-            "() => { const i = document.querySelector('.viz img'); return i.complete && i.naturalWidth > 0; }"
+            "() => { const i = document.querySelector('.viz img'); "
+            "return i.complete && i.naturalWidth > 0; }"
         )
         t.check(base)
     finally:

@@ -38,9 +38,10 @@ JSON = "application/json; charset=utf-8"
 def run_meta(run_id: str = RUN_ID, **fields) -> dict:
     """A run.json as lens_core.publish writes it."""
     return {
-        "run_id": run_id, "published": "2026-11-22T10:00:00+00:00", "created": "2026-11-22T09:00:00Z",
-        "model": "toy-cnn", "layer": "block4", "checkpoint": None,
-        "checkpoint_digest": "sha256:" + "ab" * 32, "classes": 6, "failed": 1, **fields,
+        "run_id": run_id, "published": "2026-11-22T10:00:00+00:00",
+        "created": "2026-11-22T09:00:00Z", "model": "toy-cnn", "layer": "block4",
+        "checkpoint": None, "checkpoint_digest": "sha256:" + "ab" * 32, "classes": 6, "failed": 1,
+        **fields,
     }  # fmt: skip
 
 
@@ -63,7 +64,8 @@ def _head(fs, path: str) -> dict:
 
 
 def _kinds(published: dict) -> dict[str, tuple[str, str]]:
-    """One publish-relative path of each kind of object -> (Content-Type, Cache-Control) it must have."""
+    """One publish-relative path of each kind of object -> (Content-Type, Cache-Control)
+    it must have."""
     slug = next(c["slug"] for c in published["site"]["classes"] if c["status"] == "ok")
     static = static_paths()
     run = f"{RUN_ID}/"
@@ -105,8 +107,9 @@ def test_no_published_object_is_a_download(s3, published):
     bad = {}
     for key in keys:
         head = _head(fs, key)
-        if head.get("ContentType", "").split(";")[0] in ("", "binary/octet-stream", "application/octet-stream") \
-                or not head.get("CacheControl"):  # fmt: skip
+        if head.get("ContentType", "").split(";")[0] in (
+                "", "binary/octet-stream", "application/octet-stream"
+        ) or not head.get("CacheControl"):  # fmt: skip
             bad[key] = (head.get("ContentType"), head.get("CacheControl"))
     assert not bad, list(bad.items())[:5]
 
@@ -200,7 +203,8 @@ def _visible_names(pg) -> list[str]:
 def _assert_styled_and_scripted(page) -> None:
     """On a run's index: lens.css is applied, lens.js runs (search, random class), images load."""
     style = page.evaluate(  # lens.css's background and heading size, not the browser's defaults
-        "() => [getComputedStyle(document.body).backgroundColor, getComputedStyle(document.querySelector('h1')).fontSize]"
+        "() => [getComputedStyle(document.body).backgroundColor, "
+        "getComputedStyle(document.querySelector('h1')).fontSize]"
     )
     assert style == ["rgb(250, 250, 249)", "28.8px"]
     page.locator("#q").press_sequentially("shark")  # filters as you type
@@ -209,7 +213,8 @@ def _assert_styled_and_scripted(page) -> None:
     page.wait_for_url(re.compile(f"/{RUN_ID}/classes/[a-z0-9-]+/index.html$"))
     assert page.locator(".concept").count() > 0
     page.wait_for_function(  # its first render (a fixed name under assets/) loads too
-        "() => { const i = document.querySelector('.viz img'); return i.complete && i.naturalWidth > 0; }",
+        "() => { const i = document.querySelector('.viz img'); "
+        "return i.complete && i.naturalWidth > 0; }",
         timeout=15_000,
     )
 
@@ -292,7 +297,8 @@ def test_every_put_sends_content_type_and_cache_control(s3, bucket, puts):
 
 
 def test_a_batch_with_several_header_sets_is_put_at_once(s3, bucket, puts):
-    """Grouping by headers keeps one concurrent batch: 64 pages and data files all in flight together."""
+    """Grouping by headers keeps one concurrent batch:
+    64 pages and data files all in flight together."""
     from lens_core.site.builder import BATCH, SiteWriter
     from lens_core.store import filesystem
 
@@ -343,9 +349,9 @@ def _plant_all(fs, root: str) -> None:
     _plant(fs, root, "bbbbbbbbbbbb", b"\xff not json")
     _plant(fs, root, "cccccccccccc", ["not", "an", "object"])
     _plant(fs, root, "aaaaaaaaaaaa", run_meta(
-        "aaaaaaaaaaaa", published="2026-11-21T00:00:00+00:00", checkpoint=f"{HOSTILE}\"'", model=HOSTILE,
-        layer={"x": HOSTILE}, checkpoint_digest=["</code><script>alert(1)</script>"], classes="<b>9</b>",
-        failed=True,
+        "aaaaaaaaaaaa", published="2026-11-21T00:00:00+00:00", checkpoint=f"{HOSTILE}\"'",
+        model=HOSTILE, layer={"x": HOSTILE}, checkpoint_digest=["</code><script>alert(1)</script>"],
+        classes="<b>9</b>", failed=True,
     ))  # fmt: skip
 
 

@@ -1,4 +1,5 @@
-"""The toy default: generator (determinism, masks, names, data set on file and S3) and shipped CNN."""
+"""The toy default: generator (determinism, masks, names, data set on file and S3)
+and shipped CNN."""
 
 from __future__ import annotations
 
