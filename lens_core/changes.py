@@ -39,7 +39,7 @@ from scipy.optimize import linear_sum_assignment
 
 from lens_core import layout
 from lens_core.identity import image_key
-from lens_core.results import complete_fingerprint, shown_scores
+from lens_core.results import read_result
 from lens_core.store import RunStore
 
 DEFAULT_THRESHOLD = 0.5
@@ -67,12 +67,11 @@ class ClassSide:
 
 def read_side(store: RunStore, slug: str) -> ClassSide | None:
     """A class's concepts, importance and logits from a run's store (None when not complete)."""
-    fp = complete_fingerprint(store, slug, "activations", "factorize", "importance")
-    if fp is None:
+    result = read_result(store, slug, "activations", "factorize", "importance")
+    if result is None:
         return None
     acts = store.zarr[layout.acts(slug)]
-    imp = store.zarr[layout.importance(slug)]
-    shown, basis = shown_scores(imp)
+    shown, basis = result.shown
     urls = list(acts.attrs["image_urls"])
     keys = [image_key(u) for u in urls]
     patches = acts["patches"][:]
@@ -81,14 +80,14 @@ def read_side(store: RunStore, slug: str) -> ClassSide | None:
     return ClassSide(
         slug=slug,
         rows=rows,
-        U=store.zarr[layout.concepts(slug)]["U"][:].astype(np.float64),
+        U=result.U.astype(np.float64),
         shown=np.asarray(shown, np.float64),
         basis=basis,
-        order=imp["order"][:],
+        order=np.asarray(result.order),
         image_keys=keys,
         image_logit=acts["image_logit"][:].astype(np.float64),
         image_correct=(acts["image_pred"][:] == index) if index >= 0 else np.zeros(len(keys), bool),
-        fingerprint=fp,
+        fingerprint=result.fingerprint,
     )
 
 

@@ -31,7 +31,7 @@ from lens_core.extract import make_extractor
 from lens_core.identity import short_hash
 from lens_core.importance import concept_sobol, logit_contributions, logit_share
 from lens_core.model_cache import get_split
-from lens_core.results import complete_fingerprint
+from lens_core.results import complete_fingerprint, read_result
 from lens_core.run import RunInfo
 from lens_core.tokens import extra_tokens
 
@@ -186,10 +186,10 @@ def explain_confusions(
 
     def dictionary(p_slug: str) -> Dictionary:
         if p_slug not in dictionaries:
-            imp = store.zarr[layout.importance(p_slug)]
-            dictionaries[p_slug] = Dictionary(
-                store.zarr[layout.concepts(p_slug)]["W"][:], imp["order"][:]
-            )
+            result = read_result(store, p_slug, "factorize", "importance")
+            if result is None:  # `classes` holds only classes with finished importance
+                raise ValueError(f"class {p_slug!r}: its concepts are not computed")
+            dictionaries[p_slug] = Dictionary(result.W, np.asarray(result.order))
         return dictionaries[p_slug]
 
     codes = (

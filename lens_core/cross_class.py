@@ -9,7 +9,7 @@ import torch
 
 from lens_core import layout
 from lens_core.model_cache import get_split
-from lens_core.results import complete_fingerprint
+from lens_core.results import read_result
 from lens_core.run import RunInfo
 
 
@@ -87,8 +87,9 @@ def build_cross_class(info: RunInfo, device: str | None = None) -> dict[str, Any
     store = info.store()
     W_by_class = {}
     for s in info.slugs:
-        if complete_fingerprint(store, s, "factorize") is not None:
-            W_by_class[s] = store.zarr[layout.concepts(s)]["W"][:]
+        result = read_result(store, s, "factorize")
+        if result is not None:
+            W_by_class[s] = result.W
     similar = nearest_concepts(W_by_class)
     store.write_json(layout.SIMILAR, similar)
     alignment: dict[str, Any] = {}

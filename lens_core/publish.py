@@ -19,6 +19,7 @@ from lens_core.confusions import concept_label, read_confusions
 from lens_core.crops import concept_color
 from lens_core.labels import read_labels
 from lens_core.renders import rendered_concepts
+from lens_core.results import read_result
 from lens_core.run import RunInfo
 from lens_core.settings import settings
 from lens_core.stages import class_complete
@@ -94,8 +95,8 @@ def _class_entry(
         "error": None,
         "concepts": [],
     }
-    state = class_state(status)
-    if state == "failed" or not class_complete(store, slug):
+    result = read_result(store, slug, *layout.CLASS_STAGES)
+    if class_state(status) == "failed" or result is None:
         errors = [
             f"{stage}: {rec.get('error')}"
             for stage, rec in status.items()
@@ -104,18 +105,15 @@ def _class_entry(
         entry.update(status="failed", error="; ".join(errors) or "not finished in this run")
         return entry
     acts = store.zarr[layout.acts(slug)]
-    imp = store.zarr[layout.importance(slug)]
-    W = store.zarr[layout.concepts(slug)]["W"][:]
+    imp, W, order, share = result.importance, result.W, result.order, result.logit_share
     crops_index = store.read_json(layout.crops_index(slug), {})
-    order = [int(c) for c in imp["order"][:]]
     sobol = imp["sobol"][:]
-    share = imp["logit_share"][:] if "logit_share" in imp else None  # one lookup, not a listing
     sobol_share = imp["sobol_share"][:]
     n_top = imp["n_top_images"][:]
     min_top = int(imp.attrs.get("important_min_images", 3))
-    rendered = rendered_concepts(store, slug, imp.attrs.get("inputs"))
+    rendered = rendered_concepts(store, slug, result.fingerprint)
     to_come = set(order[:top_k] if top_k else order) - rendered if partial else set()
-    basis = imp.attrs.get("importance_basis", "logit_share" if share is not None else "sobol")
+    basis = result.shown[1]
     entry.update(
         n_images=int(acts.attrs["n_images"]),
         n_patches=int(acts.attrs["n_patches"]),

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from lens_core import layout
-from lens_core.results import complete_fingerprint, shown_scores
+from lens_core.results import read_result
 from lens_core.status import class_note, read_status
 
 
@@ -15,11 +14,11 @@ def class_summary(info: Any, slug: str) -> dict[str, Any]:
     stages = read_status(store, [slug]).get(slug, {})
     top_concept = top_importance = None
     basis = None
-    if complete_fingerprint(store, slug, "importance") is not None:
-        imp = store.zarr[layout.importance(slug)]
-        order = imp["order"][:]
-        scores, basis = shown_scores(imp)
-        top_concept, top_importance = int(order[0]), round(float(scores[order[0]]), 3)
+    result = read_result(store, slug, "importance")
+    if result is not None:
+        scores, basis = result.shown
+        top_concept = result.order[0]
+        top_importance = round(float(scores[top_concept]), 3)
     return {
         "stages": {s: rec.get("state", "-") for s, rec in stages.items()},
         "seconds": sum(rec.get("seconds") or 0.0 for rec in stages.values()),
