@@ -25,6 +25,9 @@ _API = {
     "publish": "lens_core.publish",
     "build_confusions": "lens_core.confusions",
     "compute_run_id": "lens_core.identity",
+    # a class's stored results
+    "read_result": "lens_core.results",
+    "ClassResult": "lens_core.results",
     # models
     "load_split_model": "lens_core.models",
     "SplitModel": "lens_core.models",
