@@ -619,17 +619,18 @@ def test_reads_are_bounded_by_the_bytes_read_not_the_size_reported(tmp_path, mon
     """fs.size() says 0 for a device: the cap must count what is read."""
     from fsspec.implementations.local import LocalFileSystem
 
-    from lens_core import data, maco, models
+    from lens_core import data, maco
     from lens_core.data import DataError
+    from lens_core.models import checkpoints
 
     monkeypatch.setattr(LocalFileSystem, "size", lambda self, path: 0)
     ckpt = tmp_path / "ck.pt"
     torch.save(build_model("toy", 10).state_dict(), ckpt)
     with pytest.raises(CheckpointError, match="more than"):
-        models._read_bytes(str(ckpt), None, 1000)
-    monkeypatch.setattr(models, "MAX_CHECKPOINT_BYTES", 1000, raising=False)
+        checkpoints._read_bytes(str(ckpt), None, 1000)
+    monkeypatch.setattr(checkpoints, "MAX_CHECKPOINT_BYTES", 1000, raising=False)
     with pytest.raises(CheckpointError, match="more than"):
-        models.checkpoint_digest(str(ckpt))
+        checkpoints.checkpoint_digest(str(ckpt))
     names = tmp_path / "names.json"
     names.write_text(json.dumps({f"c{i}": f"name {i}" for i in range(1000)}))
     monkeypatch.setattr(data, "MAX_JSON_BYTES", 1000, raising=False)
