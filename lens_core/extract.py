@@ -47,8 +47,34 @@ class ConceptExtractor(Protocol):
     ) -> np.ndarray | torch.Tensor: ...
 
 
+class NNLSEncoding:
+    """The encoding every extractor here shares: the exact non-negative least squares of X's rows
+    on the fixed dictionary W (U >= 0 whatever W's signs)."""
+
+    def encode(
+        self,
+        X: np.ndarray | torch.Tensor,
+        W: np.ndarray | torch.Tensor,
+        device: torch.device | str | None = None,
+    ) -> np.ndarray | torch.Tensor:
+        return project_nnls(X, W, device=device)
+
+
+def _fitted(res: Any, solver: str, method: str) -> ConceptFit:
+    """A factorization's result as a ConceptFit, with its fit record (error, iterations, dead
+    concepts, solver, method)."""
+    attrs = {
+        "rel_error": float(res.rel_error),
+        "n_iter": int(res.n_iter),
+        "dead": int(res.dead),
+        "solver": solver,
+        "method": method,
+    }
+    return ConceptFit(np.asarray(res.U, np.float32), np.asarray(res.W, np.float32), attrs)
+
+
 @dataclass(frozen=True)
-class NMFExtractor:
+class NMFExtractor(NNLSEncoding):
     """CRAFT's NMF: A ~= U W with U, W >= 0; encoding is the exact non-negative least squares."""
 
     n_concepts: int
@@ -68,26 +94,11 @@ class NMFExtractor:
             seed=self.seed,
             device=device,
         )
-        attrs = {
-            "rel_error": float(res.rel_error),
-            "n_iter": int(res.n_iter),
-            "dead": int(res.dead),
-            "solver": self.solver,
-            "method": self.name,
-        }
-        return ConceptFit(np.asarray(res.U, np.float32), np.asarray(res.W, np.float32), attrs)
-
-    def encode(
-        self,
-        X: np.ndarray | torch.Tensor,
-        W: np.ndarray | torch.Tensor,
-        device: torch.device | str | None = None,
-    ) -> np.ndarray | torch.Tensor:
-        return project_nnls(X, W, device=device)
+        return _fitted(res, self.solver, self.name)
 
 
 @dataclass(frozen=True)
-class SemiNMFExtractor:
+class SemiNMFExtractor(NNLSEncoding):
     """Semi-NMF: A ~= U W with U >= 0 and W signed; encoding is the exact non-negative least
     squares on the signed dictionary (the same NNLS as NMF's)."""
 
@@ -108,22 +119,7 @@ class SemiNMFExtractor:
             device=device,
             sparsity=self.sparsity,
         )
-        attrs = {
-            "rel_error": float(res.rel_error),
-            "n_iter": int(res.n_iter),
-            "dead": int(res.dead),
-            "solver": "torch",
-            "method": self.name,
-        }
-        return ConceptFit(np.asarray(res.U, np.float32), np.asarray(res.W, np.float32), attrs)
-
-    def encode(
-        self,
-        X: np.ndarray | torch.Tensor,
-        W: np.ndarray | torch.Tensor,
-        device: torch.device | str | None = None,
-    ) -> np.ndarray | torch.Tensor:
-        return project_nnls(X, W, device=device)
+        return _fitted(res, "torch", self.name)
 
 
 METHODS = ("nmf", "semi-nmf")
@@ -156,7 +152,7 @@ def choose_method(setting: str, lo: float, hi: float) -> str:
 
 
 @dataclass(frozen=True)
-class AutoExtractor:
+class AutoExtractor(NNLSEncoding):
     """'auto' left unresolved (a notebook fitting arrays directly): NMF when this A is
     non-negative up to rounding noise, semi-NMF otherwise. A run resolves 'auto' once at set-up
     instead, so that every class uses the same method."""
@@ -171,14 +167,6 @@ class AutoExtractor:
         if is_nonnegative(lo, hi) or self.semi is None:
             return self.nmf.fit(A, device=device)  # NMF names the problem if A is signed
         return self.semi.fit(A, device=device)
-
-    def encode(
-        self,
-        X: np.ndarray | torch.Tensor,
-        W: np.ndarray | torch.Tensor,
-        device: torch.device | str | None = None,
-    ) -> np.ndarray | torch.Tensor:
-        return project_nnls(X, W, device=device)
 
 
 def make_extractor(cfg: ConceptConfig) -> ConceptExtractor:
