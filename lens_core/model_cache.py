@@ -8,20 +8,36 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from typing import Any
+from typing import Protocol
 
 import torch
 
+from lens_core.config import AtlasConfig
 from lens_core.device import pick_device
 from lens_core.models import SplitModel, load_split_model
 from lens_core.settings import settings
+
+
+class RunModel(Protocol):
+    """What the cache needs of a run (a RunInfo, which imports this module): its id, its model
+    settings and its number of classes."""
+
+    @property
+    def run_id(self) -> str: ...
+
+    @property
+    def config(self) -> AtlasConfig: ...
+
+    @property
+    def num_classes(self) -> int: ...
+
 
 _SPLITS: OrderedDict[tuple[str, str], SplitModel] = OrderedDict()
 _LOCK = threading.Lock()
 
 
-def get_split(info: Any, device: str | torch.device | None = None) -> SplitModel:
-    """The split model of `info` (a RunInfo) on `device`, loaded on first use; the least recently
+def get_split(info: RunModel, device: str | torch.device | None = None) -> SplitModel:
+    """The split model of `info` on `device`, loaded on first use; the least recently
     used is evicted."""
     dev = pick_device(device)
     key = (info.run_id, str(dev))
@@ -29,25 +45,23 @@ def get_split(info: Any, device: str | torch.device | None = None) -> SplitModel
         if key in _SPLITS:
             _SPLITS.move_to_end(key)
             return _SPLITS[key]
-    split = load_split_model(info.config.model, info.num_classes, info.config.storage_options).to(
-        dev
-    )
-    with _LOCK:
-        _SPLITS[key] = split
-        _SPLITS.move_to_end(key)
-        _evict(str(dev), settings().model_cache)
-    return split
+    options = info.config.storage_options
+    return _hold(key, load_split_model(info.config.model, info.num_classes, options).to(dev))
 
 
-def remember(info: Any, device: str | torch.device | None, split: SplitModel) -> SplitModel:
+def remember(info: RunModel, device: str | torch.device | None, split: SplitModel) -> SplitModel:
     """Hold a split model loaded elsewhere (run set-up) as `info`'s on `device`: never loaded
     twice."""
     dev = pick_device(device)
-    split = split.to(dev)
+    return _hold((info.run_id, str(dev)), split.to(dev))
+
+
+def _hold(key: tuple[str, str], split: SplitModel) -> SplitModel:
+    """Cache `split` under (run id, device) as the most recently used, evicting beyond the limit."""
     with _LOCK:
-        _SPLITS[(info.run_id, str(dev))] = split
-        _SPLITS.move_to_end((info.run_id, str(dev)))
-        _evict(str(dev), settings().model_cache)
+        _SPLITS[key] = split
+        _SPLITS.move_to_end(key)
+        _evict(key[1], settings().model_cache)
     return split
 
 
