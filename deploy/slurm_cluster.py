@@ -4,7 +4,8 @@ Run it on a login node and keep it running; a Prefect process worker beside it s
 build-atlas run to the cluster through LENS_DASK_ADDRESS (flows.atlas.make_task_runner), and
 LENS_GPU=1 pins the tensor stages to workers that have the `GPU` resource:
 
-    python deploy/slurm_cluster.py --jobs 4 --partition gpu --account myproj --address-file ~/.lens-dask
+    python deploy/slurm_cluster.py --jobs 4 --partition gpu --account myproj \
+        --address-file ~/.lens-dask
     LENS_DASK_ADDRESS=$(cat ~/.lens-dask) LENS_DASK_TLS_DIR=~/.lens-dask-tls LENS_GPU=1 \
         prefect worker start --pool lens-slurm
 
@@ -109,15 +110,17 @@ def cluster_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def tls_kwargs(security: Any) -> dict[str, Any]:
-    """SLURMCluster arguments for mutual TLS: tls:// for the scheduler and every worker, and the certificates."""
+    """SLURMCluster arguments for mutual TLS: tls:// for the scheduler and every worker, and the
+    certificates."""
     return {"protocol": "tls://", "security": security}
 
 
 def secure_cluster_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    """cluster_kwargs with TLS from --tls-dir (generated when missing) and workers without dashboards."""
+    """cluster_kwargs with TLS from --tls-dir (generated when missing) and workers without
+    dashboards."""
     if str(REPO) not in sys.path:
-        sys.path.insert(0, str(REPO))  # flows.cluster, when run as a script from anywhere
-    from flows.cluster import ensure_tls_files, tls_security
+        sys.path.insert(0, str(REPO))  # flows.tls, when run as a script from anywhere
+    from flows.tls import ensure_tls_files, tls_security
 
     kw = cluster_kwargs(args) | tls_kwargs(tls_security(ensure_tls_files(args.tls_dir)))
     kw["worker_extra_args"] = [

@@ -106,10 +106,10 @@ def make_task_runner(
     """Dask runner: an existing scheduler, one worker per GPU (dask-cuda), or a LocalCluster.
 
     An existing scheduler is reached over TLS with LENS_DASK_TLS_DIR's client certificate; a
-    plaintext one on another host is refused (flows.cluster.client_kwargs_for). Local clusters
+    plaintext one on another host is refused (flows.tls.client_kwargs_for). Local clusters
     speak TLS with credentials of their own (flows.cluster.local_cluster).
     """
-    from flows.cluster import client_kwargs_for
+    from flows.tls import client_kwargs_for
 
     dask_address = dask_address or settings().dask_address or None
     if dask_address:

@@ -21,7 +21,8 @@ import distributed
 import pytest
 from distributed.security import Security
 
-from flows.cluster import ROLES, client_kwargs_for, local_cluster, tls_security, write_tls_files
+from flows.cluster import local_cluster
+from flows.tls import ROLES, client_kwargs_for, tls_security, write_tls_files
 
 REPO = Path(__file__).resolve().parents[1]
 REFUSED = (OSError, TimeoutError, distributed.comm.CommClosedError)  # what a refused client raises
