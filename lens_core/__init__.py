@@ -1,7 +1,8 @@
 """LENS, the method without an orchestrator: usable from a notebook (no Prefect, no Dask).
 
     from lens_core import make_config, explain
-    result = explain(make_config({"data": {"url": "/data/val"}, "model": {"arch": "resnet50", ...}}))
+    config = make_config({"data": {"url": "/data/val"}, "model": {"arch": "resnet50", ...}})
+    result = explain(config)
 
 The names below are the public API; each is imported on first use (PEP 562), so `import
 lens_core` stays cheap (no torch) and a piece of it can be used alone.

@@ -105,9 +105,7 @@ class _Appender:
 
     def _write(self, name: str, block: np.ndarray) -> None:
         arr = self.arrays.get(name)
-        if (
-            arr is None
-        ):  # created with its first block: the same array as empty + append, 25% faster
+        if arr is None:  # created with its first block: the same array as empty + append, faster
             chunks = (min(self.chunk_rows, max(1, block.shape[0])),) + block.shape[1:]
             self.arrays[name] = self.group.create_array(
                 name, data=block, chunks=chunks, overwrite=True
@@ -152,15 +150,16 @@ def compute_class_activations(
     it is, the stored arrays are float32. prefetch: images read and decoded ahead by a thread pool
     while g runs; 0 reads in this thread. Default: two batches when something other than torch's
     CPU threads runs g (a GPU, or CPUs left over by torch.get_num_threads()), else 0: decoders
-    competing with torch for the same cores were measured no faster, often slower.
+    competing with torch for the same cores gain nothing and often slow it down.
 
     Throughput (bench/bench_activations.py): g and h run on full channels-last batches of
     `patches.batch_size` inputs: a batch's patches, and the whole images of several batches
-    gathered into one call (a call on a batch's few whole images ran 10-50% slower per input, and
-    adding them to the patches' call 5% slower, on CPU). Batch i+1 is launched before batch i's
-    results are stored, and on CUDA inputs and results cross over pinned, non-blocking copies, so
-    the device has the next batch queued while the host stores the last; Zarr appends run on a
-    writer thread. Per-image results are those of the plain sequential loop (tests/test_precision.py).
+    gathered into one call (on CPU, a call on a batch's few whole images is slower per input, and
+    so is adding them to the patches' call; figures in docs/performance.md). Batch i+1 is
+    launched before batch i's results are stored, and on CUDA inputs and results cross over
+    pinned, non-blocking copies, so the device has the next batch queued while the host stores
+    the last; Zarr appends run on a writer thread. Per-image results are those of the plain
+    sequential loop (tests/test_precision.py).
     """
     dev = pick_device(device)
     autocast(dev, precision)  # an unknown precision fails here, before any image is read
@@ -246,7 +245,8 @@ class _Launched:
 
 
 class _Run:
-    """The forwards of one class: patches batch by batch, whole images gathered into full batches."""
+    """The forwards of one class: patches batch by batch, whole images gathered into full
+    batches."""
 
     def __init__(
         self,
@@ -274,7 +274,8 @@ class _Run:
 
     def launch(self, images: torch.Tensor | None, positions: np.ndarray) -> _Launched | None:
         """Queue a batch's patches (None: no more batches) and, once `batch_size` whole images are
-        gathered or at the end, the whole images; results copied to the host (non-blocking on CUDA)."""
+        gathered or at the end, the whole images; results copied to the host (non-blocking on
+        CUDA)."""
         cuda = self.dev.type == "cuda"
         results: dict[str, torch.Tensor] = {}
         if images is not None:

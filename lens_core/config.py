@@ -84,7 +84,8 @@ class ModelConfig(_Section):
     arch: str = Field(
         "toy",
         description="torchvision name (resnet50, ...), 'toy', or a factory the worker allows "
-        "(an entry point of the group lens.models, or a 'package.module:factory' in LENS_MODEL_FACTORIES)",
+        "(an entry point of the group lens.models, or a 'package.module:factory' in "
+        "LENS_MODEL_FACTORIES)",
     )
     checkpoint: str | None = Field(
         None,
@@ -98,7 +99,8 @@ class ModelConfig(_Section):
     )
     layer: str = Field(
         "block4",
-        description="named module where the model is split (g: image -> activations, h: activations -> logits)",
+        description="named module where the model is split "
+        "(g: image -> activations, h: activations -> logits)",
     )
     input_size: int = Field(
         64, gt=0, le=MAX_INPUT_SIZE, description="side of the square model input, pixels"
@@ -137,8 +139,9 @@ class DataConfig(_Section):
     )
     class_index: str | None = Field(
         None,
-        description="JSON file mapping class dirs to the model's label indices: `{class_dir: index}`, "
-        "a list of class dirs in label order, or Keras' imagenet_class_index.json `{index: [dir, name]}`; "
+        description="JSON file mapping class dirs to the model's label indices: "
+        "`{class_dir: index}`, a list of class dirs in label order, or Keras' "
+        "imagenet_class_index.json `{index: [dir, name]}`; "
         "required when the folders are not exactly the model's label set in sorted order",
     )
     images_per_class: int = Field(
@@ -155,7 +158,8 @@ class DataConfig(_Section):
 
 
 class PatchConfig(_Section):
-    """CRAFT patches: squares of a fraction of the image on a regular grid, resized to the model input."""
+    """CRAFT patches: squares of a fraction of the image on a regular grid, resized to the model
+    input."""
 
     fraction: float = Field(
         64 / 224, gt=0, le=1, description="patch side / image side (reference: 64 of 224)"
@@ -176,11 +180,13 @@ class PatchConfig(_Section):
         side = int(round(self.fraction * self.image_size))
         if side < 1:
             raise ValueError(
-                f"patches of fraction {self.fraction} of a {self.image_size} px image are under 1 px"
+                f"patches of fraction {self.fraction} of a {self.image_size} px image "
+                "are under 1 px"
             )
         if self.grid > 1 and (self.image_size - side) // (self.grid - 1) < 1:
             raise ValueError(
-                f"a {self.grid}x{self.grid} grid of {side} px patches does not fit a {self.image_size} px image"
+                f"a {self.grid}x{self.grid} grid of {side} px patches does not fit "
+                f"a {self.image_size} px image"
             )
         return self
 
@@ -228,7 +234,8 @@ class ImportanceConfig(_Section):
     important_min_images: int = Field(
         3,
         ge=1,
-        description="a concept is 'important' when it is the top concept of at least this many images",
+        description="a concept is 'important' when it is the top concept of at least "
+        "this many images",
     )
     min_share_images: int = Field(
         3,
@@ -249,7 +256,8 @@ class ImportanceConfig(_Section):
 
 
 class MacoConfig(_Section):
-    """MACO feature visualization (Fel et al. 2023). Defaults are a small CPU budget; Horama uses 1000 steps, 1280 px."""
+    """MACO feature visualization (Fel et al. 2023). Defaults are a small CPU budget; Horama uses
+    1000 steps, 1280 px."""
 
     steps: int = Field(64, gt=0, le=100_000)
     image_size: int = Field(128, gt=0, le=MAX_RENDER_SIZE)
@@ -329,7 +337,8 @@ class ChangesConfig(_Section):
 
 
 class MistakesConfig(_Section):
-    """Mistakes explained by concepts (a cross-class step over stored results: not part of the run id)."""
+    """Mistakes explained by concepts (a cross-class step over stored results: not part of the
+    run id)."""
 
     examples: int = Field(
         3,
@@ -372,7 +381,8 @@ class AtlasConfig(_Section):
     )
     storage_options: dict[str, Any] = Field(
         default_factory=dict,
-        description="fsspec options for s3:// (endpoint_url, ...); key/secret default to the environment",
+        description="fsspec options for s3:// (endpoint_url, ...); "
+        "key/secret default to the environment",
     )
     classes: list[str] | None = Field(
         None,
@@ -420,7 +430,8 @@ class AtlasConfig(_Section):
         if self.concepts.n_concepts > n_patches:
             raise ValueError(
                 f"concepts.n_concepts={self.concepts.n_concepts} exceeds the patches per class "
-                f"({self.data.images_per_class} images x {self.patches.grid**2} patches = {n_patches})"
+                f"({self.data.images_per_class} images x {self.patches.grid**2} patches "
+                f"= {n_patches})"
             )
         return self
 

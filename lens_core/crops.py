@@ -102,7 +102,8 @@ def _ranks(concept_rank: Sequence[int], k: int) -> np.ndarray:
 
 
 def dominance(coeffs: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
-    """(dominant concept (S,S), strength in [0,1] (S,S)) of coefficient maps (k,h,w) upsampled to size.
+    """(dominant concept (S,S), strength in [0,1] (S,S)) of coefficient maps (k,h,w) upsampled to
+    size.
 
     Each concept's map is upsampled (bilinear) before the argmax, so regions have smooth borders
     and one colour each; strength is the dominant coefficient scaled from its 40th percentile (0:

@@ -31,8 +31,8 @@ def autocast(
     """Mixed precision for model forwards (and their backward, for MACO) on `device`.
 
     fp16 on CPU runs in fp32 (noted once in the log): torch's CPU autocast accepts fp16 but has no
-    fast kernels for it (the toy CNN's g ran 6x slower than fp32 on an AVX-512 EPYC, where bf16 ran
-    1.8x faster). Any other unknown value is a ValueError.
+    fast kernels for it: fp16 runs slower than fp32 even on a CPU where bf16 runs faster (figures
+    in docs/performance.md). Any other unknown value is a ValueError.
     """
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}; use one of {PRECISIONS}")

@@ -1,4 +1,4 @@
-"""NMF concept extraction A ~= U W with U, W >= 0: a torch HALS solver and the scikit-learn reference.
+"""NMF concept extraction A ~= U W (U, W >= 0): a torch HALS solver and the scikit-learn reference.
 
 The torch solver is accelerated HALS (Gillis & Glineur 2012) from an NNDSVDa start computed with
 torch, with a stop on the relative change of the reconstruction error. Components that die (an
@@ -190,7 +190,8 @@ def _top_singular(A: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, 
 
 
 def nndsvda_init(A: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """NNDSVD start (Boutsidis & Gallopoulos 2008) with zeros filled by mean(A): (U (n,k), W (k,C))."""
+    """NNDSVD start (Boutsidis & Gallopoulos 2008) with zeros filled by mean(A):
+    (U (n,k), W (k,C))."""
     u, s, v = _top_singular(A, k)
 
     def split(

@@ -112,7 +112,8 @@ def _model_device(
 def _flatten_acts(
     acts: np.ndarray | torch.Tensor, dev: torch.device
 ) -> tuple[torch.Tensor, tuple[int, ...]]:
-    """(N, C, H, W) or (N, C) -> rows (N * H * W, C) in (image, y, x) order, and the original shape."""
+    """(N, C, H, W) or (N, C) -> rows (N * H * W, C) in (image, y, x) order, and the original
+    shape."""
     a = torch.as_tensor(acts).to(dev, torch.float32)
     if a.ndim == 4:
         return a.permute(0, 2, 3, 1).reshape(-1, a.shape[1]), tuple(a.shape)
@@ -124,7 +125,8 @@ def _flatten_acts(
 def _coefficients(
     rows: torch.Tensor, shape: tuple[int, ...], W: torch.Tensor, U: np.ndarray | torch.Tensor | None
 ) -> torch.Tensor:
-    """Concept coefficients per image (N, L, k), L = locations per image; U=None projects with NNLS."""
+    """Concept coefficients per image (N, L, k), L = locations per image; U=None projects with
+    NNLS."""
     n, k = shape[0], W.shape[0]
     if U is None:
         U = project_nnls(rows, W)
@@ -280,7 +282,8 @@ def logit_share(
     residual: np.ndarray | None = None,
     bias: float = 0.0,
 ) -> LogitShare:
-    """Each concept's percent share of the class logit summed over the points predicted as the class.
+    """Each concept's percent share of the class logit summed over the points predicted as the
+    class.
 
     denominator = sum over selected points of (contributions.sum(1) + residual + bias), i.e. their
     summed class logit when residual and bias come from logit_contributions. A concept's share is

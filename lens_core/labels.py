@@ -92,7 +92,8 @@ def _put(entry: dict[str, dict[str, Any]], concept: str, text: str) -> None:
 
 
 def set_label(store: RunStore, slug: str, concept: int, text: str) -> dict[str, Any] | None:
-    """Label concept `concept` of class `slug` (an empty text removes the label); returns the record."""
+    """Label concept `concept` of class `slug` (an empty text removes the label); returns the
+    record."""
     cid = _concept_id(slug, concept, _concept_count(store, slug))
     text = clean_label(text)
     labels = _update(store, lambda labels: _put(labels.setdefault(slug, {}), cid, text))

@@ -1,7 +1,7 @@
 """The store layout of a run, in one place: paths, stage names, completion markers, run-id inputs.
 
-Everything a run computes lives under ``<store>/runs/<run_id>/`` (docs/interfaces.md). Every other module
-asks this one for a path instead of spelling it out, so the layout can change here alone.
+Everything a run computes lives under ``<store>/runs/<run_id>/`` (docs/interfaces.md). Every other
+module asks this one for a path instead of spelling it out, so the layout can change here alone.
 
 Class identity. A class is its directory id and its label index (never its slug alone): the
 activations stage records a fingerprint of what it was computed from (class dir, label index,

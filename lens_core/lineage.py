@@ -3,7 +3,8 @@
 Two runs are in the same lineage when they explain the same data with the same method settings;
 only the checkpoint differs. Their concepts were computed on the same sampled images and patches,
 so they can be compared concept by concept (lens_core.changes). The lineage key is recorded in each
-run's run.json; a run's previous run is the latest finished run of its lineage on another checkpoint.
+run's run.json; a run's previous run is the latest finished run of its lineage on another
+checkpoint.
 """
 
 from __future__ import annotations

@@ -1,17 +1,11 @@
 """MACO feature visualization (Fel et al., NeurIPS 2023), batched over many concepts at once.
 
-The image is parametrized by its Fourier phase under a fixed magnitude spectrum (estimated from
-the run's images, or a .npy file); NAdam optimizes the phase to maximize the concept objective
-(g's pooled activation projected on the concept direction) under random crops, rescaling and
-noise. The accumulated absolute gradient w.r.t. the image is the transparency map (PNG alpha).
-
-Pixel space: g takes pixels in [0, 1] and standardizes internally, so the image is sigmoid(z)
-and `value_range` only scales the noise. Randomness is per concept (its own generator), so a
-batch and one-by-one renders are the same on CPU. `model.precision` is the autocast dtype of g;
-the phase, the optimizer, the objective and the transparency map stay fp32. One deviation from
-Horama: each concept's phase gradient is scaled to unit norm before NAdam, so one gradient spike
-cannot freeze the phase. Reference budgets and the measurements behind these choices are in
-docs/performance.md.
+NAdam optimizes an image's Fourier phase under a fixed magnitude spectrum (from the run's images,
+or a .npy file) to maximize the concept objective (g's pooled activation projected on the concept
+direction) under random crops, rescaling and noise; the accumulated absolute gradient w.r.t. the
+image is the transparency map (PNG alpha). One deviation from Horama: each concept's phase
+gradient is scaled to unit norm before NAdam, so one gradient spike cannot freeze the phase.
+Reference budgets and the figures behind these choices are in docs/performance.md.
 """
 
 from __future__ import annotations
@@ -53,7 +47,8 @@ MAX_MAGNITUDE_BYTES = 128 << 20
 @dataclass
 class MacoResult:
     """Images (B,3,S,S) and alpha (B,1,S,S) in [0,1]; history (steps,B): the objective per step
-    (mean over crops); objective (B,): the final image's, unaugmented, in fp32 (``evaluate_images``)."""
+    (mean over crops); objective (B,): the final image's, unaugmented, in fp32
+    (``evaluate_images``)."""
 
     images: Tensor
     alpha: Tensor
@@ -74,7 +69,8 @@ def _as_batch(x: Tensor) -> Tensor:
 
 
 def _mix(x: Tensor, m: Tensor) -> Tensor:
-    """Per-pixel colour mix out[:, d] = sum_c x[:, c] m[c, d], elementwise (batch-invariant, unlike matmul)."""
+    """Per-pixel colour mix out[:, d] = sum_c x[:, c] m[c, d], elementwise (batch-invariant, unlike
+    matmul)."""
     m = m.tolist()
     return torch.stack(
         [x[:, 0] * m[0][d] + x[:, 1] * m[1][d] + x[:, 2] * m[2][d] for d in range(3)], dim=1
@@ -92,7 +88,8 @@ def recorrelate_colors(z: Tensor) -> Tensor:
 
 
 def estimate_magnitude(images: Iterable[Tensor], size: int, decorrelate: bool = True) -> Tensor:
-    """Mean amplitude of rfft2 over images (3,H,W)/(N,3,H,W) in [0,1] resized to size: (3,size,size//2+1).
+    """Mean amplitude of rfft2 over images (3,H,W)/(N,3,H,W) in [0,1] resized to size:
+    (3,size,size//2+1).
 
     With ``decorrelate`` (default) the spectrum is of the colour-decorrelated images, the space the
     phase lives in (Horama's ``spectrum_decorrelated.npy`` is the same kind of file).
@@ -161,7 +158,11 @@ def _standardize(x: Tensor) -> Tensor:
 
 
 def phase_to_image(phase: Tensor, magnitude: Tensor) -> Tensor:
-    """Phase (B,3,S,S//2+1) + fixed magnitude -> images (B,3,S,S) in [0,1] (see module docstring)."""
+    """Phase (B,3,S,S//2+1) + fixed magnitude -> images (B,3,S,S) in [0,1].
+
+    Pixel space: g takes pixels in [0, 1] and standardizes internally, so the image is sigmoid(z)
+    and `value_range` only scales the noise (augment).
+    """
     side = phase.shape[-2]
     p = _standardize(phase)
     spectrum = torch.complex(torch.cos(p) * magnitude, torch.sin(p) * magnitude)
@@ -240,7 +241,8 @@ def evaluate_images(
 
 
 def _crop_params(gen: torch.Generator, n: int, crop_range: tuple[float, float], device) -> Tensor:
-    """n square crops (side, cx, cy) as fractions of the image: side ~ U(crop_range), centre ~ N(0.5, 0.15)."""
+    """n square crops (side, cx, cy) as fractions of the image: side ~ U(crop_range),
+    centre ~ N(0.5, 0.15)."""
     lo, hi = crop_range
     frac = lo + (hi - lo) * torch.rand(n, 1, generator=gen, device=device)
     centre = 0.5 + CENTER_STD * torch.randn(n, 2, generator=gen, device=device)
@@ -254,7 +256,7 @@ def augment(
     """cfg.crops random crops per image, resized to input_size, plus noise: (B*crops,3,in,in).
 
     Crops are bilinear samples on an affine grid, all crops of an image in one grid_sample call
-    (5x cheaper than torchvision roi_align on CPU, backward included); noise is Gaussian plus
+    (cheaper than torchvision roi_align on CPU, backward included); noise is Gaussian plus
     uniform as in Horama, scaled to pixels by the value range.
     """
     b, k, dev, size = images.shape[0], cfg.crops, images.device, input_size
@@ -298,7 +300,8 @@ def _blur(x: Tensor, sigma: float) -> Tensor:
 
 
 def transparency(grad_sum: Tensor, percentile: float = ALPHA_PERCENTILE) -> Tensor:
-    """Accumulated |dObjective/dImage| (B,1,S,S) -> alpha in [0,1]: slight blur, percentile-normalized."""
+    """Accumulated |dObjective/dImage| (B,1,S,S) -> alpha in [0,1]: slight blur,
+    percentile-normalized."""
     side = grad_sum.shape[-1]
     a = _blur(grad_sum.float(), sigma=max(0.5, ALPHA_BLUR * side))
     flat = a.flatten(1)
@@ -381,12 +384,14 @@ def render_concepts(
     """Render B concept directions (B,C) of g's output in batches of cfg.batch_size.
 
     ``g`` maps images (N,3,s,s) in [0,1] to (N,C,H,W) (mean-pooled) or (N,C); it should be in
-    eval mode (no batch coupling). Concept b uses ``seeds[b]`` only, so chunking does not change
-    results. Gradients are taken w.r.t. the phase only; g's parameters are left untouched.
-    ``precision`` (``model.precision``) is the autocast dtype of g's forward and backward; the
-    phase, NAdam's state, the objective, the transparency map and the final objective (evaluated
-    in fp32) are float32 whatever it is. ``on_snapshot(step, concept indices, their images)`` is
-    called after each step listed in ``snapshot_steps`` (the budget study; nothing is kept).
+    eval mode (no batch coupling). Randomness is per concept: concept b uses its own generator,
+    seeded with ``seeds[b]`` only, so chunking does not change results (a batch and one-by-one
+    renders are the same on CPU). Gradients are taken w.r.t. the phase only; g's parameters are
+    left untouched. ``precision`` (``model.precision``) is the autocast dtype of g's forward and
+    backward; the phase, NAdam's state, the objective, the transparency map and the final
+    objective (evaluated in fp32) stay float32 whatever it is. ``on_snapshot(step, concept
+    indices, their images)`` is called after each step listed in ``snapshot_steps`` (the budget
+    study; nothing is kept).
     """
     directions = torch.as_tensor(directions).float()
     if directions.ndim != 2:

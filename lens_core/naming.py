@@ -18,7 +18,8 @@ def safe_token(text: str, max_len: int = 60) -> str:
 
 
 def class_slug(class_id: str, name: str, index: int) -> str:
-    """Slug = class id + name ('n02012849-crane'), at most 100 characters; the index when nothing is left."""
+    """Slug = class id + name ('n02012849-crane'), at most 100 characters; the index when nothing is
+    left."""
     parts = [safe_token(class_id)]
     name_token = safe_token(name)
     if name_token and name_token != parts[0]:

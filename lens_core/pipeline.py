@@ -46,7 +46,8 @@ __all__ = [
 
 def explain(config: AtlasConfig, device: str | None = None) -> dict[str, Any]:
     """The whole atlas in this process, in the flow's order (every class, renders, cross-class,
-    changes since the previous checkpoint, mistakes explained by concepts, the site): what `lens run` does without Prefect or Dask."""
+    changes since the previous checkpoint, mistakes explained by concepts, the site): what
+    `lens run` does without Prefect or Dask."""
     from lens_core import changes, confusions, cross_class, publish, renders
     from lens_core.run import mark_finished
 
@@ -55,7 +56,8 @@ def explain(config: AtlasConfig, device: str | None = None) -> dict[str, Any]:
     for slug in info.slugs:
         try:
             run_class(info, slug, device)
-        except Exception as err:  # noqa: BLE001 - one bad class never sinks the run (its status says why)
+        # one bad class never sinks the run (its status says why)
+        except Exception as err:  # noqa: BLE001
             failed.append((slug, err))
     items = renders.pending_items(info)
     for i in range(0, len(items), config.maco.batch_size):

@@ -64,8 +64,8 @@ class RunInfo:
     def narrowed(self, slugs: Iterable[str]) -> RunInfo:
         """The same run restricted to these classes: what a per-class task needs, cheap to send.
 
-        Prefect walks every task parameter (at submission and again on the worker: a RunInfo of
-        1,000 classes costs tens of ms); per-class stages only look up their own class.
+        Prefect walks every task parameter (at submission and again on the worker, which is costly
+        for a RunInfo of 1,000 classes); per-class stages only look up their own class.
         """
         keep = [self.cls(s) for s in slugs]
         return replace(self, classes=keep, all_classes=[], _by_slug={})

@@ -113,7 +113,8 @@ def _param_name(raw: str) -> str:
 
 
 def public_param(name: str, value: str) -> bool:
-    """True when a query parameter may be stored and published: an allow-listed name with a plain value."""
+    """True when a query parameter may be stored and published: an allow-listed name with a plain
+    value."""
     return _param_name(name) in PUBLIC_QUERY_PARAMS and bool(
         _PUBLIC_QUERY_VALUE.fullmatch(_decoded(value))
     )
@@ -130,7 +131,8 @@ def _query_pieces(query: str) -> list[tuple[str, str | None]]:
 
 
 def _shown_name(name: str, value: str | None) -> str:
-    """A refused parameter's name for an error message; a piece without `=` may be the token itself."""
+    """A refused parameter's name for an error message; a piece without `=` may be the token
+    itself."""
     name = _param_name(name)
     if value is None or not re.fullmatch(r"[A-Za-z0-9_.\[\] -]{1,40}", name):
         return "a parameter without a plain name"
@@ -139,7 +141,8 @@ def _shown_name(name: str, value: str | None) -> str:
 
 def url_secret(url: str) -> str | None:
     """Why a URL may carry a credential (userinfo, a query parameter not on PUBLIC_QUERY_PARAMS,
-    a fragment with parameters), or None. Only the name of what is refused is told, never a value."""
+    a fragment with parameters), or None. Only the name of what is refused is told, never a
+    value."""
     if not isinstance(url, str):
         return None
     if _URL_USERINFO.search(url) or _URL_USERINFO.search(_decoded(url)):
@@ -187,7 +190,8 @@ def check_url_secrets(url: str) -> str:
 
 
 def value_secret(value: Any) -> str | None:
-    """Why a string value looks like a credential (a bearer token, a key=..., a signed URL), or None."""
+    """Why a string value looks like a credential (a bearer token, a key=..., a signed URL), or
+    None."""
     if not isinstance(value, str):
         return None
     why = url_secret(value) if "://" in value else None  # any other text may hold a `?`
@@ -200,7 +204,8 @@ def value_secret(value: Any) -> str | None:
 
 
 def find_secrets(obj: Any, path: str = "") -> list[str]:
-    """Dotted paths in a nested dict/list whose key names a credential or whose value carries one."""
+    """Dotted paths in a nested dict/list whose key names a credential or whose value carries
+    one."""
     found: list[str] = []
     if isinstance(obj, dict):
         for k, v in obj.items():
@@ -230,7 +235,8 @@ def mask_secrets(obj: Any) -> Any:
 
 
 def public_options(options: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Storage options as they may be stored and published: allow-listed values, everything else masked."""
+    """Storage options as they may be stored and published: allow-listed values, everything else
+    masked."""
     out: dict[str, Any] = {}
     for k, v in options.items():
         path = f"{prefix}{k}"
@@ -315,5 +321,6 @@ def scrub(text: str, storage_options: dict[str, Any] | None = None) -> str:
 def error_text(
     err: BaseException, storage_options: dict[str, Any] | None = None, limit: int = 2000
 ) -> str:
-    """One line per error for status files, logs and the site: `Type: message`, scrubbed, bounded."""
+    """One line per error for status files, logs and the site: `Type: message`, scrubbed,
+    bounded."""
     return scrub(f"{type(err).__name__}: {err}", storage_options)[:limit]

@@ -9,10 +9,9 @@ model needs from a map and those set-aside tokens.
 The set-aside tokens ("extra tokens", (N, T, C)) belong to an image: h on a modified map (U W,
 as importance builds) uses the class token g produced for the same image, so h(g(x)) is the
 model's logits exactly and a concept removed from the map changes the logits only through what
-the later blocks read from the patch tokens. g keeps the extra tokens of the map it last
-returned (per thread, while that map lives); h finds them when it is handed that very map
-(h(g(x))); for any other map they are passed explicitly, h(map, extra), by whoever stored them
-with the map (the activations stage stores them as `spatial_extra`).
+the later blocks read from the patch tokens. h finds them itself when handed g's last map
+(h(g(x)), TokenH); any other map comes with them, h(map, extra) (the activations stage stores
+them as `spatial_extra`).
 
 Supported: torchvision's VisionTransformer at `conv_proj` or a whole block
 `encoder.layers.encoder_layer_<i>` before the last (the last block, `encoder.layers`,

@@ -12,4 +12,5 @@ class StoreAccessError(StoreError, PermissionError):
 
 
 class LeaseLostError(RuntimeError):
-    """Another process took over our lease (we stalled past its TTL): our work is not marked complete."""
+    """Another process took over our lease (we stalled past its TTL): our work is not marked
+    complete."""

@@ -30,8 +30,8 @@ _CREDENTIAL_ENV = (*SECRET_ENV, "AWS_PROFILE", "AWS_DEFAULT_REGION", "AWS_ENDPOI
 
 
 def _cached(kind: str, url: str, opts: dict[str, Any], make: Callable[[], T]) -> T:
-    """One object per process, URL, options and credential environment (s3 clients are costly:
-    about 0.3 s each, and leaked sessions log errors); a credential change gives a new one."""
+    """One object per process, URL, options and credential environment (s3 clients are costly to
+    create, and leaked sessions log errors); a credential change gives a new one."""
     env = [os.environ.get(k, "") for k in _CREDENTIAL_ENV]
     key = json.dumps([kind, url, opts, env, os.getpid()], sort_keys=True, default=str)
     with _CACHE_LOCK:

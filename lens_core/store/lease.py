@@ -49,10 +49,11 @@ _HELD: ContextVar[tuple[Lease, ...]] = ContextVar("lens_leases_held", default=()
 
 
 def check_leases_held() -> None:
-    """Fence for completion markers: raise LeaseLostError if a lease held in this context was taken over.
+    """Fence for completion markers: raise LeaseLostError if a lease held in this context was
+    taken over.
 
-    A holder frozen past the TTL (a paused process, a stalled host) is replaced; when it wakes it must
-    not mark the stage complete over the new holder's work.
+    A holder frozen past the TTL (a paused process, a stalled host) is replaced; when it wakes it
+    must not mark the stage complete over the new holder's work.
     """
     for lease in _HELD.get():
         if not lease.held():
@@ -79,7 +80,8 @@ class LeaseStore(Protocol):
 
 
 class Lease:
-    """An exclusive claim on one unit of work (a stage of a class) across every process on the store.
+    """An exclusive claim on one unit of work (a stage of a class) across every process on the
+    store.
 
     Objects ``locks/<name>/<generation>.json``; the highest generation is the lease. Acquire by
     creating generation 0 (none exists) or the next one (the current holder is gone), atomically.

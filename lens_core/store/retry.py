@@ -134,7 +134,8 @@ class _Retry:
         if is_unreachable(err):
             return StoreError(
                 f"storage unreachable {self.action} {self.url} "
-                f"(gave up after {time.monotonic() - self.start:.0f} s): {_describe(err, self.opts)}"
+                f"(gave up after {time.monotonic() - self.start:.0f} s): "
+                f"{_describe(err, self.opts)}"
             )
         return err
 

@@ -288,7 +288,8 @@ class RunStore:
         return isinstance(marker, dict) and marker.get("inputs") == inputs
 
     def mark_files_complete(self, prefix: str, inputs: str | None = None, **attrs: Any) -> None:
-        """Write the prefix's `_SUCCESS` marker last, recording what the files were computed from."""
+        """Write the prefix's `_SUCCESS` marker last, recording what the files were computed
+        from."""
         check_leases_held()
         self.write_bytes(
             join_url(prefix, SUCCESS), dumps_json({"inputs": inputs, **attrs}).encode()
@@ -298,14 +299,16 @@ class RunStore:
     def lease(
         self, name: str, ttl: float | None = None, poll: float | None = None
     ) -> Iterator[Lease]:
-        """Hold the lease `name` (e.g. 'activations/<class>') for the block; waits while another has it."""
+        """Hold the lease `name` (e.g. 'activations/<class>') for the block; waits while another has
+        it."""
         with Lease(self, layout.lease_prefix(name), ttl, poll) as held:
             yield held
 
     # ---- zarr ----------------------------------------------------------------------------
     @property
     def zarr(self) -> zarr.Group:
-        """The root group of lens.zarr (opened once per process: groups re-read metadata on access)."""
+        """The root group of lens.zarr (opened once per process: groups re-read metadata on
+        access)."""
         if self._zarr is None:
             url = self.url(layout.ZARR_ROOT)
 
@@ -313,9 +316,8 @@ class RunStore:
                 store = zarr_store(url, self.storage_options)
                 try:
                     return zarr.open_group(store=store, mode="a", zarr_format=3)
-                except (
-                    ContainsGroupError
-                ):  # another worker created it between zarr's look and its create
+                except ContainsGroupError:
+                    # another worker created it between zarr's look and its create
                     return zarr.open_group(store=store, mode="r+", zarr_format=3)
 
             self._zarr = (
@@ -324,7 +326,8 @@ class RunStore:
         return self._zarr
 
     def group(self, path: str, fresh: bool = False) -> zarr.Group:
-        """The Zarr group at `path` (created if missing); `fresh` drops leftovers of a partial run."""
+        """The Zarr group at `path` (created if missing); `fresh` drops leftovers of a partial
+        run."""
         root = self.zarr
         if fresh and path in root:
             del root[path]

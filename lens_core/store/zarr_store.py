@@ -94,7 +94,8 @@ class RetryingStore(WrapperStore):
 
 
 def zarr_store(url: str, storage_options: dict[str, Any] | None = None, read_only: bool = False):
-    """A zarr v3 store for a URL: LocalStore on disk, FsspecStore (async s3fs) elsewhere; retried."""
+    """A zarr v3 store for a URL: LocalStore on disk, FsspecStore (async s3fs) elsewhere;
+    retried."""
     url = normalize_url(url)
     if url.startswith("file://"):
         return zarr.storage.LocalStore(url[len("file://") :], read_only=read_only)

@@ -1,8 +1,8 @@
-"""Synthetic toy data: classes built from known visual parts, with a ground-truth part mask per image.
+"""Synthetic toy data: classes built from known visual parts, a ground-truth part mask per image.
 
-Each image is a low-salience background plus the class's own parts and 1-2 distractor parts shared by
-all classes, placed without overlap. The mask holds the part id of every pixel (-1 = background), so
-later stages (concepts, importance) can be checked against the truth.
+Each image is a low-salience background plus the class's own parts and 1-2 distractor parts shared
+by all classes, placed without overlap. The mask holds the part id of every pixel (-1 =
+background), so later stages (concepts, importance) can be checked against the truth.
 """
 
 from __future__ import annotations
@@ -130,7 +130,8 @@ def class_parts(class_index: int, n_classes: int = 10) -> tuple[int, ...]:
 
 
 def class_names(n_classes: int = 10) -> list[str]:
-    """Folder names, e.g. '00-red-disc-yellow-stripes': the index prefix keeps sorted order = label order."""
+    """Folder names, e.g. '00-red-disc-yellow-stripes': the index prefix keeps sorted order = label
+    order."""
     _check(n_classes)
     width = max(2, len(str(n_classes - 1)))
     return [
@@ -139,7 +140,8 @@ def class_names(n_classes: int = 10) -> list[str]:
 
 
 def image_seed(seed: int, index: int) -> int:
-    """Seed of image `index` of a data set generated with `seed` (a 62-bit hash, disjoint in practice)."""
+    """Seed of image `index` of a data set generated with `seed` (a 62-bit hash, disjoint in
+    practice)."""
     state = np.random.SeedSequence([seed, index, 0x70E]).generate_state(2, dtype=np.uint32)
     return int(state[0]) << 30 | int(state[1]) >> 2
 
@@ -245,7 +247,8 @@ def _smooth_noise(rng: np.random.Generator, size: int, cells: int, amp: float) -
 
 
 def _layout(rng: np.random.Generator, sizes: list[int], size: int) -> list[tuple[int, int, int]]:
-    """Non-overlapping boxes (x, y, side) for squares of the given sides (rejection, then a grid)."""
+    """Non-overlapping boxes (x, y, side) for squares of the given sides (rejection, then a
+    grid)."""
     gap = max(1, size // 64)
     for _ in range(30):
         boxes: list[tuple[int, int, int]] = []
@@ -328,7 +331,8 @@ def _png(array: np.ndarray) -> bytes:
 
 
 def encode_mask(mask: np.ndarray) -> bytes:
-    """PNG bytes of a part-id mask: part id + 1 per pixel, 0 = background (8-bit, or 16-bit if needed)."""
+    """PNG bytes of a part-id mask: part id + 1 per pixel, 0 = background (8-bit, or 16-bit if
+    needed)."""
     shifted = mask.astype(np.int32) + 1
     dtype = np.uint8 if len(PARTS) < 255 else np.uint16
     return _png(shifted.astype(dtype))
@@ -348,7 +352,8 @@ def toy_manifest(n_classes: int, n_per_class: int, seed: int) -> dict[str, Any]:
         "n_classes": n_classes,
         "n_per_class": n_per_class,
         "image_size": IMAGE_SIZE,
-        "image_seeds": "image i of every class is render_image(class, n_classes, image_seed(seed, i))",
+        "image_seeds": "image i of every class is "
+        "render_image(class, n_classes, image_seed(seed, i))",
         "mask_encoding": MASK_ENCODING,
         "parts": [
             {

@@ -20,7 +20,8 @@ def _conv(c_in: int, c_out: int, stride: int = 1) -> list[nn.Module]:
 
 
 class ToyCNN(nn.Sequential):
-    """Four conv/BN/ReLU blocks (64 -> 32 -> 16 -> 8 -> 8 px), global average pooling, a linear head."""
+    """Four conv/BN/ReLU blocks (64 -> 32 -> 16 -> 8 -> 8 px), global average pooling, a linear
+    head."""
 
     def __init__(self, num_classes: int = 10, widths: tuple[int, int, int, int] = WIDTHS):
         w1, w2, w3, w4 = widths

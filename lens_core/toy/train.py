@@ -81,7 +81,8 @@ def own_centroids(
 
 
 def sample_crops(rng: np.random.Generator, centroids: np.ndarray) -> torch.Tensor:
-    """Affine thetas (N,2,3) of random crops: half patch-sized (often on an own part), half large."""
+    """Affine thetas (N,2,3) of random crops: half patch-sized (often on an own part), half
+    large."""
     n = len(centroids)
     small = rng.random(n) < 0.5
     area = np.where(small, rng.uniform(0.05, 0.3, n), rng.uniform(0.3, 1.0, n))
@@ -102,7 +103,8 @@ def sample_crops(rng: np.random.Generator, centroids: np.ndarray) -> torch.Tenso
 
 
 def crop_batch(images: torch.Tensor, theta: torch.Tensor, size: int = INPUT_SIZE) -> torch.Tensor:
-    """Bilinear crops of uint8 images by affine thetas, as normalized model input (N,3,size,size)."""
+    """Bilinear crops of uint8 images by affine thetas, as normalized model input
+    (N,3,size,size)."""
     x = images.float() / 255
     grid = F.affine_grid(theta, [len(x), 3, size, size], align_corners=False)
     return normalize(F.grid_sample(x, grid, mode="bilinear", align_corners=False))
@@ -137,7 +139,8 @@ def patch_accuracy(
     labels: torch.Tensor,
     n_classes: int,
 ) -> tuple[float, float, int]:
-    """Accuracy over grid patches showing an own part (>= PATCH_COVERAGE), over all, and that count."""
+    """Accuracy over grid patches showing an own part (>= PATCH_COVERAGE), over all, and that
+    count."""
     hits, covered, total_hits, total = 0, 0, 0, 0
     for x0, y0, x1, y1 in grid_boxes(images.shape[-1]):
         pred = predict(model, resize(images[:, :, y0:y1, x0:x1]))
