@@ -160,16 +160,18 @@ def _masked_logits(
     h: torch.nn.Module,
     U3: torch.Tensor,
     W: torch.Tensor,
-    masks: torch.Tensor,
+    masks: np.ndarray,
     class_index: int,
     shape: tuple[int, ...],
     batch_size: int,
     residual: torch.Tensor | None = None,
     precision: str = "fp32",
-    extra: torch.Tensor | None = None,
+    extra: np.ndarray | torch.Tensor | None = None,
 ) -> np.ndarray:
     """Class logit of h((U * mask) W [+ residual]) for every (mask, image): array (M, N); h under
     autocast in `precision`; a token model's h also gets each image's `extra` tokens (N, T, C)."""
+    masks = torch.from_numpy(masks).to(U3.device)
+    extra = _extra(extra, U3.device)
     n, L, _ = U3.shape
     m = masks.shape[0]
     out = torch.empty(m * n, dtype=torch.float64, device=U3.device)
@@ -224,15 +226,7 @@ def concept_sobol(
     k = Wt.shape[0]
     masks = saltelli_masks(k, n_designs, sampler, seed, scramble)
     y = _masked_logits(
-        h,
-        U3,
-        Wt,
-        torch.from_numpy(masks).to(dev),
-        class_index,
-        shape,
-        batch_size,
-        precision=precision,
-        extra=_extra(extra, dev),
+        h, U3, Wt, masks, class_index, shape, batch_size, precision=precision, extra=extra
     )
     return jansen_total(y, n_designs, k)
 
@@ -342,18 +336,7 @@ def deletion_curve(
     residual = None
     if keep_residual:
         residual = rows.reshape(U3.shape[0], U3.shape[1], -1) - U3 @ Wt
-    y = _masked_logits(
-        h,
-        U3,
-        Wt,
-        torch.from_numpy(masks).to(dev),
-        class_index,
-        shape,
-        batch_size,
-        residual,
-        precision=precision,
-        extra=_extra(extra, dev),
-    )
+    y = _masked_logits(h, U3, Wt, masks, class_index, shape, batch_size, residual, precision, extra)
     curve = y.mean(axis=1)
     return curve, float(np.trapezoid(curve, dx=1.0 / k))
 
