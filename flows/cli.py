@@ -8,7 +8,7 @@ import os
 import sys
 import threading
 import warnings
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from flows.cli_common import class_list, print_table
 from lens_core import layout
@@ -22,6 +22,11 @@ from lens_core.config import (
 from lens_core.identity import is_run_id
 from lens_core.settings import settings
 from lens_core.store import RunStore, normalize_url
+
+if TYPE_CHECKING:  # run pulls in torch, which `lens --help` and the table commands do not need
+    from prefect.client.schemas.objects import State
+
+    from lens_core.run import RunInfo
 
 log = logging.getLogger("lens")
 
@@ -241,7 +246,7 @@ def _flow_result(state: Any) -> dict[str, Any]:
     return result if isinstance(result, dict) else {}
 
 
-def _report(state: Any, info: Any, cfg: Any) -> int:
+def _report(state: State, info: RunInfo, cfg: AtlasConfig) -> int:
     """What `lens run` prints at the end, and its exit code: 0 when every class was explained and
     the site published, 2 when some or every class failed or a cross-class step failed (a
     `lens:` line says which), 1 when the run crashed. The site is named only when it was written."""
@@ -279,7 +284,7 @@ def _report(state: Any, info: Any, cfg: Any) -> int:
     return 0
 
 
-def _print_site(cfg: Any, info: Any, link: str | None, site: str) -> None:
+def _print_site(cfg: AtlasConfig, info: RunInfo, link: str | None, site: str) -> None:
     base = normalize_url(cfg.publish)
     if cfg.publish_base_url:
         print(f"site: {link}")
@@ -293,7 +298,7 @@ def _print_site(cfg: Any, info: Any, link: str | None, site: str) -> None:
         print(f"site: {site}/index.html (serve it with: .venv/bin/lens serve --publish {base})")
 
 
-def _partial_link(cfg: Any, info: Any) -> str:
+def _partial_link(cfg: AtlasConfig, info: RunInfo) -> str:
     """Where the site so far can be read (its pages appear as classes finish)."""
     site = f"{normalize_url(cfg.publish)}/{info.run_id}/index.html"
     if cfg.publish_base_url:

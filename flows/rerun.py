@@ -20,7 +20,7 @@ from typing import Any
 from lens_core import layout
 from lens_core.config import AtlasConfig
 from lens_core.publish import site_url
-from lens_core.run import planned_info
+from lens_core.run import RunInfo, planned_info
 from lens_core.store import RunStore
 
 
@@ -28,7 +28,7 @@ from lens_core.store import RunStore
 class Finished:
     """A finished run with nothing left to compute for this config."""
 
-    info: Any  # RunInfo (the model not loaded: num_classes is provisional)
+    info: RunInfo  # the model not loaded: num_classes is provisional
     finished: dict[str, Any]  # finished.json
     site_written: bool  # the run's index page is at this config's publish URL
 
@@ -53,7 +53,7 @@ def finished_unchanged(config: AtlasConfig) -> Finished | None:
     return None
 
 
-def _site_exists(info: Any) -> bool:
+def _site_exists(info: RunInfo) -> bool:
     from lens_core.store import filesystem
 
     url = f"{site_url(info)}/index.html"
