@@ -1,32 +1,20 @@
-"""What changed between two checkpoints: each class's concepts matched across two runs of a lineage.
+"""What changed between two checkpoints: each class's concepts matched across two runs.
 
-Two runs of the same data and method sample the same images and cut the same patches, so a
-concept of one run and a concept of the other can be compared on the same patches: the cosine
-similarity of their U columns (how strongly each patch expresses them). An optimal one-to-one
-assignment (Hungarian algorithm) pairs them; a pair below `threshold` is no match. Per class:
-
-- matched pairs, with their similarity and their importance before and after (points);
-- concepts that appeared (no match in the previous run) and that vanished;
-- the class's mean logit on its own images, and its accuracy (share of its images the model
-  assigns to it), before and after;
-- one change score in [0, 1]: how much of the class's importance moved to other patches. Each
-  run spreads each concept's share of the importance (positive part, normalised to sum 1) over
-  the patches in proportion to the concept's coefficients (U column / its sum); the score is the
-  total variation distance between the two runs' patch distributions, 0.5 * sum |P_a - P_b|.
-  It is 0 when the model draws its evidence for the class from the same patches with the same
-  weights, and 1 when none of it stays. Measured on patches rather than on concept pairs, it does
-  not move when NMF splits or merges concepts over the same patches between two checkpoints
-  (concept matching is less stable than the evidence it describes), and a vanished minor concept
-  counts little while a vanished top concept counts a lot. On the ground-truth test (a class
-  whose signature part was replaced by another one in fine-tuning) the changed class scores
-  0.46 against a median of 0.09 for the others, where a concept-pair score (1 - sum of
-  similarity x min(p_i, q_j)) ranked it third (0.50, against 0.24-0.61): see tests/test_changes.py.
+Two runs of a lineage on the same data and method sample the same images and cut the same
+patches, so a concept of one run and a concept of the other can be compared on the same patches
+(`similarity`) and paired one-to-one (`match`). Per class the report (`compare_class`) gives the
+matched pairs, the concepts that appeared and vanished, the class's logit and accuracy before and
+after, and one change score (`change_score`): how much of the class's importance moved to other
+patches. Measured on patches rather than on concept pairs, the score does not move when NMF
+splits or merges concepts over the same patches (concept matching is less stable than the
+evidence it describes), and a vanished top concept counts a lot while a minor one counts little;
+on the ground truth of tests/test_changes.py it singles out the changed class, where a
+concept-pair score (1 - sum of similarity x min(p_i, q_j)) did not.
 
 The report does not depend on the order of either run's concepts (the assignment is optimal, the
-score needs no assignment at all).
-
-The comparison is per class: a class whose two runs share no patch (its images changed between
-them) is reported "not comparable", with the reason, and every other class is still compared.
+score needs no assignment at all). The comparison is per class: a class whose two runs share no
+patch (its images changed between them) is reported "not comparable", with the reason, and every
+other class is still compared.
 """
 
 from __future__ import annotations
@@ -92,7 +80,11 @@ def read_side(store: RunStore, slug: str) -> ClassSide | None:
 
 
 def similarity(Ua: np.ndarray, Ub: np.ndarray) -> np.ndarray:
-    """Cosine similarity of the columns of Ua (n, ka) and Ub (n, kb): (ka, kb)."""
+    """Cosine similarity of the columns of Ua (n, ka) and Ub (n, kb): (ka, kb).
+
+    A U column says how strongly each patch expresses a concept, so two concepts that live on
+    the same patches are similar whichever run they come from.
+    """
     na = np.linalg.norm(Ua, axis=0)
     nb = np.linalg.norm(Ub, axis=0)
     S = (Ua.T @ Ub) / np.maximum(np.outer(na, nb), 1e-30)
@@ -100,7 +92,10 @@ def similarity(Ua: np.ndarray, Ub: np.ndarray) -> np.ndarray:
 
 
 def match(S: np.ndarray, threshold: float = DEFAULT_THRESHOLD) -> list[tuple[int, int, float]]:
-    """The optimal one-to-one pairs (i, j, similarity) with similarity >= threshold."""
+    """The optimal one-to-one pairs (i, j, similarity) with similarity >= threshold.
+
+    The assignment is the Hungarian algorithm's; a pair below `threshold` is no match.
+    """
     rows, cols = linear_sum_assignment(-S)
     return [
         (int(i), int(j), float(S[i, j]))
@@ -117,7 +112,11 @@ def weights(shown: np.ndarray) -> np.ndarray:
 
 
 def patch_importance(U: np.ndarray, shown: np.ndarray) -> np.ndarray:
-    """The class's importance spread over its patches: sum_k U[:, k] / sum(U[:, k]) * p_k (sums to 1)."""
+    """The class's importance spread over its patches (sums to 1).
+
+    Each concept's share p_k (`weights`) is spread over the patches in proportion to its
+    coefficients: sum_k U[:, k] / sum(U[:, k]) * p_k.
+    """
     columns = U / np.maximum(U.sum(axis=0, keepdims=True), 1e-30)
     d = columns @ weights(shown)
     total = d.sum()
@@ -125,7 +124,11 @@ def patch_importance(U: np.ndarray, shown: np.ndarray) -> np.ndarray:
 
 
 def change_score(before: np.ndarray, after: np.ndarray) -> float:
-    """Total variation distance of two patch-importance distributions (module doc): 0 = unchanged."""
+    """Total variation distance of two patch-importance distributions, in [0, 1].
+
+    0.5 * sum |P_a - P_b|: 0 when the model draws its evidence for the class from the same
+    patches with the same weights, 1 when none of it stays.
+    """
     return float(np.clip(0.5 * np.abs(before - after).sum(), 0.0, 1.0))
 
 
@@ -153,7 +156,13 @@ def _same_images(a: ClassSide, b: ClassSide) -> tuple[np.ndarray, np.ndarray]:
 def compare_class(
     before: ClassSide, after: ClassSide, threshold: float = DEFAULT_THRESHOLD
 ) -> dict[str, Any]:
-    """The change report of one class (module doc); concept ids are each run's own."""
+    """The change report of one class (module doc); concept ids are each run's own.
+
+    Matched pairs with their similarity and their importance before and after (points); the
+    concepts that appeared (no match in the previous run) and that vanished; the class's mean
+    logit on its own images and its accuracy (share of its images the model assigns to it),
+    before and after; the change score.
+    """
     Ua, Ub = _aligned(before, after)
     S = similarity(Ua, Ub)
     pairs = match(S, threshold)
@@ -314,7 +323,7 @@ def compare(
 
 
 def _class_report(before: ClassSide, after: ClassSide, threshold: float) -> dict[str, Any]:
-    """One class's report, or {"comparable": False, "reason"} when its two runs cannot be compared."""
+    """One class's report, or {"comparable": False, "reason"} when its runs cannot be compared."""
     try:
         return {"comparable": True, **compare_class(before, after, threshold)}
     except NotComparable as err:
@@ -338,8 +347,11 @@ def read_changes(store: RunStore) -> tuple[dict[str, Any] | None, dict[str, dict
 
 
 def compare_with_previous(info: Any) -> dict[str, Any]:
-    """Compare the run with its previous run (the configured one, else the latest finished run of its
-    lineage on another checkpoint); {"previous": None} when there is none yet."""
+    """Compare the run with its previous run; {"previous": None} when there is none yet.
+
+    The previous run is the configured one, else the latest finished run of its lineage on
+    another checkpoint.
+    """
     from lens_core.lineage import find_run, previous_run
 
     cfg = info.config

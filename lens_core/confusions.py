@@ -142,7 +142,8 @@ def concept_label(labels: dict[str, Any], slug: str, concept: int) -> str | None
 
 
 def build_confusions(info: RunInfo, device: str | None = None) -> dict[str, Any]:
-    """Every (true, predicted) pair of the run's classes, explained by the predicted class's concepts.
+    """Every (true, predicted) pair of the run's classes, explained by the predicted class's
+    concepts.
 
     Skipped when `atlas/confusions.json` records the same inputs (the classes' fingerprints and the
     settings); returns {"pairs", "mistaken", "skipped"}.
@@ -169,7 +170,7 @@ def explain_confusions(
     by_index: dict[int, str],
     device: str | None = None,
 ) -> dict[str, Any]:
-    """The confusions report (see module doc) over `classes`; example images written to the store."""
+    """The confusions report (module doc) over `classes`; example images written to the store."""
     store, cfg = info.store(), info.config
     dev = pick_device(device)
     split = get_split(info, dev)

@@ -1,4 +1,4 @@
-"""Across classes (once per run): nearest concepts in other classes and concept-to-class alignment."""
+"""Across classes (once per run): nearest concepts in other classes, concept-to-class alignment."""
 
 from __future__ import annotations
 
@@ -60,7 +60,7 @@ def class_alignment(
     class_slugs: list[str | None],
     top: int = 5,
 ) -> dict[str, list[list[dict[str, Any]]]]:
-    """For every concept, the `top` classes whose classifier weight vector is most aligned (cosine)."""
+    """For every concept, the `top` classes whose classifier weight vectors align best (cosine)."""
     H = _unit(head_weight.astype(np.float32))
     out = {}
     for slug, W in W_by_class.items():

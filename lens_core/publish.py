@@ -286,7 +286,10 @@ def _class_changes(
 def _previous_page(
     info: RunInfo, previous: str, prev_slug: str, base: str
 ) -> dict[str, Any] | None:
-    """The previous run's published data file of a class (its concepts' viz and crops), if published here."""
+    """The previous run's published data file of a class (its concepts' viz and crops).
+
+    None unless that run's site is published here.
+    """
     url = join_url(base, previous, "data", f"{prev_slug}.json")
     try:
         fs, path = filesystem(url, info.config.storage_options)
@@ -364,7 +367,10 @@ def _site_changes(
 
 
 def _top_concepts(entry: dict[str, Any], n: int = 3) -> list[dict[str, Any]]:
-    """A class's first concepts as the changes page shows them: id, label, share, viz and three crops."""
+    """A class's first concepts as the changes page shows them.
+
+    Each with its id, label, share, viz and three crops.
+    """
     basis = entry.get("importance_basis")
     return [
         {
@@ -401,7 +407,8 @@ def _site_mistakes(
                             assets,
                             store,
                             layout.confusion_file(pair["true"], pair["predicted"], ex[kind]),
-                            f"assets/{layout.confusion_file(pair['true'], pair['predicted'], ex[kind])}",
+                            "assets/"
+                            f"{layout.confusion_file(pair['true'], pair['predicted'], ex[kind])}",
                         )
                         for kind in ("overlay", "plain")
                         if ex.get(kind)
@@ -535,7 +542,9 @@ _KEEP = (
 def publish_pages(
     info: RunInfo, publish_url: str | None = None, skip: Collection[str] = ()
 ) -> dict[str, Any]:
-    """Write the run's class pages, data files and assets under `<publish>/<run_id>/` (no index yet).
+    """Write the run's class pages, data files and assets under `<publish>/<run_id>/`.
+
+    No index yet: `publish_index` writes it once the pages exist.
 
     `skip`: static files and assets a `PartialSite` of this run already wrote (not written again).
     Returns a summary; its `site` is the site data that `publish_index` takes.
@@ -557,7 +566,10 @@ def publish_pages(
 def publish_index(
     info: RunInfo, site: dict[str, Any], publish_url: str | None = None
 ) -> dict[str, Any]:
-    """Write the run's index (search data, method page, index.html last), then the runs page above it."""
+    """Write the run's index, then the runs page above it.
+
+    The index is the search data, the method page and, last, index.html.
+    """
     from lens_core.site.builder import build_index
     from lens_core.site.runs import write_runs_index
 
@@ -584,14 +596,17 @@ def publish_index(
 
 
 def published(pages: dict[str, Any], index: dict[str, Any]) -> dict[str, Any]:
-    """One summary of a publish: `publish_pages`'s (without the site data) completed by `publish_index`'s."""
+    """One summary of a publish: `publish_pages`'s, without the site data, and `publish_index`'s."""
     from lens_core.site.builder import merge_summaries
 
     return merge_summaries({k: v for k, v in pages.items() if k != "site"}, index)
 
 
 def publish(info: RunInfo, publish_url: str | None = None) -> dict[str, Any]:
-    """Build the run's site at `<publish>/<run_id>/` (pages, then its index), then the runs page above it."""
+    """Build the run's site at `<publish>/<run_id>/` (pages, then its index), then the runs page.
+
+    The runs page lives above the run's site, at the publish root.
+    """
     pages = publish_pages(info, publish_url)
     return published(pages, publish_index(info, pages["site"], publish_url))
 
@@ -710,7 +725,10 @@ class PartialSite:
             return out
 
     def due_in(self) -> float | None:
-        """Seconds until the pending index update may be written (0: now); None when none is pending."""
+        """Seconds until the pending index update may be written (0: now).
+
+        None when no update is pending.
+        """
         with self._lock:
             if not self._dirty:
                 return None
@@ -719,13 +737,16 @@ class PartialSite:
             return max(0.0, self.interval - (self.clock() - self._last_index))
 
     def flush(self, force: bool = False) -> dict[str, Any] | None:
-        """Write the pending index update if it is due (`force`: now); returns its summary or None."""
+        """Write the pending index update if it is due (`force`: now); its summary, or None."""
         with self._lock:
             return self._flush(force)
 
     def finish(self) -> dict[str, Any]:
-        """The final publish: the whole site as `publish` writes it (every page, cross-class links,
-        changes, mistakes, the index, the runs page), without rewriting the assets already written."""
+        """The final publish: the whole site as `publish` writes it.
+
+        Every page, cross-class links, changes, mistakes, the index and the runs page, without
+        rewriting the assets already written.
+        """
         with self._lock:
             t0 = time.perf_counter()
             pages = publish_pages(self.info, self.base, skip=self.written)

@@ -69,7 +69,7 @@ class SiteWriter:
         return [(dict(key), files) for key, files in groups.items()]
 
     def _put(self, items: list[tuple[str, bytes]]) -> None:
-        """One concurrent batch: on an async filesystem, every group's puts are in flight at once."""
+        """One concurrent batch: on an async filesystem, all groups' puts are in flight at once."""
         groups = self._groups(items)
         if len(groups) > 1 and getattr(self.fs, "async_impl", False):
             sync(self.fs.loop, _pipe_groups, self.fs, groups)
@@ -183,7 +183,10 @@ def build_pages(
 def build_index(
     site: dict, publish_url: str, storage_options: dict[str, Any] | None = None
 ) -> dict[str, Any]:
-    """Write the method page, the class list (search data) and, last, index.html: once the pages exist."""
+    """Write the method page, the class list (search data) and, last, index.html.
+
+    Called once the pages exist, so that the index links only to written pages.
+    """
     t0 = time.perf_counter()
     data = normalize_site(site)
     url = normalize_url(publish_url)
@@ -228,7 +231,10 @@ def build_site(
 
 
 def merge_summaries(pages: dict[str, Any], index: dict[str, Any]) -> dict[str, Any]:
-    """One summary of a whole site from `build_pages`'s and `build_index`'s (or a subset of their keys)."""
+    """One summary of a whole site from `build_pages`'s and `build_index`'s.
+
+    Either may be a subset of its keys.
+    """
     seconds = {
         **pages["seconds"],
         "index": index["seconds"],

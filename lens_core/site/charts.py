@@ -35,7 +35,8 @@ def cluster_chart(
 ) -> dict:
     """Scatter grouped by concept colour; `images` follows the dots' order in the paths.
 
-    Image paths share their folder as `base` (with the page's relative `prefix`) to keep pages small.
+    Image paths share their folder as `base` (with the page's relative `prefix`) to keep pages
+    small.
     """
     sx = _scaler([p["x"] for p in points], pad, width - pad)
     sy = _scaler([p["y"] for p in points], height - pad, pad)
@@ -55,7 +56,7 @@ def cluster_chart(
         groups[key]["circles"].append((_f(sx(p["x"])), _f(sy(p["y"]))))
         groups[key]["points"].append(p)
     order.sort(key=lambda g: (g["k"] == OTHER, int(g["k"]) if g["k"] != OTHER else 0))
-    for g in order:  # one path per colour, a round zero-length segment per dot: ~14 bytes a point
+    for g in order:  # one path per colour, a round zero-length segment per dot: a few bytes a point
         g["d"] = "".join(f"M{x} {y}h0" for x, y in g.pop("circles"))
     flat = [p for g in order for p in g.pop("points")]
     paths = [p["image"] or "" for p in flat]
@@ -117,7 +118,8 @@ def line_chart(
     def pts(ys: list[float]) -> str:
         n = max(len(ys) - 1, 1)
         return " ".join(
-            f"{_f(pad + (width - 2 * pad) * i / n)},{_f(height - pad - (height - 2 * pad) * (y - lo) / (hi - lo))}"
+            f"{_f(pad + (width - 2 * pad) * i / n)},"
+            f"{_f(height - pad - (height - 2 * pad) * (y - lo) / (hi - lo))}"
             for i, y in enumerate(ys)
         )
 

@@ -47,12 +47,15 @@ def num(value: float | None, digits: int = 2) -> str:
 
 
 def concept_labels(cls: dict) -> list[str]:
-    """The labels people gave the class's concepts (searchable: "stem" finds every class with one)."""
+    """The labels people gave the class's concepts (searchable: "stem" finds every such class)."""
     return [c["label"] for c in cls["concepts"] if c.get("label")]
 
 
 def search_key(cls: dict) -> str:
-    """Lowercase name + synonyms + id + concept labels (plus an accent-free copy): what the search matches."""
+    """What the search matches: lowercase name + synonyms + id + concept labels.
+
+    Plus an accent-free copy, so that a query typed without accents still matches.
+    """
     text = " ".join([cls["name"], *cls["synonyms"], cls["id"], *concept_labels(cls)]).lower()
     plain = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode()
     return text if plain == text else f"{plain} {text}"
@@ -118,7 +121,7 @@ def thumb(cls: dict) -> str | None:
 
 
 def _shown(cls: dict, concept: dict) -> float | None:
-    """The percentage a concept shows: its logit share, or its Sobol share on a Sobol-based class."""
+    """The percentage a concept shows: its logit share, or its Sobol share on a Sobol class."""
     return concept["sobol_share"] if cls["importance_basis"] == "sobol" else concept["logit_share"]
 
 
@@ -197,7 +200,7 @@ def render_changes(data: dict) -> str:
 
 
 def render_mistakes(data: dict) -> str:
-    """mistakes.html: pairs of classes the model confuses, most images first, with their concepts."""
+    """mistakes.html: the class pairs the model confuses, most images first, with their concepts."""
     known = {c["slug"] for c in data["classes"] if c["status"] == "ok"}
     return _page("mistakes.html", data, "", slug=None, known=known)
 

@@ -36,7 +36,7 @@ def check_slug(slug: Any, where: str = "slug") -> str:
 
 
 def check_path(path: Any, where: str = "path") -> str:
-    """A publish-relative path: no scheme, no leading '/', no '.'/'..' segments, plain characters."""
+    """A publish-relative path: no scheme, no leading '/', no '.'/'..' segment, plain characters."""
     if not isinstance(path, str) or len(path) > 512 or not PATH_RE.fullmatch(path):
         raise SiteError(f"unsafe {where}: {path!r} (must be a plain publish-relative path)")
     return path
@@ -134,7 +134,7 @@ class Aligned(_Model):
 
 
 class ConceptChange(_Model):
-    """How a concept changed since the previous checkpoint: new, or importance up/down/same (points)."""
+    """A concept's change since the last checkpoint: new, or importance up/down/same (points)."""
 
     kind: Literal["new", "up", "down", "same"]
     delta: Number = Field(None, description="importance now minus before, in percentage points")
@@ -160,12 +160,14 @@ class Concept(_Model):
     color: str | None = Field(None, description="its colour on maps and charts (by rank)")
     logit_share: Number = Field(
         None,
-        description="percent of the summed class logit over the images classified as the class; negative = argues against the class",
+        description="percent of the summed class logit over the images classified as the class; "
+        "negative = argues against the class",
     )
     sobol: Number = Field(None, description="Sobol total index")
     sobol_share: Number = Field(
         None,
-        description="percent of the class's summed Sobol total indices (shown when there is no logit share)",
+        description="percent of the class's summed Sobol total indices "
+        "(shown when there is no logit share)",
     )
     important: bool = False
     n_top_images: Integer = None
@@ -299,7 +301,8 @@ class ClassEntry(_Model):
     )
     share_residual: Number = Field(
         None,
-        description="with a logit share: the percent of the summed class logit that the concepts do not reconstruct",
+        description="with a logit share: the percent of the summed class logit "
+        "that the concepts do not reconstruct",
     )
     share_bias: Number = Field(
         None,
@@ -362,7 +365,7 @@ class Run(_Model):
 
 
 class ChangedConcept(_Model):
-    """A top concept of a class on the changes page (before: the previous run's, its paths relative to that run's site)."""
+    """A top concept on the changes page (`before`: the previous run's, with paths in its site)."""
 
     id: Annotated[int, BeforeValidator(_integer)]
     label: OptText = None
@@ -483,7 +486,10 @@ def _where(loc: tuple[Any, ...]) -> str:
 
 
 def normalize_site(site: Any) -> dict:
-    """Checked copy of the site data, defaults filled, concepts sorted by importance; SiteError names the field."""
+    """Checked copy of the site data, defaults filled, concepts sorted by importance.
+
+    A SiteError names the field that is wrong.
+    """
     if not isinstance(site, dict):
         raise SiteError("site: expected an object with 'run' and 'classes'")
     classes = site.get("classes")
@@ -579,6 +585,7 @@ def schema_markdown() -> str:
             )
             kind = _type_name(field.annotation).replace("|", "\\|")
             parts.append(
-                f"| `{name}` | {kind} | {default.replace('|', chr(92) + '|')} | {field.description or ''} |"
+                f"| `{name}` | {kind} | {default.replace('|', chr(92) + '|')} | "
+                f"{field.description or ''} |"
             )
     return "\n".join(parts) + "\n"
