@@ -571,28 +571,26 @@ def publish_index(
     The index is the search data, the method page and, last, index.html.
     """
     from lens_core.site.builder import build_index
-    from lens_core.site.runs import write_runs_index
 
     base = normalize_url(publish_url or info.config.publish)
     summary = build_index(site, site_url(info, base), info.config.storage_options)
     failed = sum(c["status"] != "ok" for c in site["classes"])
-    run = site["run"]
-    write_runs_index(
-        base,
-        {
-            "run_id": info.run_id,
-            "published": datetime.now(UTC).isoformat(timespec="seconds"),
-            "created": run["created"],
-            "model": run["model"],
-            "layer": run["layer"],
-            "checkpoint": run["checkpoint"],
-            "checkpoint_digest": run["checkpoint_digest"],
-            "classes": len(site["classes"]),
-            "failed": failed,
-        },
-        info.config.storage_options,
-    )
+    _add_to_runs_page(base, info, site["run"], len(site["classes"]), failed)
     return {k: summary[k] for k in ("index_url", "index_bytes", "files", "bytes", "seconds")}
+
+
+def _add_to_runs_page(
+    base: str, info: RunInfo, run: dict[str, Any], classes: int, failed: int
+) -> None:
+    """Record the run (`<run id>/run.json`: its model, checkpoint and counts) on the runs page
+    above its site, `<base>/index.html`."""
+    from lens_core.site.runs import write_runs_index
+
+    meta = {"run_id": info.run_id, "published": datetime.now(UTC).isoformat(timespec="seconds")}
+    meta |= {k: run[k] for k in ("created", "model", "layer", "checkpoint", "checkpoint_digest")}
+    write_runs_index(
+        base, {**meta, "classes": classes, "failed": failed}, info.config.storage_options
+    )
 
 
 def published(pages: dict[str, Any], index: dict[str, Any]) -> dict[str, Any]:
@@ -802,7 +800,6 @@ class PartialSite:
         last), and the runs page above it once, when the first class is on it."""
         from lens_core.site.builder import SiteWriter, build_index
         from lens_core.site.render import static_files
-        from lens_core.site.runs import write_runs_index
 
         t0 = time.perf_counter()
         static = {p: b for p, b in static_files().items() if p not in self.written}
@@ -817,22 +814,8 @@ class PartialSite:
         summary = build_index(site, self.url, self.info.config.storage_options)
         self._count(summary, "index_writes")
         if self.entries and not self._listed:
-            run = site["run"]
-            write_runs_index(
-                self.base,
-                {
-                    "run_id": self.info.run_id,
-                    "published": datetime.now(UTC).isoformat(timespec="seconds"),
-                    "created": run["created"],
-                    "model": run["model"],
-                    "layer": run["layer"],
-                    "checkpoint": run["checkpoint"],
-                    "checkpoint_digest": run["checkpoint_digest"],
-                    "classes": len(self._classes),
-                    "failed": sum(e["status"] == "failed" for e in self.entries.values()),
-                },
-                self.info.config.storage_options,
-            )
+            failed = sum(e["status"] == "failed" for e in self.entries.values())
+            _add_to_runs_page(self.base, self.info, site["run"], len(self._classes), failed)
             self._listed = True
             self.stats["writes"] += 2
         self._has_index = True
