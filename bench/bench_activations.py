@@ -198,7 +198,8 @@ def _profile(cfg, split, urls, tmp: str) -> dict[str, float]:
     import zarr
 
     from lens_core.activations import _Appender, pool
-    from lens_core.data import _fetch, decode_image, extract_patches, patch_boxes, resize_square
+    from lens_core.data import decode_image, extract_patches, patch_boxes, resize_square
+    from lens_core.data.reader import _fetch
     from lens_core.device import inference
 
     boxes = patch_boxes(cfg.patches.image_size, cfg.patches.fraction, cfg.patches.grid)

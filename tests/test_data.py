@@ -22,6 +22,7 @@ from lens_core.data import (
     EmptyClassError,
     ImageReadError,
     ReadStats,
+    decode,
     decode_image,
     extract_patches,
     iter_images,
@@ -169,10 +170,10 @@ def test_resize_is_square_whole_image() -> None:
 
 
 def test_decompression_bomb_limit(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(data, "MAX_PIXELS", 100)
+    monkeypatch.setattr(decode, "MAX_PIXELS", 100)
     with pytest.raises(ImageReadError, match="decompression bomb"):
         decode_image(_png(Image.new("RGB", (20, 20))), "x.png")
-    monkeypatch.setattr(data, "MAX_PIXELS", 400)
+    monkeypatch.setattr(decode, "MAX_PIXELS", 400)
     assert decode_image(_png(Image.new("RGB", (20, 20)))).shape == (3, 20, 20)
 
 

@@ -313,13 +313,13 @@ def test_a_huge_image_is_decoded_toward_the_target_size(tmp_path):
     small = np.asarray(Image.fromarray(img).resize((128, 128), Image.BOX), np.float32) / 255
     np.testing.assert_allclose(got.permute(1, 2, 0).numpy(), small, atol=0.02)
     with pytest.raises(Exception, match="larger than"):
-        import lens_core.data as data
+        from lens_core.data import decode
 
-        data.MAX_IMAGE_BYTES, saved = 1000, data.MAX_IMAGE_BYTES
+        decode.MAX_IMAGE_BYTES, saved = 1000, decode.MAX_IMAGE_BYTES
         try:
             decode_image(path.read_bytes(), "x", 64)
         finally:
-            data.MAX_IMAGE_BYTES = saved
+            decode.MAX_IMAGE_BYTES = saved
     assert resize_square(decode_image(path.read_bytes(), "x", 64), 64).shape == (3, 64, 64)
 
 
@@ -582,7 +582,7 @@ attempt("digest fifo", lambda: models.checkpoint_digest(fifo))
 attempt("class_names", lambda: data.read_class_names(fifo))
 attempt("class_index", lambda: data.read_class_index(zero))
 attempt("magnitude", lambda: maco.load_magnitude(fifo))
-attempt("image", lambda: data._fetch(fifo, None))
+attempt("image", lambda: data.reader._fetch(fifo, None))
 print(json.dumps(out))
 """
 
@@ -620,7 +620,7 @@ def test_reads_are_bounded_by_the_bytes_read_not_the_size_reported(tmp_path, mon
     from fsspec.implementations.local import LocalFileSystem
 
     from lens_core import data, maco
-    from lens_core.data import DataError
+    from lens_core.data import DataError, listing
     from lens_core.models import checkpoints
 
     monkeypatch.setattr(LocalFileSystem, "size", lambda self, path: 0)
@@ -633,7 +633,7 @@ def test_reads_are_bounded_by_the_bytes_read_not_the_size_reported(tmp_path, mon
         checkpoints.checkpoint_digest(str(ckpt))
     names = tmp_path / "names.json"
     names.write_text(json.dumps({f"c{i}": f"name {i}" for i in range(1000)}))
-    monkeypatch.setattr(data, "MAX_JSON_BYTES", 1000, raising=False)
+    monkeypatch.setattr(listing, "MAX_JSON_BYTES", 1000, raising=False)
     with pytest.raises(DataError, match="more than"):
         data.read_class_names(str(names))
     with pytest.raises(DataError, match="more than"):

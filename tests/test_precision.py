@@ -29,7 +29,7 @@ import zarr
 from PIL import Image
 from scipy.optimize import linear_sum_assignment
 
-from lens_core import activations, data, device, importance
+from lens_core import activations, device, importance
 from lens_core.activations import compute_class_activations, pool
 from lens_core.config import make_config
 from lens_core.data import (
@@ -39,6 +39,7 @@ from lens_core.data import (
     list_classes,
     list_images,
     patch_boxes,
+    reader,
 )
 from lens_core.importance import concept_sobol, deletion_curve
 from lens_core.models import load_split_model
@@ -451,14 +452,14 @@ def test_reader_pool_is_bounded_ordered_and_raises_in_place():
 
     got = []
     with pytest.raises(PermissionError):
-        for i, value in data._in_order(work, range(20), ahead=3, workers=2):
+        for i, value in reader._in_order(work, range(20), ahead=3, workers=2):
             with lock:
                 assert len(started) - len(got) <= 3  # never more than `ahead` read ahead
             got.append((i, value))
     assert got == [(i, i * i) for i in range(7)]  # everything before the failure, in order
 
     gate = threading.Event()
-    stream = data._in_order(lambda i: gate.wait(5) and i, range(100), ahead=4, workers=2)
+    stream = reader._in_order(lambda i: gate.wait(5) and i, range(100), ahead=4, workers=2)
     gate.set()
     assert next(stream) == (0, 0)
     gate.clear()  # the next ones now block; closing must not wait for them
