@@ -23,7 +23,7 @@ import pytest
 import torch
 from part_masks import concept_parts
 from safetensors.torch import load_file, save_file
-from tiny import TINY
+from tiny import TINY, tiny_config
 
 from lens_core.changes import compare, compare_with_previous, read_changes
 from lens_core.config import ConfigError, make_config
@@ -378,14 +378,7 @@ def test_lens_diff_on_a_local_and_an_s3_store(lineage, s3, tmp_path):
 
 # ---- issue 21: one class never sinks the comparison; links only to what exists; late labels carry
 def test_a_previous_run_that_does_not_exist_is_refused_at_set_up(tmp_path):
-    cfg = make_config(
-        {
-            **TINY,
-            "store": f"file://{tmp_path}/store",
-            "publish": f"file://{tmp_path}/site",
-            "changes": {"previous_run": "0123456789ab"},
-        }
-    )
+    cfg = make_config(tiny_config(tmp_path, changes={"previous_run": "0123456789ab"}))
     with pytest.raises(ConfigError, match=r"changes\.previous_run: no run 0123456789ab under"):
         prepare_run(cfg)
     assert not (tmp_path / "store" / "runs").exists()  # refused before anything was computed

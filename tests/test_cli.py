@@ -16,13 +16,12 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from tiny import TINY as _TINY
-from tiny import run_isolated, write_toml
+from tiny import run_isolated, tiny_config, write_toml
 
 from flows.cli import main
 
 LENS = str(Path(sys.executable).with_name("lens"))
-TINY = {**_TINY, "data": {"toy_images_per_class": 2, "images_per_class": 2}}
+SMALL_DATA = {"toy_images_per_class": 2, "images_per_class": 2}
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +34,7 @@ def published(tmp_path_factory: pytest.TempPathFactory):
 
     root = tmp_path_factory.mktemp("cli")
     cfg = make_config(
-        {**TINY, "store": f"file://{root}/store", "publish": f"file://{root}/site"},
+        tiny_config(root, data=SMALL_DATA),
         classes=["0", "1", "2"],
     )
     info = prepare_run(cfg)
@@ -189,7 +188,7 @@ def test_lens_run_reads_the_checkpoint_once_and_passes_the_config_object(tmp_pat
     """`lens run` prepares the run before starting Prefect or Dask; the flow takes that run as it
     is (`flows.atlas.prepared_run`): the checkpoint is loaded and hashed once in its process."""
     toml = write_toml(
-        {"store": f"file://{tmp_path}/store", "publish": f"file://{tmp_path}/site", **TINY},
+        tiny_config(tmp_path, data=SMALL_DATA),
         tmp_path / "atlas.toml",
     )
     args = ["run", "--config", str(toml), "--classes", "0", "--no-progress"]

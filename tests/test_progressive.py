@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from tiny import TINY
+from tiny import TINY, tiny_config
 
 from lens_core import layout, renders
 from lens_core.config import make_config
@@ -144,7 +144,7 @@ def check(site: LocalSite | S3Site) -> dict[str, bytes]:
 
 
 def _config(root: Path, publish: str, **extra: Any) -> Any:
-    cfg = {**TINY, "store": f"file://{root}/store", "publish": publish, **extra}
+    cfg = tiny_config(root, publish=publish, **extra)
     return make_config(cfg, classes=CLASSES)
 
 

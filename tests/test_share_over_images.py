@@ -16,6 +16,7 @@ import torch
 import torchvision
 from safetensors.torch import load_file
 from scipy.optimize import nnls
+from tiny import tiny_config
 
 from lens_core.config import ConceptConfig, ConfigError, ModelConfig, make_config
 from lens_core.extract import make_extractor
@@ -72,16 +73,13 @@ def small_patches(tmp_path_factory: pytest.TempPathFactory):
     """The toy CNN on 4 classes with tiny patches: it classifies every image, few patches."""
     root = tmp_path_factory.mktemp("small-patches")
     url = ensure_toy_dataset(f"file://{root}/toy", 10, 8, 0)
-    cfg = {
-        "data": {"url": url, "images_per_class": 8},
-        "patches": {"fraction": 0.08, "grid": 2},
-        "concepts": {"n_concepts": 3},
-        "importance": {"images": 4, "n_designs": 4},
-        "crops": {"per_concept": 1, "attribution_images": 1},
-        "maco": {"steps": 2, "image_size": 64, "crops": 2},
-        "store": f"file://{root}/store",
-        "publish": f"file://{root}/site",
-    }
+    cfg = tiny_config(  # TINY's concepts and maco
+        root,
+        data={"url": url, "images_per_class": 8},
+        patches={"fraction": 0.08, "grid": 2},
+        importance={"images": 4, "n_designs": 4},
+        crops={"per_concept": 1, "attribution_images": 1},
+    )
     info = prepare_run(make_config(cfg, classes=class_names(10)[:4]))
     for slug in info.slugs:
         run_class(info, slug)

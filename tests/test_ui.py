@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 from conftest import read_artifact, read_task_runs
-from tiny import TINY, run_isolated, write_toml
+from tiny import TINY, run_isolated, tiny_config, write_toml
 
 LENS = str(Path(sys.executable).with_name("lens"))
 
@@ -354,15 +354,6 @@ def test_render_names_say_what_they_hold_and_never_repeat() -> None:
 # ---- flows on a real Prefect API -----------------------------------------------------------
 
 
-def _tiny(tmp_path: Path, **extra: Any) -> dict[str, Any]:
-    return {
-        **TINY,
-        "store": f"file://{tmp_path}/store",
-        "publish": f"file://{tmp_path}/site",
-        **extra,
-    }
-
-
 def _flow_logs(flow_run_id: Any, wait_for: str | None = None) -> list[str]:
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
@@ -387,7 +378,7 @@ def test_bad_input_ends_with_its_message_only(prefect_api, tmp_path):
     from flows.atlas import build_atlas
 
     flow = build_atlas.with_options(task_runner=ThreadPoolTaskRunner(max_workers=1))
-    state = flow(config=_tiny(tmp_path), classes=["no-such-class"], return_state=True)
+    state = flow(config=tiny_config(tmp_path), classes=["no-such-class"], return_state=True)
     assert state.is_failed() and "no-such-class" in state.message
     logs = _flow_logs(state.state_details.flow_run_id, wait_for="Finished in state")
     assert any("no-such-class" in m for m in logs), logs
@@ -429,7 +420,7 @@ def test_a_failing_cross_class_step_never_discards_the_classes(prefect_api, tmp_
 
     monkeypatch.setattr(atlas, "changes_task", broken_changes)
     monkeypatch.setattr(atlas, "cross_class_task", broken_cross)
-    cfg = _tiny(tmp_path, maco={**TINY["maco"], "batch_size": 2})
+    cfg = tiny_config(tmp_path, maco={**TINY["maco"], "batch_size": 2})
     flow = atlas.build_atlas.with_options(task_runner=ThreadPoolTaskRunner(max_workers=2))
     state = flow(config=cfg, classes=["0", "1"], return_state=True)
     assert state.is_completed() and state.name == "PartiallyCompleted", state.message
@@ -471,7 +462,7 @@ def test_a_run_whose_every_class_failed_fails_cleanly(prefect_api, tmp_path):
 
     from flows.atlas import build_atlas
 
-    cfg = _tiny(tmp_path)
+    cfg = tiny_config(tmp_path)
     info = _corrupt_classes(cfg, ["0", "1"])
     flow = build_atlas.with_options(task_runner=ThreadPoolTaskRunner(max_workers=2))
     state = flow(config=cfg, classes=["0", "1"], return_state=True)
@@ -490,7 +481,7 @@ def test_a_run_whose_every_class_failed_fails_cleanly(prefect_api, tmp_path):
 def test_lens_run_whose_every_class_failed_exits_2_with_one_lens_line(tmp_path):
     """The real command (its own temporary API and Dask cluster): exit 2, a last `lens:` line,
     no traceback anywhere, and no site printed (none was written)."""
-    cfg = _tiny(tmp_path)
+    cfg = tiny_config(tmp_path)
     _corrupt_classes(cfg, ["0", "1"])
     toml = write_toml(cfg, tmp_path / "atlas.toml")
     proc = run_isolated(

@@ -19,6 +19,16 @@ TINY: dict[str, Any] = {
 }
 
 
+def tiny_config(root: Path, **sections: Any) -> dict[str, Any]:
+    """TINY with its store and site under `root`; `sections` replace TINY's whole sections."""
+    return {
+        **TINY,
+        "store": f"file://{root}/store",
+        "publish": f"file://{root}/site",
+        **sections,
+    }
+
+
 def write_toml(cfg: dict[str, Any], path: Path) -> Path:
     """`cfg` (top-level scalars and one level of sections) as a TOML file: JSON scalars are TOML."""
     top = [f"{k} = {json.dumps(v)}" for k, v in cfg.items() if not isinstance(v, dict)]
