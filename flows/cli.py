@@ -146,7 +146,7 @@ def _api_url_configured() -> bool:
     return bool(PREFECT_API_URL.value())
 
 
-def _finished_answer(cfg: Any, force_publish: bool) -> int | None:
+def _finished_answer(cfg: AtlasConfig, force_publish: bool) -> int | None:
     """A finished run with nothing to compute: answered here, without Prefect or Dask (the site
     published again in this process when asked to or when it is not at this publish URL)."""
     from flows.rerun import finished_unchanged, republish

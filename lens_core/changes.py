@@ -28,6 +28,7 @@ from scipy.optimize import linear_sum_assignment
 from lens_core import layout
 from lens_core.identity import image_key
 from lens_core.results import read_result
+from lens_core.run import RunInfo
 from lens_core.store import RunStore
 
 DEFAULT_THRESHOLD = 0.5
@@ -346,7 +347,7 @@ def read_changes(store: RunStore) -> tuple[dict[str, Any] | None, dict[str, dict
     return summary, reports
 
 
-def compare_with_previous(info: Any) -> dict[str, Any]:
+def compare_with_previous(info: RunInfo) -> dict[str, Any]:
     """Compare the run with its previous run; {"previous": None} when there is none yet.
 
     The previous run is the configured one, else the latest finished run of its lineage on

@@ -31,8 +31,10 @@ from lens_core.extract import make_extractor
 from lens_core.identity import short_hash
 from lens_core.importance import concept_sobol, logit_contributions, logit_share
 from lens_core.model_cache import get_split
+from lens_core.models import SplitModel
 from lens_core.results import complete_fingerprint, read_result
 from lens_core.run import RunInfo
+from lens_core.store import RunStore
 from lens_core.tokens import extra_tokens
 
 SOBOL_NOTE = (
@@ -112,13 +114,13 @@ def _images_at(info: RunInfo, urls: list[str], size: int) -> torch.Tensor:
     return torch.stack([read_image(u, info.config.storage_options, size) for u in urls])
 
 
-def _spatial(split: Any, images: torch.Tensor, device: torch.device) -> torch.Tensor:
+def _spatial(split: SplitModel, images: torch.Tensor, device: torch.device) -> torch.Tensor:
     """g of whole images, resized to the model input exactly as the activations stage does."""
     return _spatial_extra(split, images, device)[0]
 
 
 def _spatial_extra(
-    split: Any, images: torch.Tensor, device: torch.device
+    split: SplitModel, images: torch.Tensor, device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(g's maps, a token model's class tokens set aside for them, which its h needs, or None)."""
     x = F.interpolate(
@@ -328,7 +330,7 @@ def bias_candidates(pairs: list[dict[str, Any]], min_classes: int) -> dict[str, 
 
 def _examples(
     info: RunInfo,
-    split: Any,
+    split: SplitModel,
     extractor: Any,
     classes: dict[str, ClassImages],
     dictionaries: dict[str, Dictionary],
@@ -377,7 +379,7 @@ def _examples(
             )
 
 
-def read_confusions(store: Any) -> dict[str, Any] | None:
+def read_confusions(store: RunStore) -> dict[str, Any] | None:
     """The stored confusions report, or None before the step ran."""
     report = store.read_json(layout.CONFUSIONS)
     return report if isinstance(report, dict) else None

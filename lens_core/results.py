@@ -12,16 +12,17 @@ from typing import Any
 import numpy as np
 
 from lens_core import layout
+from lens_core.store import RunStore
 from lens_core.tracking import is_done
 
 
-def class_fingerprint(store: Any, slug: str) -> str | None:
+def class_fingerprint(store: RunStore, slug: str) -> str | None:
     """The fingerprint the class's activations were computed from (None before they exist)."""
     group = store.get_group(layout.acts(slug))
     return None if group is None else group.attrs.get("inputs")
 
 
-def complete_fingerprint(store: Any, slug: str, *stages: str) -> str | None:
+def complete_fingerprint(store: RunStore, slug: str, *stages: str) -> str | None:
     """The class's fingerprint when every one of `stages` is complete for its current
     activations (None otherwise): results of another computation are never read."""
     fp = class_fingerprint(store, slug)
@@ -30,7 +31,7 @@ def complete_fingerprint(store: Any, slug: str, *stages: str) -> str | None:
     return fp
 
 
-def read_result(store: Any, slug: str, *stages: str) -> ClassResult | None:
+def read_result(store: RunStore, slug: str, *stages: str) -> ClassResult | None:
     """The class's results when every one of `stages` is complete for its current activations
     (None otherwise)."""
     fp = complete_fingerprint(store, slug, *stages)
@@ -42,7 +43,7 @@ class ClassResult:
     """A class's stored concepts and importance for one fingerprint; arrays are read on first
     use, so a consumer pays only for what it reads."""
 
-    store: Any
+    store: RunStore
     slug: str
     fingerprint: str
 

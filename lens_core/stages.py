@@ -15,7 +15,7 @@ import torch
 from lens_core import crops as crops_mod
 from lens_core import layout
 from lens_core.activations import compute_class_activations
-from lens_core.data import EmptyClassError, list_images, read_image, sample_images
+from lens_core.data import ClassInfo, EmptyClassError, list_images, read_image, sample_images
 from lens_core.device import pick_device
 from lens_core.extract import make_extractor
 from lens_core.identity import class_inputs
@@ -28,8 +28,10 @@ from lens_core.importance import (
     rank_concepts,
 )
 from lens_core.model_cache import get_split
+from lens_core.models import SplitModel
 from lens_core.results import complete_fingerprint
 from lens_core.run import RunInfo
+from lens_core.store import RunStore
 from lens_core.tracking import (
     Inputs,
     Stage,
@@ -148,7 +150,7 @@ def _percent(scores: np.ndarray) -> np.ndarray:
 
 
 def _share_or_reason(
-    info: RunInfo, split: Any, acts: Any, cls: Any, image_U: np.ndarray, W: np.ndarray
+    info: RunInfo, split: SplitModel, acts: Any, cls: ClassInfo, image_U: np.ndarray, W: np.ndarray
 ) -> tuple[np.ndarray | None, dict[str, Any]]:
     """Each concept's percent share of the class logit summed over the images the model assigns to
     the class (Lens's points), or None with the reason it is not defined.
@@ -185,7 +187,7 @@ def _share_or_reason(
 
 
 def _linear_head(
-    split: Any, pooled: np.ndarray
+    split: SplitModel, pooled: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
     """(weight, bias, per-image scale) with logits = scale * (pooled @ weight.T) + bias, exactly:
     scale 1 for a pooled-linear head, the normalization's 1/std for a NormHead; None otherwise."""
@@ -449,6 +451,6 @@ def run_class(info: RunInfo, slug: str, device: str | None = None) -> list[Stage
     return [run_stage(stage, info, slug, device) for stage in CHAIN]
 
 
-def class_complete(store: Any, slug: str) -> bool:
+def class_complete(store: RunStore, slug: str) -> bool:
     """Every per-class stage is complete for the class's current activations."""
     return complete_fingerprint(store, slug, *(s.name for s in CHAIN)) is not None

@@ -5,10 +5,11 @@ from __future__ import annotations
 from typing import Any
 
 from lens_core.results import read_result
+from lens_core.run import RunInfo
 from lens_core.status import class_note, read_status
 
 
-def class_summary(info: Any, slug: str) -> dict[str, Any]:
+def class_summary(info: RunInfo, slug: str) -> dict[str, Any]:
     """Per-stage states, total seconds, errors, the top concept and its score, and any note."""
     store = info.store()
     stages = read_status(store, [slug]).get(slug, {})
