@@ -116,7 +116,8 @@ def _device_sim():
     return DeviceSim
 
 
-def _DeviceSim(seconds: float, shape: tuple[int, ...]):  # noqa: N802 (a class made lazily: torch imports late)
+# a class made lazily (torch imports late), hence its capitalized name
+def _DeviceSim(seconds: float, shape: tuple[int, ...]):  # noqa: N802
     return _device_sim()(seconds, shape)
 
 

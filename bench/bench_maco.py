@@ -102,7 +102,8 @@ def import_horama():
     return hm
 
 
-def horama_render(hm, g, direction, cfg: MacoConfig, magnitude, input_size, device, seed):  # noqa: ARG001 - Horama reads the spectrum from its file
+# magnitude is unused: Horama reads the spectrum from its file
+def horama_render(hm, g, direction, cfg: MacoConfig, magnitude, input_size, device, seed):  # noqa: ARG001
     """One concept with horama.maco, reading our spectrum file from a temp cwd (no download)."""
     lo, hi = cfg.value_range
     c_lo, c_hi = cfg.crop_range

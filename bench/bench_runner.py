@@ -48,8 +48,9 @@ def main() -> None:
     info = RunInfo("0123456789ab", make_config({}), "file:///data", "digest", 1000, [])
     settings_as_objects = _settings_variant(LensDaskTaskRunner)
 
+    # info is unused: the RunInfo travels with the task, like a class chain's
     @task(cache_policy=NO_CACHE, persist_result=False)
-    def noop(info: RunInfo, i: int) -> int:  # noqa: ARG001 - the RunInfo travels, like a class chain's
+    def noop(info: RunInfo, i: int) -> int:  # noqa: ARG001
         return i
 
     @flow(persist_result=False)
@@ -102,7 +103,8 @@ def _settings_variant(base: type) -> type:
     from prefect.context import SettingsContext
 
     class AsObjects(SettingsContext):
-        def serialize(self, include_secrets: bool = True) -> dict:  # noqa: ARG002 - Prefect's signature
+        # Prefect's signature (include_secrets unused)
+        def serialize(self, include_secrets: bool = True) -> dict:  # noqa: ARG002
             return {"profile": self.profile, "settings": self.settings}
 
     @contextmanager
