@@ -176,27 +176,29 @@ def _spawn_flow(
     home = workdir / f"{name}.prefect"
     home.mkdir(exist_ok=True)
     env = {
-        **os.environ,
         "PREFECT_API_URL": api,
         "PREFECT_HOME": str(home),
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-        "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]),
     }
-    log = open(workdir / f"{name}.log", "wb")  # noqa: SIM115 - kept open for the child's lifetime
-    return subprocess.Popen(
-        [
-            sys.executable,
-            str(TESTS / "faultkit.py"),
-            "flow",
-            str(spec),
-            str(workdir / f"{name}.result.json"),
-        ],
-        env=env,
-        cwd=TESTS.parent,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
+    result = workdir / f"{name}.result.json"
+    return _faultkit("flow", spec, result, workdir / f"{name}.log", env, start_new_session=True)
+
+
+def _faultkit(
+    mode: str, spec: Path, result: Path, log: Path, env: dict[str, str], **popen: Any
+) -> subprocess.Popen:
+    """`faultkit.py MODE SPEC RESULT` in a child process (tests/ importable, `env` added to this
+    environment), its output in `log`."""
+    path = os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])
+    with open(log, "wb") as out:  # the child holds its own copy of the file
+        return subprocess.Popen(
+            [sys.executable, str(TESTS / "faultkit.py"), mode, str(spec), str(result)],
+            env={**os.environ, "PYTHONPATH": path, **env},
+            cwd=TESTS.parent,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            **popen,
+        )
 
 
 def _outcome(
@@ -381,31 +383,15 @@ def test_two_runs_of_one_checkpoint_at_once_share_the_work(faults, toy_data, ref
     ends whole and consistent."""
     cfg = _config(toy_data, f"file://{tmp_path}/store", f"file://{tmp_path}/site")
     info = prepare_run(make_config(cfg, classes=CLASSES))
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]),
-        "LENS_LEASE_POLL_S": "0.1",
-    }
+    env = {"LENS_LEASE_POLL_S": "0.1"}
     spec = tmp_path / "spec.json"
     spec.write_text(json.dumps({"config": cfg, "classes": CLASSES}))
     faults.write_text(json.dumps({"slow": 0.5}))  # activations take seconds: both meet on them
     procs = {}
     try:
         for name in ("a", "b"):
-            with open(tmp_path / f"{name}.log", "wb") as log:
-                procs[name] = subprocess.Popen(
-                    [
-                        sys.executable,
-                        str(TESTS / "faultkit.py"),
-                        "stages",
-                        str(spec),
-                        str(tmp_path / f"{name}.json"),
-                    ],
-                    env=env,
-                    cwd=TESTS.parent,
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                )
+            result, log = tmp_path / f"{name}.json", tmp_path / f"{name}.log"
+            procs[name] = _faultkit("stages", spec, result, log, env)
         deadline = time.monotonic() + 120
         while not all((tmp_path / f"{name}.json.ready").exists() for name in procs):
             assert all(p.poll() is None for p in procs.values()) and time.monotonic() < deadline
