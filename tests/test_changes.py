@@ -53,15 +53,14 @@ def lineage(tmp_path_factory: pytest.TempPathFactory) -> dict:
     finetune(tuned, {CHANGED: (HEXAGON, RING)}, DISTRACTOR_PARTS + (CROSS,))
     ckpt = root / "toy-epoch-2.safetensors"
     save_file({k: v.contiguous() for k, v in tuned.state_dict().items()}, str(ckpt))
-    base = {
-        "data": {"url": data, "images_per_class": 10},
-        "concepts": {"n_concepts": 6},
-        "importance": {"images": 5, "n_designs": 16},
-        "crops": {"per_concept": 3, "attribution_images": 1},
-        "maco": {"steps": 2, "image_size": 64, "crops": 2},
-        "store": f"file://{root}/store",
-        "publish": f"file://{root}/site",
-    }
+    base = tiny_config(  # TINY's maco
+        root,
+        data={"url": data, "images_per_class": 10},
+        patches={},  # the default grid
+        concepts={"n_concepts": 6},
+        importance={"images": 5, "n_designs": 16},
+        crops={"per_concept": 3, "attribution_images": 1},
+    )
     a = explain(make_config({**base, "model": {"checkpoint": str(TOY_CHECKPOINT)}}))
     assert a["changes"]["previous"] is None and not a["failed"]
     slug = a["info"].slugs[CHANGED]
