@@ -34,6 +34,21 @@ class NMFResult:
     dead: int
     seconds: float
 
+    @classmethod
+    def of(
+        cls, A: torch.Tensor, U: torch.Tensor, W: torch.Tensor, n_iter: int, dead: int, start: float
+    ) -> NMFResult:
+        """The result of torch factors U, W of A: float32 arrays, their relative error, the
+        seconds since `start` (a perf_counter reading)."""
+        return cls(
+            U=U.cpu().numpy().astype(np.float32, copy=False),
+            W=W.cpu().numpy().astype(np.float32, copy=False),
+            rel_error=relative_error(A, U, W),
+            n_iter=n_iter,
+            dead=dead,
+            seconds=time.perf_counter() - start,
+        )
+
 
 def _resolve_device(device: str | torch.device | None, *arrays: object) -> torch.device:
     if device is not None:
@@ -125,16 +140,8 @@ def nmf(
         Ut, Wt = torch.from_numpy(U), torch.from_numpy(W)
     else:
         Ut, Wt, n_iter = _hals_nmf(At, int(k), max_iter, tol, target_error)
-    rel = relative_error(At, Ut, Wt)
     dead = int(((Ut.amax(0) <= 0) | (Wt.amax(1) <= 0)).sum())
-    return NMFResult(
-        U=Ut.cpu().numpy().astype(np.float32, copy=False),
-        W=Wt.cpu().numpy().astype(np.float32, copy=False),
-        rel_error=rel,
-        n_iter=n_iter,
-        dead=dead,
-        seconds=time.perf_counter() - start,
-    )
+    return NMFResult.of(At, Ut, Wt, n_iter, dead, start)
 
 
 def _sqnorm(x: torch.Tensor) -> float:

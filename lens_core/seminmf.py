@@ -30,7 +30,6 @@ from lens_core.factorize import (
     _sqnorm,
     as_matrix,
     project_nnls,
-    relative_error,
 )
 
 _KMEANS_ITERS = 10
@@ -170,16 +169,7 @@ def semi_nmf(
         W = _least_squares_w(Ut, X)
     U = project_nnls(X, W)
     W = W * scale
-    rel = relative_error(At, U, W)
-    dead = int((U.amax(0) <= 0).sum())
-    return NMFResult(
-        U=U.cpu().numpy().astype(np.float32, copy=False),
-        W=W.cpu().numpy().astype(np.float32, copy=False),
-        rel_error=rel,
-        n_iter=n_iter,
-        dead=dead,
-        seconds=time.perf_counter() - start,
-    )
+    return NMFResult.of(At, U, W, n_iter, int((U.amax(0) <= 0).sum()), start)
 
 
 def _alternate(
