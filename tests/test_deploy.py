@@ -137,6 +137,24 @@ def _clean_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if not k.startswith(drop)}
 
 
+def _start_server(root: Path, settings: dict[str, str]) -> tuple[str, dict[str, str], Path, Proc]:
+    """A Prefect server on a free loopback port, with a home of its own under `root` and
+    `settings` added: its API URL, the environment its clients share, the home, the process."""
+    home = root / "prefect-home"
+    home.mkdir()
+    port = _free_port()
+    api = f"http://127.0.0.1:{port}/api"
+    base = {
+        **_clean_env(),
+        "PREFECT_HOME": str(home),
+        "PREFECT_API_URL": api,
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_LOGGING_COLORS": "false",
+    }
+    cmd = [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)]
+    return api, base, home, _start("server", cmd, {**base, **settings}, root)
+
+
 def _healthy(api: str) -> bool:
     try:
         with urllib.request.urlopen(f"{api}/health", timeout=2) as r:
@@ -187,25 +205,10 @@ def stack(
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     root = tmp_path_factory.mktemp("deploy")
-    home = root / "prefect-home"
-    home.mkdir()
-    port = _free_port()
-    api = f"http://127.0.0.1:{port}/api"
-    base = {
-        **_clean_env(),
-        "PREFECT_HOME": str(home),
-        "PREFECT_API_URL": api,
-        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-        "PREFECT_LOGGING_COLORS": "false",
-    }
     # the interval schedule is applied but not run by this server: only the test's triggers make
     # runs
-    server_env = {**base, "PREFECT_SERVER_SERVICES_SCHEDULER_ENABLED": "false"}
-    server = _start(
-        "server",
-        [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-        server_env,
-        root,
+    api, base, home, server = _start_server(
+        root, {"PREFECT_SERVER_SERVICES_SCHEDULER_ENABLED": "false"}
     )
     procs = [server]
     try:

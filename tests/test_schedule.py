@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from test_deploy import BIN, Stack, _clean_env, _free_port, _healthy, _start
+from test_deploy import BIN, Stack, _healthy, _start, _start_server
 
 DEPLOYMENT = "tick/every-3s"
 INTERVAL = 3  # seconds between scheduled runs
@@ -41,30 +41,13 @@ SCHEDULER_ERRORS = ("Can't evaluate bulk DML", "InvalidRequestError", "Traceback
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     """A server whose scheduler loops every second, and `flow.serve` of a 3-second interval flow."""
     root = tmp_path_factory.mktemp("schedule")
-    home = root / "prefect-home"
-    home.mkdir()
-    port = _free_port()
-    api = f"http://127.0.0.1:{port}/api"
-    base = {
-        **_clean_env(),
-        "PREFECT_HOME": str(home),
-        "PREFECT_API_URL": api,
-        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-        "PREFECT_LOGGING_COLORS": "false",
-    }
-    server_env = {
-        **base,
+    scheduler = {
         "PREFECT_SERVER_SERVICES_SCHEDULER_ENABLED": "true",
         "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "1",
         "PREFECT_SERVER_SERVICES_SCHEDULER_RECENT_DEPLOYMENTS_LOOP_SECONDS": "1",
         "PREFECT_SERVER_SERVICES_SCHEDULER_MAX_RUNS": "20",
     }
-    server = _start(
-        "server",
-        [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-        server_env,
-        root,
-    )
+    api, base, home, server = _start_server(root, scheduler)
     st = Stack(api, base, home, bucket="", config_path=root, prefix="", s3=None, procs=[server])
     try:
         script = root / "tick_flow.py"

@@ -202,6 +202,17 @@ def _max_error(split, model, x, cfg) -> float:
     return float((out - ref).abs().max() / ref.abs().max())
 
 
+def _checked_split(model, layer: str, size: int, n: int):
+    """`model` split at `layer`, h(g(x)) checked to be the model on `n` images of `size` px: the
+    split, the images, the model config and g's map of the images."""
+    cfg = _cfg(layer, size)
+    split = split_model(model, layer, cfg)
+    x = _images(n, size)
+    assert _max_error(split, model, x, cfg) < 1e-5
+    with torch.no_grad():
+        return split, x, cfg, split.g(x)
+
+
 # ---- h(g(x)) is the model ---------------------------------------------------------------------
 
 
@@ -217,12 +228,8 @@ def _vit_b16() -> nn.Module:
 def test_vit_b16_split_at_a_block_is_the_model_and_keeps_the_class_token_per_image():
     torch.manual_seed(0)
     model = _vit_b16()
-    cfg = _cfg("encoder.layers.encoder_layer_10", 64)
-    split = split_model(model, cfg.layer, cfg)
-    x = _images(2, 64)
-    assert _max_error(split, model, x, cfg) < 1e-5
+    split, x, cfg, m = _checked_split(model, "encoder.layers.encoder_layer_10", 64, 2)
     with torch.no_grad():
-        m = split.g(x)
         extra = tokens.extra_tokens(split.g, m)
         assert tuple(m.shape) == (2, 768, 4, 4) and tuple(extra.shape) == (2, 1, 768)
         # a stored map (another tensor) with its stored class token gives the same logits;
@@ -271,12 +278,7 @@ def test_vit_b16_at_encoder_is_the_model_but_its_patch_tokens_never_reach_the_he
 def test_swin_t_split_permutes_its_channels_last_maps_and_is_the_model(layer, shape, exact):
     torch.manual_seed(0)
     model = torchvision.models.swin_t(weights=None, num_classes=K).eval()
-    cfg = _cfg(layer, 64)
-    split = split_model(model, layer, cfg)
-    x = _images(2, 64)
-    assert _max_error(split, model, x, cfg) < 1e-5
-    with torch.no_grad():
-        m = split.g(x)
+    split, x, cfg, m = _checked_split(model, layer, 64, 2)
     assert tuple(m.shape[1:]) == shape  # (N, C, H, W): channels first, the stage's token grid
     # only after the final LayerNorm is h pooled-linear: then its head is the model's own; before
     # it, the LayerNorm acts on every token before the pooling: no exact split of the logit at all
@@ -289,12 +291,8 @@ def test_a_lens_split_model_whose_g_sets_the_class_token_aside(monkeypatch):
     monkeypatch.setenv("LENS_MODEL_FACTORIES", FACTORIES)
     model = token_net()
     for layer in ("block1", "block2"):
-        cfg = _cfg(layer, 32)
-        split = split_model(model, layer, cfg)
-        x = _images(3, 32)
-        assert _max_error(split, model, x, cfg) < 1e-5
+        split, x, cfg, m = _checked_split(model, layer, 32, 3)
         with torch.no_grad():
-            m = split.g(x)
             extra = tokens.extra_tokens(split.g, m)
             torch.testing.assert_close(
                 split.h(m.clone(), extra), _logits(model, x, cfg), rtol=1e-5, atol=1e-5
