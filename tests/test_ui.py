@@ -69,7 +69,7 @@ NASTY = [
 def test_a_table_cell_renders_as_its_own_text(text: str) -> None:
     """Prefect's UI renders string cells as Markdown: a cell must show its text, on one line,
     and never become a list, a heading, a link, emphasis or vanishing HTML."""
-    from flows.atlas import md_cell
+    from flows.artifacts import md_cell
 
     html = _html(md_cell(text))
     assert not re.search(r"<(ul|ol|li|h\d|a|em|strong|code|blockquote|table)\b", html), html
@@ -77,7 +77,7 @@ def test_a_table_cell_renders_as_its_own_text(text: str) -> None:
 
 
 def test_cells_keep_numbers_and_bound_their_text() -> None:
-    from flows.atlas import md_cell
+    from flows.artifacts import md_cell
 
     assert md_cell(53.242) == 53.242 and md_cell(3) == 3 and md_cell(None) == ""
     assert len(_text(_html(md_cell("x" * 5000)))) <= 300
@@ -106,7 +106,7 @@ def test_the_table_puts_what_matters_first_and_keeps_each_column_one_kind() -> N
     a class failed); stage columns hold stage states only; failed classes are the first rows."""
     from types import SimpleNamespace
 
-    from flows.atlas import STAGE_NOT_RUN, class_rows, table_artifact_rows
+    from flows.artifacts import STAGE_NOT_RUN, class_rows, table_artifact_rows
     from lens_core import layout
 
     done = dict.fromkeys(("activations", "factorize", "importance", "crops"), "completed")
@@ -146,7 +146,7 @@ def _info(cfg: Any, run_id: str = "0123456789ab") -> Any:
 
 
 def test_the_site_link_is_lens_serve_for_a_local_site(tmp_path: Path) -> None:
-    from flows.atlas import site_link
+    from flows.artifacts import site_link
     from lens_core.config import make_config
 
     cfg = make_config({"publish": f"file://{tmp_path}/site"})
@@ -160,7 +160,7 @@ def test_the_site_link_is_lens_serve_for_a_local_site(tmp_path: Path) -> None:
 
 
 def test_the_site_link_is_the_public_address_when_one_is_configured() -> None:
-    from flows.atlas import site_link
+    from flows.artifacts import site_link
     from lens_core.config import ConfigError, make_config
     from lens_core.identity import compute_run_id
 
@@ -503,7 +503,8 @@ def test_workers_start_in_the_background_and_a_dead_dashboard_is_not_announced(p
     import logging
     from types import SimpleNamespace
 
-    from flows.atlas import _Progress, make_task_runner
+    from flows.artifacts import Progress
+    from flows.atlas import make_task_runner
     from flows.runner import DASHBOARD_LINE, dashboard_served
 
     said: list[str] = []
@@ -521,7 +522,7 @@ def test_workers_start_in_the_background_and_a_dead_dashboard_is_not_announced(p
     try:
         with runner:
             runner.start_in_background()
-            progress = _Progress(info, runner)
+            progress = Progress(info, runner)
             starting = read_artifact("lens-progress-0123456789ab").description
             client = runner.client  # waits for the background start
             assert runner.ready()
@@ -547,7 +548,7 @@ def test_workers_start_in_the_background_and_a_dead_dashboard_is_not_announced(p
 
 
 def test_a_plain_slug_is_left_as_it_is() -> None:
-    from flows.atlas import md_cell
+    from flows.artifacts import md_cell
 
     assert md_cell("02-green-triangle-orange-dots") == "02-green-triangle-orange-dots"
     assert md_cell("n01440764") == "n01440764"
@@ -624,7 +625,8 @@ def test_the_run_form_and_the_table_in_prefects_ui(prefect_ui, browser, tmp_path
     from prefect.artifacts import create_table_artifact
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    from flows.atlas import build_atlas, class_rows, table_artifact_rows
+    from flows.artifacts import class_rows, table_artifact_rows
+    from flows.atlas import build_atlas
 
     done = dict.fromkeys(("activations", "factorize", "importance", "crops"), "completed")
     outcomes = {
