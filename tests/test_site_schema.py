@@ -37,7 +37,8 @@ def test_every_field_publish_emits_reaches_the_data_file(tmp_path):
     from lens_core import renders
     from lens_core.config import make_config
     from lens_core.pipeline import prepare_run, run_class
-    from lens_core.publish import collect_site_data, publish
+    from lens_core.publish import publish
+    from lens_core.site.collect import collect_site_data
 
     info = prepare_run(
         make_config(
