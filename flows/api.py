@@ -43,9 +43,8 @@ class TemporaryAPI:
         self._error: str | None = None
 
     def start(self) -> TemporaryAPI:
-        spec = importlib.util.find_spec(
-            "prefect"
-        )  # no import here: the server loads in its own process
+        # no import here: the server loads in its own process
+        spec = importlib.util.find_spec("prefect")
         app_dir = Path(spec.origin).parent.parent if spec and spec.origin else Path(".")
         env = {
             **os.environ,

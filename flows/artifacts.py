@@ -178,9 +178,8 @@ def mistakes_artifact(info: RunInfo) -> None:
     )
 
 
-STAGE_NOT_RUN = (
-    "not run"  # a stage with no state in this run (never "-": Markdown makes it a bullet)
-)
+# a stage with no state in this run (never "-": Markdown makes it a bullet)
+STAGE_NOT_RUN = "not run"
 _MD_INLINE = re.compile(r"([\\`*_\[\]<>|~&])")  # emphasis, code, links, HTML, entities, tables
 _MD_BLOCK = re.compile(r"^(\d{1,9}(?=[.)])|(?=[-+#>=]))")  # what starts a list, heading or quote
 
@@ -218,9 +217,8 @@ def class_rows(info: RunInfo, outcomes: dict[str, dict[str, Any]]) -> list[dict[
     rows = []
     for slug in info.slugs:
         out = outcomes[slug]
-        summary = out.get("summary") or class_summary(
-            info, slug
-        )  # chains read theirs on the worker
+        # chains read their summary on the worker; a class without one is read here
+        summary = out.get("summary") or class_summary(info, slug)
         stages = {**summary["stages"], **({"render": out["render"]} if out.get("render") else {})}
         failed_at = next((s for s in layout.STATUS_STAGES if stages.get(s) == "failed"), "")
         errors = summary.get("errors") or {}
@@ -241,9 +239,7 @@ def class_rows(info: RunInfo, outcomes: dict[str, dict[str, Any]]) -> list[dict[
                 **{s: stages.get(s) or STAGE_NOT_RUN for s in layout.STATUS_STAGES},
             }
         )
-    return sorted(
-        rows, key=lambda r: r["state"] == "completed"
-    )  # stable: failed first, else in order
+    return sorted(rows, key=lambda r: r["state"] == "completed")  # stable: failed first
 
 
 def table_artifact_rows(rows: list[dict[str, Any]], error_chars: int = 160) -> list[dict[str, Any]]:

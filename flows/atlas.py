@@ -550,9 +550,8 @@ def _explain_classes(
             except Exception as err:  # one bad class never sinks the run
                 outcomes[slug] = {"ok": False, "error": error_text(err, cfg.storage_options, 500)}
                 logger.warning("class %s failed: %s", slug, outcomes[slug]["error"])
-                items = pending_items(
-                    info, [slug]
-                )  # a class that failed after factorize still renders
+                # a class that failed after factorize still renders
+                items = pending_items(info, [slug])
             if live is not None:
                 live.pages([slug], ok=outcomes[slug]["ok"])
             if len(outcomes) == len(slugs):

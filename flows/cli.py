@@ -59,12 +59,10 @@ def _quiet_console() -> None:
     if settings().log in ("INFO", "DEBUG"):
         return
     for key, value in QUIET_ENV.items():
-        os.environ.setdefault(
-            key, value
-        )  # before Prefect and Dask configure logging; workers inherit it
-    warnings.filterwarnings(
-        "ignore", message="Port .* is already in use"
-    )  # Dask's scheduler HTTP port
+        # before Prefect and Dask configure logging; workers inherit it
+        os.environ.setdefault(key, value)
+    # Dask's scheduler HTTP port
+    warnings.filterwarnings("ignore", message="Port .* is already in use")
 
 
 class _Bars:

@@ -279,9 +279,8 @@ class _Run:
         cuda = self.dev.type == "cuda"
         results: dict[str, torch.Tensor] = {}
         if images is not None:
-            images = images.to(
-                self.dev, non_blocking=cuda
-            )  # from pinned memory: the host does not wait
+            # from pinned memory: the host does not wait
+            images = images.to(self.dev, non_blocking=cuda)
             crops = extract_patches(images, self.boxes, self.split.input_size)
             acts, logits = self._forward(crops)
             with torch.inference_mode():  # float32 from here on: pooled after the cast, not before

@@ -53,9 +53,8 @@ class RunRecord:
         """How people name the run: its checkpoint's file name, else the start of its digest."""
         ckpt = self.meta.get("checkpoint")
         if ckpt:
-            return url_label(
-                str(ckpt)
-            )  # never its query (a run.json from before queries were checked)
+            # never its query (a run.json from before queries were checked)
+            return url_label(str(ckpt))
         return (
             f"weights {self.checkpoint_digest[:12]}"
             if self.checkpoint_digest

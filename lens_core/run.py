@@ -44,9 +44,8 @@ class RunInfo:
     checkpoint_digest: str
     num_classes: int  # the model's outputs
     classes: list[ClassInfo]
-    all_classes: list[ClassInfo] = field(
-        default_factory=list
-    )  # the data set's, for cross-class links
+    # the data set's, for cross-class links
+    all_classes: list[ClassInfo] = field(default_factory=list)
     _by_slug: dict[str, ClassInfo] = field(default_factory=dict, repr=False)
 
     def store(self) -> RunStore:

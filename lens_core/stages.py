@@ -108,9 +108,8 @@ def _factorize(info: RunInfo, slug: str, inputs: Inputs, device: str | None) -> 
     store = info.store()
     A = store.zarr[layout.acts(slug)]["A"][:]
     fit = make_extractor(info.config.concepts).fit(A, device=pick_device(device))
-    store.remove(
-        layout.viz(slug)
-    )  # renders of earlier concepts of this slug are not these concepts'
+    # renders of earlier concepts of this slug are not these concepts'
+    store.remove(layout.viz(slug))
     group = store.group(layout.concepts(slug), fresh=True)
     group.create_array("U", data=fit.U, overwrite=True)
     group.create_array("W", data=fit.W, overwrite=True)

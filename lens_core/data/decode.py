@@ -18,13 +18,8 @@ from lens_core.data.errors import ImageReadError
 # 8-bit (JPEG: decoded at 1/2-1/8 scale), before any float conversion.
 MAX_PIXELS = 40_000_000  # 24 MP camera photos pass; Pillow's own bomb limit is 89 M
 MAX_IMAGE_BYTES = 64 << 20
-DECODERS = (
-    "JPEG",
-    "PNG",
-    "WEBP",
-    "GIF",
-    "BMP",
-)  # content is sniffed, but only these formats decode
+# content is sniffed, but only these formats decode
+DECODERS = ("JPEG", "PNG", "WEBP", "GIF", "BMP")
 
 
 def _to_rgb_array(img: Image.Image) -> np.ndarray:

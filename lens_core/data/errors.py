@@ -30,6 +30,6 @@ class DataAccessError(StoreAccessError):
     """The data URL refuses these credentials; the message names the URL, never the credentials."""
 
 
-def _io(op: Any, url: str, action: str, storage_options: dict[str, Any] | None) -> Any:
+def data_call(op: Any, url: str, action: str, storage_options: dict[str, Any] | None) -> Any:
     """A storage call on the data set: retried while unreachable, DataAccessError when refused."""
     return call(op, url, action, storage_options, access_error=DataAccessError)

@@ -11,7 +11,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from lens_core.data.errors import DataError, EmptyClassError, _io
+from lens_core.data.errors import DataError, EmptyClassError, data_call
 from lens_core.naming import class_slug, plain_text, unique_slugs
 from lens_core.store import filesystem, join_url, normalize_url
 from lens_core.store.fs import ReadRefused, read_bounded
@@ -45,7 +45,7 @@ def class_keys(classes: Iterable[Any]) -> dict[str, Any]:
 def _entries(url: str, storage_options: dict[str, Any] | None) -> list[dict[str, Any]]:
     fs, path = filesystem(url, storage_options)
     try:
-        return _io(lambda: fs.ls(path, detail=True), url, "listing", storage_options)
+        return data_call(lambda: fs.ls(path, detail=True), url, "listing", storage_options)
     except FileNotFoundError:
         raise DataError(f"data URL not found: {url}") from None
 
@@ -55,7 +55,7 @@ def _read_json(url: str, what: str, storage_options: dict[str, Any] | None) -> A
     otherwise."""
     try:
         return json.loads(
-            _io(
+            data_call(
                 lambda: read_bounded(url, storage_options, MAX_JSON_BYTES),
                 url,
                 "reading",
@@ -201,7 +201,7 @@ def list_images(
     class_url = join_url(normalize_url(url), cls.id if isinstance(cls, ClassInfo) else cls)
     fs, path = filesystem(class_url, storage_options)
     try:
-        found = _io(lambda: fs.find(path), class_url, "listing", storage_options)
+        found = data_call(lambda: fs.find(path), class_url, "listing", storage_options)
     except FileNotFoundError:
         return []
     keep = [

@@ -16,7 +16,7 @@ from fsspec.implementations.local import LocalFileSystem
 
 from lens_core.data import decode
 from lens_core.data.decode import decode_image, resize_square
-from lens_core.data.errors import EmptyClassError, ImageReadError, _io
+from lens_core.data.errors import EmptyClassError, ImageReadError, data_call
 from lens_core.store import filesystem
 from lens_core.store.fs import ReadRefused, open_regular
 
@@ -68,7 +68,7 @@ def _capped_read(fs: Any, path: str) -> bytes:
 def _cat(fs: Any, path: str, url: str, storage_options: dict[str, Any] | None = None) -> bytes:
     """The file's bytes, at most decode.MAX_IMAGE_BYTES + 1 of them."""
     try:
-        return _io(lambda: _capped_read(fs, path), url, "reading", storage_options)
+        return data_call(lambda: _capped_read(fs, path), url, "reading", storage_options)
     except FileNotFoundError:
         raise ImageReadError(url, "file not found") from None
     except IsADirectoryError:

@@ -22,7 +22,7 @@ from lens_core.models.checkpoints import (
     parse_state_dict,
 )
 from lens_core.models.errors import ModelError
-from lens_core.models.split import SplitModel, _freeze, split_model
+from lens_core.models.split import SplitModel, frozen, split_model
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +59,7 @@ def load_model(
                 model = build_model(model_cfg.arch, outputs)
         check_state_dict(model, state, url, model_cfg.arch)
         model.load_state_dict(state, strict=False)  # only num_batches_tracked may be absent
-    return _freeze(model), digest
+    return frozen(model), digest
 
 
 def checkpoint_outputs(

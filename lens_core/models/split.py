@@ -81,7 +81,7 @@ class Normalize(nn.Module):
         return (x - self.mean.to(x.dtype)) / self.std.to(x.dtype)
 
 
-def _freeze(model: nn.Module) -> nn.Module:
+def frozen(model: nn.Module) -> nn.Module:
     """Eval mode, no parameter grads (MACO needs input grads only), no in-place ops (g's output is
     kept)."""
     model.eval()
@@ -222,7 +222,7 @@ def split_model(model: nn.Module, layer: str, model_cfg: ModelConfig) -> SplitMo
     `model.lens_split(layer)` may supply (g, h) or (g, h, head), head an nn.Linear or (weight, bias)
     of a pooled linear h; without it the head is found by probing h (`probe_linear_head`).
     """
-    _freeze(model)
+    frozen(model)
     head_spec = None
     if hasattr(model, "lens_split"):
         try:
@@ -242,8 +242,8 @@ def split_model(model: nn.Module, layer: str, model_cfg: ModelConfig) -> SplitMo
     else:
         g_body, h = _token_or_sequential_split(model, layer, model_cfg.input_size)
     norm = Normalize(model_cfg.mean, model_cfg.std)
-    g = _freeze(nn.Sequential(norm, g_body))
-    h = _freeze(h)
+    g = frozen(nn.Sequential(norm, g_body))
+    h = frozen(h)
     param = next(model.parameters(), None)
     device = param.device if param is not None else torch.device("cpu")
     dtype = param.dtype if param is not None else torch.float32
@@ -263,7 +263,7 @@ def split_model(model: nn.Module, layer: str, model_cfg: ModelConfig) -> SplitMo
             ) from None
         if hasattr(model, "lens_split") and _gives_extra(g_body, norm(x)):
             g_body, h = tokens.wrap(g_body, h)  # lens_split's g returns (map, extra tokens)
-            g = _freeze(nn.Sequential(norm, g_body))
+            g = frozen(nn.Sequential(norm, g_body))
         try:
             acts = g(x)
             _check_map(acts, model, layer)

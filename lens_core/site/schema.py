@@ -19,9 +19,9 @@ from lens_core.secrets import mask_secrets, public_options
 SLUG_RE = re.compile(r"[a-z0-9]+(?:-[a-z0-9]+)*")  # every pattern here is matched whole (fullmatch)
 PATH_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]*(?:/[A-Za-z0-9_][A-Za-z0-9._-]*)*")
 MAX_SLUG = 120
-STATIC_RE = re.compile(
+STATIC_RE = re.compile(  # the site's own files
     r"assets/(lens(\.[^/]*)?\.(css|js)|favicon(\.[^/]*)?\.svg)"
-)  # the site's own files
+)
 
 
 class SiteError(ValueError):

@@ -47,9 +47,8 @@ def filesystem(
     url = normalize_url(url)
     opts = dict(storage_options or {})
     if url.startswith("s3://"):
-        opts.setdefault(
-            "skip_instance_cache", True
-        )  # our cache below keys on the env credentials too
+        # our cache below keys on the env credentials too
+        opts.setdefault("skip_instance_cache", True)
         # markers and status files are polled across processes: a cached listing would be stale
         opts.setdefault("use_listings_cache", False)
         fs = _cached("s3fs", "s3", opts, lambda: url_to_fs(url, **opts)[0])

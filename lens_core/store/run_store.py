@@ -189,9 +189,8 @@ class RunStore:
             current = json.loads(self.read_bytes(rel))
         except FileNotFoundError:
             current = None
-        before = (
-            None if current is None else dumps_json(current, indent=1)
-        )  # `change` may edit in place
+        # `change` may edit in place
+        before = None if current is None else dumps_json(current, indent=1)
         new = change(copy.deepcopy(default) if current is None else current)
         text = dumps_json(new, indent=1)
         if text != before:
