@@ -74,9 +74,8 @@ def main() -> None:
                 ),
             }
             times = {name: [] for name in runners}
-            fan_out.with_options(task_runner=runners["prefect-dask"]())(
-                10
-            )  # warm the workers' imports
+            # warm the workers' imports
+            fan_out.with_options(task_runner=runners["prefect-dask"]())(10)
             names = list(runners)
             for r in range(args.rounds):
                 order = names[r % len(names) :] + names[: r % len(names)]

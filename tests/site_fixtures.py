@@ -52,9 +52,8 @@ class _Images:
         if key not in self.cache:
             self.cache[key] = image_bytes(key[0], self.size, fmt, alpha)
         data = self.cache[key]
-        self.assets[path] = (
-            (lambda d=data: d) if len(self.assets) % 2 else data
-        )  # both kinds of asset
+        # both kinds of asset
+        self.assets[path] = (lambda d=data: d) if len(self.assets) % 2 else data
         return path
 
 

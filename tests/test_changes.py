@@ -105,9 +105,8 @@ def test_the_changed_class_ranks_first_and_its_parts_swap_importance(lineage):
     gone = [v for v in report["vanished"] if v["concept"] == cross]
     pair = [m for m in report["matched"] if m["before"] == cross]
     assert gone or pair[0]["importance_after"] <= 0.5 * pair[0]["importance_before"], report
-    assert (
-        pair[0]["importance_before"] > 15 if pair else gone[0]["importance"] > 15
-    )  # it mattered before
+    # it mattered before
+    assert pair[0]["importance_before"] > 15 if pair else gone[0]["importance"] > 15
     new = [a for a in report["appeared"] if a["concept"] == hexagon]
     gained = [m for m in report["matched"] if m["after"] == hexagon]
     assert new or gained[0]["delta"] >= 10, report
@@ -187,9 +186,8 @@ def test_the_previous_run_is_found_in_the_lineage(lineage):
     store_url = lineage["cfg_b"].store
     prev = previous_run(store_url, lineage["b"].run_id)
     assert prev is not None and prev.run_id == lineage["a"].run_id
-    assert (
-        previous_run(store_url, lineage["a"].run_id).run_id == lineage["b"].run_id
-    )  # the latest other one
+    # the latest other one
+    assert previous_run(store_url, lineage["a"].run_id).run_id == lineage["b"].run_id
     other = make_config({**lineage["cfg_b"].model_dump(mode="json"), "concepts": {"n_concepts": 5}})
     from lens_core.lineage import lineage_key
 
@@ -226,13 +224,11 @@ def test_labels_carry_over_are_escaped_and_survive_a_republish(lineage, tmp_path
         and HTML_LABEL not in (site / "changes.html").read_text()
     )
     listing = json.loads((site / "data" / "classes.json").read_text())
-    assert (
-        HTML_LABEL in next(c for c in listing if c["slug"] == slug)["labels"]
-    )  # search finds it by label
+    # search finds it by label
+    assert HTML_LABEL in next(c for c in listing if c["slug"] == slug)["labels"]
     index = (site / "index.html").read_text()
-    assert (
-        "&lt;b&gt;ring&lt;/b&gt;" in index and "<b>ring</b>" not in index
-    )  # the card's search key
+    # the card's search key
+    assert "&lt;b&gt;ring&lt;/b&gt;" in index and "<b>ring</b>" not in index
 
     # a new label on run B, then `lens publish`: the page shows it; nothing is recomputed
     cfg = tmp_path / "b.toml"
@@ -259,9 +255,8 @@ def test_labels_carry_over_are_escaped_and_survive_a_republish(lineage, tmp_path
     )
     assert out.returncode == 0, out.stderr
     page = (site / "classes" / slug / "index.html").read_text()
-    assert (
-        '<span class="label">Stem</span>' in page and escaped not in page
-    )  # the user's label wins
+    # the user's label wins
+    assert '<span class="label">Stem</span>' in page and escaped not in page
     assert marker.stat().st_mtime_ns == before
     assert "stem" in (site / "index.html").read_text()
 
@@ -487,9 +482,8 @@ def test_a_label_added_to_the_previous_run_after_the_comparison_carries(edited):
         and label["from_run"] == a.run_id
     )
     again = b.store().read_json(f"changes/{a.run_id}/{slug}.json")
-    assert (
-        again["inputs"] == report["inputs"] and again["matched"] == report["matched"]
-    )  # not recomputed
+    # not recomputed
+    assert again["inputs"] == report["inputs"] and again["matched"] == report["matched"]
     assert {
         "concept": pair["after"],
         "from_concept": pair["before"],

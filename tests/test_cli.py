@@ -146,9 +146,8 @@ def test_serve_serves_the_index_and_a_class_page(published) -> None:
         assert f"classes/{slug}/" in index
         page = _get(f"http://{base}/{run_id}/classes/{slug}/index.html")
         assert published["info"].cls(slug).name in page
-        assert f'href="{run_id}/index.html"' in _get(
-            f"http://{base}/"
-        )  # the runs page above the run
+        # the runs page above the run
+        assert f'href="{run_id}/index.html"' in _get(f"http://{base}/")
         with pytest.raises(urllib.error.HTTPError) as missing:
             _get(f"http://{base}/{run_id}/classes/no-such-class/index.html")
         assert missing.value.code == 404

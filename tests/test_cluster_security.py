@@ -172,9 +172,8 @@ def test_task_runner_reaches_a_remote_scheduler_with_the_client_certificate(
         assert security.require_encryption and security.tls_client_cert == str(
             tls_dir / "client.pem"
         )
-        assert (
-            security.tls_worker_key is None and security.tls_scheduler_key is None
-        )  # the client's only
+        # the client's only
+        assert security.tls_worker_key is None and security.tls_scheduler_key is None
         with distributed.Client(cluster.scheduler_address, **runner.client_kwargs) as client:
             _assert_runs_code(client, tmp_path)
     assert client_kwargs_for("tls://10.1.2.3:8786")["security"].tls_client_key == str(

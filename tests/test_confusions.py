@@ -68,9 +68,8 @@ def mistaken(tmp_path_factory: pytest.TempPathFactory) -> dict:
     hexagon = [c for c, part in parts.items() if part == HEXAGON]
     assert hexagon, parts
     set_label(info.store(), b_slug, hexagon[0], HOSTILE_LABEL)
-    assert (
-        build_confusions(info)["skipped"] is True
-    )  # labels are read when shown: nothing to recompute
+    # labels are read when shown: nothing to recompute
+    assert build_confusions(info)["skipped"] is True
     publish(info)
     return {
         "root": root,
@@ -182,9 +181,8 @@ def test_the_cli_lists_pairs_by_count_as_json(mistaken):
     text = subprocess.run(
         [LENS, "confusions", "--store", store], capture_output=True, text=True, timeout=120
     )
-    assert (
-        text.returncode == 0 and "<script>" in text.stdout
-    )  # plain text in a terminal, not markup
+    # plain text in a terminal, not markup
+    assert text.returncode == 0 and "<script>" in text.stdout
     bad = subprocess.run(
         [LENS, "confusions", "--store", store, "--class", "no-such-class"],
         capture_output=True,

@@ -86,9 +86,8 @@ def folder(tmp_path: Path) -> Path:
     (root / "alpha" / "notes.txt").write_text("not an image")
     (root / "alpha" / ".hidden.png").write_bytes(_png(_gradient()))
     (root / "beta" / "sub").mkdir(parents=True)
-    (root / "beta" / "sub" / "b.webp").write_bytes(
-        _png(_gradient())
-    )  # content sniffed, not the name
+    # content sniffed, not the name
+    (root / "beta" / "sub" / "b.webp").write_bytes(_png(_gradient()))
     (root / "empty").mkdir()
     (root / ".git").mkdir()
     (root / "_cache").mkdir()

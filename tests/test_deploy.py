@@ -396,10 +396,11 @@ def test_atlas_config_merges_like_build_atlas(tmp_path: Path) -> None:
     cfg = config_from_parameters(
         str(toml), {"maco": {"steps": 5}}, "s3://b/c.pt", ["0", "1"], None, "s3://b/site"
     )
+    # inline fields over the file, per section
     assert (cfg.maco.steps, cfg.maco.image_size) == (
         5,
         32,
-    )  # inline fields over the file, per section
+    )
     assert cfg.model.checkpoint == "s3://b/c.pt" and cfg.classes == ["0", "1"]
     assert cfg.store == "s3://b/lens" and cfg.publish == "s3://b/site"
     assert config_from_parameters(str(toml)).classes == ["x"]
@@ -714,9 +715,8 @@ def test_new_checkpoints_build_exactly_once_from_watcher_and_event(
         api.logs(),
     )
     _agrees_with_lens_status(api, run_b, build_b.id, cfg_b, capsys, monkeypatch)
-    replay = watch_checkpoints(
-        prefix=ckpt_b, config_path=str(api.config_path)
-    )  # the event again: nothing
+    # the event again: nothing
+    replay = watch_checkpoints(prefix=ckpt_b, config_path=str(api.config_path))
     assert [c["action"] for c in replay["checkpoints"]] == ["finished"], replay
     assert len(_runs_of(BUILD)) == 2
 

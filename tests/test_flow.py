@@ -102,18 +102,16 @@ def test_build_atlas_on_dask_and_s3_with_a_failing_class(prefect_api, s3, s3_env
     assert renders and all(" concept" in name for name in renders)
     for name in ("cross-class", "publish-pages", "publish-index"):
         assert by_name[name].state.is_completed(), (name, by_name[name].state)
-    assert (
-        by_name["publish-index"].start_time >= by_name["publish-pages"].end_time
-    )  # the index only after the pages
+    # the index only after the pages
+    assert by_name["publish-index"].start_time >= by_name["publish-pages"].end_time
 
     table = read_artifact(f"lens-classes-{info.run_id}")
     rows = json.loads(table.data) if isinstance(table.data, str) else table.data
     assert len(rows) == len(classes) and all(
         {"note", "score basis", "failed at"} <= set(r) for r in rows
     )
-    assert rows[0]["class"] == victim.slug and rows[0]["state"].endswith(
-        "FAILED"
-    )  # failed classes first
+    # failed classes first
+    assert rows[0]["class"] == victim.slug and rows[0]["state"].endswith("FAILED")
     assert rows[0]["failed at"] == "activations" and "EmptyClassError" in rows[0]["error"]
     assert "1 FAILED" in table.description and state.message.startswith(
         "PARTIAL: 3/4 classes explained"
@@ -180,9 +178,8 @@ def test_a_gpu_limit_of_one_is_honoured_without_deadlock(prefect_api, tmp_path):
         "render",
         "mistakes",
     }
-    assert not any(
-        "gpu" in r.tags for r in runs if r.name.startswith("class[")
-    )  # the chain holds no slot
+    # the chain holds no slot
+    assert not any("gpu" in r.tags for r in runs if r.name.startswith("class["))
     assert all(set(r.tags) <= {"gpu"} for r in runs)  # only the limited tag is applied
     for a, b in zip(gpu, gpu[1:], strict=False):
         assert a.end_time <= b.start_time, (a.name, b.name)  # one at a time
@@ -203,9 +200,8 @@ def test_tags_fall_back_to_all_candidates_when_the_limits_cannot_be_listed():
 
     said: list[str] = []
     handler = logging.Handler()
-    handler.emit = lambda record: said.append(
-        record.getMessage()
-    )  # Prefect reconfigures root logging
+    # Prefect reconfigures root logging
+    handler.emit = lambda record: said.append(record.getMessage())
     logger = logging.getLogger("lens.test.limits")
     logger.addHandler(handler)
     with temporary_settings(
@@ -216,9 +212,8 @@ def test_tags_fall_back_to_all_candidates_when_the_limits_cannot_be_listed():
     assert set(limited) == {t for tags in CANDIDATE_TAGS.values() for t in tags}
     assert any("could not list Prefect concurrency limits" in m for m in said), said
     assert set(tagged(activations_task, limited).tags) == {"stage:activations", "gpu"}
-    assert (
-        tagged(factorize_task, ("gpu",)) is factorize_task
-    )  # nothing limited on it: the task as defined
+    # nothing limited on it: the task as defined
+    assert tagged(factorize_task, ("gpu",)) is factorize_task
     assert not factorize_task.tags
 
 

@@ -260,9 +260,8 @@ def test_compressed_and_oversized_checkpoints_are_refused_before_loading(tmp_pat
         f.truncate(200 << 20)
     with pytest.raises(CheckpointError, match="more than this architecture's weights can fill"):
         load_model(ModelConfig(checkpoint=str(big)), 10)
-    plain = _toy_zip_checkpoint(
-        tmp_path, compress=False
-    )  # stored, but 96 MiB more than the toy holds
+    # stored, but 96 MiB more than the toy holds
+    plain = _toy_zip_checkpoint(tmp_path, compress=False)
     with pytest.raises(CheckpointError, match="more than this architecture"):
         load_model(ModelConfig(checkpoint=str(plain)), 10)
 

@@ -37,9 +37,8 @@ def _ishigami_totals() -> np.ndarray:
     v1 = 0.5 * (1 + b * math.pi**4 / 5) ** 2
     v2 = a**2 / 8
     v13 = 8 * b**2 * math.pi**8 / 225
-    v = (
-        a**2 / 8 + b * math.pi**4 / 5 + b**2 * math.pi**8 / 18 + 0.5
-    )  # total variance, independently
+    # total variance, independently
+    v = a**2 / 8 + b * math.pi**4 / 5 + b**2 * math.pi**8 / 18 + 0.5
     assert v == pytest.approx(v1 + v2 + v13)
     return np.array([(v1 + v13) / v, v2 / v, v13 / v])
 
@@ -197,9 +196,8 @@ def test_deletion_curve_true_order_beats_random(linear_toy):
         full = float(h(torch.from_numpy(acts))[:, 0].mean())
     assert curve.shape == (5,)
     assert curve[0] == pytest.approx(full, rel=1e-5)
-    assert curve[-1] == pytest.approx(
-        float(h[2].bias[0].detach()), abs=1e-6
-    )  # nothing left: h(0) = bias
+    # nothing left: h(0) = bias
+    assert curve[-1] == pytest.approx(float(h[2].bias[0].detach()), abs=1e-6)
     rand_curve, rand_auc = random_deletion_baseline(h, acts, None, W, 0, n_orders=6)
     assert auc < rand_auc
     worst, worst_auc = deletion_curve(h, acts, None, W, 0, order[::-1], keep_residual=True)

@@ -67,9 +67,8 @@ def installed() -> dict[str, str]:
 def test_every_locked_package_is_pinned_with_a_hash() -> None:
     blocks = _lock_blocks()
     pins = locked()
-    assert (
-        len(pins) == len(blocks) > 50
-    )  # every package once, the whole tree (not just the direct pins)
+    # every package once, the whole tree (not just the direct pins)
+    assert len(pins) == len(blocks) > 50
     unhashed = [
         b.splitlines()[0] for b in blocks if not re.search(r"--hash=sha256:[0-9a-f]{64}", b)
     ]

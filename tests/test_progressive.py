@@ -334,9 +334,8 @@ def test_renders_come_by_rank_across_classes(tmp_path):
     for r in range(TINY["concepts"]["n_concepts"]):  # ... within a rank, classes in label order
         assert [s for (s, _), k in zip(items, rank, strict=True) if k == r] == info.slugs
     per_class = [renders.pending_items(info, [s]) for s in info.slugs]
-    assert (
-        renders.by_rank([x for p in per_class for x in p]) == items
-    )  # the flow's queue, re-sorted
+    # the flow's queue, re-sorted
+    assert renders.by_rank([x for p in per_class for x in p]) == items
 
 
 def test_top_k_renders_only_the_top_concepts_and_a_larger_k_only_the_missing(tmp_path):

@@ -453,9 +453,8 @@ def test_the_overlay_shows_the_top_concept_where_it_is(scrambled, browser):
     colour = crops_mod._hex_rgb(crops_mod.concept_color(0)) * 255
     assert np.abs(overlay - plain).sum() > 60, (plain, overlay)
     assert np.linalg.norm(overlay - colour) < np.linalg.norm(plain - colour)
-    assert (
-        classes.split()[-1] == "k0"
-    )  # the legend's first entry is the top concept, in its card colour
+    # the legend's first entry is the top concept, in its card colour
+    assert classes.split()[-1] == "k0"
     assert swatch == "rgb({}, {}, {})".format(*(int(v) for v in colour.round()))
 
 

@@ -367,9 +367,8 @@ def test_runs_page_links_only_real_runs(where, tmp_path, browser, request):
         fs, root = fsspec.filesystem("file"), str(tmp_path / "site")
         url, opts = root, None
     _plant_all(fs, root)
-    fs.makedirs(
-        f"{root}/{RUN_ID}", exist_ok=True
-    )  # the run's own site is written before the runs page
+    # the run's own site is written before the runs page
+    fs.makedirs(f"{root}/{RUN_ID}", exist_ok=True)
     write_runs_index(url, run_meta(), opts)
     runs = list_published_runs(url, opts)
     assert [r["run_id"] for r in runs] == [RUN_ID, "aaaaaaaaaaaa"]

@@ -81,6 +81,5 @@ def test_bad_values_name_their_field():
     with pytest.raises(SiteError, match=r"classes\[0\]\.concepts\[0\]\.crops\[0\]: unsafe"):
         normalize_site(site)
     site["classes"][0]["concepts"][0]["crops"] = []
-    assert (
-        normalize_site(site)["classes"][0]["concepts"][0]["logit_share"] is None
-    )  # NaN never reaches JSON
+    # NaN never reaches JSON
+    assert normalize_site(site)["classes"][0]["concepts"][0]["logit_share"] is None

@@ -168,9 +168,8 @@ def test_the_site_link_is_the_public_address_when_one_is_configured() -> None:
     cfg = make_config({**base, "publish_base_url": "https://bucket.example.org/site/"})
     url, how = site_link(_info(cfg))
     assert url == "https://bucket.example.org/site/0123456789ab/index.html" and f"]({url})" in how
-    assert compute_run_id("d", "u", cfg) == compute_run_id(
-        "d", "u", make_config(base)
-    )  # not the run's identity
+    # not the run's identity
+    assert compute_run_id("d", "u", cfg) == compute_run_id("d", "u", make_config(base))
     for bad in ("ftp://x/site", "https://user:pw@x/site", "https://x/site?sig=abc", "x/site"):
         with pytest.raises(ConfigError, match="publish_base_url"):
             make_config({**base, "publish_base_url": bad})
@@ -318,13 +317,11 @@ def test_the_form_and_config_path_merge_field_by_field(tmp_path: Path) -> None:
     form["concepts"]["n_concepts"] = 5
     form["crops"]["size"] = 64
     cfg = config_from_parameters(str(toml), AtlasConfig.model_validate(form))
-    assert (
-        cfg.maco.steps == 7 and cfg.store == "file:///from/file"
-    )  # the file's, form left at default
+    # the file's, form left at default
+    assert cfg.maco.steps == 7 and cfg.store == "file:///from/file"
     assert cfg.concepts.n_concepts == 5 and cfg.crops.size == 64  # the form's, changed there
-    alone = config_from_parameters(
-        None, AtlasConfig.model_validate(form)
-    )  # without a file: the form
+    # without a file: the form
+    alone = config_from_parameters(None, AtlasConfig.model_validate(form))
     assert alone.maco.steps == AtlasConfig().maco.steps and alone.concepts.n_concepts == 5
     top = config_from_parameters(str(toml), None, store="file:///top")
     assert top.store == "file:///top"  # a top-level parameter wins over both
@@ -512,9 +509,8 @@ def test_workers_start_in_the_background_and_a_dead_dashboard_is_not_announced(p
     handler.emit = lambda record: said.append(record.getMessage())
     runner = make_task_runner(workers=1)
     runner.logger.addHandler(handler)
-    scheduler_log = logging.getLogger(
-        "distributed.scheduler"
-    )  # runs in this process (LocalCluster)
+    # runs in this process (LocalCluster)
+    scheduler_log = logging.getLogger("distributed.scheduler")
     scheduler_log.addHandler(handler)
     old_level = scheduler_log.level
     scheduler_log.setLevel(logging.INFO)
@@ -537,9 +533,8 @@ def test_workers_start_in_the_background_and_a_dead_dashboard_is_not_announced(p
         "0/2 classes finished (workers"
     )
     assert read_artifact("lens-renders-0123456789ab") is not None
-    assert any("Creating a new Dask cluster" in m for m in said), (
-        said
-    )  # the handler saw the runner's lines
+    # the handler saw the runner's lines
+    assert any("Creating a new Dask cluster" in m for m in said), said
     assert not any(m.startswith(DASHBOARD_LINE) for m in said), said
     assert any("Scheduler at" in m for m in said) and not any("dashboard at" in m for m in said), (
         said
